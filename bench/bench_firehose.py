@@ -1,0 +1,301 @@
+"""Benchmark of the firehose producer on the captured real frames, each figure beside a same-run baseline.
+
+The baseline is the atproto SDK's own parse path on the same frames:
+``firehose_models.MessageFrame.from_bytes`` + ``parse_subscribe_repos_message`` + ``CAR.from_bytes``
+and the op's block from the CAR (its records come back with links and byte strings both as
+``bytes``; the baseline converts them with ``to_json_form``, the same amount of work, although that
+renders links wrongly as ``$bytes``). Levels, all single-process:
+
+1. decode: frame bytes to typed events (``decode_frame``) vs the SDK path to the same events.
+2. + Avro: the events' Avro values (``datum_for`` + ``AvroCodec.encode``), both sides.
+3. + produce: the values produced to a real broker (Tansu by default) and flushed, both sides.
+4. job: the whole ``JobRunner`` (transactions, checkpoints, position, dedup) fed frames from memory
+   through the firehose ``FrameHandler``, vs the same runner fed by the SDK path.
+5. verify: decode + ``--verify`` (signatures, MST proofs) vs decode alone (ours), for the cost of it.
+
+Medians of ``--repeats`` runs; ratios are ours / baseline. Run ``python bench/bench_firehose.py``
+(``--quick`` for a short run, ``--help`` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import libipld
+from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
+from confluent_kafka import Producer
+
+from producers.firehose.decode import decode_frame, parse_frame
+from producers.firehose.source import FirehosePosition, FrameHandler
+from producers.firehose.verify import CommitVerifier, DictResolver
+from producers.job import JobOptions, JobRunner
+from producers.source import End, SourceItem, StreamPosition
+from runtime.atproto.dagcbor import decode, encode, to_json_form
+from runtime.broker import start_embedded_broker
+from runtime.codec import AvroCodec
+from runtime.metrics import Metrics
+from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.settings import KafkaSettings
+from runtime.simulator.relay import read_capture
+from runtime.topics import TopicMap, schema_name_for
+from runtime.typed import datum_for
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+_COMMIT = models.ComAtprotoSyncSubscribeRepos.Commit
+_IDENTITY = models.ComAtprotoSyncSubscribeRepos.Identity
+_ACCOUNT = models.ComAtprotoSyncSubscribeRepos.Account
+
+
+def _time_us(text: str) -> int:
+    dt = datetime.fromisoformat(text)
+    return int(dt.timestamp() * 1_000_000)
+
+
+def sdk_events(data: bytes) -> list[Event]:
+    """The baseline: the SDK's parse path to the same typed events."""
+    msg = parse_subscribe_repos_message(firehose_models.MessageFrame.from_bytes(data))
+    if isinstance(msg, _COMMIT):
+        car = CAR.from_bytes(msg.blocks)
+        t = _time_us(msg.time)
+        out: list[Event] = []
+        for op in msg.ops:
+            collection, _, rkey = op.path.partition("/")
+            record = None
+            cid = None
+            if op.cid is not None:
+                block = car.blocks.get(op.cid)
+                record = to_json_form(block) if block is not None else None
+                cid = str(op.cid)
+            out.append(RecordEvent(msg.repo, collection, rkey, op.action, msg.rev, cid, record, "firehose",
+                                   msg.seq, t, ""))
+        return out
+    if isinstance(msg, _IDENTITY):
+        return [IdentityEvent(msg.did, msg.handle, msg.seq, msg.time, "firehose", msg.seq, _time_us(msg.time))]
+    if isinstance(msg, _ACCOUNT):
+        return [AccountEvent(msg.did, msg.active, msg.status, msg.seq, msg.time, "firehose", msg.seq,
+                             _time_us(msg.time))]
+    return []
+
+
+def ours_events(data: bytes) -> list[Event]:
+    """Our decoder."""
+    return decode_frame(data).events
+
+
+def renumber(frames: list[bytes], passes: int) -> list[bytes]:
+    """``passes`` copies of the frames with fresh, increasing seqs (the job's position drops replays)."""
+    span = 10 * len(frames)
+    out = []
+    for k in range(passes):
+        for data in frames:
+            header = libipld.decode_dag_cbor_multi(data)[0]
+            body = decode(data[len(encode(header)):])
+            if "seq" in body:
+                body["seq"] = body["seq"] + k * span
+            out.append(encode(header) + encode(body))
+    return out
+
+
+def median_rate(run: Callable[[], float], n: int, repeats: int) -> float:
+    """Median items/s of ``repeats`` timed runs of ``run`` (which returns seconds for ``n`` items)."""
+    rates = []
+    for _ in range(repeats):
+        gc.collect()
+        rates.append(n / run())
+    return statistics.median(rates)
+
+
+def timed(fn: Callable[[bytes], Any], frames: list[bytes]) -> Callable[[], float]:
+    def run() -> float:
+        t0 = time.perf_counter()
+        for data in frames:
+            fn(data)
+        return time.perf_counter() - t0
+    return run
+
+
+def avro_of(events_fn: Callable[[bytes], list[Event]], codec: AvroCodec,
+            topics: TopicMap) -> Callable[[bytes], list[tuple[str, bytes, bytes]]]:
+    def encode_frame_events(data: bytes) -> list[tuple[str, bytes, bytes]]:
+        out = []
+        for ev in events_fn(data):
+            topic = topics.for_event(ev)
+            out.append((topic, ev.did.encode(), codec.encode(schema_name_for(ev), topic, datum_for(ev))))
+        return out
+    return encode_frame_events
+
+
+def produce_run(kafka: KafkaSettings, events_fn: Callable[[bytes], list[Event]], frames: list[bytes],
+                prefix: str) -> Callable[[], float]:
+    codec = AvroCodec()
+    topics = TopicMap(prefix)
+    encode_fn = avro_of(events_fn, codec, topics)
+
+    def run() -> float:
+        producer = Producer(kafka.producer_config())
+        t0 = time.perf_counter()
+        n = 0
+        for data in frames:
+            for topic, key, value in encode_fn(data):
+                while True:
+                    try:
+                        producer.produce(topic, value, key)
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+                n += 1
+                if n & 1023 == 0:
+                    producer.poll(0)
+        remaining = producer.flush(120)
+        elapsed = time.perf_counter() - t0
+        assert remaining == 0, "undelivered messages"
+        return elapsed
+    return run
+
+
+class MemorySource:
+    """Frames from memory through the firehose frame handler (ours), or through the SDK path."""
+
+    name = "firehose"
+
+    def __init__(self, frames: list[bytes], sdk: bool) -> None:
+        self.frames = frames
+        self.sdk = sdk
+        self._position = FirehosePosition()
+        self.handler = FrameHandler(self._position, job="bench")
+
+    @property
+    def position(self) -> StreamPosition:
+        return self._position
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        handler = self.handler
+        position = self._position
+        for data in self.frames:
+            if self.sdk:
+                events = sdk_events(data)
+                for ev in events:
+                    yield ev
+                if events:
+                    position.frame_done(events[0].cursor)
+                continue
+            frame = parse_frame(data)
+            handled = await handler.handle(data, frame, None, "memory")
+            for item in handled.items:
+                yield item
+            if handled.seq is not None:
+                position.frame_done(handled.seq)
+        yield End("exhausted")
+
+
+def job_run(kafka: KafkaSettings, frames: list[bytes], sdk: bool) -> Callable[[], float]:
+    def run() -> float:
+        k = KafkaSettings(bootstrap_servers=kafka.bootstrap_servers, topic_prefix=f"b{uuid.uuid4().hex[:8]}",
+                          topic_partitions=6)
+        runner = JobRunner(k, JobOptions(job="bench", source="firehose", checkpoint_events=5000,
+                                         checkpoint_interval=2.0), Metrics(), AvroCodec())
+        runner.prepare()
+        source = MemorySource(frames, sdk)
+        # Warm the topics so topic creation is not timed.
+        for ev in (e for d in frames[:300] for e in ours_events(d)):
+            runner._ensure([runner.topics.for_event(ev)])
+        t0 = time.perf_counter()
+        final = asyncio.run(runner.run(lambda _prev: source))
+        elapsed = time.perf_counter() - t0
+        runner.close()
+        assert final.status == "finished", final
+        return elapsed
+    return run
+
+
+def verify_run(frames: list[bytes], docs: Path) -> Callable[[], float]:
+    def run() -> float:
+        verifier = CommitVerifier(DictResolver.from_file(docs))
+
+        async def go() -> None:
+            for data in frames:
+                await verifier.check(decode_frame(data))
+
+        t0 = time.perf_counter()
+        asyncio.run(go())
+        return time.perf_counter() - t0
+    return run
+
+
+def line(name: str, ours: float, base: float, unit: str = "frames/s", base_name: str = "SDK") -> None:
+    print(f"{name:<28} ours {ours:>10,.0f} {unit}   {base_name} {base:>10,.0f} {unit}   ratio {ours / base:5.2f}x",
+          flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--fixtures", default=str(FIXTURES), help="folder with frames.bin.zst and did_docs.json.zst")
+    parser.add_argument("--passes", type=int, default=100, help="times the 150 frames are repeated per run")
+    parser.add_argument("--job-passes", type=int, default=150, help="renumbered passes for the job level")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is reported)")
+    parser.add_argument("--bootstrap-servers", default=None, help="a broker (default: an embedded Tansu)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
+    parser.add_argument("--skip-kafka", action="store_true", help="only the CPU levels (1, 2, 5)")
+    ns = parser.parse_args()
+    if ns.quick:
+        ns.passes, ns.job_passes, ns.repeats = 20, 10, 3
+    fixtures = Path(ns.fixtures)
+    base = read_capture(fixtures / "frames.bin.zst")
+    frames = base * ns.passes
+    n = len(frames)
+    assert [len(ours_events(d)) for d in base] == [len(sdk_events(d)) for d in base]
+    print(f"{len(base)} captured frames x {ns.passes} passes = {n:,} frames per run, median of {ns.repeats}; "
+          f"python {sys.version.split()[0]}", flush=True)
+
+    ours = median_rate(timed(ours_events, frames), n, ns.repeats)
+    sdk = median_rate(timed(sdk_events, frames), n, ns.repeats)
+    line("1 decode", ours, sdk)
+
+    codec, topics = AvroCodec(), TopicMap("bench")
+    ours = median_rate(timed(avro_of(ours_events, codec, topics), frames), n, ns.repeats)
+    sdk = median_rate(timed(avro_of(sdk_events, codec, topics), frames), n, ns.repeats)
+    line("2 decode + Avro", ours, sdk)
+
+    docs = fixtures / "did_docs.json.zst"
+    vframes = base * max(1, ns.passes // 10)
+    ours_v = median_rate(verify_run(vframes, docs), len(vframes), ns.repeats)
+    plain = median_rate(timed(ours_events, vframes), len(vframes), ns.repeats)
+    line("5 decode + verify", ours_v, plain, base_name="no verify")
+
+    if ns.skip_kafka:
+        return 0
+    broker = None
+    servers = ns.bootstrap_servers
+    if servers is None:
+        broker = start_embedded_broker()
+        servers = broker.bootstrap
+    try:
+        kafka = KafkaSettings(bootstrap_servers=servers, topic_prefix="bench", topic_partitions=6)
+        prefix = f"b{uuid.uuid4().hex[:8]}"
+        ours = median_rate(produce_run(kafka, ours_events, frames, prefix), n, ns.repeats)
+        sdk = median_rate(produce_run(kafka, sdk_events, frames, prefix), n, ns.repeats)
+        line("3 decode + Avro + produce", ours, sdk)
+        jframes = renumber(base, ns.job_passes)
+        ours = median_rate(job_run(kafka, jframes, sdk=False), len(jframes), ns.repeats)
+        sdk = median_rate(job_run(kafka, jframes, sdk=True), len(jframes), ns.repeats)
+        line("4 job (JobRunner, txns)", ours, sdk)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Jetstream producer throughput: simulator -> Kafka, events/s, against a same-run baseline.
+
+The baseline reads the same events from the same simulator and does only the bare work: JSON parse,
+Avro encode (the generic schema) and produce to a topic per collection keyed by DID, then flush. The
+measured path is the real job: ``JetstreamSource`` (filters, de-duplication, watermark) ->
+``JobRunner`` (typed Avro per collection, transactions, checkpoints). Runs alternate; medians are
+reported. The simulator runs in its own process, sharing the machine's cores.
+
+    python bench/bench_jetstream.py [--events N] [--runs K] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fastavro
+import orjson
+from confluent_kafka import Producer
+from websockets.asyncio.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from producers.jetstream.source import JetstreamOptions, JetstreamSource  # noqa: E402
+from producers.job import JobOptions, JobRunner  # noqa: E402
+from producers.source import StreamPosition  # noqa: E402
+from runtime.broker import free_port, port_open, start_embedded_broker  # noqa: E402
+from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped  # noqa: E402
+from runtime.kafka import admin, ensure_topics  # noqa: E402
+from runtime.metrics import Metrics  # noqa: E402
+from runtime.settings import KafkaSettings  # noqa: E402
+from runtime.simulator.synthetic import OTHER_COLLECTIONS  # noqa: E402
+from runtime.topics import TYPED_COLLECTIONS  # noqa: E402
+
+START = 1_700_000_000_000_000
+
+
+def create_topics(bootstrap: str, prefix: str) -> None:
+    """Create every collection topic first, so both paths measure steady-state producing."""
+    topics = [f"{prefix}.{c}" for c in (*TYPED_COLLECTIONS, *OTHER_COLLECTIONS, "identity", "account")]
+    ensure_topics(admin({"bootstrap.servers": bootstrap}), topics, partitions=6, replication=1)
+
+
+def baseline(url: str, bootstrap: str, n: int) -> float:
+    """Bare parse + Avro + produce of ``n`` events; returns events/s."""
+    generic = shipped()["generic"]
+    header = SINGLE_OBJECT_MAGIC + generic.fingerprint
+    prefix = f"base{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, prefix)
+    holder = [Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
+                         "compression.type": "zstd", "queue.buffering.max.messages": 500000,
+                         "enable.idempotence": True, "acks": "all"})]
+    buf = io.BytesIO()
+
+    async def run() -> float:
+        producer = holder[0]
+        got = 0
+        t0 = time.perf_counter()
+        # close_timeout as the job's own: the simulator keeps streaming, so the closing handshake
+        # would otherwise wait the library's default 10 s and count it as work.
+        async with connect(f"{url}?cursor={START}", max_size=2**24, compression=None, close_timeout=0.5) as ws:
+            async for raw in ws:
+                ev = orjson.loads(raw)
+                commit = ev.get("commit") or {}
+                record = commit.get("record")
+                datum = {"did": ev["did"], "collection": commit.get("collection", ev["kind"]),
+                         "rkey": commit.get("rkey", ""), "operation": commit.get("operation", "create"),
+                         "rev": commit.get("rev"), "cid": commit.get("cid"), "source": "jetstream",
+                         "cursor": ev["time_us"], "time_us": ev["time_us"], "job": "",
+                         "record_json": orjson.dumps(record).decode() if record is not None else None}
+                buf.seek(0)
+                buf.truncate()
+                buf.write(header)
+                fastavro.schemaless_writer(buf, generic.parsed, datum)
+                while True:
+                    try:
+                        producer.produce(f"{prefix}.{datum['collection']}", buf.getvalue(), ev["did"].encode())
+                        break
+                    except BufferError:
+                        producer.poll(0.01)
+                producer.poll(0)
+                got += 1
+                if got >= n:
+                    break
+        producer.flush(60)
+        return got / (time.perf_counter() - t0)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        holder.clear()
+        gc.collect()  # the producer's threads end before the broker of this run goes away
+
+
+def ours(url: str, bootstrap: str, n: int) -> float:
+    """The real Jetstream job (producer only) for ``n`` records; returns events/s."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"ours{uuid.uuid4().hex[:8]}")
+    opts = JobOptions(job="bench", source="jetstream", num_records=n, checkpoint_events=20000,
+                      checkpoint_interval=2.0)
+    runner = JobRunner(kafka, opts, Metrics(), AvroCodec())
+    create_topics(bootstrap, kafka.topic_prefix)
+    runner.prepare()
+
+    def make(_prev: object) -> JetstreamSource:
+        return JetstreamSource(JetstreamOptions(instances=[url], start_us=START, job="bench"),
+                               StreamPosition(rewind=1_000_000))
+
+    t0 = time.perf_counter()
+    asyncio.run(runner.run(make))
+    elapsed = time.perf_counter() - t0
+    runner.close()
+    rate = runner.stats.messages_received / elapsed
+    del runner
+    gc.collect()
+    return rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=60000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="20,000 events, 2 runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.events, args.runs = 20000, 2
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None
+    if not bootstrap or bootstrap in ("auto", "embedded"):
+        broker = start_embedded_broker()
+        bootstrap = broker.bootstrap
+    port = free_port()
+    sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "simulate", "jetstream", "--synthetic",
+                            str(int(args.events * 1.1)), "--start", "2023-11-14T22:13:20Z", "--event-rate", "2000",
+                            "--port", str(port), "--log-level", "WARNING"],
+                           cwd=ROOT, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            if port_open("127.0.0.1", port):
+                break
+            time.sleep(0.1)
+        url = f"ws://127.0.0.1:{port}/subscribe"
+        base_rates, our_rates = [], []
+        for i in range(args.runs):
+            base_rates.append(baseline(url, bootstrap, args.events))
+            our_rates.append(ours(url, bootstrap, args.events))
+            print(f"run {i + 1}: baseline {base_rates[-1]:,.0f} ev/s   ours {our_rates[-1]:,.0f} ev/s", flush=True)
+        b, o = statistics.median(base_rates), statistics.median(our_rates)
+        print(f"\nJetstream producer, {args.events:,} events, median of {args.runs}:")
+        print(f"  baseline (parse + Avro + produce): {b:,.0f} events/s")
+        print(f"  atproto-backfill job:              {o:,.0f} events/s")
+        print(f"  ratio: {o / b:.2f}  (target >= 0.70)")
+    finally:
+        sim.terminate()
+        sim.wait()
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

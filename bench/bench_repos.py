@@ -1,0 +1,351 @@
+"""Benchmark of the repository producer, each figure beside a same-run baseline.
+
+1. CPU: records/s from CAR bytes to typed events (``RepoDecoder``) and to Avro values ready for
+   Kafka (+ ``datum_for`` + ``AvroCodec.encode``), against the atproto SDK's ``CAR.from_bytes`` on
+   the same CARs (which only decodes blocks: no MST walk, no CID checks, no typing).
+2. To Kafka: the same CARs decoded, encoded and produced to a real broker (Tansu), flushed.
+3. End to end: accounts on 4 simulated PDS hosts backfilled through the DID work topic by 1 and by
+   2 ``backfill repos --from-topic`` replicas (subprocesses): repos/s, and the hosts' rate-limit
+   counters.
+4. Memory: one big repository CAR fetched over HTTP to disk and decoded, peak RSS of the process
+   against the CAR's size, beside the SDK's ``CAR.from_bytes`` on the same bytes.
+
+Medians of ``--repeats`` runs; run with ``python bench/bench_repos.py`` (``--help`` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from confluent_kafka import Producer  # noqa: E402
+
+from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
+from producers.repos.worktopic import enqueue_dids  # noqa: E402
+from runtime import kafka as kafka_util  # noqa: E402
+from runtime.atproto.car import read_car  # noqa: E402
+from runtime.broker import start_embedded_broker  # noqa: E402
+from runtime.codec import AvroCodec  # noqa: E402
+from runtime.records import RecordEvent  # noqa: E402
+from runtime.settings import KafkaSettings  # noqa: E402
+from runtime.simulator.pds import HostFaults, PdsNetwork  # noqa: E402
+from runtime.topics import TopicMap, schema_name_for  # noqa: E402
+from runtime.typed import datum_for  # noqa: E402
+
+
+def median_rate(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
+    """Median items/s of ``fn`` (which returns how many items it handled)."""
+    rates = []
+    n = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), n
+
+
+def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]:
+    from atproto import CAR  # noqa: PLC0415 - the baseline only
+
+    codec = AvroCodec()
+    topics = TopicMap("bench")
+    flt = RecordFilter()
+
+    def sdk() -> int:
+        n = 0
+        for _, data in cars:
+            car = CAR.from_bytes(data)
+            n += sum(1 for b in car.blocks.values() if isinstance(b, dict) and "$type" in b)
+        return n
+
+    def decode() -> int:
+        n = 0
+        for did, data in cars:
+            for item in RepoDecoder(read_car(data, verify=False), did, flt).items():
+                n += isinstance(item, RecordEvent)
+        return n
+
+    def encode() -> int:
+        n = 0
+        for did, data in cars:
+            for item in RepoDecoder(read_car(data, verify=False), did, flt).items():
+                if isinstance(item, RecordEvent):
+                    codec.encode(schema_name_for(item), topics.for_event(item), datum_for(item))
+                    n += 1
+        return n
+
+    base, n_base = median_rate(sdk, repeats)
+    dec, n_dec = median_rate(decode, repeats)
+    enc, _ = median_rate(encode, repeats)
+    mb = sum(len(d) for _, d in cars) / 1e6
+    print(f"\n== CPU: {len(cars)} CARs, {mb:.1f} MB, {n_dec} records (median of {repeats}) ==")
+    print(f"  baseline SDK CAR.from_bytes (blocks only)  {base:12,.0f} records/s  ({n_base} record blocks)")
+    print(f"  ours: CAR -> typed events (MST walk, CIDs) {dec:12,.0f} records/s  ratio {dec / base:.2f}")
+    print(f"  ours: CAR -> Avro values for Kafka         {enc:12,.0f} records/s  ratio {enc / base:.2f}")
+    return {"sdk": base, "decode": dec, "encode": enc}
+
+
+def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, base: float) -> float:
+    codec = AvroCodec()
+    flt = RecordFilter()
+    rates = []
+    for r in range(repeats):
+        kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"benchk{r}", topic_partitions=6)
+        topics = TopicMap(kafka.topic_prefix)
+        admin = kafka_util.admin(kafka.client_config())
+        kafka_util.ensure_topics(admin, [topics.for_collection(c) for c in (
+            "app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.feed.repost", "app.bsky.graph.follow",
+            "app.bsky.graph.block", "app.bsky.actor.profile", "app.bsky.graph.listitem", "app.bsky.feed.threadgate",
+            "chat.bsky.actor.declaration", "app.bsky.graph.starterpack", "fyi.unravel.frontpage.post")],
+            partitions=6, replication=1)
+        producer = Producer(kafka.producer_config())
+        t0 = time.perf_counter()
+        n = 0
+        for did, data in cars:
+            for item in RepoDecoder(read_car(data, verify=False), did, flt).items():
+                if isinstance(item, RecordEvent):
+                    topic = topics.for_event(item)
+                    value = codec.encode(schema_name_for(item), topic, datum_for(item))
+                    while True:
+                        try:
+                            producer.produce(topic, value, did.encode())
+                            break
+                        except BufferError:
+                            producer.poll(0.05)
+                    n += 1
+            producer.poll(0)
+        assert producer.flush(120) == 0
+        rates.append(n / (time.perf_counter() - t0))
+    rate = statistics.median(rates)
+    print(f"\n== To Kafka (Tansu, produce + flush, median of {repeats}) ==")
+    print(f"  ours: CAR -> Kafka                         {rate:12,.0f} records/s  "
+          f"ratio {rate / base:.2f} vs SDK decode")
+    return rate
+
+
+def _replicas(n: int, net: PdsNetwork, bootstrap: str, prefix: str, logdir: Path) -> float:
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix, topic_partitions=6)
+    enqueue_dids(kafka, net.dids, origin="bench")
+    t0 = time.monotonic()
+    procs = []
+    for i in range(n):
+        args = [sys.executable, "-m", "producers.repos", "--from-topic", "--replica-id", f"{prefix}-r{i}",
+                "--bootstrap-servers", bootstrap, "--topic-prefix", prefix, "--topic-partitions", "6",
+                "--plc-url", net.plc_url, "--allow-private-network", "--rate", "9", "--burst", "2",
+                "--idle-exit", "2", "--progress", "none", "--log-level", "WARNING"]
+        with (logdir / f"{prefix}-r{i}.log").open("wb") as out:
+            procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                          env={**os.environ, "PYTHONPATH": str(ROOT)}))
+    for p in procs:
+        if p.wait(900) != 0:
+            raise SystemExit(f"replica failed; see {logdir}")
+    return time.monotonic() - t0
+
+
+def e2e_section(accounts: int, bootstrap: str, logdir: Path) -> None:
+    # Each host allows 40 requests per 2 s; each replica keeps to 9/s per host (2 replicas: 18/s).
+    faults = HostFaults(rate_limit=40, rate_window=2.0)
+    net = PdsNetwork(accounts=accounts, hosts=4, seed=11, records_mean=30, faults=faults).start_in_thread()
+    records = sum(len(a.record_cids) for a in net.accounts.values())
+    try:
+        print(f"\n== End to end: {accounts} accounts ({records} records) on 4 PDS hosts, DID work topic ==")
+        results = {}
+        for n in (1, 2):
+            before = sum(h.stats.requests for h in net.hosts)
+            elapsed = _replicas(n, net, bootstrap, f"benche2e{n}", logdir)
+            reqs = sum(h.stats.requests for h in net.hosts) - before
+            results[n] = accounts / elapsed
+            print(f"  {n} replica(s): {elapsed:6.1f} s  {results[n]:7.1f} repos/s  {records / elapsed:9,.0f} records/s"
+                  f"  ({reqs} getRepo requests; includes group join and the idle exit)")
+        print(f"  scale-out ratio 2 vs 1 replica: {results[2] / results[1]:.2f}")
+        over = net.total_over_limit()
+        worst = max(max(h.stats.windows.values(), default=0) for h in net.hosts)
+        print(f"  rate limits: {over} requests over a host's limit; busiest 2-s window {worst} of 40")
+    finally:
+        net.stop_thread()
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _make_big_car(path: Path, megabytes: int) -> int:
+    import random  # noqa: PLC0415
+
+    from runtime.atproto.crypto import KeyPair  # noqa: PLC0415
+    from runtime.atproto.repo import build_repo_blocks  # noqa: PLC0415
+    from runtime.atproto.tid import make_tid  # noqa: PLC0415
+
+    text = "backfill " * 330  # ~3 KB per record
+    n = megabytes * 1_000_000 // 3100
+    records = {f"app.bsky.feed.post/{make_tid(1_700_000_000_000_000 + i * 1000)}":
+               {"$type": "app.bsky.feed.post", "text": f"{i} {text}", "createdAt": "2024-10-01T00:00:00.000Z"}
+               for i in range(n)}
+    built = build_repo_blocks("did:plc:benchbigrepoaaaaaaaaaaaa", KeyPair.generate("k256", random.Random(1)),
+                              records, make_tid(1_800_000_000_000_000))
+    from runtime.atproto.car import CarWriter  # noqa: PLC0415
+
+    with path.open("wb") as f:
+        CarWriter(f, [built.commit_cid]).write_blocks(built.car_blocks())
+    return n
+
+
+class _PeakRss:
+    """Samples this process's RSS every few milliseconds; ``growth`` is the peak above the start."""
+
+    def __init__(self) -> None:
+        import threading  # noqa: PLC0415
+
+        import psutil  # noqa: PLC0415
+
+        self._proc = psutil.Process()
+        self.start = self._proc.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def done(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.start, self.peak
+
+
+def _child_ours(url: str, workdir: str) -> None:
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from producers.repos.pds import PdsClient, PdsLimits  # noqa: PLC0415
+    from producers.repos.source import RepoFetcher, RepoProcessor, RepoResult  # noqa: PLC0415
+    from runtime.atproto.identity import Identity  # noqa: PLC0415
+    from runtime.metrics import Metrics  # noqa: PLC0415
+    from runtime.netsafety import NetworkPolicy  # noqa: PLC0415
+
+    did = "did:plc:benchbigrepoaaaaaaaaaaaa"
+
+    class _Resolver:
+        async def resolve(self, d: str) -> Identity:
+            return Identity(d, None, url, None)
+
+        def invalidate(self, d: str) -> None:
+            return None
+
+    async def go() -> tuple[int, int]:
+        pds = PdsClient(PdsLimits(max_car_bytes=4 << 30), policy=NetworkPolicy(allow_private=True),
+                        metrics=Metrics(CollectorRegistry()))
+        fetcher = RepoFetcher(_Resolver(), pds, Path(workdir))  # type: ignore[arg-type]
+        fetched = await fetcher.fetch(did, 0)
+        assert fetched.outcome == "ok", fetched.detail
+        result = RepoResult(did, 0, "failed")
+        n = sum(isinstance(i, RecordEvent) for i in RepoProcessor(RecordFilter(), job="b").items(fetched, result))
+        fetched.close()
+        await pds.aclose()
+        return n, fetched.size
+
+    rss = _PeakRss()
+    t0 = time.perf_counter()
+    n, size = asyncio.run(go())
+    secs = time.perf_counter() - t0
+    base, peak = rss.done()
+    print(f"{n} {size} {base} {peak} {secs}")
+
+
+def _child_sdk(path: str) -> None:
+    from atproto import CAR  # noqa: PLC0415
+
+    rss = _PeakRss()
+    t0 = time.perf_counter()
+    car = CAR.from_bytes(Path(path).read_bytes())
+    n = sum(1 for b in car.blocks.values() if isinstance(b, dict) and "$type" in b)
+    secs = time.perf_counter() - t0
+    base, peak = rss.done()
+    print(f"{n} {Path(path).stat().st_size} {base} {peak} {secs}")
+
+
+def memory_section(megabytes: int, tmp: Path) -> None:
+    from runtime.simulator.httpd import HttpServer, LoopThread, Request, Response  # noqa: PLC0415
+
+    path = tmp / "big.car"
+    print(f"\n== Memory: one repository CAR of about {megabytes} MB ==")
+    n = _make_big_car(path, megabytes)
+    size = path.stat().st_size
+
+    async def handler(req: Request) -> Response:
+        return Response(200, file=path, content_type="application/vnd.ipld.car")
+
+    server = HttpServer(handler)
+    loop = LoopThread("bench-http").start()
+    loop.run(server.start())
+    try:
+        def child(*args: str) -> list[float]:
+            out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True,
+                                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            return [float(x) for x in out.stdout.split()[-5:]]
+
+        ours = child("--child", "ours", server.url, str(tmp))
+        sdk = child("--child", "sdk", str(path))
+    finally:
+        loop.run(server.stop())
+        loop.stop()
+    for name, (count, _, base, peak, secs) in (("ours: HTTP -> disk -> MST walk -> events", ours),
+                                               ("baseline SDK CAR.from_bytes (file in memory)", sdk)):
+        print(f"  {name:44s} peak RSS {peak / 1e6:7.0f} MB (start {base / 1e6:4.0f} MB, growth "
+              f"{(peak - base) / 1e6:6.0f} MB = {(peak - base) / size:4.2f} x the CAR), {int(count)} records, "
+              f"{secs:5.1f} s")
+    print(f"  CAR: {size / 1e6:.0f} MB, {n} records; growth ratio ours / SDK: "
+          f"{(ours[3] - ours[2]) / max(1.0, sdk[3] - sdk[2]):.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--accounts", type=int, default=300, help="CARs of the CPU/Kafka sections")
+    parser.add_argument("--records-mean", type=int, default=300, help="mean records per CAR")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--e2e-accounts", type=int, default=1000)
+    parser.add_argument("--big-car-mb", type=int, default=300)
+    parser.add_argument("--skip", action="append", default=[], choices=("cpu", "kafka", "e2e", "memory"))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        if ns.child[0] == "ours":
+            _child_ours(ns.child[1], ns.child[2])
+        else:
+            _child_sdk(ns.child[1])
+        return
+    net = PdsNetwork(accounts=ns.accounts, hosts=1, records_mean=ns.records_mean, seed=5)
+    net.build()
+    cars: list[tuple[str, Any]] = [(d, a.car) for d, a in net.accounts.items()]
+    base = 1.0
+    if "cpu" not in ns.skip:
+        base = cpu_section(cars, ns.repeats)["sdk"]
+    broker = start_embedded_broker() if {"kafka", "e2e"} - set(ns.skip) else None
+    with tempfile.TemporaryDirectory(prefix="bench-repos-") as tmp:
+        try:
+            if broker is not None and "kafka" not in ns.skip:
+                kafka_section(cars, broker.bootstrap, ns.repeats, base)
+            if broker is not None and "e2e" not in ns.skip:
+                e2e_section(ns.e2e_accounts, broker.bootstrap, Path(tmp))
+        finally:
+            if broker is not None:
+                broker.stop()
+        if "memory" not in ns.skip:
+            memory_section(ns.big_car_mb, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

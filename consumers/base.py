@@ -1,0 +1,515 @@
+"""The consumer-group loop every sink runs in, and the contract every sink implements.
+
+Flow: poll a batch -> decode Avro (either wire format) -> rebuild the event -> skip what is past
+the end watermark -> ``sink.add`` (transform; a failure is dead-lettered to ``<topic>.dlq``) ->
+``sink.flush(offsets)`` writes the rows *and* each partition's next offset in one transaction ->
+the offsets are also committed to Kafka (for lag monitoring and ``backfill status`` only).
+
+Exactly once: on assignment the consumer seeks every partition to the offset the sink stored, so a
+kill -9, a rebalance or a replayed topic neither loses nor duplicates a row. Dead letters are
+flushed before the batch whose offsets pass them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import psutil
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from runtime import kafka as kafka_util
+from runtime.checkpoint import FINISHED, JobState, load_job
+from runtime.codec import AvroCodec
+from runtime.deadletter import DeadLetters
+from runtime.errors import CommitError, DecodeError, DropError, SinkUnavailableError
+from runtime.metrics import Health, Metrics, collection_label
+from runtime.nsid import CollectionFilter
+from runtime.records import Event, RecordEvent
+from runtime.settings import KafkaSettings
+from runtime.topics import TopicMap
+from runtime.typed import event_from_datum
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Consumed:
+    """One decoded message with its origin."""
+
+    topic: str
+    partition: int
+    offset: int
+    schema: str
+    event: Event
+    kafka_timestamp_ms: int
+    #: The decoded Avro datum (the schema's typed fields and the producer's ``record_json``).
+    datum: dict[str, Any] | None = None
+
+
+class Sink(Protocol):
+    """Where a consumer group writes. One transaction per batch, offsets stored with the rows."""
+
+    name: str
+
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+        """The next offset stored for each partition (absent: never written)."""
+
+    def add(self, item: Consumed) -> None:
+        """Transform and buffer one message.
+
+        Raises:
+            DropError: the message cannot be transformed (it is dead-lettered by the caller).
+        """
+
+    def flush(self, group: str, offsets: dict[TP, int]) -> int:
+        """Write the buffered rows and ``offsets`` in one transaction; return rows written.
+
+        Raises:
+            SinkUnavailableError: transient failure; the buffer is kept and the call retried.
+            CommitError: any other failure (fatal).
+        """
+
+    def discard(self) -> None:
+        """Forget the buffered rows (their offsets were not stored, so they will be re-read)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass
+class ConsumerOptions:
+    """How a consumer group member batches, stops and throttles.
+
+    Args:
+        collections: NSID patterns selecting collection topics (empty = every collection topic).
+        include_account_events: also consume ``<prefix>.identity`` and ``<prefix>.account``.
+        batch_size: messages per sink transaction.
+        linger: seconds to wait for a batch to fill.
+        end_time_us: skip (and count) events whose time is at or past this watermark.
+        until_done: exit once this producer job is finished and fully consumed.
+        batch_delay: pause between batches (seed 004's gentle mode).
+        max_memory_mb: pause the partitions while RSS is above this (0 = no limit).
+        idle_exit: exit after this many seconds without messages (0 = never; for tests/demos).
+    """
+
+    group: str
+    collections: list[str] = field(default_factory=list)
+    include_account_events: bool = True
+    batch_size: int = 5000
+    linger: float = 0.5
+    end_time_us: int | None = None
+    until_done: str | None = None
+    until_offsets: dict[str, dict[str, int]] | None = None
+    batch_delay: float = 0.0
+    max_memory_mb: int = 0
+    idle_exit: float = 0.0
+    topic_refresh: float = 5.0
+    dlq: bool = True
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one consumer run."""
+
+    consumed: int = 0
+    written_rows: int = 0
+    batches: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    by_collection: dict[str, int] = field(default_factory=dict)
+    stop_reason: str = ""
+
+
+class GroupConsumer:
+    """One member of a consumer group writing into a sink.
+
+    Args:
+        kafka: Kafka settings with resolved bootstrap servers.
+        sink: the sink.
+        options: batching/stop options.
+        metrics, health: observability.
+        codec: decoder (reads both wire formats).
+        stop_event: set it to stop gracefully (SIGTERM handler, combined mode).
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, kafka: KafkaSettings, sink: Sink, options: ConsumerOptions, metrics: Metrics,
+                 codec: AvroCodec, *, health: Health | None = None,
+                 stop_event: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 extra_consumer_config: dict[str, Any] | None = None) -> None:
+        self.kafka = kafka
+        self.sink = sink
+        self.opts = options
+        self.metrics = metrics
+        self.codec = codec
+        self.health = health or Health()
+        self.stop_event = stop_event or threading.Event()
+        self.clock = clock
+        self.topics = TopicMap(kafka.topic_prefix)
+        self.filter = CollectionFilter(options.collections)
+        self.stats = ConsumerStats()
+        conf = kafka.consumer_config(options.group, **(extra_consumer_config or {}))
+        conf["statistics.interval.ms"] = 5000
+        conf["stats_cb"] = self._on_stats
+        self._consumer = Consumer(conf)
+        self._admin = kafka_util.admin(kafka.client_config())
+        self._dlq_producer: Producer | None = None
+        self._dead: DeadLetters | None = None
+        self._subscribed: list[str] = []
+        self._assigned: set[TP] = set()
+        self._pending_offsets: dict[TP, int] = {}
+        self._pending: list[Consumed] = []
+        self._positions: dict[TP, int] = {}
+        self._paused = False
+        self._proc = psutil.Process()
+        self._job_target: dict[TP, int] | None = None
+        self._last_job_check = 0.0
+        self._fatal: BaseException | None = None
+
+    # ------------------------------------------------------------------ topics
+
+    def wanted_topics(self) -> list[str]:
+        """Data topics that exist and match the collection filter."""
+        existing = kafka_util.list_topics(self._admin)
+        out = []
+        for topic in existing:
+            coll = self.topics.collection_of(topic)
+            if coll is None:
+                continue
+            if coll in ("identity", "account"):
+                if self.opts.include_account_events:
+                    out.append(topic)
+            elif self.filter(coll):
+                out.append(topic)
+        return sorted(out)
+
+    def _refresh_subscription(self) -> None:
+        wanted = self.wanted_topics()
+        if wanted and wanted != self._subscribed:
+            log.info("subscribing %s to %d topics", self.opts.group, len(wanted))
+            self._consumer.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                     on_lost=self._on_lost)
+            self._subscribed = wanted
+
+    # ------------------------------------------------------------------ rebalance
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            stored = self.sink.load_offsets(self.opts.group, [(p.topic, p.partition) for p in partitions])
+        except Exception as e:  # noqa: BLE001 - must not escape into librdkafka's callback
+            self._fatal = e
+            stored = {}
+        for p in partitions:
+            nxt = stored.get((p.topic, p.partition))
+            p.offset = nxt if nxt is not None else OFFSET_BEGINNING
+            self._assigned.add((p.topic, p.partition))
+            if nxt is not None:
+                self._positions[(p.topic, p.partition)] = nxt
+        consumer.incremental_assign(partitions)
+        if self._paused:
+            # Over the memory limit: partitions gained in a rebalance stay paused like the rest.
+            consumer.pause(partitions)
+        self.health.set_ready(True)
+        log.info("assigned %d partitions (%d with stored offsets)", len(partitions), len(stored))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        revoked = {(p.topic, p.partition) for p in partitions}
+        if self._pending and any((c.topic, c.partition) in revoked for c in self._pending):
+            try:
+                self._flush()
+            except Exception as e:  # noqa: BLE001 - keep it out of librdkafka's callback
+                self._fatal = e
+        self._assigned -= revoked
+        self._forget_lag(revoked)
+        for tp in revoked:
+            self._positions.pop(tp, None)
+        consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member may already own them: drop the batch, its offsets were not stored.
+        lost = {(p.topic, p.partition) for p in partitions}
+        if any((c.topic, c.partition) in lost for c in self._pending):
+            self.sink.discard()
+            self._pending.clear()
+            self._pending_offsets.clear()
+        self._assigned -= lost
+        self._forget_lag(lost)
+        consumer.incremental_unassign(partitions)
+
+    def _forget_lag(self, partitions: Iterable[TP]) -> None:
+        # Another member reports these partitions now; a stale gauge here would be summed twice.
+        for topic, partition in partitions:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(self.sink.name, topic, str(partition))
+
+    def _on_stats(self, raw: str) -> None:
+        import orjson  # noqa: PLC0415 - cold path, every few seconds
+
+        try:
+            stats = orjson.loads(raw)
+            for tname, t in stats.get("topics", {}).items():
+                for pid, pdata in t.get("partitions", {}).items():
+                    if pid == "-1" or (tname, int(pid)) not in self._assigned:
+                        continue
+                    lag = pdata.get("consumer_lag", -1)
+                    if lag >= 0:
+                        self.metrics.consumer_lag.labels(self.sink.name, tname, pid).set(lag)
+        except (orjson.JSONDecodeError, ValueError, AttributeError):
+            log.debug("unreadable librdkafka statistics")
+
+    # ------------------------------------------------------------------ dead letters
+
+    def _dead_letters(self) -> DeadLetters:
+        if self._dead is None:
+            self._dlq_producer = Producer(self.kafka.producer_config())
+
+            def produce(topic: str, key: bytes | None, value: bytes) -> None:
+                kafka_util.ensure_topics(self._admin, [topic], partitions=1,
+                                         replication=self.kafka.topic_replication)
+                assert self._dlq_producer is not None
+                self._dlq_producer.produce(topic, value, key)
+
+            self._dead = DeadLetters(produce, self.codec, self.metrics, f"consumer:{self.sink.name}")
+        return self._dead
+
+    def _drop(self, msg: Message, reason: str, detail: str) -> None:
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+        self.metrics.consumer_dropped.inc(self.sink.name, reason)
+        if self.opts.dlq:
+            topic = msg.topic() or ""
+            self._dead_letters().send(
+                self.topics.dlq_for(topic), reason=reason, detail=detail, payload=msg.value() or b"",
+                origin=f"{topic}/{msg.partition()}/{msg.offset()}", src_topic=topic,
+                partition=msg.partition(), offset=msg.offset(),
+                did=(msg.key() or b"").decode(errors="replace") or None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _handle(self, msg: Message) -> None:
+        topic = msg.topic() or ""
+        partition = msg.partition() or 0
+        offset = msg.offset() or 0
+        self._pending_offsets[(topic, partition)] = offset + 1
+        self.stats.consumed += 1
+        try:
+            schema, datum = self.codec.decode(msg.value() or b"")
+            event = event_from_datum(schema, datum)
+        except DecodeError as e:
+            self._drop(msg, e.reason, e.detail)
+            return
+        except DropError as e:
+            self._drop(msg, e.reason, e.detail)
+            return
+        except (KeyError, TypeError) as e:
+            self._drop(msg, "decode_avro", f"datum misses fields: {e}")
+            return
+        label = collection_label(event.collection if isinstance(event, RecordEvent) else schema)
+        self.metrics.consumer_messages.inc(self.sink.name, label)
+        end = self.opts.end_time_us
+        if end is not None and event.time_us >= end:
+            self.stats.skipped["after_end"] = self.stats.skipped.get("after_end", 0) + 1
+            self.metrics.consumer_skipped.inc(self.sink.name, "after_end")
+            return
+        ts_type, ts = msg.timestamp()
+        item = Consumed(topic, partition, offset, schema, event, ts if ts_type else 0, datum)
+        try:
+            self.sink.add(item)
+        except DropError as e:
+            self._drop(msg, e.reason, e.detail)
+            return
+        self._pending.append(item)
+        key = event.collection if isinstance(event, RecordEvent) else schema
+        self.stats.by_collection[key] = self.stats.by_collection.get(key, 0) + 1
+
+    def _flush(self) -> None:
+        if not self._pending_offsets:
+            return
+        offsets = dict(self._pending_offsets)
+        t0 = self.clock()
+        if self._dlq_producer is not None and self._dlq_producer.flush(30):
+            raise CommitError("dead letters not delivered within 30 s; not storing offsets past them")
+        rows = 0
+        for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError),
+                                wait=wait_exponential_jitter(multiplier=0.2, max=10),
+                                stop=stop_after_attempt(30), reraise=True):
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.metrics.db_retries.inc(self.sink.name)
+                    self.health.beat()
+                rows = self.sink.flush(self.opts.group, offsets)
+        elapsed = self.clock() - t0
+        n = len(self._pending)
+        self.stats.written_rows += rows
+        self.stats.batches += 1
+        self.metrics.batch_duration.labels(self.sink.name).observe(elapsed)
+        self.metrics.batch_size.labels(self.sink.name).observe(n)
+        now_us = time.time() * 1e6
+        lat = self.metrics.end_to_end_latency.labels(self.sink.name)
+        for item in self._pending[-32:]:
+            if item.event.time_us:
+                lat.observe(max(0.0, (now_us - item.event.time_us) / 1e6))
+        self._positions.update(offsets)
+        self._pending.clear()
+        self._pending_offsets.clear()
+        try:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                  asynchronous=True)
+        except KafkaException as e:
+            # Informational only: the sink holds the authoritative offsets.
+            log.debug("Kafka offset commit failed: %s", e)
+
+    def _check_memory(self) -> None:
+        limit = self.opts.max_memory_mb
+        if not limit:
+            return
+        rss_mb = self._proc.memory_info().rss / 2**20
+        assignment = self._consumer.assignment()
+        if not self._paused and rss_mb > limit:
+            self._consumer.pause(assignment)
+            self._paused = True
+            self.metrics.consumer_paused.labels(self.sink.name).set(1)
+            log.warning("RSS %.0f MB over the %d MB limit: partitions paused", rss_mb, limit)
+        elif self._paused and rss_mb < limit * 0.9:
+            self._consumer.resume(assignment)
+            self._paused = False
+            self.metrics.consumer_paused.labels(self.sink.name).set(0)
+            log.info("RSS %.0f MB: partitions resumed", rss_mb)
+
+    def _job_done(self) -> bool:
+        """True once the until-done job is finished and every partition it wrote is consumed."""
+        if self.opts.until_offsets is not None:
+            target_raw: dict[str, dict[str, int]] | None = self.opts.until_offsets
+        else:
+            job = self.opts.until_done
+            if job is None:
+                return False
+            now = self.clock()
+            if now - self._last_job_check < 1.0:
+                return False
+            self._last_job_check = now
+            state: JobState | None = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
+                                              self.topics.control, job)
+            if state is None or state.status != FINISHED:
+                return False
+            target_raw = state.offsets
+        target = {(t, int(p)): o for t, parts in (target_raw or {}).items() for p, o in parts.items()
+                  if t in self._subscribed or self._wanted(t)}
+        if not target:
+            return True
+        stored = self.sink.load_offsets(self.opts.group, list(target))
+        return all(stored.get(tp, 0) >= off for tp, off in target.items())
+
+    def _wanted(self, topic: str) -> bool:
+        coll = self.topics.collection_of(topic)
+        if coll is None:
+            return False
+        if coll in ("identity", "account"):
+            return self.opts.include_account_events
+        return self.filter(coll)
+
+    def run(self) -> ConsumerStats:
+        """Consume until stopped (stop_event, until-done, idle exit); returns the counters.
+
+        Raises:
+            FatalError: a commit failed or our state is inconsistent.
+        """
+        consumer = self._consumer
+        last_refresh = 0.0
+        last_msg = self.clock()
+        batch_started: float | None = None
+        batch_msgs = 0
+        check_every = 0
+        try:
+            while not self.stop_event.is_set():
+                now = self.clock()
+                if now - last_refresh >= self.opts.topic_refresh or not self._subscribed:
+                    self._refresh_subscription()
+                    last_refresh = now
+                if not self._subscribed:
+                    self.health.beat()
+                    if self._until_satisfied():
+                        self.stats.stop_reason = "until_done"
+                        break
+                    self.stop_event.wait(0.2)
+                    continue
+                msgs = consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1)
+                self.health.beat()
+                if self._fatal is not None:
+                    raise self._fatal
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() in (KafkaError._PARTITION_EOF,):
+                            continue
+                        if err.fatal():
+                            raise CommitError(f"fatal consumer error: {err}")
+                        log.warning("consumer error: %s", err)
+                        continue
+                    self._handle(msg)
+                now = self.clock()
+                if msgs:
+                    last_msg = now
+                    if batch_started is None:
+                        batch_started = now
+                batch_msgs += len(msgs)
+                if self._pending_offsets and (
+                        batch_msgs >= self.opts.batch_size or not msgs
+                        or (batch_started is not None and now - batch_started >= self.opts.linger)):
+                    self._flush()
+                    batch_started = None
+                    batch_msgs = 0
+                    if self.opts.batch_delay:
+                        self.stop_event.wait(self.opts.batch_delay)
+                check_every += 1
+                if check_every % 10 == 0:
+                    self._check_memory()
+                if not msgs and not self._pending_offsets:
+                    if self._until_satisfied():
+                        self.stats.stop_reason = "until_done"
+                        break
+                    if self.opts.idle_exit and now - last_msg >= self.opts.idle_exit:
+                        self.stats.stop_reason = "idle"
+                        break
+            else:
+                self.stats.stop_reason = self.stats.stop_reason or "stopped"
+            self._flush()
+        finally:
+            self._close()
+        return self.stats
+
+    def _until_satisfied(self) -> bool:
+        if self.opts.until_done is None and self.opts.until_offsets is None:
+            return False
+        return self._job_done()
+
+    def _close(self) -> None:
+        try:
+            self._consumer.close()
+        except (KafkaException, RuntimeError) as e:
+            log.debug("consumer close: %s", e)
+        if self._dlq_producer is not None:
+            self._dlq_producer.flush(10)
+
+
+def topics_of(patterns: Iterable[str]) -> list[str]:
+    """Validate NSID patterns (helper for CLIs)."""
+    return list(CollectionFilter(patterns).patterns)
+
+
+_SAFE_GROUP = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def group_name(kind: str, suffix: str) -> str:
+    """A consumer group id ``atproto-backfill-<kind>-<suffix>`` with unsafe characters replaced."""
+    return _SAFE_GROUP.sub("_", f"atproto-backfill-{kind}-{suffix}")

@@ -1,0 +1,7 @@
+"""``python -m consumers.postgres``: the same as ``backfill consume postgres``."""
+
+import sys
+
+from runtime.cli import main as cli_main
+
+sys.exit(cli_main(["consume", "postgres", *sys.argv[1:]]))

@@ -1,0 +1,117 @@
+"""``backfill consume postgres``: a consumer group from the typed topics into PostgreSQL tables.
+
+Options are flags bound to environment variables (``DATABASE_URL``, ``BACKFILL_BATCH_SIZE``,
+``BACKFILL_BATCH_DELAY_MS``, ``BACKFILL_MAX_CONCURRENT``, ``BACKFILL_MAX_MEMORY_MB``, ...); the
+shared consumer options (collections, group, stop conditions) come from :mod:`consumers.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+from typing import Final
+
+from consumers.base import group_name
+from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
+from consumers.postgres.rows import TransformOptions
+from consumers.postgres.sink import PostgresSettings, PostgresSink
+from runtime.created_at import OutOfRange, TimestampPolicy
+from runtime.errors import ConfigError, SinkUnavailableError
+from runtime.metrics import Metrics
+from runtime.settings import Opt, Secret, add_options, parse_secret
+from runtime.timeparse import parse_timestamp
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH: Final = 5000
+#: First-generation threshold of the cyclic GC while consuming (the default is 700).
+GC_THRESHOLD: Final = 50_000
+
+POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
+    Opt(("--database-url",), "database_url", "DATABASE_URL", None,
+        "PostgreSQL connection URL (postgresql://user:password@host:5432/db); never logged",
+        type=parse_secret, metavar="URL"),
+    Opt(("--db-schema",), "db_schema", "BACKFILL_DB_SCHEMA", "public",
+        "PostgreSQL schema of every table (created if missing)"),
+    Opt(("--deletes",), "deletes", "BACKFILL_DELETES", "delete",
+        "a deleted record's row is removed (delete) or kept with deleted = true (flag); either way a "
+        "tombstone stops an older change from bringing it back", choices=("delete", "flag")),
+    Opt(("--account-removal",), "account_removal", "BACKFILL_ACCOUNT_REMOVAL", "keep",
+        "what an account deletion/takedown event does to that account's rows: keep them (the event and "
+        "the actor's status are recorded either way) or purge them (and skip older ones arriving later)",
+        choices=("keep", "purge")),
+    Opt(("--removal-statuses",), "removal_statuses", "BACKFILL_REMOVAL_STATUSES", "deleted,takendown",
+        "account statuses that count as a removal for --account-removal purge (comma-separated)"),
+    Opt(("--created-at-start",), "created_at_start", "BACKFILL_CREATED_AT_START", None,
+        "seed 002's range: records whose createdAt is before this are out of range"),
+    Opt(("--created-at-end",), "created_at_end", "BACKFILL_CREATED_AT_END", None,
+        "seed 002's range: records whose createdAt is at or after this are out of range"),
+    Opt(("--out-of-range",), "out_of_range", "BACKFILL_OUT_OF_RANGE", "keep",
+        "records outside the createdAt range (or with an unparseable one): keep them, drop them, or "
+        "standardize their created_at to the 1st/15th of the month", choices=("keep", "drop", "standardize")),
+    Opt(("--migrate-only",), "migrate_only", "BACKFILL_MIGRATE_ONLY", False,
+        "create or upgrade the schema, then exit", action="store_true"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``backfill consume postgres``."""
+    add_options(parser.add_argument_group("postgres"), POSTGRES_OPTIONS)
+    add_consumer_arguments(parser)
+
+
+def postgres_settings(ns: argparse.Namespace, max_concurrent: int) -> PostgresSettings:
+    """Validate the PostgreSQL options.
+
+    Raises:
+        ConfigError: no database URL, or a malformed value.
+    """
+    url = ns.database_url
+    if not isinstance(url, Secret) or not url.get():
+        raise ConfigError("no database: set DATABASE_URL or --database-url")
+    policy = TimestampPolicy(
+        start=parse_timestamp(ns.created_at_start) if ns.created_at_start else None,
+        end=parse_timestamp(ns.created_at_end) if ns.created_at_end else None,
+        out_of_range=OutOfRange(ns.out_of_range))
+    statuses = frozenset(s.strip() for s in (ns.removal_statuses or "").split(",") if s.strip())
+    if ns.account_removal == "purge" and not statuses:
+        raise ConfigError("--account-removal purge needs at least one --removal-statuses value")
+    transform = TransformOptions(policy=policy,
+                                 removal_statuses=statuses if ns.account_removal == "purge" else frozenset())
+    return PostgresSettings(database_url=url, db_schema=ns.db_schema, deletes=ns.deletes, transform=transform,
+                            max_concurrent=max_concurrent)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for the consumer loop.
+
+    Objects alive at start-up (modules, schemas, settings) are frozen out of collection, and the
+    first-generation threshold is raised: a batch allocates hundreds of thousands of short-lived,
+    acyclic containers that reference counting frees anyway, and the default threshold (700) made
+    the collector rescan every live batch object many times per batch (about 15% of the
+    throughput in ``bench/bench_postgres.py``).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 50, 50)
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Entry point of ``backfill consume postgres``; returns the exit code."""
+    settings = consumer_settings(ns, default_group=group_name("postgres", ns.db_schema),
+                                 default_batch=DEFAULT_BATCH)
+    pg = postgres_settings(ns, settings.max_concurrent)
+    metrics = Metrics()
+    try:
+        if ns.migrate_only:
+            PostgresSink(pg, metrics).close()
+            log.info("schema %s is up to date", pg.db_schema)
+            return 0
+        tune_gc()
+        run_consumer(settings, lambda: PostgresSink(pg, metrics), metrics=metrics)
+    except SinkUnavailableError as e:
+        # Retried with backoff already (start-up, offset loading): give up loudly, nothing was lost.
+        log.critical("PostgreSQL stayed unreachable: %s", e)
+        return 1
+    return 0

@@ -1,0 +1,740 @@
+"""The PostgreSQL sink: one transaction per batch holding the rows, the offsets and the job cursor.
+
+A batch is written as: new actors (sorted, ``ON CONFLICT DO NOTHING``, so replicas racing on the
+same DID wait for each other instead of failing the foreign key), actor handle/status updates,
+account purges, deletes (tombstones first, then the rows), one ``COPY`` into a temporary staging
+table and one ``INSERT ... ON CONFLICT ... WHERE rev < EXCLUDED.rev`` per record table, the
+identity/account event logs, each partition's next offset, and last the ``firehose_cursor`` row of
+every producer job in the batch. A row is replaced only by a newer revision, and never resurrected
+by a change older than its tombstone, so replays, rebalances and out-of-order duplicates are no-ops.
+
+Concurrency (``BACKFILL_MAX_CONCURRENT``): with 1, :meth:`PostgresSink.flush` returns once the
+batch committed. With N > 1, up to N - 1 sealed batches commit in the background, in order, on one
+writer connection, while the consumer reads and transforms the next one; the stored offsets still
+only ever cover committed rows, so a kill loses nothing. Background batches retry transient
+database failures themselves; if the retries run out, the next ``flush``/``close`` raises
+:class:`~runtime.errors.CommitError` and no later batch is written. The rows of a batch are
+formatted (binary COPY) on the consumer thread, so the writer thread mostly waits on the socket;
+while it runs, the interpreter's switch interval is lowered to 0.5 ms so the writer gets the GIL
+back promptly after each round trip.
+
+Errors: psycopg ``OperationalError`` (connection lost, server restarting, deadlock, serialization
+failure) and ``InterfaceError`` become :class:`~runtime.errors.SinkUnavailableError` (the batch is
+kept and retried on a new connection); anything else is a :class:`~runtime.errors.CommitError`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.copy import FileWriter
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from consumers.base import TP, Consumed
+from consumers.postgres.rows import (
+    ACCOUNT_COLUMNS,
+    DELETE_COLUMNS,
+    IDENTITY_COLUMNS,
+    RECORD_TABLES,
+    Batch,
+    Table,
+    TransformOptions,
+    add_event,
+    naive_utc,
+)
+from consumers.postgres.schema import migrate
+from runtime.created_at import Outcome
+from runtime.errors import CommitError, ConfigError, SinkUnavailableError
+from runtime.metrics import Metrics
+from runtime.settings import Secret
+
+log = logging.getLogger(__name__)
+
+SINK: Final = "postgres"
+#: Known-committed actors remembered per process (skips re-inserting them); cleared when full.
+KNOWN_ACTORS_MAX: Final = 1_000_000
+#: GIL switch interval (seconds) while a background writer runs.
+SWITCH_INTERVAL: Final = 0.0005
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """Where and how the sink writes.
+
+    Args:
+        database_url: libpq URL or DSN (a secret: never logged).
+        db_schema: PostgreSQL schema holding every table.
+        deletes: ``delete`` removes a deleted record's row; ``flag`` keeps it with ``deleted = true``.
+        transform: createdAt policy and account-removal statuses.
+        max_concurrent: batches in progress at once (see the module docstring).
+        connect_timeout: seconds to wait for a connection.
+        retries: attempts of a background batch before giving up (fatal).
+    """
+
+    database_url: Secret
+    db_schema: str = "public"
+    deletes: str = "delete"
+    transform: TransformOptions = field(default_factory=TransformOptions)
+    max_concurrent: int = 1
+    connect_timeout: float = 10.0
+    retries: int = 30
+
+    def __post_init__(self) -> None:
+        if self.deletes not in ("delete", "flag"):
+            raise ConfigError(f"deletes must be 'delete' or 'flag', not {self.deletes!r}")
+        if self.max_concurrent < 1:
+            raise ConfigError("max_concurrent must be >= 1")
+        if not self.db_schema or len(self.db_schema) > 63:
+            raise ConfigError("the database schema name must have 1 to 63 characters")
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one committed transaction wrote (given to the ``on_commit`` hook)."""
+
+    changes: int
+    rows: int
+    event_times_us: list[int]
+    committed_at: float
+
+
+#: Column type in the target table -> type in the binary staging table (and psycopg's dumper).
+STAGE_TYPES: Final[dict[str, str]] = {
+    "text": "text", "jsonb": "text", "timestamptz": "timestamptz", "bigint": "int8", "text[]": "text[]",
+    "boolean": "bool",
+}
+
+
+def describe_dsn(dsn: str) -> str:
+    """``user@host:port/dbname`` of a libpq URL or key=value DSN, never its password."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "**********"
+    user = str(parts.get("user") or "")
+    host = str(parts.get("host") or "localhost")
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"{user + '@' if user else ''}{host}{port}/{parts.get('dbname') or ''}"
+
+
+def transient(e: BaseException) -> bool:
+    """True for database failures worth retrying on a new connection."""
+    return isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def _columns(cols: Iterable[tuple[str, str]]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(name) for name, _ in cols)
+
+
+class Statements:
+    """Every SQL statement of the sink for one schema and mode (built once)."""
+
+    def __init__(self, schema: str, *, flag_deletes: bool, purge: bool) -> None:
+        self.schema = schema
+        s = sql.Identifier(schema)
+        self.stage_ddl: list[sql.Composed] = []
+        self.copy: dict[str, sql.Composed] = {}
+        self.upsert: dict[str, sql.Composed] = {}
+        self.delete: dict[str, sql.Composed] = {}
+        self.purge: dict[str, sql.Composed] = {}
+
+        self.copy_types: dict[str, list[str]] = {}
+
+        def stage(name: str, cols: Sequence[tuple[str, str]]) -> sql.Identifier:
+            # Staged in binary COPY format; jsonb travels as text and is cast by the upsert.
+            ident = sql.Identifier(f"_stage_{name}")
+            types = [STAGE_TYPES[t] for _, t in cols]
+            self.stage_ddl.append(sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {stage} ({defs}) ON COMMIT DELETE ROWS").format(
+                    stage=ident, defs=sql.SQL(", ").join(
+                        sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t))
+                        for (c, _), t in zip(cols, types, strict=True))))
+            self.copy[name] = sql.SQL("COPY pg_temp.{stage} ({cols}) FROM STDIN (FORMAT BINARY)").format(
+                stage=ident, cols=_columns(cols))
+            self.copy_types[name] = types
+            return ident
+
+        for table in RECORD_TABLES:
+            st = stage(table.name, table.columns)
+            self.upsert[table.name] = self._upsert(s, table, st, purge)
+            match: sql.Composable
+            if table.collection is not None:
+                match = sql.SQL("d.collection = {c}").format(c=sql.Literal(table.collection))
+            else:
+                match = sql.SQL("t.collection = d.collection")
+            if flag_deletes:
+                self.delete[table.name] = sql.SQL(
+                    "UPDATE {s}.{t} AS t SET deleted = true, rev = d.rev, source = d.source, "
+                    "cursor = d.cursor, time_us = d.time_us, job = d.job, updated_at = now() "
+                    "FROM pg_temp._stage_deletes AS d "
+                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey AND t.rev < d.rev").format(
+                        s=s, t=sql.Identifier(table.name), match=match)
+            else:
+                self.delete[table.name] = sql.SQL(
+                    "DELETE FROM {s}.{t} AS t USING pg_temp._stage_deletes AS d "
+                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey AND t.rev < d.rev").format(
+                        s=s, t=sql.Identifier(table.name), match=match)
+            self.purge[table.name] = sql.SQL(
+                "DELETE FROM {s}.{t} AS t USING unnest(%s::text[], %s::bigint[]) AS r(did, t_us) "
+                "WHERE t.did = r.did AND t.time_us <= r.t_us").format(s=s, t=sql.Identifier(table.name))
+
+        stage("deletes", DELETE_COLUMNS)
+        delete_cols = _columns(DELETE_COLUMNS)
+        self.tombstones = sql.SQL(
+            "INSERT INTO {s}.tombstones AS t ({cols}) SELECT {cols} FROM pg_temp._stage_deletes "
+            "ON CONFLICT (did, collection, rkey) DO UPDATE SET rev = EXCLUDED.rev, source = EXCLUDED.source, "
+            "cursor = EXCLUDED.cursor, time_us = EXCLUDED.time_us, job = EXCLUDED.job, deleted_at = now() "
+            "WHERE t.rev < EXCLUDED.rev").format(s=s, cols=delete_cols)
+
+        stage("identity", IDENTITY_COLUMNS)
+        stage("account", ACCOUNT_COLUMNS)
+        self.events = {
+            name: sql.SQL("INSERT INTO {s}.{t} ({cols}) SELECT {cols} FROM pg_temp.{st} "
+                          "ON CONFLICT DO NOTHING").format(
+                s=s, t=sql.Identifier(target), cols=_columns(cols), st=sql.Identifier(f"_stage_{name}"))
+            for name, target, cols in (("identity", "identity_events", IDENTITY_COLUMNS),
+                                       ("account", "account_events", ACCOUNT_COLUMNS))}
+
+        self.actors = sql.SQL(
+            "INSERT INTO {s}.actors (did) SELECT d FROM unnest(%s::text[]) AS d ORDER BY d "
+            "ON CONFLICT DO NOTHING").format(s=s)
+        self.actor_updates = sql.SQL(
+            "INSERT INTO {s}.actors AS a (did, handle, handle_time_us, active, status, status_time_us) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::bigint[]) "
+            "AS u(did, handle, handle_time_us, active, status, status_time_us) ORDER BY did "
+            "ON CONFLICT (did) DO UPDATE SET "
+            "handle = CASE WHEN EXCLUDED.handle_time_us > coalesce(a.handle_time_us, -1) "
+            "THEN EXCLUDED.handle ELSE a.handle END, "
+            "handle_time_us = greatest(a.handle_time_us, EXCLUDED.handle_time_us), "
+            "active = CASE WHEN EXCLUDED.status_time_us > coalesce(a.status_time_us, -1) "
+            "THEN EXCLUDED.active ELSE a.active END, "
+            "status = CASE WHEN EXCLUDED.status_time_us > coalesce(a.status_time_us, -1) "
+            "THEN EXCLUDED.status ELSE a.status END, "
+            "status_time_us = greatest(a.status_time_us, EXCLUDED.status_time_us) "
+            "WHERE EXCLUDED.handle_time_us > coalesce(a.handle_time_us, -1) "
+            "OR EXCLUDED.status_time_us > coalesce(a.status_time_us, -1)").format(s=s)
+        self.removals = sql.SQL(
+            "UPDATE {s}.actors AS a SET removed_time_us = r.t_us "
+            "FROM unnest(%s::text[], %s::bigint[]) AS r(did, t_us) "
+            "WHERE a.did = r.did AND (a.removed_time_us IS NULL OR a.removed_time_us < r.t_us)").format(s=s)
+        self.offsets = sql.SQL(
+            "INSERT INTO {s}.kafka_offsets AS o (group_id, topic, partition, next_offset) "
+            "SELECT %s, u.topic, u.partition, u.next_offset "
+            "FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(topic, partition, next_offset) "
+            "ORDER BY u.topic, u.partition "
+            "ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
+            "next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()").format(s=s)
+        self.load_offsets = sql.SQL(
+            "SELECT topic, partition, next_offset FROM {s}.kafka_offsets WHERE group_id = %s").format(s=s)
+        self.cursor = sql.SQL(
+            "INSERT INTO {s}.firehose_cursor AS f (service, cursor, last_event_time, updated_at) "
+            "SELECT u.service, u.cursor, u.t, now() AT TIME ZONE 'UTC' "
+            "FROM unnest(%s::text[], %s::text[], %s::timestamp[]) AS u(service, cursor, t) ORDER BY u.service "
+            "ON CONFLICT (service) DO UPDATE SET cursor = EXCLUDED.cursor, "
+            "last_event_time = EXCLUDED.last_event_time, updated_at = EXCLUDED.updated_at "
+            "WHERE f.cursor IS NULL OR f.cursor !~ '^-?[0-9]+$' "
+            "OR f.cursor::numeric < EXCLUDED.cursor::numeric").format(s=s)
+
+    @staticmethod
+    def _upsert(s: sql.Identifier, table: Table, st: sql.Identifier, purge: bool) -> sql.Composed:
+        cols = table.column_names
+        key = table.key
+        if table.collection is not None:
+            coll: sql.Composable = sql.Literal(table.collection)
+        else:
+            coll = sql.SQL("x.collection")
+        guards = [sql.SQL(
+            "NOT EXISTS (SELECT 1 FROM {s}.tombstones AS tb WHERE tb.did = x.did AND tb.collection = {coll} "
+            "AND tb.rkey = x.rkey AND tb.rev >= x.rev)").format(s=s, coll=coll)]
+        if purge:
+            guards.append(sql.SQL(
+                "NOT EXISTS (SELECT 1 FROM {s}.actors AS a WHERE a.did = x.did "
+                "AND a.removed_time_us >= x.time_us)").format(s=s))
+        updates = sql.SQL(", ").join(
+            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols if c not in key)
+        return sql.SQL(
+            "INSERT INTO {s}.{t} AS t ({cols}) SELECT {xcols} FROM pg_temp.{st} AS x WHERE {guards} "
+            "ON CONFLICT ({key}) DO UPDATE SET {updates}, deleted = false, updated_at = now() "
+            "WHERE t.rev < EXCLUDED.rev").format(
+                s=s, t=sql.Identifier(table.name), cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+                xcols=sql.SQL(", ").join(
+                    sql.SQL("{}::jsonb").format(sql.Identifier("x", c)) if t == "jsonb" else sql.Identifier("x", c)
+                    for c, t in table.columns), st=st,
+                guards=sql.SQL(" AND ").join(guards), key=sql.SQL(", ").join(map(sql.Identifier, key)),
+                updates=updates)
+
+
+@dataclass
+class WriteResult:
+    """Rows affected per table by one transaction, and how many staged rows were stale no-ops."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    stale: int = 0
+
+    @property
+    def total(self) -> int:
+        """Rows inserted, updated or deleted in every table."""
+        return sum(self.rows.values())
+
+
+@dataclass
+class Prepared:
+    """A batch formatted for the database on the consumer thread: COPY data and statement parameters.
+
+    The writer then only sends bytes and statements, so it needs the GIL very little and overlaps
+    with the consumer's decoding.
+    """
+
+    copies: dict[str, bytes] = field(default_factory=dict)
+    staged: dict[str, int] = field(default_factory=dict)
+    delete_tables: list[str] = field(default_factory=list)
+    actors: list[str] = field(default_factory=list)
+    actor_updates: tuple[list[Any], ...] | None = None
+    removals: tuple[list[str], list[int]] | None = None
+    progress: tuple[list[str], list[str], list[datetime]] | None = None
+    changes: int = 0
+    superseded: int = 0
+    event_times: list[int] = field(default_factory=list)
+    outcomes: dict[Outcome, int] = field(default_factory=dict)
+
+
+def prepare(batch: Batch, cursor: psycopg.Cursor[Any], statements: Statements) -> Prepared:
+    """Format ``batch`` (binary COPY rows through psycopg's adapters, sorted parameter arrays).
+
+    Args:
+        cursor: any cursor; only its adaptation context is used (no I/O happens on it).
+        statements: the stage column types.
+
+    Raises:
+        psycopg.DataError: a value psycopg cannot adapt (a bug: rows are validated when added).
+    """
+    out = Prepared(changes=len(batch), superseded=batch.superseded, event_times=batch.event_times,
+                   outcomes=batch.outcomes)
+
+    def copy(name: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        buf = io.BytesIO()
+        n = 0
+        with psycopg.Copy(cursor, writer=FileWriter(buf), binary=True) as cp:
+            cp.set_types(statements.copy_types[name])
+            for row in rows:
+                cp.write_row(row)
+                n += 1
+        out.copies[name] = buf.getvalue()
+        out.staged[name] = n
+
+    deletes = batch.deletes()
+    if deletes:
+        copy("deletes", deletes)
+        out.delete_tables = sorted(batch.delete_tables())
+    for name, rows in batch.upserts().items():
+        copy(name, rows)
+    if batch.identities:
+        copy("identity", batch.identities.values())
+    if batch.accounts:
+        copy("account", batch.accounts.values())
+    out.actors = sorted(batch.actors)
+    if batch.actor_updates:
+        dids = sorted(batch.actor_updates)
+        ups = [batch.actor_updates[d] for d in dids]
+        out.actor_updates = (dids, [u.handle for u in ups], [u.handle_time_us for u in ups],
+                             [u.active for u in ups], [u.status for u in ups], [u.status_time_us for u in ups])
+    if batch.removals:
+        dids = sorted(batch.removals)
+        out.removals = (dids, [batch.removals[d] for d in dids])
+    if batch.progress:
+        services = sorted(batch.progress)
+        out.progress = ([s[:255] for s in services], [str(batch.progress[s][0]) for s in services],
+                        [naive_utc(batch.progress[s][1]) for s in services])
+    return out
+
+
+class Writer:
+    """Owns one database connection and writes prepared batches in single transactions.
+
+    Args:
+        settings: the sink settings.
+        statements: the SQL.
+        connect: ``psycopg.connect``-compatible factory (tests inject failures through it).
+    """
+
+    def __init__(self, settings: PostgresSettings, statements: Statements,
+                 connect: Callable[..., psycopg.Connection[Any]] = psycopg.connect) -> None:
+        self.settings = settings
+        self.sql = statements
+        self._connect = connect
+        self._conn: psycopg.Connection[Any] | None = None
+        self.known_actors: set[str] = set()
+
+    def connection(self) -> psycopg.Connection[Any]:
+        """The open connection (reconnecting and re-creating the staging tables when needed).
+
+        Raises:
+            SinkUnavailableError: the database cannot be reached.
+        """
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self.reset()
+        try:
+            conn = self._connect(self.settings.database_url.get(), autocommit=True,
+                                 connect_timeout=max(1, int(self.settings.connect_timeout)),
+                                 application_name="atproto-backfill-postgres")
+            for ddl in self.sql.stage_ddl:
+                conn.execute(ddl)
+        except psycopg.Error as e:
+            raise SinkUnavailableError(f"cannot connect to PostgreSQL: {type(e).__name__}: {e}") from e
+        self._conn = conn
+        return conn
+
+    def reset(self) -> None:
+        """Drop the connection (the next write reconnects)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error as e:  # closing a broken connection may fail again
+                log.debug("closing a broken connection: %s", e)
+
+    def write(self, prepared: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+        """Write ``prepared`` and ``offsets`` in one transaction.
+
+        Raises:
+            SinkUnavailableError: a transient failure (nothing was committed; retry).
+            CommitError: any other database failure.
+        """
+        conn = self.connection()
+        known = self.known_actors
+        new_actors = [a for a in prepared.actors if a not in known]
+        try:
+            with conn.transaction():
+                result = self._write(conn, prepared, group, offsets, new_actors)
+        except psycopg.Error as e:
+            if transient(e):
+                if conn.closed or conn.broken:
+                    self.reset()
+                raise SinkUnavailableError(f"PostgreSQL: {type(e).__name__}: {e}") from e
+            raise CommitError(f"PostgreSQL refused a batch: {type(e).__name__}: {e}") from e
+        if len(known) + len(new_actors) > KNOWN_ACTORS_MAX:
+            known.clear()
+        known.update(new_actors)
+        return result
+
+    def _copy(self, cur: psycopg.Cursor[Any], name: str, data: bytes) -> None:
+        with cur.copy(self.sql.copy[name]) as copy:
+            copy.write(data)
+
+    def _write(self, conn: psycopg.Connection[Any], p: Prepared, group: str, offsets: dict[TP, int],
+               new_actors: list[str]) -> WriteResult:
+        st = self.sql
+        result = WriteResult()
+        rows = result.rows
+        cur = conn.cursor()
+        if new_actors:
+            cur.execute(st.actors, (new_actors,))
+            rows["actors"] = max(0, cur.rowcount)
+        if p.actor_updates is not None:
+            cur.execute(st.actor_updates, p.actor_updates)
+        if p.removals is not None:
+            cur.execute(st.removals, p.removals)
+            for table in RECORD_TABLES:
+                cur.execute(st.purge[table.name], p.removals)
+                if cur.rowcount > 0:
+                    rows[table.name] = rows.get(table.name, 0) + cur.rowcount
+        if "deletes" in p.copies:
+            self._copy(cur, "deletes", p.copies["deletes"])
+            cur.execute(st.tombstones)
+            rows["tombstones"] = max(0, cur.rowcount)
+            for name in p.delete_tables:
+                cur.execute(st.delete[name])
+                rows[name] = rows.get(name, 0) + max(0, cur.rowcount)
+        for table in RECORD_TABLES:
+            data = p.copies.get(table.name)
+            if data is None:
+                continue
+            self._copy(cur, table.name, data)
+            cur.execute(st.upsert[table.name])
+            written = max(0, cur.rowcount)
+            rows[table.name] = rows.get(table.name, 0) + written
+            result.stale += p.staged[table.name] - written
+        for name in ("identity", "account"):
+            data = p.copies.get(name)
+            if data is not None:
+                self._copy(cur, name, data)
+                cur.execute(st.events[name])
+                rows[f"{name}_events"] = max(0, cur.rowcount)
+        if offsets:
+            tps = sorted(offsets)
+            cur.execute(st.offsets, (group, [t for t, _ in tps], [p for _, p in tps], [offsets[tp] for tp in tps]))
+        if p.progress is not None:
+            cur.execute(st.cursor, p.progress)
+        return result
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.reset()
+
+
+class PostgresSink:
+    """The consumer-group sink into PostgreSQL (implements :class:`consumers.base.Sink`).
+
+    Args:
+        settings: where and how to write.
+        metrics: counters (created_at outcomes, skipped, rows written, retries).
+        connect: connection factory (``psycopg.connect``; tests inject failures).
+        retry_wait: tenacity wait strategy for background and offset-loading retries.
+        on_commit: called (on the writer thread) after every committed batch.
+        migrate_schema: create/upgrade the schema on start (every replica may; it is locked).
+        wall: unix seconds (the commit time given to ``on_commit``).
+
+    Raises:
+        SinkUnavailableError: the database stayed unreachable through the start-up retries.
+        ConfigError: the database is not UTF8, or was migrated by a newer version of this tool.
+    """
+
+    name = SINK
+
+    def __init__(self, settings: PostgresSettings, metrics: Metrics, *,
+                 connect: Callable[..., psycopg.Connection[Any]] = psycopg.connect,
+                 retry_wait: wait_base | None = None,
+                 on_commit: Callable[[Committed], None] | None = None,
+                 migrate_schema: bool = True,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._connect = connect
+        self._wait = retry_wait if retry_wait is not None else wait_exponential_jitter(multiplier=0.2, max=10)
+        self._on_commit = on_commit
+        self._wall = wall
+        opts = settings.transform
+        self.sql = Statements(settings.db_schema, flag_deletes=settings.deletes == "flag",
+                              purge=bool(opts.removal_statuses))
+        self._control: psycopg.Connection[Any] | None = None
+        try:
+            if migrate_schema:
+                self._with_control(self._migrate)
+            # Formatting COPY rows needs only a cursor's adaptation context, never its connection.
+            self._fmt_cursor: psycopg.Cursor[Any] = self._with_control(lambda conn: conn.cursor())
+        except BaseException:
+            self._close_control()
+            raise
+        self._writer = Writer(settings, self.sql, connect)
+        self._batch = Batch()
+        self._prepared: Prepared | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: list[Future[WriteResult]] = []
+        # Set once a background batch failed for good: later batches must not store offsets past it.
+        self._failed: BaseException | None = None
+        self.rows_written = 0
+        self._outcomes = {o: metrics.created_at_outcomes.child(SINK, o.value) for o in Outcome}
+        self._skipped_range = metrics.consumer_skipped.child(SINK, "out_of_range_timestamp")
+        self._skipped_stale = metrics.consumer_skipped.child(SINK, "stale_rev")
+        self._retries = metrics.db_retries.child(SINK)
+        log.info("PostgreSQL sink on %s schema %s (deletes: %s, account removal: %s, max concurrent %d)",
+                 describe_dsn(settings.database_url.get()), settings.db_schema, settings.deletes,
+                 ",".join(sorted(opts.removal_statuses)) or "keep", settings.max_concurrent)
+
+    # ------------------------------------------------------------------ control connection
+
+    def _control_conn(self) -> psycopg.Connection[Any]:
+        conn = self._control
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        try:
+            conn = self._connect(self.settings.database_url.get(), autocommit=True,
+                                 connect_timeout=max(1, int(self.settings.connect_timeout)),
+                                 application_name="atproto-backfill-postgres-control")
+        except psycopg.Error as e:
+            raise SinkUnavailableError(f"cannot connect to PostgreSQL: {type(e).__name__}: {e}") from e
+        self._control = conn
+        return conn
+
+    def _with_control(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
+        """Run ``fn`` on the control connection, retrying transient failures."""
+        for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError), wait=self._wait,
+                                stop=stop_after_attempt(self.settings.retries), reraise=True):
+            with attempt:
+                conn = self._control_conn()
+                try:
+                    return fn(conn)
+                except psycopg.Error as e:
+                    if transient(e):
+                        self._retries.inc()
+                        self._close_control()
+                        raise SinkUnavailableError(f"PostgreSQL: {type(e).__name__}: {e}") from e
+                    raise CommitError(f"PostgreSQL: {type(e).__name__}: {e}") from e
+        raise AssertionError("unreachable: tenacity reraises")
+
+    def _close_control(self) -> None:
+        conn, self._control = self._control, None
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error as e:
+                log.debug("closing the control connection: %s", e)
+
+    def _migrate(self, conn: psycopg.Connection[Any]) -> None:
+        encoding = conn.execute("SHOW server_encoding").fetchone()
+        if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
+            raise ConfigError(f"the database encoding is {encoding[0] if encoding else '?'}; UTF8 is required")
+        migrate(conn, self.settings.db_schema)
+
+    # ------------------------------------------------------------------ Sink protocol
+
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+        """The stored next offset of each partition (after this process's own batches committed)."""
+        self._drain()
+        wanted = set(partitions)
+
+        def load(conn: psycopg.Connection[Any]) -> dict[TP, int]:
+            out: dict[TP, int] = {}
+            for topic, partition, nxt in conn.execute(self.sql.load_offsets, (group,)):
+                if (topic, partition) in wanted:
+                    out[(topic, partition)] = int(nxt)
+            return out
+
+        result: dict[TP, int] = self._with_control(load)
+        return result
+
+    def add(self, item: Consumed) -> None:
+        """Transform one message into the current batch.
+
+        Raises:
+            DropError: the record cannot be stored (dead-lettered by the caller).
+        """
+        add_event(self._batch, item.event, self.settings.transform, item.datum, item.schema)
+
+    def flush(self, group: str, offsets: dict[TP, int]) -> int:
+        """Write the batch and ``offsets`` in one transaction; return the changes written or submitted.
+
+        Raises:
+            SinkUnavailableError: (synchronous mode) transient failure; the batch is kept for the retry.
+            CommitError: a database failure that retrying does not fix, or background retries ran out.
+        """
+        if self._failed is not None:
+            raise CommitError("a background batch failed; stopping") from self._failed
+        if self.settings.max_concurrent == 1:
+            # Kept across a SinkUnavailableError: GroupConsumer retries with the same batch.
+            prepared = self._prepared
+            if prepared is None:
+                prepared = self._prepared = self._prepare()
+            result = self._writer.write(prepared, group, offsets)
+            self._batch = Batch()
+            self._prepared = None
+            self._committed(prepared, result)
+            return result.total
+        prepared = self._prepare()
+        self._batch = Batch()
+        self._wait_capacity(self.settings.max_concurrent - 1)
+        pool = self._pool
+        if pool is None:
+            # The writer must get the GIL back promptly whenever the database answers, or every
+            # round trip waits out the consumer thread's switch interval (5 ms by default).
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
+            pool = self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-writer")
+        self._inflight.append(pool.submit(self._write_retrying, prepared, group, dict(offsets)))
+        return prepared.changes
+
+    def discard(self) -> None:
+        """Forget the rows not yet submitted (their offsets were not stored)."""
+        self._batch = Batch()
+        self._prepared = None
+
+    def close(self) -> None:
+        """Wait for background batches, then close the connections.
+
+        Raises:
+            CommitError: a background batch could not be written (its offsets were not stored).
+        """
+        try:
+            self._drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            self._writer.close()
+            self._close_control()
+
+    # ------------------------------------------------------------------ internals
+
+    def _prepare(self) -> Prepared:
+        batch = self._batch
+        for outcome, n in batch.outcomes.items():
+            self._outcomes[outcome].inc(n)
+            if outcome is Outcome.DROPPED:
+                self._skipped_range.inc(n)
+        batch.outcomes = {}
+        try:
+            return prepare(batch, self._fmt_cursor, self.sql)
+        except psycopg.Error as e:  # values are validated when added: this is our bug, stop loudly
+            raise CommitError(f"cannot format a batch for COPY: {type(e).__name__}: {e}") from e
+
+    def _committed(self, batch: Prepared, result: WriteResult) -> None:
+        self.rows_written += result.total
+        for table, n in result.rows.items():
+            if n:
+                self.metrics.rows_written.labels(SINK, table).inc(n)
+        stale = result.stale + batch.superseded
+        if stale:
+            self._skipped_stale.inc(stale)
+        if self._on_commit is not None:
+            self._on_commit(Committed(batch.changes, result.total, batch.event_times, self._wall()))
+
+    def _write_retrying(self, batch: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+        if self._failed is not None:
+            raise CommitError("an earlier batch failed; not writing later ones") from self._failed
+        try:
+            return self._write_with_retries(batch, group, offsets)
+        except BaseException as e:
+            self._failed = e
+            raise
+
+    def _write_with_retries(self, batch: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+        logged = False
+        for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError), wait=self._wait,
+                                stop=stop_after_attempt(self.settings.retries), reraise=True):
+            with attempt:
+                try:
+                    result = self._writer.write(batch, group, offsets)
+                except SinkUnavailableError as e:
+                    self._retries.inc()
+                    if not logged:
+                        log.warning("PostgreSQL unavailable, retrying the batch: %s", e)
+                        logged = True
+                    raise
+        if logged:
+            log.info("PostgreSQL reachable again; batch written")
+        self._committed(batch, result)
+        return result
+
+    def _wait_capacity(self, limit: int) -> None:
+        while len(self._inflight) >= max(1, limit):
+            oldest = self._inflight.pop(0)
+            self._result(oldest)
+
+    @staticmethod
+    def _result(future: Future[WriteResult]) -> None:
+        try:
+            future.result()
+        except SinkUnavailableError as e:
+            raise CommitError(f"a batch could not be written after retrying: {e}") from e
+
+    def _drain(self) -> None:
+        """Wait for every background batch.
+
+        Raises:
+            CommitError: one of them failed (it and every later one stored no offsets).
+        """
+        while self._inflight:
+            self._result(self._inflight.pop(0))

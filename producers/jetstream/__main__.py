@@ -1,0 +1,7 @@
+"""``python -m producers.jetstream``: the same as ``backfill jetstream``."""
+
+import sys
+
+from runtime.cli import main
+
+sys.exit(main(["jetstream", *sys.argv[1:]]))

@@ -1,0 +1,447 @@
+"""``backfill jetstream``: replay Jetstream into the typed topics (seeds 000 and 001, on Kafka).
+
+Run as in seed 000 it also runs a queue consumer, so ``backfill jetstream -n 5000`` alone fills the
+queue ``jetstream_sync`` and prints the seed's statistics. ``--consumer none`` runs the producer
+only (compose and Helm do that; consumers run as their own groups).
+
+Python API (seed 001)::
+
+    from producers.jetstream import run_backfill_sync
+    stats = run_backfill_sync(wanted_collections=["app.bsky.feed.post"], num_records=5000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+
+from consumers.base import ConsumerOptions, GroupConsumer, group_name
+from consumers.queue import QueueSink, default_queue_path
+from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
+from producers.job import JobOptions, JobRunner, JobStats
+from producers.source import StreamPosition
+from runtime.broker import resolve_bootstrap
+from runtime.checkpoint import JobState
+from runtime.codec import AvroCodec
+from runtime.dids import parse_dids, split_csv
+from runtime.errors import ConfigError
+from runtime.handles import DEFAULT_RESOLVER, resolve_handles
+from runtime.metrics import Health, Metrics, MetricsServer
+from runtime.nsid import validate_pattern
+from runtime.progress import Progress, print_statistics
+from runtime.settings import (
+    KAFKA_OPTIONS,
+    OBSERVABILITY_OPTIONS,
+    KafkaSettings,
+    ObservabilitySettings,
+    Opt,
+    add_options,
+    parse_bool,
+    resolve_appends,
+)
+from runtime.timeparse import timestamp_us
+
+log = logging.getLogger(__name__)
+
+DICTIONARY_URL: Final = "https://raw.githubusercontent.com/bluesky-social/jetstream/main/pkg/models/zstd_dictionary"
+DAY_US: Final = 86_400 * 1_000_000
+
+
+JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
+    Opt(("--wanted-collections", "-c"), "wanted_collections", "BACKFILL_WANTED_COLLECTIONS",
+        ["app.bsky.feed.post"], "collection to include; repeatable; NSID prefix wildcards like "
+        "app.bsky.feed.* allowed", action="append", metavar="NSID"),
+    Opt(("--wanted-dids", "-d"), "wanted_dids", "BACKFILL_WANTED_DIDS", None,
+        "comma-separated DIDs to include, or @FILE with one DID per line"),
+    Opt(("--bluesky-user-handles", "-u"), "user_handles", "BACKFILL_USER_HANDLES", None,
+        "comma-separated Bluesky handles, resolved to DIDs and added to the DID filter"),
+    Opt(("--handle-resolver",), "handle_resolver", "BACKFILL_HANDLE_RESOLVER", DEFAULT_RESOLVER,
+        "service answering com.atproto.identity.resolveHandle"),
+    Opt(("--start-timestamp", "-s"), "start_timestamp", "BACKFILL_START_TIMESTAMP", None,
+        "start timestamp: YYYY-MM-DD, YYYY-MM-DD-HH:MM:SS (UTC) or ISO 8601"),
+    Opt(("--end-timestamp", "-e"), "end_timestamp", "BACKFILL_END_TIMESTAMP", None,
+        "end watermark: keep events before it, stop once the stream passed it by the allowed lateness"),
+    Opt(("--days",), "days", "BACKFILL_DAYS", None,
+        "start N days ago (-1 = as far back as the instance keeps, 0 = disabled)", type=int),
+    Opt(("--cursor",), "cursor", "BACKFILL_CURSOR", None, "start cursor in raw unix microseconds", type=int),
+    Opt(("--resume",), "resume", "BACKFILL_RESUME", False, "continue the job from its checkpoint",
+        action="store_true"),
+    Opt(("--job",), "job", "BACKFILL_JOB", "jetstream", "job name (checkpoint key)"),
+    Opt(("--num-records", "-n"), "num_records", "BACKFILL_NUM_RECORDS", 10000,
+        "number of records to collect (0 = no limit)", type=int),
+    Opt(("--instance", "-i"), "instance", "JETSTREAM_INSTANCE", None,
+        "Jetstream instance name (jetstream1.us-east) or ws(s):// URL; default: the public instances "
+        "in turn"),
+    Opt(("--max-time", "-t"), "max_time", "BACKFILL_MAX_TIME", 900.0,
+        "maximum time to run in seconds (0 = no limit)", type=float),
+    Opt(("--queue-name",), "queue_name", "BACKFILL_QUEUE_NAME", "jetstream_sync", "name for the queue"),
+    Opt(("--queue-path",), "queue_path", "BACKFILL_QUEUE_PATH", None,
+        "SQLite file of the queues (default $XDG_DATA_HOME/atproto-backfill/queues.sqlite)"),
+    Opt(("--batch-size",), "batch_size", "BACKFILL_BATCH_SIZE", 100,
+        "records to batch for queue insertion", type=int),
+    Opt(("--compress",), "compress", "BACKFILL_COMPRESS", False,
+        "use zstd compression for the stream", action="store_true"),
+    Opt(("--zstd-dictionary",), "zstd_dictionary", "BACKFILL_ZSTD_DICTIONARY", None,
+        "Jetstream's zstd dictionary file (default: downloaded once from the Jetstream repository "
+        "and cached)"),
+    Opt(("--allowed-lateness",), "allowed_lateness", "BACKFILL_ALLOWED_LATENESS", 1.0,
+        "seconds an event may arrive behind newer ones (Jetstream's time_us is not monotonic)",
+        type=float),
+    Opt(("--max-message-size",), "max_message_size", "BACKFILL_MAX_MESSAGE_SIZE", 0,
+        "maxMessageSizeBytes asked of the server (0 = no limit)", type=int),
+    Opt(("--consumer",), "consumer", "BACKFILL_JETSTREAM_CONSUMER", "queue",
+        "run a queue consumer alongside the producer (queue) or the producer only (none)",
+        choices=("queue", "none")),
+    Opt(("--transactions",), "transactions", "BACKFILL_TRANSACTIONS", "auto",
+        "commit data and checkpoints atomically with Kafka transactions", choices=("auto", "on", "off")),
+    Opt(("--checkpoint-every",), "checkpoint_events", "BACKFILL_CHECKPOINT_EVENTS", 5000,
+        "checkpoint after this many events", type=int),
+    Opt(("--checkpoint-interval",), "checkpoint_interval", "BACKFILL_CHECKPOINT_INTERVAL", 2.0,
+        "checkpoint at least this often (seconds)", type=float),
+    Opt(("--stall-timeout",), "stall_timeout", "BACKFILL_STALL_TIMEOUT", 30.0,
+        "reconnect when no message arrived for this many seconds", type=float),
+    Opt(("--end-idle",), "end_idle", "BACKFILL_END_IDLE", 10.0,
+        "with an end watermark already in the past: stop after this many seconds without a message",
+        type=float),
+    Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
+        choices=("auto", "rich", "log", "none")),
+)
+
+
+@dataclass
+class JetstreamSettings:
+    """Settings of one ``backfill jetstream`` process."""
+
+    kafka: KafkaSettings
+    obs: ObservabilitySettings
+    collections: list[str]
+    dids: list[str]
+    handles: list[str]
+    handle_resolver: str
+    start_us: int | None
+    end_us: int | None
+    resume: bool
+    job: str
+    num_records: int
+    instances: list[str]
+    max_time: float
+    queue_name: str
+    queue_path: Path
+    batch_size: int
+    compress: bool
+    zstd_dictionary: str | None
+    lateness_us: int
+    max_message_size: int
+    consumer: str
+    transactions: str
+    checkpoint_events: int
+    checkpoint_interval: float
+    stall_timeout: float
+    end_idle: float
+    progress: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def start_cursor(cursor: int | None, start_timestamp: str | None, days: int | None,
+                 now: Callable[[], float] = time.time) -> int | None:
+    """The start cursor from ``--cursor``, ``--start-timestamp`` or ``--days`` (in that precedence)."""
+    if cursor is not None:
+        if cursor < 0:
+            raise ConfigError("--cursor must be >= 0")
+        return cursor
+    if start_timestamp:
+        return timestamp_us(start_timestamp)
+    if days is None or days == 0:
+        return None
+    if days == -1:
+        return 1  # the oldest event the instance keeps
+    if days < -1:
+        raise ConfigError("--days must be -1, 0 or a positive number")
+    return int(now() * 1e6) - days * DAY_US
+
+
+def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
+    """Validate parsed flags into settings (timestamps, DIDs, NSIDs) before anything connects.
+
+    Raises:
+        ConfigError: a malformed value.
+    """
+    collections = [validate_pattern(c) for c in (ns.wanted_collections or [])]
+    end_us = timestamp_us(ns.end_timestamp) if ns.end_timestamp else None
+    start_us = start_cursor(ns.cursor, ns.start_timestamp, ns.days)
+    if end_us is not None and start_us is not None and end_us <= start_us:
+        raise ConfigError("--end-timestamp must be after the start")
+    instances = [instance_url(ns.instance)] if ns.instance else [instance_url(i) for i in PUBLIC_INSTANCES]
+    if ns.num_records < 0 or ns.max_time < 0:
+        raise ConfigError("--num-records and --max-time must be >= 0")
+    if ns.allowed_lateness < 0:
+        raise ConfigError("--allowed-lateness must be >= 0")
+    return JetstreamSettings(
+        kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
+        collections=collections, dids=parse_dids(ns.wanted_dids),
+        handles=split_csv(ns.user_handles), handle_resolver=ns.handle_resolver,
+        start_us=start_us, end_us=end_us, resume=bool(ns.resume), job=ns.job, num_records=ns.num_records,
+        instances=instances, max_time=ns.max_time, queue_name=ns.queue_name,
+        queue_path=Path(ns.queue_path) if ns.queue_path else default_queue_path(),
+        batch_size=max(1, ns.batch_size), compress=bool(ns.compress), zstd_dictionary=ns.zstd_dictionary,
+        lateness_us=int(ns.allowed_lateness * 1e6), max_message_size=ns.max_message_size,
+        consumer=ns.consumer, transactions=ns.transactions, checkpoint_events=max(1, ns.checkpoint_events),
+        checkpoint_interval=ns.checkpoint_interval, stall_timeout=ns.stall_timeout, end_idle=ns.end_idle,
+        progress=ns.progress,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every ``backfill jetstream`` option."""
+    add_options(parser, JETSTREAM_OPTIONS)
+    add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
+    add_options(parser.add_argument_group("observability"), OBSERVABILITY_OPTIONS)
+
+
+def finish_namespace(ns: argparse.Namespace) -> None:
+    """Resolve append-options from the environment when absent on the command line."""
+    resolve_appends(ns, JETSTREAM_OPTIONS)
+
+
+def load_zstd_dictionary(path: str | None, *, url: str = DICTIONARY_URL,
+                         cache_dir: Path | None = None) -> bytes:
+    """Jetstream's zstd dictionary from ``path``, or downloaded once from ``url`` and cached.
+
+    Raises:
+        ConfigError: the file is unreadable, or the download failed and nothing is cached.
+    """
+    if path:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read zstd dictionary {path}: {e}") from e
+    cache = (cache_dir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+             / "atproto-backfill" / "jetstream_zstd_dictionary")
+    if cache.exists():
+        return cache.read_bytes()
+    try:
+        resp = httpx.get(url, timeout=30, follow_redirects=True)
+        resp.raise_for_status()
+    except httpx.HTTPError as e:
+        raise ConfigError(f"cannot download Jetstream's zstd dictionary from {url}: {e}; "
+                          "pass --zstd-dictionary PATH") from e
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(resp.content)
+    return resp.content
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the seed's statistics plus the final checkpoint."""
+
+    statistics: dict[str, Any]
+    state: JobState
+
+
+def seed_statistics(stats: JobStats, stored: int | None, queue_length: int | None) -> dict[str, Any]:
+    """Seed 001's statistics dict (every field), plus a few more."""
+    total = stats.elapsed
+    records = stored if stored is not None else stats.records_produced
+    return {
+        "records_stored": records,
+        "messages_received": stats.messages_received,
+        "total_time": round(total, 3),
+        "records_per_second": round(records / total, 1) if total > 0 else 0.0,
+        "collections": sorted(stats.collections),
+        "target_reached": stats.target_reached,
+        "latest_cursor": stats.latest_cursor,
+        "queue_length": queue_length,
+        "current_date": stats.current_date,
+        "end_cursor_reached": stats.end_cursor_reached,
+        "records_produced": stats.records_produced,
+        "events_produced": stats.events_produced,
+        "stop_reason": stats.stop_reason,
+        "skipped": dict(stats.skipped),
+        "dropped": dict(stats.dropped),
+    }
+
+
+def run(settings: JetstreamSettings, *, metrics: Metrics | None = None,
+        on_date_change: Callable[[str], None] | None = None, print_table: bool = True) -> RunResult:
+    """Run ``backfill jetstream`` with resolved settings and return the statistics.
+
+    Raises:
+        ConfigError: a usage error (unresolvable handle, missing dictionary).
+        FatalError: our own state broke (failed commit, cursor regression).
+    """
+    dids = list(settings.dids)
+    if settings.handles:
+        resolved = resolve_handles(settings.handles, settings.handle_resolver)
+        log.info("resolved %d handles to DIDs", len(resolved))
+        dids.extend(d for d in resolved.values() if d not in dids)
+    dictionary = load_zstd_dictionary(settings.zstd_dictionary) if settings.compress else None
+    metrics = metrics or Metrics()
+    health = Health()
+    server = None
+    if settings.obs.metrics_port:
+        server = MetricsServer(metrics, health, settings.obs.metrics_host, settings.obs.metrics_port).start()
+    progress = Progress(settings.progress, title=f"jetstream job {settings.job}")
+
+    def date_changed(date: str) -> None:
+        progress.note(f"now at {date}")
+        if on_date_change is not None:
+            on_date_change(date)
+
+    try:
+        with resolve_bootstrap(settings.kafka.bootstrap_servers) as servers:
+            kafka = settings.kafka.with_bootstrap(servers)
+            return _run(settings, kafka, dids, dictionary, metrics, health, progress, date_changed, print_table)
+    finally:
+        progress.close()
+        if server is not None:
+            server.stop()
+
+
+def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dictionary: bytes | None,
+         metrics: Metrics, health: Health, progress: Progress, date_changed: Callable[[str], None],
+         print_table: bool) -> RunResult:
+    codec = AvroCodec.from_config(kafka.registry_config())
+    filters = {"collections": settings.collections, "dids": len(dids), "instance": settings.instances[0],
+               "start_us": settings.start_us, "end_us": settings.end_us}
+    options = JobOptions(job=settings.job, source="jetstream", filters=filters,
+                         num_records=settings.num_records, max_time=settings.max_time, resume=settings.resume,
+                         start_cursor=settings.start_us, end_time_us=settings.end_us,
+                         checkpoint_events=settings.checkpoint_events,
+                         checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions)
+    sink: QueueSink | None = None
+    consumer: GroupConsumer | None = None
+    consumer_thread: threading.Thread | None = None
+    consumer_error: list[BaseException] = []
+    stop_consumer = threading.Event()
+
+    def show(stats: JobStats) -> None:
+        health.beat()
+        fields = {"records": stats.records_produced, "rate/s": stats.records_produced / max(stats.elapsed, 1e-9),
+                  "received": stats.messages_received, "date": stats.current_date or "-",
+                  "cursor": stats.latest_cursor or "-"}
+        if sink is not None:
+            fields["stored"] = sink.stored
+        progress.update(fields, stats.by_collection)
+
+    runner = JobRunner(kafka, options, metrics, codec, on_date_change=date_changed, on_progress=show,
+                       health=health)
+    runner.prepare()
+    if settings.consumer == "queue":
+        sink = QueueSink(settings.queue_name, settings.queue_path)
+        copts = ConsumerOptions(group=group_name("queue", settings.queue_name), collections=settings.collections,
+                                include_account_events=False, batch_size=settings.batch_size, linger=0.2,
+                                topic_refresh=1.0)
+        consumer = GroupConsumer(kafka, sink, copts, metrics, AvroCodec.from_config(kafka.registry_config()),
+                                 stop_event=stop_consumer)
+
+        def consume() -> None:
+            assert consumer is not None
+            try:
+                consumer.run()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                consumer_error.append(e)
+
+        consumer_thread = threading.Thread(target=consume, name="queue-consumer", daemon=True)
+        consumer_thread.start()
+
+    def make_source(prev: JobState | None) -> JetstreamSource:
+        position = StreamPosition.restore(prev.position if prev else None, settings.lateness_us)
+        jopts = JetstreamOptions(
+            instances=settings.instances, collections=settings.collections, dids=dids,
+            start_us=settings.start_us, end_us=settings.end_us, lateness_us=settings.lateness_us,
+            compress=settings.compress, zstd_dictionary=dictionary, max_message_size=settings.max_message_size,
+            stall_timeout=settings.stall_timeout, end_idle=settings.end_idle, job=settings.job)
+        source = JetstreamSource(jopts, position)
+        source.on_reconnect = lambda: metrics.reconnects.inc("jetstream")
+        return source
+
+    try:
+        final = asyncio.run(runner.run(make_source))
+    except BaseException:
+        stop_consumer.set()
+        raise
+    finally:
+        runner.close()
+    stored = None
+    queue_length = None
+    if consumer is not None and consumer_thread is not None and sink is not None:
+        consumer.opts.until_offsets = final.offsets
+        consumer_thread.join()
+        if consumer_error:
+            raise consumer_error[0]
+        stored = sink.stored
+        queue_length = sink.queue_length()
+        sink.close()
+    stats = seed_statistics(runner.stats, stored, queue_length)
+    if print_table:
+        progress.close()
+        print_statistics(stats, title=f"Backfill statistics (job {settings.job})")
+    return RunResult(stats, final)
+
+
+def run_backfill_sync(
+    wanted_dids: Sequence[str] | None = None,
+    start_timestamp: str | None = None,
+    end_timestamp: str | None = None,
+    wanted_collections: Sequence[str] | None = None,
+    num_records: int = 10000,
+    instance: str | None = None,
+    max_time: int = 900,
+    queue_name: str = "jetstream_sync",
+    batch_size: int = 100,
+    compress: bool = False,
+    *,
+    on_date_change: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Seed 001's API: backfill from Jetstream into a queue and return the statistics dict.
+
+    Keyword ``overrides`` accept any ``backfill jetstream`` option by its dest name
+    (``bootstrap_servers``, ``job``, ``resume``, ``queue_path``, ``zstd_dictionary``, ...).
+
+    Returns:
+        records_stored, messages_received, total_time, records_per_second, collections,
+        target_reached, latest_cursor, queue_length, current_date, end_cursor_reached (and more).
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    ns = parser.parse_args([])
+    finish_namespace(ns)
+    ns.wanted_dids = ",".join(wanted_dids) if wanted_dids else None
+    ns.start_timestamp = start_timestamp
+    ns.end_timestamp = end_timestamp
+    ns.wanted_collections = list(wanted_collections or ["app.bsky.feed.post"])
+    ns.num_records = num_records
+    ns.instance = instance
+    ns.max_time = float(max_time)
+    ns.queue_name = queue_name
+    ns.batch_size = batch_size
+    ns.compress = compress
+    ns.progress = overrides.pop("progress", "none")
+    for key, value in overrides.items():
+        if not hasattr(ns, key):
+            raise ConfigError(f"unknown option {key!r}")
+        setattr(ns, key, value)
+    settings = settings_from_namespace(ns)
+    return run(settings, on_date_change=on_date_change, print_table=False).statistics
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Entry point of ``backfill jetstream`` (after argument parsing)."""
+    finish_namespace(ns)
+    settings = settings_from_namespace(ns)
+    run(settings)
+    return 0
+
+
+__all__ = ["JETSTREAM_OPTIONS", "RunResult", "add_arguments", "main", "parse_bool", "run", "run_backfill_sync"]

@@ -1,0 +1,546 @@
+"""Runs one producer job: a source's events into the typed topics, with checkpoints.
+
+Order of things per event: encode (Avro, schema by collection) -> produce to
+``<prefix>.<collection>`` keyed by DID -> advance the source position. Every
+``checkpoint_events`` events or ``checkpoint_interval`` seconds the job checkpoints: with Kafka
+transactions, the data and the job state commit atomically; without, the producer is flushed, every
+delivery is confirmed, and only then the state is written. Either way the checkpoint never covers
+data that is not durably in Kafka, so a kill -9 replays a little and never skips.
+
+Stops: the source's own end (watermark reached, bounded source exhausted), ``num_records``
+record events produced (exactly), ``max_time`` seconds, or SIGINT/SIGTERM. Every stop flushes and
+writes a final checkpoint recording the next offset of every partition the job wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from producers.source import Drop, End, Skip, Source
+from runtime import kafka as kafka_util
+from runtime.checkpoint import FINISHED, RUNNING, JobState, load_job
+from runtime.codec import AvroCodec
+from runtime.deadletter import DeadLetters
+from runtime.errors import CommitError, DeliveryError, DropError
+from runtime.metrics import Metrics, collection_label
+from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
+from runtime.settings import KafkaSettings
+from runtime.timeparse import us_to_date
+from runtime.topics import TopicMap, schema_name_for
+from runtime.typed import datum_for
+
+log = logging.getLogger(__name__)
+
+STOPPED = "stopped"
+#: Every Nth delivery report feeds the produce-latency histogram.
+LATENCY_SAMPLE_EVERY = 64
+_DAY_US = 86_400_000_000
+
+
+@dataclass
+class JobOptions:
+    """What a job does and when it stops.
+
+    Args:
+        job: the job name (key in the control topic; transactional id ``atproto-backfill-<job>``).
+        source: ``jetstream``, ``firehose`` or ``repo``.
+        filters: recorded in the checkpoint for status and resume checks.
+        num_records: stop after exactly this many record events (0 = no limit).
+        max_time: stop after this many seconds (0 = no limit).
+        transactions: ``auto`` (use them when the broker supports them), ``on``, ``off``.
+    """
+
+    job: str
+    source: str
+    filters: dict[str, Any] = field(default_factory=dict)
+    num_records: int = 0
+    max_time: float = 0
+    resume: bool = False
+    start_cursor: int | None = None
+    end_time_us: int | None = None
+    checkpoint_events: int = 5000
+    checkpoint_interval: float = 2.0
+    transactions: str = "auto"
+
+
+@dataclass
+class JobStats:
+    """Counters of one run (the seed's statistics are derived from these)."""
+
+    messages_received: int = 0
+    records_produced: int = 0
+    events_produced: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    collections: set[str] = field(default_factory=set)
+    by_collection: dict[str, int] = field(default_factory=dict)
+    latest_cursor: int | None = None
+    latest_time_us: int | None = None
+    current_date: str | None = None
+    target_reached: bool = False
+    end_cursor_reached: bool = False
+    stop_reason: str = ""
+    started: float = 0.0
+    ended: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from start to end (or to now while running)."""
+        return (self.ended or time.monotonic()) - self.started
+
+
+class JobRunner:
+    """Drives one source into Kafka with checkpoints.
+
+    Args:
+        kafka: Kafka settings with resolved bootstrap servers.
+        options: the job's options.
+        metrics: where to count.
+        codec: Avro codec (registry or single-object).
+        clock: monotonic seconds (intervals); wall: unix seconds (timestamps).
+        on_date_change: called with ``YYYY-MM-DD`` whenever the event date changes.
+        on_progress: called with the stats about every second.
+    """
+
+    def __init__(self, kafka: KafkaSettings, options: JobOptions, metrics: Metrics, codec: AvroCodec, *,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 on_date_change: Callable[[str], None] | None = None,
+                 on_progress: Callable[[JobStats], None] | None = None,
+                 health: Any | None = None) -> None:
+        self.kafka = kafka
+        self.opts = options
+        self.metrics = metrics
+        self.codec = codec
+        self.topics = TopicMap(kafka.topic_prefix)
+        self.clock = clock
+        self.wall = wall
+        self.on_date_change = on_date_change
+        self.on_progress = on_progress
+        self.health = health
+        self.stats = JobStats()
+        self.state: JobState | None = None
+        self.previous: JobState | None = None
+        self._admin = kafka_util.admin(kafka.client_config())
+        self._known_topics: set[str] = set()
+        self._producer: Producer | None = None
+        self._transactional = False
+        self._in_txn = False
+        self._written: dict[tuple[str, int], int] = {}
+        self._delivery_errors: list[str] = []
+        self._since_checkpoint = 0
+        self._last_checkpoint = 0.0
+        self._stop_reason: str | None = None
+        self._first_time_us: int | None = None
+        self._source: Source | None = None
+        self._dead: DeadLetters | None = None
+        src = options.source
+        self._m_received = metrics.events_received.child(src)
+        self._m_produced = {c: metrics.events_produced.child(src, c)
+                            for c in ("identity", "account", "other")}
+        self._m_latency = metrics.produce_latency.labels(src)
+        self._deliveries = 0
+        # Per-event counts are added to the Prometheus counters in bulk (_flush_counts): every 128
+        # items, every tick (0.2 s), at each checkpoint and at the end, so a scrape lags 0.2 s at most.
+        self._n_produced: dict[str, int] = {}
+        self._n_received = 0
+        self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
+
+    # ------------------------------------------------------------------ setup
+
+    def _ensure(self, topics: list[str], config: dict[str, str] | None = None,
+                partitions: int | None = None) -> None:
+        missing = [t for t in topics if t not in self._known_topics]
+        if not missing:
+            return
+        # One metadata request learns every existing topic, so the first event of each collection
+        # that already has its topic costs nothing more.
+        self._known_topics.update(kafka_util.existing_topics(self._admin))
+        missing = [t for t in missing if t not in self._known_topics]
+        if not missing:
+            return
+        kafka_util.ensure_topics(self._admin, missing, partitions=partitions or self.kafka.topic_partitions,
+                                 replication=self.kafka.topic_replication, config=config)
+        self._known_topics.update(missing)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+            self.metrics.delivery_errors.inc(self.opts.source)
+            return
+        self._deliveries += 1
+        if self._deliveries % LATENCY_SAMPLE_EVERY == 1:
+            # Sampled: the first delivery and every Nth after it keep the histogram cheap.
+            latency = msg.latency()
+            if latency is not None:
+                self._m_latency.observe(latency)
+        key = (msg.topic() or "", msg.partition() or 0)
+        off = msg.offset() or 0
+        if off > self._written.get(key, -1):
+            self._written[key] = off
+
+    def _make_producer(self) -> Producer:
+        mode = self.opts.transactions
+        tid = f"atproto-backfill-{self.opts.job}" if mode in ("auto", "on") else None
+        conf = self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery)
+        producer = Producer(conf)
+        if tid is None:
+            return producer
+        try:
+            # Fences a previous instance of this job and aborts its open transaction, so the
+            # checkpoint read next is the last committed one.
+            producer.init_transactions(30)
+            self._transactional = True
+            log.info("job %s: Kafka transactions enabled (data and checkpoint commit atomically)",
+                     self.opts.job)
+            return producer
+        except KafkaException as e:
+            if mode == "on":
+                raise CommitError(f"transactions requested but unavailable: {e}") from e
+            log.warning("job %s: broker has no usable transactions (%s); checkpoints follow confirmed "
+                        "deliveries instead", self.opts.job, e)
+        return Producer(self.kafka.producer_config(on_delivery=self._on_delivery))
+
+    def prepare(self) -> JobState | None:
+        """Create the internal topics, the producer, and load the previous checkpoint.
+
+        Returns:
+            the previous state of this job (None if it never ran).
+        """
+        kafka_util.check_reachable(self._admin, self.kafka.bootstrap_servers)
+        self._ensure([self.topics.control], config={"cleanup.policy": "compact"}, partitions=1)
+        self._ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
+                      f"{self.kafka.topic_prefix}.account"])
+        self._producer = self._make_producer()
+        self.previous = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
+                                 self.topics.control, self.opts.job)
+        self._dead = DeadLetters(self._produce_raw, self.codec, self.metrics, f"producer:{self.opts.source}",
+                                 wall=self.wall)
+        return self.previous
+
+    # ------------------------------------------------------------------ producing
+
+    def _produce_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
+        assert self._producer is not None
+        if self._transactional and not self._in_txn:
+            self._begin()
+        if topic not in self._known_topics:
+            self._ensure([topic])
+        while True:
+            try:
+                self._producer.produce(topic, value, key)
+                return
+            except BufferError:
+                # local queue full: serve delivery reports until there is room
+                self._producer.poll(0.05)
+
+    def _begin(self) -> None:
+        if self._transactional and not self._in_txn:
+            assert self._producer is not None
+            self._producer.begin_transaction()
+            self._in_txn = True
+
+    def _emit(self, event: Event) -> None:
+        topic = self.topics.for_event(event)
+        datum = datum_for(event)
+        value = self.codec.encode(schema_name_for(event), topic, datum)
+        self._produce_raw(topic, event.did.encode(), value)
+        st = self.stats
+        st.events_produced += 1
+        if isinstance(event, RecordEvent):
+            st.records_produced += 1
+            coll = event.collection
+            st.by_collection[coll] = st.by_collection.get(coll, 0) + 1
+            st.collections.add(coll)
+            label = collection_label(coll)
+        else:
+            label = "identity" if isinstance(event, IdentityEvent) else "account"
+        n_produced = self._n_produced
+        n_produced[label] = n_produced.get(label, 0) + 1
+        st.latest_cursor = event.cursor
+        if event.time_us and (st.latest_time_us is None or event.time_us > st.latest_time_us):
+            st.latest_time_us = event.time_us
+            if self._first_time_us is None:
+                self._first_time_us = event.time_us
+            t = event.time_us
+            if not self._day[0] <= t < self._day[1]:  # a new UTC day: format the date once per day
+                day_start = t - t % _DAY_US
+                self._day = (day_start, day_start + _DAY_US)
+                date = us_to_date(t)
+                if date != st.current_date:
+                    st.current_date = date
+                    if self.on_date_change is not None:
+                        self.on_date_change(date)
+
+    def _flush_counts(self) -> None:
+        """Add the locally counted received/produced events to their Prometheus counters."""
+        if self._n_received:
+            self._m_received.inc(self._n_received)
+            self._n_received = 0
+        if self._n_produced:
+            for label, n in self._n_produced.items():
+                child = self._m_produced.get(label)
+                if child is None:
+                    child = self._m_produced[label] = self.metrics.events_produced.child(self.opts.source, label)
+                child.inc(n)
+            self._n_produced = {}
+
+    def _drop(self, drop: Drop) -> None:
+        assert self._dead is not None
+        self.stats.dropped[drop.reason] = self.stats.dropped.get(drop.reason, 0) + 1
+        self.metrics.events_dropped.inc(self.opts.source, drop.reason)
+        self._dead.send(self.topics.dead_letters, reason=drop.reason, detail=drop.detail,
+                        payload=drop.payload, origin=drop.origin, did=drop.did, cursor=drop.cursor)
+
+    def _skip(self, skip: Skip) -> None:
+        self.stats.skipped[skip.reason] = self.stats.skipped.get(skip.reason, 0) + skip.count
+        self.metrics.events_skipped.inc(self.opts.source, skip.reason, amount=skip.count)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _build_state(self, status: str) -> JobState:
+        assert self._source is not None
+        prev = self.state or self.previous
+        pos = self._source.position
+        now_us = int(self.wall() * 1e6)
+        state = JobState(
+            job=self.opts.job, source=self.opts.source, status=status, filters=self.opts.filters,
+            start_cursor=self.opts.start_cursor, end_time_us=self.opts.end_time_us,
+            position=pos.snapshot(), cursor=pos.cursor,
+            cursor_time_us=self.stats.latest_time_us or (prev.cursor_time_us if prev else None),
+            counts=self._counts(prev), offsets={t: dict(p) for t, p in (prev.offsets if prev else {}).items()},
+            started_at_us=(self.state.started_at_us if self.state else now_us),
+            updated_at_us=now_us, finished_at_us=now_us if status != RUNNING else None,
+            stop_reason=self._stop_reason if status != RUNNING else None,
+            checkpoint=(prev.checkpoint + 1) if prev else 1,
+            runs=(self.previous.runs + 1 if (self.previous and self.opts.resume) else 1)
+            if self.state is None else self.state.runs,
+        )
+        state.merge_offsets(self._written)
+        return state
+
+    def _counts(self, prev: JobState | None) -> dict[str, int]:
+        base = dict(self.previous.counts) if (self.previous and self.opts.resume) else {}
+        st = self.stats
+        counts = dict(base)
+        for k, v in (("received", st.messages_received), ("produced", st.events_produced),
+                     ("records", st.records_produced)):
+            counts[k] = base.get(k, 0) + v
+        counts["skipped"] = base.get("skipped", 0) + sum(st.skipped.values())
+        counts["dropped"] = base.get("dropped", 0) + sum(st.dropped.values())
+        return counts
+
+    def checkpoint(self, status: str = RUNNING) -> JobState:
+        """Make everything produced so far durable, then record the job state covering it.
+
+        Raises:
+            DeliveryError: Kafka refused some produced data.
+            CommitError: the transaction could not commit.
+            CursorRegressionError: the new state would move backwards.
+        """
+        producer = self._producer
+        assert producer is not None
+        t0 = self.clock()
+        self._flush_counts()
+        self._begin()
+        remaining = producer.flush(60)
+        if remaining:
+            raise DeliveryError(f"{remaining} messages still undelivered after 60 s")
+        if self._delivery_errors:
+            raise DeliveryError(f"Kafka refused data: {self._delivery_errors[:3]}")
+        state = self._build_state(status)
+        state.check_forward(self.state or self.previous)
+        self._produce_raw(self.topics.control, self.opts.job.encode(), state.to_bytes())
+        if self._transactional:
+            try:
+                producer.commit_transaction(60)
+            except KafkaException as e:
+                raise CommitError(f"job {self.opts.job}: transaction commit failed: {e}") from e
+            self._in_txn = False
+        else:
+            remaining = producer.flush(60)
+            if remaining or self._delivery_errors:
+                raise DeliveryError(f"checkpoint of job {self.opts.job} not delivered: {self._delivery_errors[:3]}")
+        self.state = state
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        self.metrics.checkpoints.inc(self.opts.source)
+        self.metrics.flush_duration.labels(self.opts.source).observe(self.clock() - t0)
+        if state.cursor is not None:
+            self.metrics.source_cursor.labels(self.opts.source).set(state.cursor)
+        self._update_progress_metrics()
+        return state
+
+    def _update_progress_metrics(self) -> None:
+        end = self.opts.end_time_us
+        latest = self.stats.latest_time_us
+        if end and latest and self._first_time_us is not None and end > self._first_time_us:
+            ratio = (latest - self._first_time_us) / (end - self._first_time_us)
+            self.metrics.watermark_progress.labels(self.opts.source).set(min(1.0, max(0.0, ratio)))
+        if latest:
+            self.metrics.observe_event_time(self.opts.source, latest)
+
+    # ------------------------------------------------------------------ the loop
+
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop gracefully (from a signal handler or another task)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        task = self._main_task
+        if task is not None and not task.done():
+            task.cancel()
+
+    _main_task: asyncio.Task[None] | None = None
+
+    async def _consume(self, source: Source) -> None:
+        producer = self._producer
+        assert producer is not None
+        opts = self.opts
+        limit = opts.num_records
+        every = opts.checkpoint_events
+        position = source.position
+        stats = self.stats
+        n = 0
+        self._begin()
+        async for item in source.items():
+            n += 1
+            if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent)):
+                stats.messages_received += 1
+                self._n_received += 1
+                try:
+                    self._emit(item)
+                except DropError as e:
+                    self._drop(Drop(e.reason, e.detail, _raw_of(item), f"{opts.source}:{opts.job}",
+                                    did=item.did, cursor=item.cursor))
+                position.advance(item)
+                self._since_checkpoint += 1
+                if limit and stats.records_produced >= limit:
+                    stats.target_reached = True
+                    self._stop_reason = "target_reached"
+                    return
+                if self._since_checkpoint >= every:
+                    self.checkpoint()
+            elif isinstance(item, Drop):
+                stats.messages_received += 1
+                self._n_received += 1
+                self._drop(item)
+            elif isinstance(item, Skip):
+                stats.messages_received += item.count
+                self._n_received += item.count
+                self._skip(item)
+            elif isinstance(item, End):
+                if item.reason == "end_cursor_reached":
+                    stats.end_cursor_reached = True
+                self._stop_reason = item.reason
+                return
+            if n & 127 == 0:
+                self._flush_counts()
+                producer.poll(0)
+                if self.health is not None:
+                    self.health.beat()
+        self._stop_reason = self._stop_reason or "exhausted"
+
+    async def _ticker(self) -> None:
+        interval = self.opts.checkpoint_interval
+        deadline = (self.clock() + self.opts.max_time) if self.opts.max_time else None
+        last_progress = self.clock()
+        while True:
+            await asyncio.sleep(0.2)
+            now = self.clock()
+            assert self._producer is not None
+            self._producer.poll(0)
+            self._flush_counts()
+            if self.health is not None:
+                self.health.beat()
+            if deadline is not None and now >= deadline:
+                self.stop("max_time")
+                return
+            if now - self._last_checkpoint >= interval and self._since_checkpoint:
+                self.checkpoint()
+            if self.on_progress is not None and now - last_progress >= 1.0:
+                last_progress = now
+                self.on_progress(self.stats)
+
+    async def run(self, make_source: Callable[[JobState | None], Source]) -> JobState:
+        """Run the job to one of its stops and return the final checkpoint.
+
+        Args:
+            make_source: builds the source from the previous state when resuming (None otherwise).
+        """
+        if self._producer is None:
+            self.prepare()
+        resume_from = self.previous if self.opts.resume else None
+        if self.opts.resume and self.previous is None:
+            log.warning("job %s has no checkpoint to resume from; starting fresh", self.opts.job)
+        if resume_from is not None:
+            log.info("job %s: resuming from cursor %s (checkpoint %d, status %s)", self.opts.job,
+                     resume_from.cursor, resume_from.checkpoint, resume_from.status)
+        source = make_source(resume_from)
+        self._source = source
+        if self.opts.end_time_us:
+            self.metrics.watermark_end.labels(self.opts.source).set(self.opts.end_time_us / 1e6)
+        if self.health is not None:
+            self.health.set_ready(True)
+        self.stats.started = self.clock()
+        self._last_checkpoint = self.clock()
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop, "signal")
+                installed.append(sig)
+        self._main_task = asyncio.ensure_future(self._consume(source))
+        ticker = asyncio.ensure_future(self._ticker())
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main_task
+            if self._main_task.cancelled() and self._stop_reason is None:
+                raise asyncio.CancelledError
+        finally:
+            self._flush_counts()
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            closer = getattr(source, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await closer()
+        if self.health is not None:
+            self.health.set_ready(False, "stopping")
+        self.stats.stop_reason = self._stop_reason or "exhausted"
+        finished = self.stats.stop_reason in ("target_reached", "end_cursor_reached", "exhausted")
+        final = self.checkpoint(FINISHED if finished else STOPPED)
+        self.stats.ended = self.clock()
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+        log.info("job %s %s (%s): %d records, %d events produced, cursor %s", self.opts.job, final.status,
+                 final.stop_reason, self.stats.records_produced, self.stats.events_produced, final.cursor)
+        return final
+
+    def close(self) -> None:
+        """Abort any open transaction and release the producer."""
+        producer = self._producer
+        if producer is not None and self._in_txn:
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(10)
+            self._in_txn = False
+        if producer is not None:
+            producer.flush(10)
+
+
+def _raw_of(event: Event) -> bytes:
+    try:
+        return orjson.dumps(to_jetstream_json(event))
+    except TypeError:
+        return repr(event).encode()

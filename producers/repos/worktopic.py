@@ -1,0 +1,749 @@
+"""The DID work topic ``<prefix>.backfill.dids``: enqueue DIDs, and backfill them as a consumer group.
+
+``backfill repos --from-topic`` replicas join one consumer group, so N replicas on N machines
+share the partitions of the work topic. Per partition, DIDs are fetched concurrently (a bounded
+prefetch window, CARs on disk) but *produced in offset order*: a transaction holds the records and
+repo_status of the ready DIDs at the head of their partitions, plus (``send_offsets_to_transaction``)
+the work-topic offsets just past them, and commits them atomically. So:
+
+* kill -9 of a replica loses nothing and duplicates nothing: its open transaction never commits
+  (Kafka aborts it on the transaction timeout, or when the replica restarts with the same
+  ``--replica-id`` and fences it), and the partition resumes from the last committed offset;
+* a restart, or a DID enqueued twice, skips DIDs already done: at start (and on every new
+  partition assignment) the replica reads the repo_status topic into a done-set; a DID whose
+  terminal status came from a *different* work item is skipped (a status from the very item
+  being processed can only come from an aborted transaction, which brokers that deliver aborted
+  records, such as Tansu, expose: that DID is redone);
+* a DID that keeps failing is retried with backoff, then dead-lettered with its reason and its
+  offset committed (status ``failed``; enqueue it again to retry).
+
+A slow DID holds back only the commits of its own partition (the prefetch window bounds how far
+the others of that partition run ahead). Events carry ``cursor`` = the DID's work-item offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from producers.repos.decode import record_type
+from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult, count_outcome
+from producers.source import Drop, Skip
+from runtime import kafka as kafka_util
+from runtime.checkpoint import FINISHED, RUNNING, JobState
+from runtime.codec import AvroCodec
+from runtime.deadletter import DeadLetters
+from runtime.errors import CommitError, DeliveryError, DropError, SourceError
+from runtime.metrics import Health, Metrics, collection_label
+from runtime.records import RecordEvent
+from runtime.settings import KafkaSettings
+from runtime.topics import TopicMap, schema_name_for
+from runtime.typed import datum_for
+
+log = logging.getLogger(__name__)
+
+STOPPED: Final = "stopped"
+#: Outcomes after which a DID needs no more work.
+TERMINAL: Final = frozenset({"ok", "not_found", "deactivated", "takendown"})
+_NO_ITEM: Final = -1
+
+
+def _did_hash(did: str) -> int:
+    return int.from_bytes(hashlib.blake2b(did.encode(), digest_size=8).digest(), "big")
+
+
+def _pack(partition: int | None, offset: int | None) -> int:
+    if partition is None or offset is None:
+        return _NO_ITEM
+    return (partition << 48) | offset
+
+
+def work_value(did: str, origin: str, now_us: int) -> bytes:
+    """The value of a work item (JSON; the key is the DID, so one DID always maps to one partition)."""
+    return orjson.dumps({"did": did, "origin": origin, "enqueued_us": now_us})
+
+
+def parse_work_value(key: bytes | None, value: bytes | None) -> str:
+    """The DID of a work item.
+
+    Raises:
+        DropError: reason ``malformed_json`` (not a work item) or ``invalid_record`` (no DID).
+    """
+    did: Any = None
+    if value:
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError as e:
+            raise DropError("malformed_json", f"work item is not JSON: {e}") from e
+        did = obj.get("did") if isinstance(obj, dict) else None
+    if did is None and key:
+        did = key.decode(errors="replace")
+    if not isinstance(did, str) or not did.startswith("did:") or len(did) > 2048:
+        raise DropError("invalid_record", f"work item has no valid DID: {str(did)[:100]!r}")
+    return did
+
+
+def enqueue_dids(kafka: KafkaSettings, dids: Iterable[str], *, origin: str,
+                 wall: Callable[[], float] = time.time) -> int:
+    """Append DIDs to the work topic (created if missing); return how many were written.
+
+    Raises:
+        DeliveryError: Kafka refused some of them.
+    """
+    topics = TopicMap(kafka.topic_prefix)
+    admin = kafka_util.admin(kafka.client_config())
+    kafka_util.ensure_topics(admin, [topics.dids], partitions=kafka.topic_partitions,
+                             replication=kafka.topic_replication)
+    errors: list[str] = []
+
+    def report(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    producer = Producer(kafka.producer_config(on_delivery=report))
+    n = 0
+    now_us = int(wall() * 1e6)
+    for did in dids:
+        while True:
+            try:
+                producer.produce(topics.dids, work_value(did, origin, now_us), did.encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 10000 == 0:
+            producer.poll(0)
+    if producer.flush(60) or errors:
+        raise DeliveryError(f"could not enqueue every DID: {errors[:3]}")
+    log.info("enqueued %d DIDs into %s (origin %s)", n, topics.dids, origin)
+    return n
+
+
+class DoneSet:
+    """DIDs whose backfill finished (a terminal repo_status), with the work item that finished them.
+
+    Memory: about 100 bytes per DID (a 64-bit hash and the packed partition/offset).
+    """
+
+    def __init__(self, job: str, codec: AvroCodec) -> None:
+        self.job = job
+        self._codec = codec
+        self._done: dict[int, int] = {}
+        self._offsets: dict[int, int] = {}
+        self.read = 0
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def add(self, did: str, partition: int | None, offset: int | None) -> None:
+        """Record ``did`` as done by work item ``(partition, offset)`` (None: not from the work topic)."""
+        self._done[_did_hash(did)] = _pack(partition, offset)
+
+    def discard(self, did: str) -> None:
+        """Forget ``did`` (its latest status is a failure)."""
+        self._done.pop(_did_hash(did), None)
+
+    def done_elsewhere(self, did: str, partition: int, offset: int) -> bool:
+        """True when ``did`` was done by a work item other than ``(partition, offset)``."""
+        item = self._done.get(_did_hash(did))
+        return item is not None and item != _pack(partition, offset)
+
+    def is_done(self, did: str) -> bool:
+        """True when ``did`` has a terminal status."""
+        return _did_hash(did) in self._done
+
+    def apply(self, datum: dict[str, Any]) -> None:
+        """Fold one repo_status datum in (records of other jobs are ignored)."""
+        if datum.get("job") != self.job:
+            return
+        if datum.get("outcome") in TERMINAL:
+            self.add(datum["did"], datum.get("work_partition"), datum.get("work_offset"))
+        elif datum.get("outcome") == "failed":
+            self.discard(datum["did"])
+
+    def catch_up(self, conf: dict[str, Any], topic: str, *, max_wait: float = 120.0,
+                 clock: Callable[[], float] = time.monotonic) -> int:
+        """Read the status topic from where the last call stopped to its current end.
+
+        A fresh consumer reports end-of-partition only after a fetch, so everything committed
+        before this call is read. Returns the number of records read.
+
+        Raises:
+            SourceError: the topic cannot be read.
+        """
+        conf = {**conf, "enable.auto.commit": False, "isolation.level": "read_committed",
+                "enable.partition.eof": True, "group.id": f"atproto-backfill-done-{self.job}"}
+        consumer = Consumer(conf)
+        n = 0
+        try:
+            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if md is None or md.error is not None or not md.partitions:
+                return 0
+            parts = [TopicPartition(topic, p, self._offsets.get(p, OFFSET_BEGINNING)) for p in sorted(md.partitions)]
+            consumer.assign(parts)
+            pending = {p.partition for p in parts}
+            deadline = clock() + max_wait
+            while pending and clock() < deadline:
+                msg = consumer.poll(0.2)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition())
+                        continue
+                    raise SourceError(f"reading {topic}: {err}")
+                self._offsets[msg.partition() or 0] = (msg.offset() or 0) + 1
+                value = msg.value()
+                if value is None:
+                    continue
+                try:
+                    name, datum = self._codec.decode(value)
+                except DropError as e:
+                    log.warning("unreadable repo_status at %s/%d/%d: %s", topic, msg.partition(), msg.offset(), e)
+                    continue
+                if name == "repo_status":
+                    self.apply(datum)
+                    n += 1
+            if pending:
+                raise SourceError(f"{topic}: partitions {sorted(pending)} not read to their end in {max_wait} s")
+        finally:
+            consumer.close()
+        self.read += n
+        return n
+
+
+@dataclass
+class WorkOptions:
+    """How a work-topic replica runs.
+
+    Args:
+        job: the job name (consumer group ``atproto-backfill-repos-<job>``).
+        replica: this replica's stable id (transactional id ``atproto-backfill-repos-<job>-<replica>``);
+            restart a killed replica with the same id so it fences its open transaction.
+        concurrency: DIDs fetched at once.
+        prefetch: work items held per partition before the partition is paused.
+        txn_max_dids: DIDs per transaction at most.
+        idle_exit: exit once the whole work topic is drained (every partition's committed offset at
+            its end) and this replica had no work for this many seconds (0 = run forever).
+        max_time: stop after this many seconds (0 = no limit).
+        skip_done: skip DIDs with a terminal status from another work item.
+    """
+
+    job: str
+    replica: str
+    concurrency: int = 32
+    prefetch: int = 64
+    txn_max_dids: int = 200
+    idle_exit: float = 0.0
+    max_time: float = 0.0
+    skip_done: bool = True
+
+
+@dataclass
+class _Item:
+    partition: int
+    offset: int
+    did: str
+    task: asyncio.Task[Fetched] | None = None
+    skip: str | None = None  # "done" (done-set) or a drop reason (malformed work item)
+    detail: str = ""
+    raw: bytes = b""
+
+
+@dataclass
+class WorkStats:
+    """Counters of one replica run."""
+
+    items: int = 0
+    dids_done: int = 0
+    skipped: int = 0
+    records: int = 0
+    transactions: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    stop_reason: str = ""
+
+
+class WorkTopicRunner:
+    """One replica of ``backfill repos --from-topic``.
+
+    Args:
+        kafka: Kafka settings (resolved bootstrap servers).
+        opts: the replica's options.
+        fetcher, processor: the per-DID work (see :mod:`producers.repos.source`).
+        metrics, codec, health: as elsewhere.
+        clock: monotonic seconds; wall: unix seconds.
+        on_result: called with every DID result after its transaction committed.
+    """
+
+    def __init__(self, kafka: KafkaSettings, opts: WorkOptions, fetcher: RepoFetcher, processor: RepoProcessor,
+                 metrics: Metrics, codec: AvroCodec, *, health: Health | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 on_result: Callable[[RepoResult], None] | None = None) -> None:
+        self.kafka = kafka
+        self.opts = opts
+        self.fetcher = fetcher
+        self.processor = processor
+        self.metrics = metrics
+        self.codec = codec
+        self.health = health or Health()
+        self.clock = clock
+        self.wall = wall
+        self.on_result = on_result
+        self.topics = TopicMap(kafka.topic_prefix)
+        self.group = f"atproto-backfill-repos-{opts.job}"
+        self.stats = WorkStats()
+        self.done = DoneSet(opts.job, codec)
+        self._admin = kafka_util.admin(kafka.client_config())
+        self._known: set[str] = set()
+        self._parts: dict[int, deque[_Item]] = {}
+        self._paused: set[int] = set()
+        self._need_catch_up = True
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._dead: DeadLetters | None = None
+        self._errors: list[str] = []
+        self._stop: str | None = None
+        self._batch = 0
+        self._m_produced: dict[str, Any] = {}
+        self._work_offsets: dict[int, int] = {}
+        self._started_us = int(wall() * 1e6)
+
+    # ------------------------------------------------------------------ setup
+
+    def _ensure(self, topics: list[str], partitions: int | None = None, config: dict[str, str] | None = None) -> None:
+        missing = [t for t in topics if t not in self._known]
+        if missing:
+            kafka_util.ensure_topics(self._admin, missing, partitions=partitions or self.kafka.topic_partitions,
+                                     replication=self.kafka.topic_replication, config=config)
+            self._known.update(missing)
+
+    def prepare(self) -> None:
+        """Create the topics, fence an earlier instance of this replica, join the group.
+
+        Raises:
+            CommitError: transactions are unavailable (this mode needs them).
+        """
+        self._ensure([self.topics.dids, self.topics.dead_letters])
+        self._ensure([self.topics.repo_status], config={"cleanup.policy": "compact"})
+        tid = f"atproto-backfill-repos-{self.opts.job}-{self.opts.replica}"
+        producer = Producer(self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery))
+        try:
+            # Fences an earlier instance with this id and aborts its open transaction.
+            producer.init_transactions(60)
+        except KafkaException as e:
+            raise CommitError(f"the work-topic mode needs Kafka transactions: {e}") from e
+        self._producer = producer
+        self._dead = DeadLetters(self._produce, self.codec, self.metrics, "producer:repo", wall=self.wall)
+        consumer = Consumer(self.kafka.consumer_config(self.group, **{"auto.offset.reset": "earliest"}))
+        consumer.subscribe([self.topics.dids], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_lost)
+        self._consumer = consumer
+        log.info("replica %s joined group %s on %s (transactional id %s)", self.opts.replica, self.group,
+                 self.topics.dids, tid)
+
+    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._errors.append(f"{msg.topic()}: {err}")
+            self.metrics.delivery_errors.inc("repo")
+
+    # ------------------------------------------------------------------ rebalance
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._parts.setdefault(p.partition, deque())
+        self._need_catch_up = True
+        consumer.incremental_assign(partitions)
+        self.health.set_ready(True)
+        log.info("replica %s assigned partitions %s", self.opts.replica, sorted(p.partition for p in partitions))
+
+    def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            items = self._parts.pop(p.partition, deque())
+            self._paused.discard(p.partition)
+            for item in items:
+                _close_item(item)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # No transaction is open here (every cycle commits before the consumer is polled again):
+        # items not yet produced are simply left to the partition's next owner.
+        self._drop_partitions(partitions)
+        consumer.incremental_unassign(partitions)
+        log.info("replica %s revoked partitions %s", self.opts.replica, sorted(p.partition for p in partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._drop_partitions(partitions)
+        consumer.incremental_unassign(partitions)
+
+    # ------------------------------------------------------------------ producing
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
+        producer = self._producer
+        assert producer is not None
+        if topic not in self._known:
+            self._ensure([topic])
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    def _emit_event(self, event: RecordEvent) -> None:
+        topic = self.topics.for_event(event)
+        value = self.codec.encode(schema_name_for(event), topic, datum_for(event))
+        self._produce(topic, event.did.encode(), value)
+        label = collection_label(event.collection)
+        child = self._m_produced.get(label)
+        if child is None:
+            child = self._m_produced[label] = self.metrics.events_produced.child("repo", label)
+        child.inc()
+
+    def _drop(self, drop: Drop) -> None:
+        assert self._dead is not None
+        self.metrics.events_dropped.inc("repo", drop.reason)
+        self._dead.send(self.topics.dead_letters, reason=drop.reason, detail=drop.detail, payload=drop.payload,
+                        origin=drop.origin, did=drop.did, cursor=drop.cursor)
+
+    def _process(self, item: _Item) -> RepoResult | None:
+        """Produce one work item's records and status into the open transaction."""
+        if item.skip == "done":
+            self.stats.skipped += 1
+            self.metrics.repos_done.inc("skipped")
+            return None
+        if item.skip is not None:
+            self._drop(Drop(item.skip, item.detail, item.raw, f"{self.topics.dids}/{item.partition}/{item.offset}",
+                            cursor=item.offset))
+            return None
+        assert item.task is not None
+        fetched = item.task.result()
+        result = RepoResult(did=item.did, cursor=item.offset, outcome="failed")
+        refused: list[tuple[str, str]] = []
+        try:
+            for it in self.processor.items(fetched, result):
+                if isinstance(it, RecordEvent):
+                    try:
+                        self._emit_event(it)
+                    except DropError as e:
+                        self._drop(Drop(e.reason, e.detail, orjson.dumps(it.record), f"repo:{it.uri}",
+                                        did=it.did, cursor=it.cursor))
+                        refused.append((record_type(it.collection, it.record), e.reason))
+                elif isinstance(it, Drop):
+                    self._drop(it)
+                elif isinstance(it, Skip):
+                    self.metrics.events_skipped.inc("repo", it.reason, amount=it.count)
+        finally:
+            fetched.close()
+        for kind, reason in refused:
+            result.not_produced(kind, reason)
+        datum = result.status_datum(self.opts.job, int(self.wall() * 1e6), replica=self.opts.replica,
+                                    work_partition=item.partition, work_offset=item.offset, batch=self._batch)
+        self._produce(self.topics.repo_status, item.did.encode(),
+                      self.codec.encode("repo_status", self.topics.repo_status, datum))
+        return result
+
+    def _cycle(self, batch: list[_Item]) -> list[tuple[_Item, RepoResult | None]]:
+        """One transaction: the batch's records and statuses, and the offsets past them."""
+        producer = self._producer
+        consumer = self._consumer
+        assert producer is not None
+        assert consumer is not None
+        self._batch += 1
+        producer.begin_transaction()
+        out: list[tuple[_Item, RepoResult | None]] = []
+        offsets: dict[int, int] = {}
+        try:
+            for item in batch:
+                out.append((item, self._process(item)))
+                offsets[item.partition] = item.offset + 1
+        except BaseException:
+            # Dying with the transaction open (it is aborted by the next instance of this replica):
+            # release the downloads this batch still holds.
+            for item in batch[len(out):]:
+                _close_item(item)
+            raise
+        # Every transaction also carries this replica's progress record (control topic, compacted):
+        # ``backfill status`` shows it, and no transaction is ever offsets-only (Tansu drops the
+        # offsets of a transaction that wrote no record).
+        self._produce_progress(out, offsets, RUNNING)
+        try:
+            producer.send_offsets_to_transaction(
+                [TopicPartition(self.topics.dids, p, o) for p, o in sorted(offsets.items())],
+                consumer.consumer_group_metadata(), 60)
+            producer.commit_transaction(120)
+        except KafkaException as e:
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(30)
+            raise CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed "
+                              f"(fenced, or the group moved on): {e}") from e
+        if self._errors:
+            raise DeliveryError(f"Kafka refused data: {self._errors[:3]}")
+        return out
+
+    def _final_progress(self) -> None:
+        """Record the replica's end in the control topic (best effort: losing it loses no data)."""
+        producer = self._producer
+        if producer is None:
+            return
+        try:
+            producer.begin_transaction()
+            self._produce_progress([], {}, FINISHED if self._stop == "idle" else STOPPED)
+            producer.commit_transaction(30)
+        except KafkaException as e:
+            log.warning("replica %s: could not record its end in the control topic: %s", self.opts.replica, e)
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(10)
+
+    def _produce_progress(self, out: list[tuple[_Item, RepoResult | None]], offsets: dict[int, int],
+                          status: str) -> None:
+        now_us = int(self.wall() * 1e6)
+        self._work_offsets.update(offsets)
+        done = self.stats.dids_done + sum(1 for _, r in out if r is not None)
+        records = self.stats.records + sum(r.records for _, r in out if r is not None)
+        skipped = self.stats.skipped + sum(1 for i, r in out if r is None and i.skip == "done")
+        state = JobState(
+            job=f"{self.opts.job}@{self.opts.replica}", source="repo", status=status,
+            filters={"mode": "work-topic", "group": self.group, "topic": self.topics.dids},
+            position={"work_offsets": {str(p): o for p, o in sorted(self._work_offsets.items())}},
+            cursor=done, counts={"dids": done, "records": records, "skipped_done": skipped,
+                                 "transactions": self._batch},
+            started_at_us=self._started_us, updated_at_us=now_us,
+            finished_at_us=now_us if status != RUNNING else None,
+            stop_reason=self._stop if status != RUNNING else None,
+            # Increasing across restarts of the replica (the reader keeps the highest).
+            checkpoint=now_us)
+        self._ensure([self.topics.control], partitions=1, config={"cleanup.policy": "compact"})
+        self._produce(self.topics.control, state.job.encode(), state.to_bytes())
+
+    # ------------------------------------------------------------------ the loop
+
+    def _poll(self) -> int:
+        consumer = self._consumer
+        assert consumer is not None
+        msgs = consumer.consume(num_messages=500, timeout=0)
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.fatal():
+                    raise CommitError(f"fatal consumer error: {err}")
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("work topic consumer: %s", err)
+                continue
+            partition, offset = msg.partition() or 0, msg.offset() or 0
+            part = self._parts.get(partition)
+            if part is None:
+                continue  # revoked meanwhile
+            try:
+                did = parse_work_value(msg.key(), msg.value())
+                item = _Item(partition, offset, did)
+            except DropError as e:
+                item = _Item(partition, offset, "", skip=e.reason, detail=e.detail, raw=msg.value() or b"")
+            part.append(item)
+            self.stats.items += 1
+        self._pause_full()
+        return len(msgs)
+
+    def _pause_full(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        for p, items in self._parts.items():
+            if p not in self._paused and len(items) >= self.opts.prefetch:
+                consumer.pause([TopicPartition(self.topics.dids, p)])
+                self._paused.add(p)
+            elif p in self._paused and len(items) < self.opts.prefetch // 2:
+                consumer.resume([TopicPartition(self.topics.dids, p)])
+                self._paused.discard(p)
+
+    def _start_fetches(self) -> None:
+        running = sum(1 for items in self._parts.values() for i in items if i.task is not None and not i.task.done())
+        free = self.opts.concurrency - running
+        if free <= 0:
+            return
+        # Earliest unstarted item of each partition in turn, so every partition makes progress.
+        cursors = {p: iter(items) for p, items in self._parts.items()}
+        while free > 0 and cursors:
+            for p in list(cursors):
+                item = next((i for i in cursors[p] if i.task is None and i.skip is None), None)
+                if item is None:
+                    del cursors[p]
+                    continue
+                if self.opts.skip_done and self.done.done_elsewhere(item.did, item.partition, item.offset):
+                    item.skip = "done"
+                    continue
+                item.task = asyncio.ensure_future(self.fetcher.fetch(item.did, item.offset))
+                free -= 1
+                if free <= 0:
+                    break
+
+    def _ready(self) -> list[_Item]:
+        batch: list[_Item] = []
+        in_batch: set[str] = set()
+        for items in self._parts.values():
+            while items and len(batch) < self.opts.txn_max_dids:
+                head = items[0]
+                if head.skip is None and (head.task is None or not head.task.done()):
+                    break
+                if head.skip is None and head.did in in_batch:
+                    break  # enqueued twice: decide after this transaction committed the first one
+                if head.skip is None and self.opts.skip_done \
+                        and self.done.done_elsewhere(head.did, head.partition, head.offset):
+                    # Done by an earlier item of this partition (committed meanwhile): drop the fetch.
+                    head.skip = "done"
+                    if head.task is not None:
+                        head.task.add_done_callback(_close_result)
+                batch.append(items.popleft())
+                in_batch.add(head.did)
+        return batch
+
+    def _drained(self, max_wait: float = 15.0) -> bool:
+        """True when no partition of the work topic has work past the group's committed offset.
+
+        A separate consumer outside the group is assigned at the committed offsets: a partition is
+        drained when it reports its end (fetch-derived) before delivering any message.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        topic = self.topics.dids
+        md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if md is None or not md.partitions:
+            return True
+        committed = consumer.committed([TopicPartition(topic, p) for p in sorted(md.partitions)], timeout=10)
+        peek = Consumer({**self.kafka.consumer_config(f"{self.group}-drain-check"), "enable.partition.eof": True,
+                         "fetch.wait.max.ms": 50})
+        try:
+            peek.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+                         for tp in committed])
+            pending = {tp.partition for tp in committed}
+            deadline = self.clock() + max_wait
+            while pending and self.clock() < deadline:
+                msg = peek.poll(0.2)
+                if msg is None:
+                    continue
+                err = msg.error()
+                if err is None:
+                    return False  # a work item past the committed offset: someone owes it
+                if err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(msg.partition() or 0)
+            return not pending
+        finally:
+            peek.close()
+
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop after the current cycle."""
+        self._stop = self._stop or reason
+
+    async def run(self) -> WorkStats:
+        """Consume and backfill until stopped, idle (``idle_exit``) or out of time.
+
+        Raises:
+            CommitError: a transaction failed (fenced by another instance of this replica id, or the
+                group moved on); nothing of it was committed.
+            DeliveryError: Kafka refused data.
+        """
+        if self._consumer is None:
+            self.prepare()
+        loop = asyncio.get_running_loop()
+        started = self.clock()
+        last_work = started
+        try:
+            while self._stop is None:
+                now = self.clock()
+                self.health.beat()
+                if self.opts.max_time and now - started >= self.opts.max_time:
+                    self.stop("max_time")
+                    break
+                polled = self._poll()
+                if self._need_catch_up:
+                    self._need_catch_up = False
+                    last_work = self.clock()  # a new assignment: give its partitions time to deliver
+                    n = await loop.run_in_executor(
+                        None, lambda: self.done.catch_up(self.kafka.consumer_config("unused"),
+                                                         self.topics.repo_status))
+                    log.info("replica %s: done-set has %d DIDs (%d status records read)", self.opts.replica,
+                             len(self.done), n)
+                self._start_fetches()
+                batch = self._ready()
+                if batch:
+                    results = await loop.run_in_executor(None, self._cycle, batch)
+                    self._after_commit(results)
+                    last_work = self.clock()
+                    continue
+                held = sum(len(items) for items in self._parts.values())
+                if polled or held:
+                    last_work = self.clock()
+                elif self.opts.idle_exit and self.clock() - last_work >= self.opts.idle_exit:
+                    # Idle here; but only a drained topic (every partition's committed offset at its
+                    # end, whoever owns it) ends the run: a dead member's partitions are still owed.
+                    if await loop.run_in_executor(None, self._drained):
+                        self.stop("idle")
+                        break
+                    last_work = self.clock() - self.opts.idle_exit + min(self.opts.idle_exit, 2.0)
+                await self._wait_for_progress()
+            self._final_progress()
+        finally:
+            self._close()
+        self.stats.stop_reason = self._stop or "stopped"
+        log.info("replica %s stopped (%s): %d DIDs done, %d skipped, %d records, %d transactions",
+                 self.opts.replica, self.stats.stop_reason, self.stats.dids_done, self.stats.skipped,
+                 self.stats.records, self.stats.transactions)
+        return self.stats
+
+    async def _wait_for_progress(self) -> None:
+        tasks = [i.task for items in self._parts.values() for i in items if i.task is not None and not i.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+        else:
+            await asyncio.sleep(0.05)
+
+    def _after_commit(self, results: list[tuple[_Item, RepoResult | None]]) -> None:
+        self.stats.transactions += 1
+        for item, result in results:
+            if result is None:
+                continue
+            count_outcome(self.metrics, result)
+            self.stats.dids_done += 1
+            self.stats.records += result.records
+            self.stats.outcomes[result.outcome] = self.stats.outcomes.get(result.outcome, 0) + 1
+            if result.outcome in TERMINAL:
+                self.done.add(item.did, item.partition, item.offset)
+            if self.on_result is not None:
+                self.on_result(result)
+
+    def _close(self) -> None:
+        for items in self._parts.values():
+            for item in items:
+                _close_item(item)
+        self._parts.clear()
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(10)
+
+
+def _close_item(item: _Item) -> None:
+    """Release an item's download, now if it finished, else when its cancelled fetch ends."""
+    task = item.task
+    if task is None:
+        return
+    if task.done():
+        _close_result(task)
+    else:
+        task.cancel()
+        task.add_done_callback(_close_result)
+
+
+def _close_result(task: asyncio.Task[Fetched]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()

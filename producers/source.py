@@ -1,0 +1,172 @@
+"""The contract every source implements, and the resume position shared by the streaming sources.
+
+A source is an async iterator of items: :class:`~runtime.records.Event` values to produce,
+:class:`Drop` values for bad upstream input (dead-lettered), and a final :class:`End` telling why
+the stream ended. Its position object decides what has already been delivered (so a resume or a
+reconnect never re-delivers, and never skips) and serialises into the job checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from runtime.errors import CursorRegressionError
+from runtime.records import Event, event_key
+
+
+@dataclass(slots=True)
+class Drop:
+    """Bad upstream input: counted under ``reason``, written to the dead-letter topic, skipped."""
+
+    reason: str
+    detail: str
+    payload: bytes
+    origin: str
+    did: str | None = None
+    cursor: int | None = None
+
+
+@dataclass(slots=True)
+class Skip:
+    """A well-formed event not produced (filtered, outside the window); counted only."""
+
+    reason: str
+    count: int = 1
+
+
+@dataclass(slots=True)
+class End:
+    """The source finished on its own.
+
+    ``reason``: ``end_cursor_reached`` (the watermark), ``exhausted`` (a bounded source ran out).
+    """
+
+    reason: str
+
+
+SourceItem = Event | Drop | Skip | End
+
+
+class Position(Protocol):
+    """A source's resume state."""
+
+    @property
+    def cursor(self) -> int | None:
+        """The headline cursor (for status and ``firehose_cursor``)."""
+
+    def seen(self, event: Event) -> bool:
+        """True if ``event`` was already delivered before (a replay after reconnect or resume)."""
+
+    def advance(self, event: Event) -> None:
+        """Record that ``event`` is about to be delivered."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-serialisable state for the checkpoint."""
+
+
+class Source(Protocol):
+    """A producer input: Jetstream, the relay firehose, or per-DID repositories."""
+
+    name: str
+
+    @property
+    def position(self) -> Position:
+        """The position of what was yielded so far."""
+
+    def items(self) -> AsyncIterator[SourceItem]:
+        """Yield events, drops, skips, and possibly a final End."""
+
+
+def fingerprint(event: Event) -> bytes:
+    """8 bytes identifying ``event`` across replays."""
+    return hashlib.blake2b(event_key(event).encode(), digest_size=8).digest()
+
+
+@dataclass
+class StreamPosition:
+    """Resume state of a cursor-ordered stream whose cursors may arrive slightly out of order.
+
+    Jetstream's ``time_us`` goes backwards by up to tens of milliseconds between adjacent events,
+    and a relay frame carries several events with one ``seq``. So the position keeps the highest
+    cursor delivered plus fingerprints of the events delivered within ``rewind`` below it. A
+    resume asks the source for events from ``cursor - rewind`` and drops those seen.
+
+    Args:
+        rewind: how far below the highest cursor an undelivered event can still arrive
+            (Jetstream: the allowed lateness in microseconds; relay: 0).
+    """
+
+    rewind: int = 0
+    max_cursor: int | None = None
+    _window: deque[tuple[int, bytes]] = field(default_factory=deque)
+    _set: set[bytes] = field(default_factory=set)
+    # The fingerprint seen() computed, reused by the advance() of the same event that follows it.
+    _last: tuple[Event | None, bytes] = (None, b"")
+
+    @property
+    def cursor(self) -> int | None:
+        """The highest cursor delivered."""
+        return self.max_cursor
+
+    @property
+    def resume_from(self) -> int | None:
+        """Where a reconnect should start reading (inclusive)."""
+        return None if self.max_cursor is None else self.max_cursor - self.rewind
+
+    def seen(self, event: Event) -> bool:
+        """True if ``event`` was delivered already (or is older than anything still expected)."""
+        if self.max_cursor is None:
+            return False
+        if event.cursor < self.max_cursor - self.rewind:
+            return True
+        fp = fingerprint(event)
+        self._last = (event, fp)
+        return fp in self._set
+
+    def advance(self, event: Event) -> None:
+        """Record ``event`` as delivered."""
+        c = event.cursor
+        if self.max_cursor is None or c > self.max_cursor:
+            self.max_cursor = c
+        last, fp = self._last
+        if last is not event:
+            fp = fingerprint(event)
+        self._last = (None, b"")
+        self._window.append((c, fp))
+        self._set.add(fp)
+        floor = self.max_cursor - self.rewind
+        window = self._window
+        while window and window[0][0] < floor:
+            _, old = window.popleft()
+            self._set.discard(old)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON state: cursor, rewind and the window's fingerprints (hex)."""
+        floor = (self.max_cursor or 0) - self.rewind
+        fps = sorted({fp.hex() for c, fp in self._window if c >= floor})
+        return {"cursor": self.max_cursor, "rewind": self.rewind, "window": fps}
+
+    @classmethod
+    def restore(cls, state: dict[str, Any] | None, rewind: int) -> StreamPosition:
+        """Rebuild from :meth:`snapshot` output (None: a fresh position)."""
+        pos = cls(rewind=rewind)
+        if state and state.get("cursor") is not None:
+            pos.max_cursor = int(state["cursor"])
+            for hexfp in state.get("window", []):
+                fp = bytes.fromhex(hexfp)
+                pos._window.append((pos.max_cursor, fp))
+                pos._set.add(fp)
+        return pos
+
+    def check_not_behind(self, other_cursor: int | None) -> None:
+        """Raise if this position is behind a checkpointed cursor (our own corruption).
+
+        Raises:
+            CursorRegressionError: ``other_cursor`` is ahead of this position.
+        """
+        if other_cursor is not None and (self.max_cursor is None or self.max_cursor < other_cursor):
+            raise CursorRegressionError(f"position {self.max_cursor} is behind checkpoint {other_cursor}")

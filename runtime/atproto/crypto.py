@@ -1,0 +1,178 @@
+"""Signing keys of the two atproto curves (P-256, secp256k1): did:key encoding, signing, verifying.
+
+atproto signatures are ECDSA over SHA-256 in 64-byte compact ``r || s`` form with a low ``s``
+(cryptography spec: high-S signatures must be rejected). Parsing did:keys and verifying use
+``atproto_crypto`` (the atproto SDK); key generation takes an injected seed or ``random.Random`` so
+simulators and tests are deterministic, and signing is deterministic too (RFC 6979).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from functools import lru_cache
+from typing import Final, Literal
+
+from atproto_crypto.consts import (
+    P256_CURVE_ORDER,
+    P256_JWT_ALG,
+    SECP256K1_CURVE_ORDER,
+    SECP256K1_JWT_ALG,
+)
+from atproto_crypto.did import format_did_key, format_multikey
+from atproto_crypto.did import parse_did_key as _sdk_parse_did_key
+from atproto_crypto.exceptions import DidKeyError, InvalidCompressedPubkeyError
+from atproto_crypto.verify import verify_signature as _sdk_verify_signature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from runtime.atproto.errors import KeyFormatError
+
+__all__ = [
+    "SIGNATURE_LEN",
+    "Curve",
+    "KeyPair",
+    "did_key_curve",
+    "low_s",
+    "parse_did_key",
+    "verify_signature",
+]
+
+Curve = Literal["p256", "k256"]
+
+#: Length of a compact ``r || s`` signature.
+SIGNATURE_LEN: Final = 64
+
+_ORDER: Final[dict[str, int]] = {"p256": P256_CURVE_ORDER, "k256": SECP256K1_CURVE_ORDER}
+_JWT_ALG: Final[dict[str, str]] = {"p256": P256_JWT_ALG, "k256": SECP256K1_JWT_ALG}
+_CURVE_BY_ALG: Final[dict[str, Curve]] = {P256_JWT_ALG: "p256", SECP256K1_JWT_ALG: "k256"}
+
+
+def _order(curve: Curve) -> int:
+    order = _ORDER.get(curve)
+    if order is None:
+        raise KeyFormatError(f"unsupported curve {curve!r} (p256 or k256)")
+    return order
+
+
+def _ec_curve(curve: Curve) -> ec.EllipticCurve:
+    if curve == "p256":
+        return ec.SECP256R1()
+    if curve == "k256":
+        return ec.SECP256K1()
+    raise KeyFormatError(f"unsupported curve {curve!r} (p256 or k256)")
+
+
+def low_s(curve: Curve, r: int, s: int) -> bytes:
+    """The compact 64-byte signature for ``(r, s)`` with ``s`` folded into the low half."""
+    order = _order(curve)
+    if s > order // 2:
+        s = order - s
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+class KeyPair:
+    """A private signing key of one curve, with its did:key and compact low-S signing."""
+
+    __slots__ = ("_key", "curve")
+
+    def __init__(self, curve: Curve, private_key: ec.EllipticCurvePrivateKey) -> None:
+        """Wrap a ``cryptography`` private key of the matching curve (see the constructors below)."""
+        expected = type(_ec_curve(curve))
+        if not isinstance(private_key.curve, expected):
+            raise KeyFormatError(f"private key is on {private_key.curve.name}, not {curve}")
+        self.curve: Curve = curve
+        self._key = private_key
+
+    @classmethod
+    def from_private_bytes(cls, curve: Curve, secret: bytes) -> KeyPair:
+        """Load a 32-byte big-endian private scalar. Raises :class:`KeyFormatError`."""
+        if len(secret) != 32:
+            raise KeyFormatError(f"private key must be 32 bytes, got {len(secret)}")
+        scalar = int.from_bytes(secret, "big")
+        if not 0 < scalar < _order(curve):
+            raise KeyFormatError("private scalar out of range")
+        return cls(curve, ec.derive_private_key(scalar, _ec_curve(curve)))
+
+    @classmethod
+    def generate(cls, curve: Curve, rng: random.Random | bytes) -> KeyPair:
+        """Derive a key from an injected source: a ``random.Random`` or seed bytes (deterministic).
+
+        Production callers pass ``random.SystemRandom()`` or ``os.urandom(32)``.
+        """
+        order = _order(curve)
+        seed = rng.randbytes(32) if isinstance(rng, random.Random) else bytes(rng)
+        if not seed:
+            raise KeyFormatError("empty key seed")
+        digest = hashlib.sha256(b"atproto-backfill key seed\x00" + curve.encode() + b"\x00" + seed).digest()
+        scalar = int.from_bytes(digest, "big") % (order - 1) + 1
+        return cls(curve, ec.derive_private_key(scalar, _ec_curve(curve)))
+
+    def private_bytes(self) -> bytes:
+        """The 32-byte big-endian private scalar."""
+        return self._key.private_numbers().private_value.to_bytes(32, "big")
+
+    def public_key_bytes(self) -> bytes:
+        """The 33-byte compressed public key."""
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+        )
+
+    def multikey(self) -> str:
+        """The public key as atproto ``publicKeyMultibase`` (``z`` + base58btc of codec + key)."""
+        result: str = format_multikey(_JWT_ALG[self.curve], self.public_key_bytes())
+        return result
+
+    def did_key(self) -> str:
+        """The public key as ``did:key:z...``."""
+        result: str = format_did_key(_JWT_ALG[self.curve], self.public_key_bytes())
+        return result
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``sha256(data)``: a deterministic (RFC 6979), low-S, 64-byte ``r || s`` signature."""
+        der = self._key.sign(data, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+        r, s = decode_dss_signature(der)
+        return low_s(self.curve, r, s)
+
+    def __repr__(self) -> str:
+        return f"KeyPair({self.curve}, {self.did_key()})"
+
+
+@lru_cache(maxsize=4096)
+def parse_did_key(did_key: str) -> tuple[Curve, bytes]:
+    """Parse a ``did:key`` into ``(curve, uncompressed public key bytes)``.
+
+    Raises:
+        KeyFormatError: not a did:key, an unsupported key type, or not a point on the curve.
+    """
+    if type(did_key) is not str:
+        raise KeyFormatError("did:key must be a string")
+    try:
+        parsed = _sdk_parse_did_key(did_key)
+    except (DidKeyError, InvalidCompressedPubkeyError, ValueError) as e:
+        raise KeyFormatError(f"bad did:key {did_key[:80]!r}: {e}") from e
+    curve = _CURVE_BY_ALG.get(parsed.jwt_alg)
+    if curve is None:  # pragma: no cover - the SDK only returns the two algs above
+        raise KeyFormatError(f"unsupported key algorithm {parsed.jwt_alg}")
+    return curve, bytes(parsed.key_bytes)
+
+
+def did_key_curve(did_key: str) -> Curve:
+    """The curve of a did:key. Raises :class:`KeyFormatError`."""
+    return parse_did_key(did_key)[0]
+
+
+def verify_signature(did_key: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` is a valid compact low-S signature of ``sha256(data)`` by ``did_key``.
+
+    High-S signatures, DER signatures and wrong lengths are invalid (``False``).
+
+    Raises:
+        KeyFormatError: ``did_key`` does not parse.
+    """
+    parse_did_key(did_key)  # raise KeyFormatError for a bad key rather than returning False
+    if type(signature) is not bytes or len(signature) != SIGNATURE_LEN:
+        return False
+    ok: bool = _sdk_verify_signature(did_key, data, signature)
+    return ok

@@ -1,0 +1,174 @@
+"""Avro encoding of message values, in either of two wire formats, and decoding of both.
+
+* With a schema registry: the Confluent wire format, ``0x00`` + 4-byte big-endian schema id +
+  Avro binary; schemas are registered under ``<topic>-value`` (TopicNameStrategy).
+* Without: Avro single-object encoding (Avro specification), ``0xC3 0x01`` + 8-byte little-endian
+  CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form + Avro binary, resolved against
+  the schemas shipped in ``schemas/``.
+
+A decoder reads both, whatever the codec was configured with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any, Final
+
+import fastavro
+import fastavro.schema
+
+import schemas
+from runtime.errors import DecodeError
+
+SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
+REGISTRY_MAGIC: Final = 0
+
+
+@dataclass(frozen=True)
+class ShippedSchema:
+    """A schema from ``schemas/`` parsed for fastavro."""
+
+    name: str
+    full_name: str
+    parsed: Any
+    fingerprint: bytes
+    canonical: str
+
+
+def _load_shipped() -> dict[str, ShippedSchema]:
+    out: dict[str, ShippedSchema] = {}
+    for name in schemas.names():
+        raw = schemas.load(name)
+        parsed = fastavro.parse_schema(raw)
+        canonical = fastavro.schema.to_parsing_canonical_form(parsed)
+        fp = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+        full = f"{raw.get('namespace')}.{raw['name']}" if raw.get("namespace") else raw["name"]
+        out[name] = ShippedSchema(name=name, full_name=full, parsed=parsed, fingerprint=fp,
+                                  canonical=canonical)
+    return out
+
+
+_SHIPPED: dict[str, ShippedSchema] | None = None
+_SHIPPED_LOCK = threading.Lock()
+
+
+def shipped() -> dict[str, ShippedSchema]:
+    """Every shipped schema by name (parsed once per process)."""
+    global _SHIPPED  # noqa: PLW0603 - a process-wide parse cache
+    if _SHIPPED is None:
+        with _SHIPPED_LOCK:
+            if _SHIPPED is None:
+                _SHIPPED = _load_shipped()
+    return _SHIPPED
+
+
+class AvroCodec:
+    """Encodes datums for a topic and decodes values of either wire format.
+
+    Args:
+        registry: a ``confluent_kafka.schema_registry.SchemaRegistryClient``, or None for
+            single-object encoding. Decoding registry-framed values needs it too.
+
+    Not thread-safe for encoding (it reuses one buffer); use one codec per thread.
+    """
+
+    def __init__(self, registry: Any | None = None) -> None:
+        self._registry = registry
+        self._shipped = shipped()
+        self._by_fp = {s.fingerprint: s for s in self._shipped.values()}
+        self._by_full = {s.full_name: s for s in self._shipped.values()}
+        self._headers: dict[tuple[str, str], bytes] = {}
+        self._by_id: dict[int, tuple[ShippedSchema, Any]] = {}
+        self._buf = io.BytesIO()
+
+    @property
+    def uses_registry(self) -> bool:
+        """True when values are written in the Confluent registry wire format."""
+        return self._registry is not None
+
+    @classmethod
+    def from_config(cls, registry_conf: dict[str, Any] | None) -> AvroCodec:
+        """A codec using a registry built from ``registry_conf`` (see KafkaSettings.registry_config)."""
+        if registry_conf is None:
+            return cls(None)
+        from confluent_kafka.schema_registry import SchemaRegistryClient  # noqa: PLC0415 - optional path
+
+        # new_client() also understands mock:// URLs (an in-process registry for tests).
+        return cls(SchemaRegistryClient.new_client(registry_conf))
+
+    def _header(self, schema_name: str, topic: str) -> bytes:
+        key = (schema_name, topic)
+        header = self._headers.get(key)
+        if header is None:
+            s = self._shipped[schema_name]
+            if self._registry is None:
+                header = SINGLE_OBJECT_MAGIC + s.fingerprint
+            else:
+                from confluent_kafka.schema_registry import Schema  # noqa: PLC0415 - optional path
+
+                schema_id = self._registry.register_schema(
+                    f"{topic}-value", Schema(json.dumps(schemas.load(s.name)), "AVRO"))
+                header = bytes([REGISTRY_MAGIC]) + int(schema_id).to_bytes(4, "big")
+            self._headers[key] = header
+        return header
+
+    def encode(self, schema_name: str, topic: str, datum: dict[str, Any]) -> bytes:
+        """Encode ``datum`` with schema ``schema_name`` for ``topic``.
+
+        Raises:
+            ValueError: the datum does not fit the schema (a bug in the producer, not bad input).
+        """
+        buf = self._buf
+        buf.seek(0)
+        buf.truncate()
+        buf.write(self._header(schema_name, topic))
+        fastavro.schemaless_writer(buf, self._shipped[schema_name].parsed, datum)
+        return buf.getvalue()
+
+    def decode(self, value: bytes) -> tuple[str, dict[str, Any]]:
+        """Decode a value of either wire format into ``(schema name, datum)``.
+
+        Raises:
+            DecodeError: unknown framing, unknown schema, or Avro bytes that do not decode.
+        """
+        if value is None or len(value) < 5:
+            raise DecodeError("decode_avro", "value too short or null")
+        if value[:2] == SINGLE_OBJECT_MAGIC:
+            s = self._by_fp.get(bytes(value[2:10]))
+            if s is None:
+                raise DecodeError("decode_avro", f"unknown schema fingerprint {value[2:10].hex()}")
+            return s.name, _read(value[10:], s.parsed, s.parsed)
+        if value[0] == REGISTRY_MAGIC:
+            s, writer = self._registry_schema(int.from_bytes(value[1:5], "big"))
+            return s.name, _read(value[5:], writer, s.parsed)
+        raise DecodeError("decode_avro", f"unknown framing byte 0x{value[0]:02x}")
+
+    def _registry_schema(self, schema_id: int) -> tuple[ShippedSchema, Any]:
+        hit = self._by_id.get(schema_id)
+        if hit is not None:
+            return hit
+        if self._registry is None:
+            raise DecodeError("decode_avro", f"registry-framed value (schema id {schema_id}) but no registry")
+        registered = self._registry.get_schema(schema_id)
+        writer_raw = json.loads(registered.schema_str)
+        writer = fastavro.parse_schema(writer_raw)
+        full = (f"{writer_raw.get('namespace')}.{writer_raw['name']}"
+                if writer_raw.get("namespace") else writer_raw["name"])
+        s = self._by_full.get(full)
+        if s is None:
+            raise DecodeError("decode_avro", f"registry schema {schema_id} is {full}, not a shipped schema")
+        self._by_id[schema_id] = (s, writer)
+        return s, writer
+
+
+def _read(body: bytes, writer: Any, reader: Any) -> dict[str, Any]:
+    try:
+        datum = fastavro.schemaless_reader(io.BytesIO(body), writer, reader)
+    except Exception as e:  # fastavro raises many types on corrupt input
+        raise DecodeError("decode_avro", f"{type(e).__name__}: {e}") from e
+    if not isinstance(datum, dict):
+        raise DecodeError("decode_avro", "value is not an Avro record")
+    return datum

@@ -1,0 +1,120 @@
+"""Typed events: what every source decodes into and every consumer reads back.
+
+An event is one of :class:`RecordEvent` (a create/update/delete of one record),
+:class:`IdentityEvent` or :class:`AccountEvent`. Records are kept losslessly in their atproto JSON
+form (``$type``, ``{"$link": ...}``, ``{"$bytes": ...}``), the form Jetstream serves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Operation(StrEnum):
+    """What happened to a record."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+class Source(StrEnum):
+    """Where an event came from."""
+
+    JETSTREAM = "jetstream"
+    FIREHOSE = "firehose"
+    REPO = "repo"
+
+
+@dataclass(slots=True)
+class RecordEvent:
+    """A create, update or delete of ``at://did/collection/rkey``.
+
+    ``cursor`` is the source's own resume position (Jetstream ``time_us``, relay ``seq``, or the
+    DID's ordinal in a repo job); ``time_us`` is the event time on the source's clock. ``record`` is
+    None exactly for deletes.
+    """
+
+    did: str
+    collection: str
+    rkey: str
+    operation: str
+    rev: str | None
+    cid: str | None
+    record: dict[str, Any] | None
+    source: str
+    cursor: int
+    time_us: int
+    job: str = ""
+
+    @property
+    def uri(self) -> str:
+        """The record's ``at://`` URI."""
+        return f"at://{self.did}/{self.collection}/{self.rkey}"
+
+
+@dataclass(slots=True)
+class IdentityEvent:
+    """A handle or DID-document change of an account."""
+
+    did: str
+    handle: str | None
+    seq: int | None
+    time: str | None
+    source: str
+    cursor: int
+    time_us: int
+    job: str = ""
+
+
+@dataclass(slots=True)
+class AccountEvent:
+    """An account status change (active, deactivated, takendown, deleted, ...)."""
+
+    did: str
+    active: bool
+    status: str | None
+    seq: int | None
+    time: str | None
+    source: str
+    cursor: int
+    time_us: int
+    job: str = ""
+
+
+Event = RecordEvent | IdentityEvent | AccountEvent
+
+
+def to_jetstream_json(event: Event) -> dict[str, Any]:
+    """The event in the shape Jetstream serves it (the queue payload and ``inspect`` output)."""
+    if isinstance(event, RecordEvent):
+        commit: dict[str, Any] = {
+            "rev": event.rev,
+            "operation": event.operation,
+            "collection": event.collection,
+            "rkey": event.rkey,
+        }
+        if event.operation != Operation.DELETE:
+            commit["record"] = event.record
+            commit["cid"] = event.cid
+        return {"did": event.did, "time_us": event.time_us, "kind": "commit", "commit": commit}
+    if isinstance(event, IdentityEvent):
+        identity: dict[str, Any] = {"did": event.did, "seq": event.seq, "time": event.time}
+        if event.handle is not None:
+            identity["handle"] = event.handle
+        return {"did": event.did, "time_us": event.time_us, "kind": "identity", "identity": identity}
+    account: dict[str, Any] = {"active": event.active, "did": event.did, "seq": event.seq, "time": event.time}
+    if event.status is not None:
+        account["status"] = event.status
+    return {"did": event.did, "time_us": event.time_us, "kind": "account", "account": account}
+
+
+def event_key(event: Event) -> str:
+    """A string that identifies one event across replays (used to de-duplicate)."""
+    if isinstance(event, RecordEvent):
+        return (f"{event.source}|{event.did}|{event.collection}|{event.rkey}|{event.operation}|"
+                f"{event.rev or ''}|{event.cid or ''}|{event.time_us}")
+    kind = "identity" if isinstance(event, IdentityEvent) else "account"
+    return f"{event.source}|{event.did}|{kind}|{event.seq}|{event.time_us}"

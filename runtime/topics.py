@@ -1,0 +1,113 @@
+"""The one place that maps an event to its topic, schema and key.
+
+Topics are ``<prefix>.<collection>`` for records, ``<prefix>.identity`` and ``<prefix>.account``
+for account-level events; the key is always the DID, so each repository stays ordered within one
+partition. Internal topics: ``<prefix>.control.jobs`` (job checkpoints, compacted),
+``<prefix>.dlq`` (producer dead letters), ``<topic>.dlq`` (consumer dead letters),
+``<prefix>.backfill.dids`` (the DID work topic) and ``<prefix>.backfill.repo_status``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from runtime.records import AccountEvent, Event, IdentityEvent
+
+#: Collections with their own typed schema; every other collection uses ``generic``.
+TYPED_COLLECTIONS: Final[frozenset[str]] = frozenset({
+    "app.bsky.feed.post",
+    "app.bsky.feed.like",
+    "app.bsky.feed.repost",
+    "app.bsky.graph.follow",
+    "app.bsky.graph.block",
+    "app.bsky.actor.profile",
+})
+
+IDENTITY: Final = "identity"
+ACCOUNT: Final = "account"
+#: Topic suffixes that are not collections (never matched by collection filters).
+INTERNAL_SUFFIXES: Final = ("control.", "backfill.", "dlq")
+
+
+def schema_name_for_collection(collection: str) -> str:
+    """Name of the schema (in ``schemas/``) that carries records of ``collection``."""
+    return collection if collection in TYPED_COLLECTIONS else "generic"
+
+
+def schema_name_for(event: Event) -> str:
+    """Name of the schema that carries ``event``."""
+    if isinstance(event, IdentityEvent):
+        return IDENTITY
+    if isinstance(event, AccountEvent):
+        return ACCOUNT
+    return schema_name_for_collection(event.collection)
+
+
+class TopicMap:
+    """Topic names for one prefix."""
+
+    __slots__ = ("_cache", "prefix")
+
+    def __init__(self, prefix: str = "atproto") -> None:
+        self.prefix = prefix
+        self._cache: dict[str, str] = {}
+
+    def for_collection(self, collection: str) -> str:
+        """``<prefix>.<collection>``."""
+        topic = self._cache.get(collection)
+        if topic is None:
+            topic = self._cache[collection] = f"{self.prefix}.{collection}"
+        return topic
+
+    def for_event(self, event: Event) -> str:
+        """The topic ``event`` is written to."""
+        if isinstance(event, IdentityEvent):
+            return f"{self.prefix}.{IDENTITY}"
+        if isinstance(event, AccountEvent):
+            return f"{self.prefix}.{ACCOUNT}"
+        return self.for_collection(event.collection)
+
+    @staticmethod
+    def key_for(event: Event) -> bytes:
+        """The Kafka key: the DID, so one repository's events stay in order."""
+        return event.did.encode()
+
+    def collection_of(self, topic: str) -> str | None:
+        """The collection (or ``identity``/``account``) a data topic carries; None for others."""
+        head = self.prefix + "."
+        if not topic.startswith(head):
+            return None
+        rest = topic[len(head):]
+        if rest.startswith(INTERNAL_SUFFIXES) or rest.endswith(".dlq"):
+            return None
+        return rest
+
+    @property
+    def control(self) -> str:
+        """Compacted topic of job checkpoints keyed by job name."""
+        return f"{self.prefix}.control.jobs"
+
+    @property
+    def dead_letters(self) -> str:
+        """Producer-side dead-letter topic."""
+        return f"{self.prefix}.dlq"
+
+    @staticmethod
+    def dlq_for(topic: str) -> str:
+        """Consumer-side dead-letter topic for messages read from ``topic``."""
+        return f"{topic}.dlq"
+
+    @property
+    def dids(self) -> str:
+        """The DID work topic shared by repo-backfill replicas."""
+        return f"{self.prefix}.backfill.dids"
+
+    @property
+    def repo_status(self) -> str:
+        """Per-DID backfill outcomes."""
+        return f"{self.prefix}.backfill.repo_status"
+
+    def data_topics(self, collections: list[str]) -> list[str]:
+        """Topics for exact collections plus identity/account."""
+        return [self.for_collection(c) for c in collections] + [
+            f"{self.prefix}.{IDENTITY}", f"{self.prefix}.{ACCOUNT}"]

@@ -1,0 +1,185 @@
+"""The spine end to end: Jetstream simulator -> producer -> typed topics -> queue, on the real broker.
+
+Covers the seed's run and statistics, kill -9 and ``--resume`` ending with every event in the
+queue exactly once, ``--until-done``, dead letters, ``inspect topic`` and the non-transactional mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from consumers.queue import Queue
+from producers.jetstream import run_backfill_sync
+from runtime import kafka as kafka_util
+from runtime.checkpoint import load_job
+from runtime.cli import main
+from runtime.codec import AvroCodec
+from runtime.nsid import CollectionFilter
+from runtime.settings import KafkaSettings
+from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
+from runtime.timeparse import us_to_iso
+
+START = 1_700_000_000_000_000
+EVENTS = synthetic_events(6000, seed=21, accounts=80, start_us=START, rate=1000, real_cids=False)
+END = EVENTS[5000].time_us
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def canon(obj: Any) -> str:
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def expected(collections: list[str], end: int = END, events: list[StoredEvent] = EVENTS) -> list[str]:
+    f = CollectionFilter(collections)
+    return sorted(canon(orjson.loads(e.text)) for e in events
+                  if START <= e.time_us < end and e.collection is not None and f(e.collection))
+
+
+def queued(path: Path, name: str) -> list[str]:
+    q = Queue(name, path=path)
+    try:
+        return sorted(canon(i.payload) for i in q.peek(10**7))
+    finally:
+        q.close()
+
+
+@pytest.fixture(scope="module")
+def sim() -> Any:
+    s = JetstreamSimulator(EVENTS).start_in_thread()
+    yield s
+    s.stop_thread()
+
+
+def base_args(sim: JetstreamSimulator, kafka: KafkaSettings, job: str, queue: Path) -> list[str]:
+    return ["jetstream", "--instance", sim.url, "--cursor", str(START), "--end-timestamp", us_to_iso(END),
+            "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
+            "--topic-partitions", "3", "--job", job, "--queue-path", str(queue), "--progress", "none",
+            "--checkpoint-interval", "0.3", "--end-idle", "1"]
+
+
+def test_seed_api_fills_the_queue_with_the_seed_statistics(sim: JetstreamSimulator, kafka: KafkaSettings,
+                                                           tmp_path: Path) -> None:
+    dates: list[str] = []
+    stats = run_backfill_sync(
+        wanted_collections=["app.bsky.feed.post", "app.bsky.feed.like"], num_records=500,
+        instance=sim.url, start_timestamp=us_to_iso(START), queue_name="seed_q", on_date_change=dates.append,
+        bootstrap_servers=kafka.bootstrap_servers, topic_prefix=kafka.topic_prefix,
+        queue_path=str(tmp_path / "q.sqlite"), job="seed-api")
+    for field in ("records_stored", "messages_received", "total_time", "records_per_second", "collections",
+                  "target_reached", "latest_cursor", "queue_length", "current_date", "end_cursor_reached"):
+        assert field in stats
+    assert stats["records_stored"] == stats["queue_length"] == 500
+    assert stats["target_reached"] is True and stats["end_cursor_reached"] is False
+    assert stats["collections"] == ["app.bsky.feed.like", "app.bsky.feed.post"]
+    assert stats["current_date"] == "2023-11-14" and dates == ["2023-11-14"]
+    got = queued(tmp_path / "q.sqlite", "seed_q")
+    want = expected(["app.bsky.feed.post", "app.bsky.feed.like"], end=END)
+    assert len(got) == 500 and set(got) <= set(want)
+
+
+def _wait_queue(path: Path, name: str, at_least: int, timeout: float, proc: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                with sqlite3.connect(path, timeout=5) as conn:
+                    n = conn.execute("SELECT count(*) FROM items WHERE queue = ?", (name,)).fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0
+            if n >= at_least:
+                return n
+        if proc.poll() is not None:
+            raise AssertionError(f"producer exited early with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError(f"queue reached only {n} items")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_every_event_exactly_once(kafka: KafkaSettings, tmp_path: Path) -> None:
+    slow_sim = JetstreamSimulator(EVENTS, rate_limit=400).start_in_thread()
+    queue = tmp_path / "q.sqlite"
+    args = [*base_args(slow_sim, kafka, "killed", queue), "-n", "0", "-t", "120", "--queue-name", "kq",
+            "-c", "app.bsky.feed.like", "-c", "app.bsky.graph.*"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        stored = 0
+        for run, step in enumerate((300, 700)):
+            with (tmp_path / f"run{run}.log").open("wb") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "producers.jetstream", *args[1:],
+                                         *(["--resume"] if run else [])],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+                try:
+                    stored = _wait_queue(queue, "kq", stored + step, 90, proc)
+                finally:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        code = main([*args, "--resume"])
+        assert code == 0
+    finally:
+        slow_sim.stop_thread()
+    got = queued(queue, "kq")
+    want = expected(["app.bsky.feed.like", "app.bsky.graph.*"])
+    assert len(got) == len(set(got)), "an event reached the queue twice"
+    assert got == want
+    state = load_job(kafka.consumer_config("t-reader"), f"{kafka.topic_prefix}.control.jobs", "killed")
+    assert state is not None and state.status == "finished" and state.runs == 3
+    assert state.stop_reason == "end_cursor_reached"
+
+
+def test_producer_only_then_until_done_consumer(sim: JetstreamSimulator, kafka: KafkaSettings, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    queue = tmp_path / "q.sqlite"
+    assert main([*base_args(sim, kafka, "solo", queue), "--consumer", "none", "-n", "0",
+                 "-c", "app.bsky.graph.follow"]) == 0
+    assert not queue.exists(), "producer-only mode writes no queue"
+    assert main(["consume", "queue", "--until-done", "solo", "--queue-name", "follows", "--queue-path", str(queue),
+                 "-c", "app.bsky.graph.follow", "--no-account-events", "--bootstrap-servers", kafka.bootstrap_servers,
+                 "--topic-prefix", kafka.topic_prefix]) == 0
+    assert queued(queue, "follows") == expected(["app.bsky.graph.follow"])
+    capsys.readouterr()
+    assert main(["inspect", "topic", f"{kafka.topic_prefix}.app.bsky.graph.follow", "-n", "3",
+                 "--bootstrap-servers", kafka.bootstrap_servers]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert line["schema"] == "app.bsky.graph.follow"
+        assert line["value"]["subject"].startswith("did:plc:") and line["value"]["source"] == "jetstream"
+        assert line["key"] == line["value"]["did"]
+
+
+def test_without_transactions_the_queue_is_still_exact(sim: JetstreamSimulator, kafka: KafkaSettings,
+                                                       tmp_path: Path) -> None:
+    queue = tmp_path / "q.sqlite"
+    assert main([*base_args(sim, kafka, "notx", queue), "--transactions", "off", "-n", "0",
+                 "--queue-name", "nq", "-c", "app.bsky.feed.repost"]) == 0
+    assert queued(queue, "nq") == expected(["app.bsky.feed.repost"])
+
+
+def test_garbage_frames_go_to_the_dead_letter_topic(kafka: KafkaSettings, tmp_path: Path) -> None:
+    bad_sim = JetstreamSimulator(EVENTS, faults=Faults(garbage_every=1000)).start_in_thread()
+    try:
+        assert main([*base_args(bad_sim, kafka, "dlq", tmp_path / "q.sqlite"), "--consumer", "none", "-n", "0",
+                     "-c", "app.bsky.feed.like"]) == 0
+    finally:
+        bad_sim.stop_thread()
+    codec = AvroCodec()
+    letters = [codec.decode(m.value() or b"")[1]
+               for m in kafka_util.read_to_end(kafka.consumer_config("t-dlq"), f"{kafka.topic_prefix}.dlq")]
+    assert letters, "no dead letters"
+    assert {d["reason"] for d in letters} == {"malformed_json"}
+    assert all(d["payload"] == b"{not json" and d["stage"] == "producer:jetstream" for d in letters)
+    assert all(d["origin"] == bad_sim.url for d in letters)
+    state = load_job(kafka.consumer_config("t-reader"), f"{kafka.topic_prefix}.control.jobs", "dlq")
+    assert state is not None and state.counts["dropped"] == len(letters)

@@ -1,0 +1,404 @@
+"""Producer -> typed topics -> consumer group -> PostgreSQL, in process: exact tables, until-done,
+the end watermark, dead letters, and the memory limit's pause.
+
+The helpers here (an in-test source, the expected-table model, the table snapshot) are shared with
+``test_postgres_kill.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+from psycopg import sql
+
+from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
+from consumers.postgres.rows import RECORD_TABLES, TABLE_FOR_COLLECTION, TransformOptions
+from consumers.postgres.sink import PostgresSettings, PostgresSink
+from producers.jetstream.decode import decode_message
+from producers.job import JobOptions, JobRunner
+from producers.source import End, SourceItem, StreamPosition
+from runtime import kafka as kafka_util
+from runtime.codec import AvroCodec
+from runtime.metrics import Metrics
+from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.settings import KafkaSettings, Secret
+from runtime.simulator.jetstream import synthetic_events
+from runtime.topics import TopicMap
+
+pytestmark = pytest.mark.integration
+
+START_US = 1_700_000_000_000_000
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+class ListSource:
+    """A bounded producer source over a list of events."""
+
+    name = "jetstream"
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+        self._position = StreamPosition(rewind=0)
+
+    @property
+    def position(self) -> StreamPosition:
+        return self._position
+
+    async def items(self) -> AsyncIterator[SourceItem]:
+        for event in self.events:
+            yield event
+        yield End("exhausted")
+
+
+def make_events(n: int, *, seed: int, job: str, accounts: int = 40) -> list[Event]:
+    """Synthetic Jetstream events (posts, replies, quotes, likes, deletes, updates, identity, account)."""
+    return [decode_message(e.text, job=job)
+            for e in synthetic_events(n, seed=seed, accounts=accounts, start_us=START_US, real_cids=False)]
+
+
+def replayed(events: list[Event], job: str, seed: int) -> list[Event]:
+    """The same events, shuffled (older revisions after newer ones), as another job."""
+    out = [replace(e, job=job) for e in events]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def produce(kafka: KafkaSettings, events: list[Event], job: str) -> dict[str, dict[str, int]]:
+    """Run a producer job over ``events``; return the final offsets it recorded."""
+    runner = JobRunner(kafka, JobOptions(job=job, source="jetstream", checkpoint_events=1000), Metrics(),
+                       AvroCodec())
+    try:
+        state = asyncio.run(runner.run(lambda _prev: ListSource(events)))
+    finally:
+        runner.close()
+    assert state.status == "finished"
+    return state.offsets
+
+
+def _uri_did(uri: Any) -> str | None:
+    if isinstance(uri, str) and uri.startswith("at://did:"):
+        return uri[5:].split("/", 1)[0]
+    return None
+
+
+@dataclass
+class Tables:
+    """What the tables hold (or should hold)."""
+
+    records: dict[str, dict[tuple[str, ...], tuple[Any, ...]]] = field(default_factory=dict)
+    identities: set[tuple[Any, ...]] = field(default_factory=set)
+    accounts: set[tuple[Any, ...]] = field(default_factory=set)
+    actors: set[str] = field(default_factory=set)
+    cursors: dict[str, str] = field(default_factory=dict)
+
+
+def expected(events: list[Event]) -> Tables:
+    """The rows the sink must end with: per record key, the change with the highest revision."""
+    best: dict[tuple[str, str, str], RecordEvent] = {}
+    out = Tables(records={t.name: {} for t in RECORD_TABLES})
+    for e in events:
+        out.actors.add(e.did)
+        job_cursor = int(out.cursors.get(e.job, "-1"))
+        out.cursors[e.job] = str(max(job_cursor, e.cursor))
+        if isinstance(e, IdentityEvent):
+            out.identities.add((e.did, e.source, e.cursor, e.time_us))
+            continue
+        if isinstance(e, AccountEvent):
+            out.accounts.add((e.did, e.source, e.cursor, e.time_us))
+            continue
+        key = (e.did, e.collection, e.rkey)
+        if key not in best or (e.rev or "") > (best[key].rev or ""):
+            best[key] = e
+        rec = e.record or {}
+        refs: list[Any] = []
+        if e.collection in ("app.bsky.graph.follow", "app.bsky.graph.block"):
+            refs.append(rec.get("subject") if str(rec.get("subject", "")).startswith("did:") else None)
+        if e.collection in ("app.bsky.feed.like", "app.bsky.feed.repost"):
+            refs.append(_uri_did((rec.get("subject") or {}).get("uri")))
+        if e.collection == "app.bsky.feed.post":
+            reply = rec.get("reply") or {}
+            refs += [_uri_did((reply.get("root") or {}).get("uri")), _uri_did((reply.get("parent") or {}).get("uri"))]
+            embed = rec.get("embed") or {}
+            quoted = embed.get("record") or {}
+            if embed.get("$type") == "app.bsky.embed.recordWithMedia":
+                quoted = quoted.get("record") or {}
+            if embed.get("$type") in ("app.bsky.embed.record", "app.bsky.embed.recordWithMedia"):
+                refs.append(_uri_did(quoted.get("uri")))
+        out.actors.update(r for r in refs if r)
+    for (did, collection, rkey), e in best.items():
+        if e.operation == "delete":
+            continue
+        table = TABLE_FOR_COLLECTION.get(collection)
+        name = table.name if table is not None else "records"
+        out.records[name][(did, collection, rkey)] = (e.rev, e.cid, e.record)
+    return out
+
+
+def snapshot(pg_url: str, schema: str) -> Tables:
+    """What the tables in ``schema`` hold."""
+    out = Tables(records={t.name: {} for t in RECORD_TABLES})
+    s = sql.Identifier(schema)
+    with psycopg.connect(pg_url) as conn:
+        for table in RECORD_TABLES:
+            coll = sql.Literal(table.collection) if table.collection else sql.SQL("collection")
+            for did, collection, rkey, rev, cid, record in conn.execute(sql.SQL(
+                    "SELECT did, {coll}, rkey, rev, cid, record FROM {s}.{t} WHERE NOT deleted").format(
+                    coll=coll, s=s, t=sql.Identifier(table.name))):
+                out.records[table.name][(did, collection, rkey)] = (rev, cid, record)
+        out.identities = set(conn.execute(sql.SQL(
+            "SELECT did, source, cursor, time_us FROM {}.identity_events").format(s)).fetchall())
+        out.accounts = set(conn.execute(sql.SQL(
+            "SELECT did, source, cursor, time_us FROM {}.account_events").format(s)).fetchall())
+        out.actors = {r[0] for r in conn.execute(sql.SQL("SELECT did FROM {}.actors").format(s))}
+        out.cursors = dict(conn.execute(sql.SQL("SELECT service, cursor FROM {}.firehose_cursor").format(s)).fetchall())
+    return out
+
+
+def assert_tables_equal(got: Tables, want: Tables) -> None:
+    """Compare table by table (a readable diff for the first mismatch)."""
+    for name in want.records:
+        g, w = got.records[name], want.records[name]
+        missing, extra = w.keys() - g.keys(), g.keys() - w.keys()
+        assert not missing, f"{name}: {len(missing)} rows missing"
+        assert not extra, f"{name}: {len(extra)} unexpected rows"
+        wrong = [k for k in w if g[k] != w[k]]
+        assert not wrong, f"{name}: {len(wrong)} rows differ, e.g. {wrong[0]}: {g[wrong[0]]} != {w[wrong[0]]}"
+    assert got.identities == want.identities
+    assert got.accounts == want.accounts
+    assert got.actors == want.actors
+    assert got.cursors == want.cursors
+
+
+def stored_offsets(pg_url: str, schema: str, group: str) -> dict[str, dict[str, int]]:
+    """The offsets the sink stored for ``group`` in the job-state shape (topic -> partition -> next)."""
+    out: dict[str, dict[str, int]] = {}
+    with psycopg.connect(pg_url) as conn:
+        try:
+            rows = conn.execute(sql.SQL("SELECT topic, partition, next_offset FROM {}.kafka_offsets "
+                                        "WHERE group_id = %s").format(sql.Identifier(schema)), (group,)).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+    for topic, partition, nxt in rows:
+        out.setdefault(topic, {})[str(partition)] = nxt
+    return out
+
+
+@pytest.fixture
+def schema(pg_url: str) -> Iterator[str]:
+    name = f"e_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def consume(kafka: KafkaSettings, pg_url: str, schema: str, *, metrics: Metrics | None = None,
+            **options: Any) -> tuple[ConsumerStats, Metrics]:
+    """Run one in-process consumer group member into ``schema`` until it stops."""
+    metrics = metrics or Metrics()
+    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema,
+                                         max_concurrent=options.pop("max_concurrent", 2),
+                                         transform=options.pop("transform", TransformOptions())), metrics)
+    opts = ConsumerOptions(group=options.pop("group", f"g-{schema}"), linger=0.2, **options)
+    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec(), stop_event=options.get("stop_event"))
+    try:
+        stats = consumer.run()
+    finally:
+        sink.close()
+    return stats, metrics
+
+
+# ----------------------------------------------------------------------------------- tests
+
+def test_until_done_with_replayed_and_shuffled_duplicates_gives_exact_tables(
+        kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(2500, seed=3, job="orig")
+    produce(kafka, events, "orig")
+    replay = replayed(events, "again", seed=4)
+    produce(kafka, replay, "again")
+    stats, metrics = consume(kafka, pg_url, schema, until_done="again", batch_size=700)
+    assert stats.stop_reason == "until_done"
+    assert stats.consumed == 2 * len(events)
+    want = expected(events + replay)
+    got = snapshot(pg_url, schema)
+    assert_tables_equal(got, want)
+    assert sum(len(v) for v in want.records.values()) > 1000
+    assert want.identities
+    assert want.accounts
+    # the typed columns: the post types seed 002 distinguishes all occur
+    with psycopg.connect(pg_url) as conn:
+        kinds = dict(conn.execute(sql.SQL("SELECT record_type, count(*) FROM {}.posts GROUP BY 1").format(
+            sql.Identifier(schema))).fetchall())
+    assert set(kinds) == {"post", "reply", "quote"}
+    assert metrics.registry.get_sample_value("atproto_backfill_consumer_messages_skipped_total",
+                                             {"sink": "postgres", "reason": "stale_rev"}) > 0
+
+
+def test_end_timestamp_skips_and_counts_events_past_the_watermark(
+        kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(1200, seed=5, job="wm")
+    offsets = produce(kafka, events, "wm")
+    cut = sorted(e.time_us for e in events)[800]
+    stats, metrics = consume(kafka, pg_url, schema, until_offsets=offsets, end_time_us=cut)
+    before = [e for e in events if e.time_us < cut]
+    assert stats.skipped == {"after_end": len(events) - len(before)}
+    assert metrics.registry.get_sample_value("atproto_backfill_consumer_messages_skipped_total",
+                                             {"sink": "postgres", "reason": "after_end"}) == len(events) - len(before)
+    assert_tables_equal(snapshot(pg_url, schema), expected(before))
+
+
+def test_bad_messages_are_dead_lettered_with_their_origin(kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(300, seed=6, job="dl")
+    bad = RecordEvent(did="did:plc:nul", collection="app.bsky.feed.post", rkey="3kbad", operation="create",
+                      rev="3kbadrev", cid="bafy", record={"$type": "app.bsky.feed.post", "text": "nul\x00here",
+                                                          "createdAt": "2024-01-01T00:00:00Z"},
+                      source="jetstream", cursor=START_US, time_us=START_US, job="dl")
+    offsets = produce(kafka, [*events[:150], bad, *events[150:]], "dl")
+    post_topic = TopicMap(kafka.topic_prefix).for_collection("app.bsky.feed.post")
+    raw = Producer(kafka.producer_config())
+    written: list[int] = []
+    raw.produce(post_topic, b"\xc3\x01 not avro at all", b"did:plc:garbage", partition=0,
+                on_delivery=lambda err, msg: written.append(msg.offset()) if err is None else None)
+    assert raw.flush(10) == 0
+    offsets[post_topic]["0"] = max(offsets[post_topic].get("0", 0), written[0] + 1)
+    stats, metrics = consume(kafka, pg_url, schema, until_offsets=offsets)
+    assert stats.dropped == {"transform_failed": 1, "decode_avro": 1}
+    assert_tables_equal(snapshot(pg_url, schema), expected(events))
+    letters = list(kafka_util.read_to_end(kafka.consumer_config("dlq-reader"), post_topic + ".dlq"))
+    codec = AvroCodec()
+    decoded = [codec.decode(m.value())[1] for m in letters]
+    assert sorted(d["reason"] for d in decoded) == ["decode_avro", "transform_failed"]
+    for d in decoded:
+        assert d["topic"] == post_topic
+        assert d["origin"] == f"{post_topic}/{d['partition']}/{d['offset']}"
+        assert d["stage"] == "consumer:postgres"
+    garbage = next(d for d in decoded if d["reason"] == "decode_avro")
+    assert garbage["payload"] == b"\xc3\x01 not avro at all"
+    assert metrics.registry.get_sample_value("atproto_backfill_dlq_messages_total",
+                                             {"stage": "consumer:postgres", "reason": "transform_failed"}) == 1
+
+
+def test_memory_limit_pauses_consumption_until_memory_is_back(
+        kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(3000, seed=8, job="mem")
+    offsets = produce(kafka, events, "mem")
+    metrics = Metrics()
+    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
+    opts = ConsumerOptions(group=f"g-{schema}", batch_size=20, linger=0.05, until_offsets=offsets,
+                           max_memory_mb=1_000_000)
+    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    paused = metrics.registry.get_sample_value
+
+    def wait_for(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    try:
+        wait_for(lambda: consumer.stats.consumed > 0, "nothing consumed")
+        opts.max_memory_mb = 1  # far below the real RSS: the next check pauses every partition
+        wait_for(lambda: paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 1, "never paused")
+        time.sleep(0.5)
+        held = consumer.stats.consumed
+        time.sleep(1.5)
+        assert consumer.stats.consumed == held, "consumption went on while paused"
+        assert held < len(events)
+        opts.max_memory_mb = 1_000_000  # memory is back: the next check resumes
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        consumer.stop_event.set()
+        thread.join(30)
+        sink.close()
+    assert consumer.stats.stop_reason == "until_done"
+    assert paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 0
+    assert_tables_equal(snapshot(pg_url, schema), expected(events))
+
+
+def test_partitions_assigned_while_over_the_memory_limit_stay_paused(
+        kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(200, seed=9, job="mem2")
+    offsets = produce(kafka, events, "mem2")
+    metrics = Metrics()
+    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
+    opts = ConsumerOptions(group=f"g-{schema}", batch_size=20, linger=0.05, until_offsets=offsets,
+                           max_memory_mb=1)  # over the limit before the group assigns anything
+    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not consumer.health.ready:
+            assert time.monotonic() < deadline, "never assigned"
+            time.sleep(0.02)
+        time.sleep(1.5)
+        assert consumer.stats.consumed == 0
+        opts.max_memory_mb = 1_000_000
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        consumer.stop_event.set()
+        thread.join(30)
+        sink.close()
+    assert_tables_equal(snapshot(pg_url, schema), expected(events))
+
+
+def test_collection_wildcards_choose_the_topics(kafka: KafkaSettings, pg_url: str, schema: str) -> None:
+    events = make_events(600, seed=10, job="wild")
+    offsets = produce(kafka, events, "wild")
+    stats, _ = consume(kafka, pg_url, schema, until_offsets=offsets, collections=["app.bsky.feed.*"],
+                       include_account_events=False)
+    chosen = [e for e in events if isinstance(e, RecordEvent) and e.collection.startswith("app.bsky.feed.")]
+    assert stats.consumed == len(chosen)
+    want = expected(chosen)
+    got = snapshot(pg_url, schema)
+    assert_tables_equal(got, want)
+    assert not got.records["follows"]
+    assert not got.identities
+    assert {c for _, c, _ in got.records["records"]} == {"app.bsky.feed.threadgate"}
+
+
+@pytest.mark.parametrize("max_concurrent", [1, 2])
+def test_database_connections_dropped_mid_run_lose_nothing(
+        kafka: KafkaSettings, pg_url: str, schema: str, max_concurrent: int) -> None:
+    events = make_events(2000, seed=12, job="drop")
+    offsets = produce(kafka, events, "drop")
+    metrics = Metrics()
+    done = threading.Event()
+
+    def saboteur() -> None:
+        # Terminate the writer's connection a few times while batches are being written.
+        drops = 0
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            while not done.is_set() and drops < 3:
+                row = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = "
+                    "'atproto-backfill-postgres' AND datname = current_database() AND state = 'active'").fetchone()
+                drops += row[0] if row else 0
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=saboteur)
+    thread.start()
+    try:
+        stats, _ = consume(kafka, pg_url, schema, metrics=metrics, until_offsets=offsets, batch_size=50,
+                           max_concurrent=max_concurrent)
+    finally:
+        done.set()
+        thread.join()
+    assert stats.stop_reason == "until_done"
+    assert metrics.registry.get_sample_value("atproto_backfill_consumer_sink_retries_total",
+                                             {"sink": "postgres"}) >= 1
+    assert_tables_equal(snapshot(pg_url, schema), expected(events))

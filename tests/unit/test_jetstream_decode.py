@@ -1,0 +1,133 @@
+"""Pure Jetstream decoding: every event kind, every malformed shape, compression."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+import zstandard
+
+from producers.jetstream.decode import Decompressor, decode_event, decode_message
+from runtime.errors import DecodeError, InvalidRecordError
+from runtime.records import AccountEvent, IdentityEvent, RecordEvent, to_jetstream_json
+from runtime.simulator.jetstream import synthetic_events, train_dictionary
+
+LIKE = {
+    "did": "did:plc:abc", "time_us": 1725911162329308, "kind": "commit",
+    "commit": {"rev": "3l3qo2vutsw2b", "operation": "create", "collection": "app.bsky.feed.like",
+               "rkey": "3l3qo2vuowo2b",
+               "record": {"$type": "app.bsky.feed.like", "createdAt": "2024-09-09T19:46:02.102Z",
+                          "subject": {"cid": "bafyreidc6sydkkbchcyg62v77wbhzvb2mvytlmsychqgwf2xojjtirmzj4",
+                                      "uri": "at://did:plc:x/app.bsky.feed.post/3l3pte3p2e325"}},
+               "cid": "bafyreidwaivazkwu67xztlmuobx35hs2lnfh3kolmgfmucldvhd3sgzcqi"},
+}
+
+
+def test_commit_create() -> None:
+    ev = decode_message(orjson.dumps(LIKE), job="j")
+    assert isinstance(ev, RecordEvent)
+    assert (ev.did, ev.collection, ev.rkey, ev.operation, ev.rev) == (
+        "did:plc:abc", "app.bsky.feed.like", "3l3qo2vuowo2b", "create", "3l3qo2vutsw2b")
+    assert ev.cursor == ev.time_us == 1725911162329308
+    assert ev.source == "jetstream" and ev.job == "j"
+    assert ev.record == LIKE["commit"]["record"]
+    assert to_jetstream_json(ev) == LIKE
+
+
+def test_text_and_bytes_messages_decode_the_same() -> None:
+    text = orjson.dumps(LIKE).decode()
+    assert decode_message(text) == decode_message(text.encode())
+
+
+def test_delete_has_no_record() -> None:
+    msg = {"did": "did:plc:abc", "time_us": 5, "kind": "commit",
+           "commit": {"rev": "r", "operation": "delete", "collection": "app.bsky.graph.follow", "rkey": "k"}}
+    ev = decode_event(msg)
+    assert isinstance(ev, RecordEvent)
+    assert ev.record is None and ev.cid is None and ev.operation == "delete"
+    assert to_jetstream_json(ev) == msg
+
+
+def test_identity_and_account() -> None:
+    ident = {"did": "did:plc:a", "time_us": 7, "kind": "identity",
+             "identity": {"did": "did:plc:a", "handle": "a.test", "seq": 9, "time": "2024-01-01T00:00:00Z"}}
+    acct = {"did": "did:plc:a", "time_us": 8, "kind": "account",
+            "account": {"active": False, "did": "did:plc:a", "seq": 10, "time": "2024-01-01T00:00:00Z",
+                        "status": "takendown"}}
+    i = decode_event(ident)
+    a = decode_event(acct)
+    assert isinstance(i, IdentityEvent) and i.handle == "a.test" and i.seq == 9
+    assert isinstance(a, AccountEvent) and a.active is False and a.status == "takendown"
+    assert to_jetstream_json(i) == ident
+    assert to_jetstream_json(a) == acct
+
+
+@pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"[1,2", b"nul"])
+def test_malformed_json(raw: bytes) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_message(raw)
+    assert info.value.reason == "malformed_json"
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda m: m.pop("did"),
+    lambda m: m.update(time_us="1"),
+    lambda m: m.update(time_us=True),
+    lambda m: m["commit"].update(operation="upsert"),
+    lambda m: m["commit"].pop("collection"),
+    lambda m: m["commit"].update(rkey=5),
+    lambda m: m["commit"].pop("record"),
+    lambda m: m["commit"].update(record="text"),
+    lambda m: m["commit"].pop("cid"),
+    lambda m: m["commit"].update(rev=1),
+    lambda m: m.update(commit=[]),
+])
+def test_wrong_shapes_are_invalid(mutate) -> None:  # type: ignore[no-untyped-def]
+    msg = orjson.loads(orjson.dumps(LIKE))
+    mutate(msg)
+    with pytest.raises(InvalidRecordError) as info:
+        decode_event(msg)
+    assert info.value.reason == "invalid_record"
+
+
+def test_non_object_and_unknown_kind() -> None:
+    with pytest.raises(InvalidRecordError):
+        decode_message(b"[1]")
+    with pytest.raises(DecodeError) as info:
+        decode_message(b'{"did":"did:plc:a","time_us":1,"kind":"sync"}')
+    assert info.value.reason == "unknown_event"
+
+
+def test_account_without_active_is_invalid() -> None:
+    with pytest.raises(InvalidRecordError):
+        decode_event({"did": "did:plc:a", "time_us": 1, "kind": "account", "account": {}})
+
+
+def test_compressed_with_a_trained_dictionary() -> None:
+    events = synthetic_events(300, seed=2, real_cids=False)
+    dictionary = train_dictionary(events, size=16 * 1024)
+    cctx = zstandard.ZstdCompressor(dict_data=zstandard.ZstdCompressionDict(dictionary))
+    dec = Decompressor(dictionary)
+    for ev in events[:50]:
+        got = decode_message(cctx.compress(ev.text.encode()), decompressor=dec)
+        assert got == decode_message(ev.text)
+
+
+def test_garbage_fails_to_decompress() -> None:
+    events = synthetic_events(50, seed=2, real_cids=False)
+    dec = Decompressor(train_dictionary(events, size=8 * 1024))
+    with pytest.raises(DecodeError) as info:
+        decode_message(b"\x00garbage{", decompressor=dec)
+    assert info.value.reason == "decompress_failed"
+
+
+def test_jetstream_real_dictionary(fixtures_dir: Path) -> None:
+    """Jetstream's published dictionary (captured) compresses and decompresses our events."""
+    dictionary = (fixtures_dir / "legacy_subscribe.zdict").read_bytes()
+    cctx = zstandard.ZstdCompressor(dict_data=zstandard.ZstdCompressionDict(dictionary))
+    dec = Decompressor(dictionary)
+    raw = orjson.dumps(LIKE)
+    compressed = cctx.compress(raw)
+    assert len(compressed) < len(raw)
+    assert decode_message(compressed, decompressor=dec) == decode_message(raw)

@@ -1,0 +1,59 @@
+"""StreamPosition: what a resume or reconnect may skip, and what it must not."""
+
+from __future__ import annotations
+
+import pytest
+
+from producers.source import StreamPosition
+from runtime.errors import CursorRegressionError
+from runtime.records import RecordEvent
+
+
+def ev(t: int, rkey: str = "k") -> RecordEvent:
+    return RecordEvent("did:plc:a", "app.bsky.feed.like", rkey, "create", "r", "c", {}, "jetstream", t, t)
+
+
+def test_fresh_position_has_seen_nothing() -> None:
+    pos = StreamPosition(rewind=100)
+    assert not pos.seen(ev(5))
+    assert pos.cursor is None and pos.resume_from is None
+
+
+def test_out_of_order_events_within_the_window() -> None:
+    pos = StreamPosition(rewind=100)
+    for t in (1000, 990, 1010):
+        pos.advance(ev(t, str(t)))
+    assert pos.cursor == 1010 and pos.resume_from == 910
+    assert pos.seen(ev(990, "990")) and pos.seen(ev(1010, "1010"))
+    assert not pos.seen(ev(995, "995")), "a late event not yet delivered must not be skipped"
+    assert pos.seen(ev(900, "old")), "older than the window: delivered before or never coming"
+
+
+def test_snapshot_restore_keeps_exactly_the_window() -> None:
+    pos = StreamPosition(rewind=100)
+    for t in range(0, 1000, 10):
+        pos.advance(ev(t, str(t)))
+    snap = pos.snapshot()
+    assert snap["cursor"] == 990
+    assert len(snap["window"]) == 11  # cursors 890..990
+    again = StreamPosition.restore(snap, rewind=100)
+    assert again.cursor == 990
+    assert all(again.seen(ev(t, str(t))) for t in range(890, 1000, 10))
+    assert not again.seen(ev(995, "new"))
+
+
+def test_rewind_zero_keeps_the_same_cursor_events() -> None:
+    """A relay frame carries several ops with one seq: a partial frame must resume exactly."""
+    pos = StreamPosition(rewind=0)
+    pos.advance(ev(7, "a"))
+    pos.advance(ev(7, "b"))
+    again = StreamPosition.restore(pos.snapshot(), rewind=0)
+    assert again.seen(ev(7, "a")) and again.seen(ev(7, "b")) and not again.seen(ev(7, "c"))
+    assert again.seen(ev(6, "z")) and not again.seen(ev(8, "a"))
+
+
+def test_check_not_behind() -> None:
+    pos = StreamPosition.restore({"cursor": 50, "window": []}, rewind=0)
+    pos.check_not_behind(50)
+    with pytest.raises(CursorRegressionError):
+        pos.check_not_behind(51)
