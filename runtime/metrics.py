@@ -225,6 +225,10 @@ class Metrics:
             f"{p}_repos_completed_total", "Repositories backfilled, by outcome.", ["outcome"], registry=r),
             [("ok", "not_found", "deactivated", "takendown", "failed", "skipped")])
 
+        self.repo_txn_aborts = Counter(
+            f"{p}_repos_transactions_aborted_total",
+            "Work-topic transactions aborted by a rebalance and redone.", registry=r)
+
         # -- process
         self.memory = Gauge(f"{p}_process_resident_memory_bytes", "Resident set size.", registry=r)
         proc = psutil.Process()

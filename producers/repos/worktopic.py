@@ -56,6 +56,23 @@ STOPPED: Final = "stopped"
 #: Outcomes after which a DID needs no more work.
 TERMINAL: Final = frozenset({"ok", "not_found", "deactivated", "takendown"})
 _NO_ITEM: Final = -1
+#: Aborted transactions in a row (each redone) before the replica gives up loudly.
+MAX_ABORTS_IN_A_ROW: Final = 5
+#: How long close() serves the revocation of this replica's partitions before closing anyway.
+CLOSE_DRAIN_SECONDS: Final = 10.0
+
+
+_PURGED: Final = frozenset((KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT))
+
+
+class _TransactionAbortedError(Exception):
+    """A transaction failed with an abortable error (a rebalance moved the group on); redo its items."""
+
+    def __init__(self, batch: int, dids: list[str], reason: str) -> None:
+        super().__init__(f"transaction {batch} aborted: {reason}")
+        self.batch = batch
+        self.dids = dids
+        self.reason = reason
 
 
 def _did_hash(did: str) -> int:
@@ -270,6 +287,7 @@ class WorkStats:
     skipped: int = 0
     records: int = 0
     transactions: int = 0
+    aborted: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
 
@@ -315,6 +333,7 @@ class WorkTopicRunner:
         self._errors: list[str] = []
         self._stop: str | None = None
         self._batch = 0
+        self._aborts_in_a_row = 0
         self._m_produced: dict[str, Any] = {}
         self._work_offsets: dict[int, int] = {}
         self._started_us = int(wall() * 1e6)
@@ -353,6 +372,8 @@ class WorkTopicRunner:
                  self.topics.dids, tid)
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None and err.code() in _PURGED:
+            return  # a message of an aborted transaction: that transaction is redone
         if err is not None:
             self._errors.append(f"{msg.topic()}: {err}")
             self.metrics.delivery_errors.inc("repo")
@@ -484,6 +505,12 @@ class WorkTopicRunner:
         except KafkaException as e:
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(30)
+            producer.poll(0)  # serve the aborted messages' delivery reports
+            err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if err is not None and not err.fatal() and (err.txn_requires_abort() or err.retriable()):
+                # A rebalance moved the group's generation on (a replica joined or left) while this
+                # transaction was open: nothing of it counts; its work items are done again.
+                raise _TransactionAbortedError(self._batch, [i.did for i in batch if i.did], str(err)) from e
             raise CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed "
                               f"(fenced, or the group moved on): {e}") from e
         if self._errors:
@@ -674,7 +701,12 @@ class WorkTopicRunner:
                 self._start_fetches()
                 batch = self._ready()
                 if batch:
-                    results = await loop.run_in_executor(None, self._cycle, batch)
+                    try:
+                        results = await loop.run_in_executor(None, self._cycle, batch)
+                    except _TransactionAbortedError as e:
+                        self._requeue(batch, e)
+                        continue
+                    self._aborts_in_a_row = 0
                     self._after_commit(results)
                     last_work = self.clock()
                     continue
@@ -705,6 +737,24 @@ class WorkTopicRunner:
         else:
             await asyncio.sleep(0.05)
 
+    def _requeue(self, batch: list[_Item], aborted: _TransactionAbortedError) -> None:
+        """Put an aborted transaction's items back at the head of their partitions, to be fetched
+        and produced again (those of partitions revoked meanwhile are left to their new owner)."""
+        self._aborts_in_a_row += 1
+        self.stats.aborted += 1
+        self.metrics.repo_txn_aborts.inc()
+        log.warning("replica %s: transaction %d aborted (%s); its %d work items are redone: %s",
+                    self.opts.replica, aborted.batch, aborted.reason, len(batch), aborted.dids)
+        if self._aborts_in_a_row > MAX_ABORTS_IN_A_ROW:
+            raise CommitError(f"replica {self.opts.replica}: {self._aborts_in_a_row} transactions in a row "
+                              f"aborted, the last with {aborted.reason}")
+        for item in reversed(batch):
+            items = self._parts.get(item.partition)
+            if items is None:
+                continue
+            item.task = None  # its download was consumed by the aborted transaction: fetch it again
+            items.appendleft(item)
+
     def _after_commit(self, results: list[tuple[_Item, RepoResult | None]]) -> None:
         self.stats.transactions += 1
         for item, result in results:
@@ -724,10 +774,17 @@ class WorkTopicRunner:
             for item in items:
                 _close_item(item)
         self._parts.clear()
-        if self._consumer is not None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
             with contextlib.suppress(KafkaException, RuntimeError):
-                self._consumer.close()
-            self._consumer = None
+                # librdkafka can hang for good in close() when a cooperative assignment arrives
+                # while it closes (librdkafka#4527): leave the group first, serve the revocation,
+                # then close with nothing assigned.
+                consumer.unsubscribe()
+                deadline = self.clock() + CLOSE_DRAIN_SECONDS
+                while consumer.assignment() and self.clock() < deadline:
+                    consumer.poll(0.1)
+                consumer.close()
         if self._producer is not None:
             self._producer.flush(10)
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from prometheus_client import CollectorRegistry
 from tenacity import wait_none
 
@@ -86,29 +89,61 @@ def _replica(kafka: KafkaSettings, net: PdsNetwork, replica: str, log: Path,
 
 def _wait(procs: list[subprocess.Popen[bytes]], timeout: float, logs: list[Path]) -> None:
     deadline = time.monotonic() + timeout
-    for p, log in zip(procs, logs, strict=True):
-        left = max(1.0, deadline - time.monotonic())
-        try:
-            code = p.wait(left)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            pytest.fail(f"replica did not finish; log tail:\n{log.read_text()[-3000:]}")
-        assert code == 0, log.read_text()[-3000:]
+    try:
+        for p, log in zip(procs, logs, strict=True):
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                code = p.wait(left)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"replica did not finish; log tail:\n{log.read_text()[-3000:]}")
+            assert code == 0, log.read_text()[-3000:]
+    finally:
+        for p in procs:  # a failed wait leaves no replica behind to disturb the next test
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
-def _check_exact(out: Backfilled, net: PdsNetwork) -> None:
-    """Every DID has exactly one status, every active repository's records are there exactly once."""
+_ABORTED = re.compile(r"transaction \d+ aborted .*?; its \d+ work items are redone: \[(.*)\]")
+
+
+def _aborted_dids(logs: list[Path]) -> set[str]:
+    """DIDs of the transactions the replicas aborted after a rebalance (and redid), from their logs."""
+    out: set[str] = set()
+    for log in logs:
+        for m in _ABORTED.finditer(log.read_text()):
+            out.update(d.strip(" '") for d in m.group(1).split(",") if d.strip())
+    return out
+
+
+def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = None) -> None:
+    """Every DID has exactly one status, every active repository's records are there exactly once.
+
+    ``aborted``: DIDs of transactions a replica aborted (a rebalance) and redid. A real Kafka hides
+    those transactions from read_committed readers; Tansu delivers whatever part of them reached it,
+    so there (only) those DIDs may show one extra status and extra record copies.
+    """
+    aborted = aborted or set()
+    tolerant = bool(aborted) and not _real_kafka()
     statuses = out.status_by_did()
     assert set(statuses) == set(net.dids), set(net.dids) ^ set(statuses)
-    assert all(len(s) == 1 for s in statuses.values()), [d for d, s in statuses.items() if len(s) > 1][:5]
-    assert_same_keys(out.keys(), expected_keys(net))
-    for did, [status] in statuses.items():
+    twice = {d for d, s in statuses.items() if len(s) > 1}
+    assert not twice or (tolerant and twice <= aborted and all(len(statuses[d]) == 2 for d in twice)), \
+        sorted(twice)[:5]
+    got, want = out.keys(), expected_keys(net)
+    if tolerant:
+        assert not (want - got), f"records lost: {sorted(want - got)[:10]}"
+        extra = got - want
+        assert max(extra.values(), default=0) <= 1 and {k[0] for k in extra} <= aborted, extra.most_common(5)
+    else:
+        assert_same_keys(got, want)
+    for did, ss in statuses.items():
         state = net.accounts[did].state
-        assert status["outcome"] == {"active": "ok", "deleted": "not_found"}.get(state, state)
+        assert ss[-1]["outcome"] == {"active": "ok", "deleted": "not_found"}.get(state, state)
     assert not out.dead
 
 
-def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: float) -> Backfilled:
+def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: float) -> tuple[Backfilled, set[str]]:
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
     procs = [_replica(kafka, net, f"r{i + 1}", logs[i]) for i in range(2)]
@@ -116,22 +151,23 @@ def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: flo
     out = read_back(kafka)
     replicas = {s["replica"] for s in out.statuses}
     assert replicas == {"r1", "r2"}  # the work was shared
-    return out
+    return out, _aborted_dids(logs)
 
 
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
-    out = _run_two(kafka, net, tmp_path, timeout=150)
-    _check_exact(out, net)
+    out, aborted = _run_two(kafka, net, tmp_path, timeout=150)
+    _check_exact(out, net, aborted)
     assert_limits_kept(net)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(420)
 @pytest.mark.parametrize("net", [1000], indirect=True)
 def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     started = time.monotonic()
-    out = _run_two(kafka, net, tmp_path, timeout=600)
+    out, aborted = _run_two(kafka, net, tmp_path, timeout=360)
     elapsed = time.monotonic() - started
-    _check_exact(out, net)
+    _check_exact(out, net, aborted)
     assert_limits_kept(net)
     print(f"\n1000 accounts, {len(out.events)} records by 2 replicas in {elapsed:.1f} s "
           f"({len(net.dids) / elapsed:.1f} repos/s)")
@@ -158,7 +194,10 @@ def test_kill_9_of_a_replica_loses_nothing(kafka: KafkaSettings, net: PdsNetwork
     # Records of the killed replica's open transaction never committed: a broker honouring
     # read_committed hides them; Tansu delivers aborted records, so they may show up here. They are
     # exactly the statuses written by r1 before the kill whose work items were done again later.
-    aborted = {did for did, ss in statuses.items() if len(ss) > 1}
+    # A rebalance (the kill, the restart) can also abort a transaction of a live replica, which
+    # redoes it and logs its DIDs; on Tansu those DIDs may show two statuses too.
+    rebalanced = _aborted_dids(logs)
+    aborted = {did for did, ss in statuses.items() if len(ss) > 1} - rebalanced
     batches = set()
     for did in aborted:
         first, *rest = sorted(statuses[did], key=lambda s: s["time_us"])
@@ -189,7 +228,7 @@ def test_kill_9_of_a_replica_loses_nothing(kafka: KafkaSettings, net: PdsNetwork
         # Extra copies may only be of DIDs that were done again after the kill, and at most one each.
         redone = {did for did, ss in statuses.items() if any(s["time_us"] > killed_at for s in ss)}
         assert max(extra.values(), default=0) <= 1, extra.most_common(5)
-        assert {k[0] for k in extra} <= redone, sorted({k[0] for k in extra} - redone)[:10]
+        assert {k[0] for k in extra} <= redone | rebalanced, sorted({k[0] for k in extra} - redone)[:10]
     assert_limits_kept(net)
 
 
@@ -297,5 +336,70 @@ def test_dids_enqueued_twice_are_done_once(kafka: KafkaSettings, tmp_path: Path)
         assert jobs["repos@d1"].status == "finished"
         assert jobs["repos@d1"].counts["dids"] == 6
         assert jobs["repos@d2"].counts["skipped_done"] == 3
+    finally:
+        network.stop_thread()
+
+
+class _AbortOnce:
+    """The replica's real producer, except that the first offsets commit fails the way a rebalance
+    makes it fail on a real Kafka (an abortable transaction error)."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.failed = 0
+
+    def send_offsets_to_transaction(self, *args: Any, **kwargs: Any) -> None:
+        if not self.failed:
+            self.failed += 1
+            raise KafkaException(KafkaError(KafkaError.ILLEGAL_GENERATION, "generation moved on",
+                                            txn_requires_abort=True))
+        self._producer.send_offsets_to_transaction(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    network = PdsNetwork(accounts=8, hosts=2, seed=14, records_mean=6).start_in_thread()
+    metrics = Metrics(CollectorRegistry())
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 8
+        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
+        pds = PdsClient(PdsLimits(rate=50, burst=10), policy=NetworkPolicy(allow_private=True), wait=wait_none())
+        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="a1", idle_exit=1.0, txn_max_dids=3),
+                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
+                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        runner.prepare()
+        wrapped = _AbortOnce(runner._producer)
+        runner._producer = wrapped  # type: ignore[assignment]
+
+        async def go() -> None:
+            try:
+                await runner.run()
+            finally:
+                await pds.aclose()
+                await resolver.aclose()
+
+        asyncio.run(go())
+        assert wrapped.failed == 1
+        assert runner.stats.aborted == 1
+        assert runner.stats.dids_done == 8  # the aborted transaction's DIDs were done again
+        assert metrics.registry.get_sample_value("atproto_backfill_repos_transactions_aborted_total") == 1
+        out = read_back(kafka)
+        statuses = out.status_by_did()
+        assert set(statuses) == set(network.dids)
+        got, want = out.keys(), expected_keys(network)
+        assert not (want - got)
+        # A real Kafka hides the aborted transaction; Tansu may deliver it: copies only of its DIDs.
+        twice = {d for d, ss in statuses.items() if len(ss) > 1}
+        extra = {k[0] for k in got - want}
+        if _real_kafka():
+            assert not twice and not extra
+        else:
+            [logged] = _ABORTED.findall(caplog.text)  # the warning names the transaction's DIDs
+            redone = {d.strip(" '") for d in logged.split(",")}
+            assert 1 <= len(redone) <= 3  # --txn-max-dids
+            assert twice <= redone and extra <= redone
     finally:
         network.stop_thread()
