@@ -57,9 +57,8 @@ def baseline(url: str, bootstrap: str, n: int) -> float:
     header = SINGLE_OBJECT_MAGIC + generic.fingerprint
     prefix = f"base{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, prefix)
-    holder = [Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000,
-                         "compression.type": "zstd", "queue.buffering.max.messages": 500000,
-                         "enable.idempotence": True, "acks": "all"})]
+    # The same producer settings as the job's (idempotent, batching, compression), minus transactions.
+    holder = [Producer(KafkaSettings(bootstrap_servers=bootstrap).producer_config())]
     buf = io.BytesIO()
 
     async def run() -> float:

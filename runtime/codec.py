@@ -1,5 +1,9 @@
 """Avro encoding of message values, in either of two wire formats, and decoding of both.
 
+The Avro body is written by an encoder compiled from each shipped schema
+(:mod:`runtime.avrowrite`, byte-identical to fastavro and about twice as fast); fastavro writes
+what that encoder does not take, and reads everything.
+
 * With a schema registry: the Confluent wire format, ``0x00`` + 4-byte big-endian schema id +
   Avro binary; schemas are registered under ``<topic>-value`` (TopicNameStrategy).
 * Without: Avro single-object encoding (Avro specification), ``0xC3 0x01`` + 8-byte little-endian
@@ -21,6 +25,7 @@ import fastavro
 import fastavro.schema
 
 import schemas
+from runtime.avrowrite import ENCODE_ERRORS, Encoder, compile_encoder
 from runtime.errors import DecodeError
 
 SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
@@ -36,6 +41,7 @@ class ShippedSchema:
     parsed: Any
     fingerprint: bytes
     canonical: str
+    encoder: Encoder | None = None
 
 
 def _load_shipped() -> dict[str, ShippedSchema]:
@@ -47,7 +53,7 @@ def _load_shipped() -> dict[str, ShippedSchema]:
         fp = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
         full = f"{raw.get('namespace')}.{raw['name']}" if raw.get("namespace") else raw["name"]
         out[name] = ShippedSchema(name=name, full_name=full, parsed=parsed, fingerprint=fp,
-                                  canonical=canonical)
+                                  canonical=canonical, encoder=compile_encoder(parsed))
     return out
 
 
@@ -121,11 +127,21 @@ class AvroCodec:
         Raises:
             ValueError: the datum does not fit the schema (a bug in the producer, not bad input).
         """
+        header = self._header(schema_name, topic)
+        shipped_schema = self._shipped[schema_name]
+        encoder = shipped_schema.encoder
+        if encoder is not None:
+            out = bytearray(header)
+            try:
+                encoder(datum, out)
+                return bytes(out)
+            except ENCODE_ERRORS:
+                pass  # fastavro below encodes what it accepts and explains what it does not
         buf = self._buf
         buf.seek(0)
         buf.truncate()
-        buf.write(self._header(schema_name, topic))
-        fastavro.schemaless_writer(buf, self._shipped[schema_name].parsed, datum)
+        buf.write(header)
+        fastavro.schemaless_writer(buf, shipped_schema.parsed, datum)
         return buf.getvalue()
 
     def decode(self, value: bytes) -> tuple[str, dict[str, Any]]:

@@ -293,7 +293,7 @@ class KafkaSettings:
         conf.update({
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 20,
+            "linger.ms": 100,
             "batch.num.messages": 10000,
             "compression.type": "zstd",
             "queue.buffering.max.messages": 500000,
