@@ -148,16 +148,21 @@ def main() -> int:
                 break
             time.sleep(0.1)
         url = f"ws://127.0.0.1:{port}/subscribe"
-        base_rates, our_rates = [], []
+        base_rates, our_rates, ratios = [], [], []
         for i in range(args.runs):
             base_rates.append(baseline(url, bootstrap, args.events))
             our_rates.append(ours(url, bootstrap, args.events))
-            print(f"run {i + 1}: baseline {base_rates[-1]:,.0f} ev/s   ours {our_rates[-1]:,.0f} ev/s", flush=True)
+            ratios.append(our_rates[-1] / base_rates[-1])
+            print(f"run {i + 1}: baseline {base_rates[-1]:,.0f} ev/s   ours {our_rates[-1]:,.0f} ev/s   "
+                  f"ratio {ratios[-1]:.2f}", flush=True)
         b, o = statistics.median(base_rates), statistics.median(our_rates)
         print(f"\nJetstream producer, {args.events:,} events, median of {args.runs}:")
         print(f"  baseline (parse + Avro + produce): {b:,.0f} events/s")
         print(f"  atproto-backfill job:              {o:,.0f} events/s")
-        print(f"  ratio: {o / b:.2f}  (target >= 0.70)")
+        # Each run measures the two back to back, so a run's ratio sees the same machine speed; on a
+        # noisy machine the median of those is steadier than the ratio of the two medians.
+        print(f"  ratio: median of the runs' ratios {statistics.median(ratios):.2f}, ratio of the medians "
+              f"{o / b:.2f}  (target >= 0.70)")
     finally:
         sim.terminate()
         sim.wait()

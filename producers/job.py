@@ -36,8 +36,8 @@ from runtime.metrics import Metrics, collection_label
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.settings import KafkaSettings
 from runtime.timeparse import us_to_date
-from runtime.topics import TopicMap, schema_name_for
-from runtime.typed import datum_for
+from runtime.topics import TopicMap, schema_name_for, schema_name_for_collection
+from runtime.typed import datum_for, record_datum
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class JobRunner:
         self._n_produced: dict[str, int] = {}
         self._n_received = 0
         self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
+        self._routes: dict[str, tuple[str, str, str]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -249,21 +250,29 @@ class JobRunner:
             self._producer.begin_transaction()
             self._in_txn = True
 
+    def _route(self, collection: str) -> tuple[str, str, str]:
+        """(topic, schema name, metric label) of a collection, worked out once per collection."""
+        route = (self.topics.for_collection(collection), schema_name_for_collection(collection),
+                 collection_label(collection))
+        self._routes[collection] = route
+        self.stats.collections.add(collection)
+        return route
+
     def _emit(self, event: Event) -> None:
-        topic = self.topics.for_event(event)
-        datum = datum_for(event)
-        value = self.codec.encode(schema_name_for(event), topic, datum)
-        self._produce_raw(topic, event.did.encode(), value)
         st = self.stats
-        st.events_produced += 1
-        if isinstance(event, RecordEvent):
-            st.records_produced += 1
+        if type(event) is RecordEvent:
             coll = event.collection
-            st.by_collection[coll] = st.by_collection.get(coll, 0) + 1
-            st.collections.add(coll)
-            label = collection_label(coll)
+            topic, schema, label = self._routes.get(coll) or self._route(coll)
+            value = self.codec.encode(schema, topic, record_datum(event))
+            st.records_produced += 1
+            by_collection = st.by_collection
+            by_collection[coll] = by_collection.get(coll, 0) + 1
         else:
+            topic = self.topics.for_event(event)
+            value = self.codec.encode(schema_name_for(event), topic, datum_for(event))
             label = "identity" if isinstance(event, IdentityEvent) else "account"
+        self._produce_raw(topic, event.did.encode(), value)
+        st.events_produced += 1
         n_produced = self._n_produced
         n_produced[label] = n_produced.get(label, 0) + 1
         st.latest_cursor = event.cursor

@@ -166,6 +166,8 @@ def redacted(obj: Any) -> dict[str, Any]:
             out[f.name] = str(value)
         elif isinstance(value, str) and "://" in value and "@" in value:
             out[f.name] = redact_url(value)
+        elif isinstance(value, dict):
+            out[f.name] = {k: redact_value(k.replace(".", "_"), v) for k, v in value.items()}
         else:
             out[f.name] = value
     return out
@@ -191,6 +193,9 @@ def redact_value(name: str, value: Any) -> Any:
         return str(value)
     if isinstance(value, (list, tuple)):
         return [redact_value(name, v) for v in value]
+    if name == "kafka_config" and isinstance(value, str) and "=" in value:
+        key, _, setting = value.partition("=")
+        return f"{key}={redact_value(key.replace('.', '_'), setting)}"
     if isinstance(value, str):
         if value and _SECRET_WORDS.intersection(name.lower().split("_")):
             return "**********"
@@ -233,7 +238,26 @@ KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
         type=parse_secret),
     Opt(("--ssl-ca-location",), "ssl_ca_location", "KAFKA_SSL_CA_LOCATION", None,
         "CA certificate file for SSL"),
+    Opt(("--kafka-config",), "kafka_config", "BACKFILL_KAFKA_CONFIG", [],
+        "a librdkafka setting KEY=VALUE for every Kafka client of this process, over the defaults "
+        "(repeatable; in the env, comma-separated), e.g. linger.ms=20", type=None, action="append",
+        metavar="KEY=VALUE"),
 )
+
+
+def parse_kafka_config(items: Sequence[str] | None) -> dict[str, str]:
+    """``["linger.ms=20", ...]`` as a dict.
+
+    Raises:
+        ConfigError: an item is not ``KEY=VALUE``.
+    """
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--kafka-config wants KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 @dataclass(frozen=True)
@@ -259,7 +283,12 @@ class KafkaSettings:
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> KafkaSettings:
         """Build from a namespace parsed with :data:`KAFKA_OPTIONS`."""
-        return cls(**{o.dest: getattr(ns, o.dest) for o in KAFKA_OPTIONS})
+        values = {o.dest: getattr(ns, o.dest, o.default) for o in KAFKA_OPTIONS}
+        items = values.pop("kafka_config")
+        if items is None:  # the append option was not resolved by the caller: flag absent, env or default
+            [opt] = [o for o in KAFKA_OPTIONS if o.dest == "kafka_config"]
+            items = _env_default(opt, os.environ)
+        return cls(**values, extra=parse_kafka_config(items))
 
     def with_bootstrap(self, servers: str) -> KafkaSettings:
         """A copy pointing at ``servers`` (after an embedded broker was started)."""
@@ -300,9 +329,10 @@ class KafkaSettings:
             "queue.buffering.max.kbytes": 512 * 1024,
             "message.max.bytes": 4 * 1024 * 1024,
         })
+        conf.update(self.extra)  # the operator's settings over these defaults
         if transactional_id:
             conf["transactional.id"] = transactional_id
-            conf["transaction.timeout.ms"] = 60000
+            conf.setdefault("transaction.timeout.ms", 60000)
         conf.update(overrides)
         return conf
 
@@ -321,6 +351,7 @@ class KafkaSettings:
             "max.poll.interval.ms": 300000,
             "fetch.message.max.bytes": 4 * 1024 * 1024,
         })
+        conf.update(self.extra)  # the operator's settings over these defaults
         conf.update(overrides)
         return conf
 

@@ -15,6 +15,8 @@ from runtime.errors import DecodeError, InvalidRecordError
 from runtime.records import AccountEvent, Event, IdentityEvent, Operation, RecordEvent, Source
 
 _OPERATIONS: Final = frozenset(("create", "update", "delete"))
+_JETSTREAM: Final = Source.JETSTREAM.value
+_DELETE: Final = Operation.DELETE.value
 #: Upper bound of one decompressed message (Jetstream's own frames are far smaller).
 MAX_DECOMPRESSED: Final = 16 * 1024 * 1024
 
@@ -61,26 +63,41 @@ def decode_event(obj: Any, *, job: str = "") -> Event:
     """
     if not isinstance(obj, dict):
         raise InvalidRecordError(f"event is {type(obj).__name__}, expected object")
-    did = _require(obj, "did", str, "event")
-    time_us = _require(obj, "time_us", int, "event")
+    # Each field is checked inline for its common exact type; _require handles the rest (and errors).
+    did = obj.get("did")
+    if type(did) is not str:
+        did = _require(obj, "did", str, "event")
+    time_us = obj.get("time_us")
+    if type(time_us) is not int:
+        time_us = _require(obj, "time_us", int, "event")
     kind = obj.get("kind")
-    src = Source.JETSTREAM.value
+    src = _JETSTREAM
     if kind == "commit":
-        commit = _require(obj, "commit", dict, "event")
+        commit = obj.get("commit")
+        if type(commit) is not dict:
+            commit = _require(obj, "commit", dict, "event")
         op = commit.get("operation")
         if op not in _OPERATIONS:
             raise InvalidRecordError(f"commit.operation is {op!r}")
-        collection = _require(commit, "collection", str, "commit")
-        rkey = _require(commit, "rkey", str, "commit")
+        collection = commit.get("collection")
+        if type(collection) is not str:
+            collection = _require(commit, "collection", str, "commit")
+        rkey = commit.get("rkey")
+        if type(rkey) is not str:
+            rkey = _require(commit, "rkey", str, "commit")
         rev = commit.get("rev")
         if rev is not None and not isinstance(rev, str):
             raise InvalidRecordError("commit.rev is not a string")
-        if op == Operation.DELETE:
+        if op == _DELETE:
             record = None
             cid = None
         else:
-            record = _require(commit, "record", dict, "commit")
-            cid = _require(commit, "cid", str, "commit")
+            record = commit.get("record")
+            if type(record) is not dict:
+                record = _require(commit, "record", dict, "commit")
+            cid = commit.get("cid")
+            if type(cid) is not str:
+                cid = _require(commit, "cid", str, "commit")
         return RecordEvent(did=did, collection=collection, rkey=rkey, operation=op, rev=rev, cid=cid,
                            record=record, source=src, cursor=time_us, time_us=time_us, job=job)
     if kind == "identity":

@@ -186,3 +186,27 @@ def test_unresolvable_handle_is_a_clear_error(caplog: pytest.LogCaptureFixture,
     code = main(["jetstream", "-u", "not a handle", "--bootstrap-servers", "127.0.0.1:1"])
     assert code == 2
     assert "not a valid handle" in capsys.readouterr().err
+
+
+def test_kafka_config_reaches_every_client_over_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    ns = parse(["--bootstrap-servers", "k:9092", "--kafka-config", "linger.ms=5",
+                "--kafka-config", "ssl.key.password=hunter2"])
+    s = KafkaSettings.from_namespace(ns)
+    assert s.extra == {"linger.ms": "5", "ssl.key.password": "hunter2"}
+    producer = s.producer_config(transactional_id="t", on_delivery=print)
+    assert producer["linger.ms"] == "5" and producer["transactional.id"] == "t"
+    assert s.consumer_config("g")["ssl.key.password"] == "hunter2"
+    assert s.consumer_config("g")["group.id"] == "g"  # what the code sets itself is not overridden
+    assert "hunter2" not in repr(redacted(s)) + repr(s)
+    from runtime.settings import redacted_namespace
+
+    assert "hunter2" not in repr(redacted_namespace(ns))
+    # from the environment, comma-separated, also when the caller did not resolve append options
+    monkeypatch.setenv("BACKFILL_KAFKA_CONFIG", "linger.ms=7,compression.type=lz4")
+    plain = argparse.ArgumentParser()
+    add_options(plain, KAFKA_OPTIONS)
+    env_s = KafkaSettings.from_namespace(plain.parse_args(["--bootstrap-servers", "k:9092"]))
+    assert env_s.producer_config()["linger.ms"] == "7"
+    assert env_s.producer_config()["compression.type"] == "lz4"
+    with pytest.raises(ConfigError):
+        KafkaSettings.from_namespace(parse(["--kafka-config", "linger.ms"]))
