@@ -2,7 +2,9 @@
 
 The Avro body is written by an encoder compiled from each shipped schema
 (:mod:`runtime.avrowrite`, byte-identical to fastavro and about twice as fast); fastavro writes
-what that encoder does not take, and reads everything.
+what that encoder does not take. Values written with a shipped schema are read by a decoder
+compiled the same way (:mod:`runtime.avroread`); fastavro reads the rest (schema resolution) and
+anything the compiled decoder refuses, so corrupt bytes still raise fastavro's error.
 
 * With a schema registry: the Confluent wire format, ``0x00`` + 4-byte big-endian schema id +
   Avro binary; schemas are registered under ``<topic>-value`` (TopicNameStrategy).
@@ -25,6 +27,7 @@ import fastavro
 import fastavro.schema
 
 import schemas
+from runtime.avroread import DECODE_ERRORS, Decoder, compile_decoder
 from runtime.avrowrite import ENCODE_ERRORS, Encoder, compile_encoder
 from runtime.errors import DecodeError
 
@@ -42,6 +45,7 @@ class ShippedSchema:
     fingerprint: bytes
     canonical: str
     encoder: Encoder | None = None
+    decoder: Decoder | None = None
 
 
 def _load_shipped() -> dict[str, ShippedSchema]:
@@ -53,7 +57,8 @@ def _load_shipped() -> dict[str, ShippedSchema]:
         fp = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
         full = f"{raw.get('namespace')}.{raw['name']}" if raw.get("namespace") else raw["name"]
         out[name] = ShippedSchema(name=name, full_name=full, parsed=parsed, fingerprint=fp,
-                                  canonical=canonical, encoder=compile_encoder(parsed))
+                                  canonical=canonical, encoder=compile_encoder(parsed),
+                                  decoder=compile_decoder(parsed))
     return out
 
 
@@ -87,7 +92,7 @@ class AvroCodec:
         self._by_fp = {s.fingerprint: s for s in self._shipped.values()}
         self._by_full = {s.full_name: s for s in self._shipped.values()}
         self._headers: dict[tuple[str, str], bytes] = {}
-        self._by_id: dict[int, tuple[ShippedSchema, Any]] = {}
+        self._by_id: dict[int, tuple[ShippedSchema, Any, bool]] = {}
         self._buf = io.BytesIO()
 
     @property
@@ -156,13 +161,14 @@ class AvroCodec:
             s = self._by_fp.get(bytes(value[2:10]))
             if s is None:
                 raise DecodeError("decode_avro", f"unknown schema fingerprint {value[2:10].hex()}")
-            return s.name, _read(value[10:], s.parsed, s.parsed)
+            return s.name, _read(bytes(value[10:]), s.parsed, s.parsed, s.decoder)
         if value[0] == REGISTRY_MAGIC:
-            s, writer = self._registry_schema(int.from_bytes(value[1:5], "big"))
-            return s.name, _read(value[5:], writer, s.parsed)
+            s, writer, same = self._registry_schema(int.from_bytes(value[1:5], "big"))
+            return s.name, _read(bytes(value[5:]), writer, s.parsed, s.decoder if same else None)
         raise DecodeError("decode_avro", f"unknown framing byte 0x{value[0]:02x}")
 
-    def _registry_schema(self, schema_id: int) -> tuple[ShippedSchema, Any]:
+    def _registry_schema(self, schema_id: int) -> tuple[ShippedSchema, Any, bool]:
+        """The shipped schema a registry id stands for, its writer schema, and whether the two are one."""
         hit = self._by_id.get(schema_id)
         if hit is not None:
             return hit
@@ -176,11 +182,17 @@ class AvroCodec:
         s = self._by_full.get(full)
         if s is None:
             raise DecodeError("decode_avro", f"registry schema {schema_id} is {full}, not a shipped schema")
-        self._by_id[schema_id] = (s, writer)
-        return s, writer
+        same = fastavro.schema.to_parsing_canonical_form(writer) == s.canonical
+        self._by_id[schema_id] = (s, writer, same)
+        return s, writer, same
 
 
-def _read(body: bytes, writer: Any, reader: Any) -> dict[str, Any]:
+def _read(body: bytes, writer: Any, reader: Any, compiled: Decoder | None = None) -> dict[str, Any]:
+    if compiled is not None:
+        try:
+            return compiled(body)
+        except DECODE_ERRORS:
+            pass  # fastavro below decides: it reads what it can, and explains what it cannot
     try:
         datum = fastavro.schemaless_reader(io.BytesIO(body), writer, reader)
     except Exception as e:  # fastavro raises many types on corrupt input

@@ -545,6 +545,9 @@ class PdsClient:
                     if size > cap:
                         raise PdsError("oversize", f"repository of {did} exceeds the cap of {cap} bytes")
                     out.write(chunk)
+            if declared is not None and declared.isdigit() and size != int(declared):
+                # the transport should have said so; a CAR cut at a block boundary would still parse
+                raise _TransientError(f"getRepo of {did}: {size} of {declared} bytes", "connection")
             ok = True
             return FetchedCar(path, size, attempt)
         finally:

@@ -37,10 +37,10 @@ class Backfilled:
         return out
 
 
-def read_back(kafka: KafkaSettings, *, max_wait: float = 60.0) -> Backfilled:
+def read_back(kafka: KafkaSettings, *, max_wait: float = 60.0, isolation: str = "read_committed") -> Backfilled:
     """Decode every data topic, the repo_status topic and the dead letters of ``kafka.topic_prefix``.
 
-    One consumer reads every partition of them to its end (read_committed).
+    One consumer reads every partition of them to its end (read_committed unless ``isolation``).
     """
     topics = TopicMap(kafka.topic_prefix)
     codec = AvroCodec()
@@ -48,7 +48,8 @@ def read_back(kafka: KafkaSettings, *, max_wait: float = 60.0) -> Backfilled:
     md = admin.list_topics(timeout=10).topics
     wanted = [name for name in sorted(md) if name.startswith(kafka.topic_prefix + ".")
               and (topics.collection_of(name) is not None or name in (topics.repo_status, topics.dead_letters))]
-    conf = {**kafka.consumer_config("repos-test-reader"), "enable.partition.eof": True, "fetch.wait.max.ms": 20}
+    conf = {**kafka.consumer_config("repos-test-reader"), "enable.partition.eof": True, "fetch.wait.max.ms": 20,
+            "isolation.level": isolation}
     consumer = Consumer(conf)
     parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in wanted for p in md[t].partitions]
     consumer.assign(parts)
@@ -95,9 +96,20 @@ def expected_keys(net: PdsNetwork, dids: list[str] | None = None) -> Counter[tup
     return want
 
 
-def assert_same_keys(got: Counter[tuple[str, str, str]], want: Counter[tuple[str, str, str]]) -> None:
-    """``got == want``, failing with the few keys that differ (a Counter's full diff is unreadable)."""
+def assert_same_keys(got: Counter[tuple[str, str, str]], want: Counter[tuple[str, str, str]],
+                     kafka: KafkaSettings | None = None) -> None:
+    """``got == want``, failing with the few keys that differ (a Counter's full diff is unreadable).
+
+    With ``kafka``, a failure also says whether the missing records are in the topics uncommitted
+    (the broker never committed their transaction) or not there at all.
+    """
     missing, extra = want - got, got - want
+    if missing and kafka is not None:
+        uncommitted = read_back(kafka, isolation="read_uncommitted").keys()
+        found = sorted(k for k in missing if uncommitted[k])
+        lost = sorted(k for k in missing if not uncommitted[k])
+        raise AssertionError(f"missing {len(missing)}: present but uncommitted {found[:10]}; absent {lost[:10]}; "
+                             f"extra {sorted(extra.items())[:10]}")
     assert not missing and not extra, f"missing {sorted(missing.items())[:10]}, extra {sorted(extra.items())[:10]}"
 
 

@@ -116,7 +116,8 @@ def _aborted_dids(logs: list[Path]) -> set[str]:
     return out
 
 
-def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = None) -> None:
+def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = None,
+                 kafka: KafkaSettings | None = None) -> None:
     """Every DID has exactly one status, every active repository's records are there exactly once.
 
     ``aborted``: DIDs of transactions a replica aborted (a rebalance) and redid. A real Kafka hides
@@ -136,7 +137,7 @@ def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = No
         extra = got - want
         assert max(extra.values(), default=0) <= 1 and {k[0] for k in extra} <= aborted, extra.most_common(5)
     else:
-        assert_same_keys(got, want)
+        assert_same_keys(got, want, kafka)
     for did, ss in statuses.items():
         state = net.accounts[did].state
         assert ss[-1]["outcome"] == {"active": "ok", "deleted": "not_found"}.get(state, state)
@@ -156,7 +157,7 @@ def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: flo
 
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     out, aborted = _run_two(kafka, net, tmp_path, timeout=150)
-    _check_exact(out, net, aborted)
+    _check_exact(out, net, aborted, kafka)
     assert_limits_kept(net)
 
 
@@ -167,7 +168,7 @@ def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwo
     started = time.monotonic()
     out, aborted = _run_two(kafka, net, tmp_path, timeout=360)
     elapsed = time.monotonic() - started
-    _check_exact(out, net, aborted)
+    _check_exact(out, net, aborted, kafka)
     assert_limits_kept(net)
     print(f"\n1000 accounts, {len(out.events)} records by 2 replicas in {elapsed:.1f} s "
           f"({len(net.dids) / elapsed:.1f} repos/s)")
