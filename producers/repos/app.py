@@ -54,6 +54,7 @@ from producers.repos.source import (
     dids_fingerprint,
 )
 from producers.repos.worktopic import WorkOptions, WorkStats, WorkTopicRunner, enqueue_dids
+from runtime import taskdump
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import JobState
 from runtime.codec import AvroCodec
@@ -480,6 +481,7 @@ async def _run_topic(settings: ReposSettings, kafka: KafkaSettings, metrics: Met
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, runner.stop, "signal")
             installed.append(sig)
+    taskdump.install(loop)  # kill -USR1 logs where each task waits
     try:
         work = await runner.run()
     finally:
