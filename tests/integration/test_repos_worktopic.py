@@ -95,7 +95,12 @@ def _wait(procs: list[subprocess.Popen[bytes]], timeout: float, logs: list[Path]
             try:
                 code = p.wait(left)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"replica did not finish; log tail:\n{log.read_text()[-3000:]}")
+                for q in procs:  # each live replica logs where its tasks wait (runtime.taskdump)
+                    if q.poll() is None:
+                        q.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                pytest.fail("replica did not finish; log tails:\n" +
+                            "\n".join(f"== {lg.name}\n{lg.read_text()[-6000:]}" for lg in logs))
             assert code == 0, log.read_text()[-3000:]
     finally:
         for p in procs:  # a failed wait leaves no replica behind to disturb the next test
