@@ -403,8 +403,11 @@ class WorkTopicRunner:
         log.info("replica %s revoked partitions %s", self.opts.replica, sorted(p.partition for p in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The group moved on without this member (session expired): another member owns them now.
         self._drop_partitions(partitions)
         consumer.incremental_unassign(partitions)
+        log.warning("replica %s lost partitions %s (its session with the group expired)", self.opts.replica,
+                    sorted(p.partition for p in partitions))
 
     # ------------------------------------------------------------------ producing
 
