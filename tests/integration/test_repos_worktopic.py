@@ -160,6 +160,7 @@ def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: flo
     return out, _aborted_dids(logs)
 
 
+@pytest.mark.stress
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     out, aborted = _run_two(kafka, net, tmp_path, timeout=150)
     _check_exact(out, net, aborted, kafka)
@@ -167,6 +168,7 @@ def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("net", [1000], indirect=True)
 def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
@@ -179,6 +181,7 @@ def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwo
           f"({len(net.dids) / elapsed:.1f} repos/s)")
 
 
+@pytest.mark.stress
 def test_kill_9_of_a_replica_loses_nothing(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
