@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-import traceback
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +20,28 @@ def log_tasks() -> None:
     tasks = asyncio.all_tasks()
     log.warning("%d asyncio tasks", len(tasks))
     for task in tasks:
-        frames = task.get_stack(limit=20)
-        stack = "".join(traceback.format_list(traceback.StackSummary.extract((f, f.f_lineno) for f in frames)))
-        log.warning("task %s (%s):\n%s", task.get_name(), task.get_coro(), stack)
+        log.warning("task %s (%s) waits at:\n%s", task.get_name(), task.get_coro(), "".join(await_chain(task)))
+
+
+def await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """Where ``task`` waits: each coroutine it awaits through, innermost last, then what it awaits.
+
+    ``Task.get_stack()`` shows only the outermost frame of a suspended task; the ``cr_await``
+    links lead to the await that does not return.
+    """
+    out: list[str] = []
+    obj: Any = task.get_coro()
+    for _ in range(64):
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is None:
+            break
+        out.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+        nxt = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None) or getattr(obj, "gi_yieldfrom", None)
+        if nxt is None:
+            break
+        obj = nxt
+    out.append(f"  awaiting {obj!r}\n")
+    return out
 
 
 def install(loop: asyncio.AbstractEventLoop) -> bool:

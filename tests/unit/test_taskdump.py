@@ -34,3 +34,4 @@ def test_sigusr1_logs_every_task_stack(caplog: pytest.LogCaptureFixture) -> None
     text = caplog.text
     assert "asyncio tasks" in text
     assert "stuck-one" in text and "_waits_for_ever" in text
+    assert "test_taskdump.py" in text  # the chain reaches the coroutine's own frame and line
