@@ -17,6 +17,8 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
+from runtime.avrowrite import CodeGen, UnsupportedSchemaError, null_union, resolve_named
+
 #: ``decode(data) -> datum``; raises one of :data:`DECODE_ERRORS` on bytes that do not decode.
 Decoder = Callable[[bytes], dict[str, Any]]
 
@@ -53,28 +55,12 @@ _FLOAT = struct.Struct("<f").unpack_from
 _DOUBLE = struct.Struct("<d").unpack_from
 
 
-class _Unsupported(Exception):  # noqa: N818 - internal signal, never escapes this module
-    """The schema uses something this compiler does not handle."""
+class _Gen(CodeGen):
+    """Emits the body of one decoder function."""
 
-
-class _Gen:
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.consts: dict[str, Any] = {"read_long": read_long, "CorruptError": CorruptError,
-                                       "unpack_float": _FLOAT, "unpack_double": _DOUBLE}
-        self._n = 0
-
-    def var(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}{self._n}"
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
-
-    def const(self, value: Any) -> str:
-        name = self.var("C")
-        self.consts[name] = value
-        return name
+        super().__init__({"read_long": read_long, "CorruptError": CorruptError, "unpack_float": _FLOAT,
+                          "unpack_double": _DOUBLE})
 
     def long(self, target: str, indent: int) -> None:
         """``target = <long at pos>``, one byte inline (the common case)."""
@@ -92,7 +78,7 @@ class _Gen:
             return
         kind = schema if isinstance(schema, str) else schema.get("type")
         if isinstance(schema, dict) and schema.get("logicalType"):
-            raise _Unsupported(f"logical type {schema['logicalType']}")
+            raise UnsupportedSchemaError(f"logical type {schema['logicalType']}")
         if kind == "null":
             self.emit(indent, f"{target} = None")
         elif kind == "boolean":
@@ -128,13 +114,10 @@ class _Gen:
         elif kind == "record":
             self.record(schema, target, indent)
         else:
-            raise _Unsupported(f"type {kind!r}")
+            raise UnsupportedSchemaError(f"type {kind!r}")
 
     def union(self, branches: list[Any], target: str, indent: int) -> None:
-        kinds = [b if isinstance(b, str) else b.get("type") for b in branches]
-        if len(branches) != 2 or "null" not in kinds or kinds[0] == kinds[1]:
-            raise _Unsupported(f"union {kinds}")
-        null_index = kinds.index("null")
+        null_index = null_union(branches)
         self.emit(indent, "b = data[pos]")
         self.emit(indent, "pos += 1")
         self.emit(indent, f"if b == {2 * null_index}:")
@@ -178,17 +161,13 @@ def compile_decoder(parsed: Any) -> Decoder | None:
     """A decoder for values written with the parsed record schema ``parsed`` (None if unsupported)."""
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         return None
-    from runtime.avrowrite import _resolve  # noqa: PLC0415 - one resolver for both directions
-
     gen = _Gen()
     try:
-        gen.record(_resolve(parsed, {}), "datum", 1)
-    except _Unsupported:
+        gen.record(resolve_named(parsed, {}), "datum", 1)
+    except UnsupportedSchemaError:
         return None
     body = "\n".join(gen.lines)
     source = (f"def decode(data):\n    pos = 0\n{body}\n"
               "    if pos > len(data): raise CorruptError('value truncated')\n    return datum\n")
-    namespace: dict[str, Any] = dict(gen.consts)
-    exec(compile(source, f"<avro decoder {parsed.get('name')}>", "exec"), namespace)  # noqa: S102 - generated from our schemas
-    decoder: Decoder = namespace["decode"]
+    decoder: Decoder = gen.build(source, f"decoder {parsed.get('name')}", "decode")
     return decoder

@@ -100,23 +100,17 @@ _FLOAT = struct.Struct("<f").pack
 _DOUBLE = struct.Struct("<d").pack
 
 
-class _Unsupported(Exception):  # noqa: N818 - internal signal, never escapes this module
-    """The schema uses something this compiler does not handle (fastavro will)."""
+class UnsupportedSchemaError(Exception):
+    """The schema uses something the compilers here do not handle (fastavro will)."""
 
 
-class _Gen:
-    """Emits the body of one encoder function.
+class CodeGen:
+    """What both compilers (this module's writers, :mod:`runtime.avroread`'s readers) share: lines
+    of generated code, fresh local names, and constants the generated function sees as globals."""
 
-    The generated code does not check types one by one: a value of the wrong type fails on the
-    operation it cannot do (``.encode`` of a non-string, a table index of a non-int, a missing
-    key), and the caller encodes such a datum with fastavro instead, which explains the error.
-    """
-
-    def __init__(self) -> None:
+    def __init__(self, consts: dict[str, Any]) -> None:
         self.lines: list[str] = []
-        self.consts: dict[str, Any] = {"zz_long": zz_long, "zz_int": zz_int, "ZZ": _ZZ, "SMALL": _SMALL,
-                                       "BR0": _BRANCH0, "BR1": _BRANCH1, "pack_float": _FLOAT,
-                                       "pack_double": _DOUBLE}
+        self.consts: dict[str, Any] = dict(consts)
         self._n = 0
 
     def var(self, prefix: str) -> str:
@@ -131,6 +125,37 @@ class _Gen:
         self.consts[name] = value
         return name
 
+    def build(self, source: str, label: str, name: str) -> Any:
+        """Compile ``source`` (which defines ``name``) with the constants as its globals."""
+        namespace: dict[str, Any] = dict(self.consts)
+        exec(compile(source, f"<avro {label}>", "exec"), namespace)  # noqa: S102 - generated from our schemas
+        return namespace[name]
+
+
+def null_union(branches: list[Any]) -> int:
+    """The index of ``null`` in a two-branch union with ``null`` (the only unions compiled).
+
+    Raises:
+        UnsupportedSchemaError: any other union.
+    """
+    kinds = [b if isinstance(b, str) else b.get("type") for b in branches]
+    if len(branches) != 2 or "null" not in kinds or kinds[0] == kinds[1]:
+        raise UnsupportedSchemaError(f"union {kinds}")
+    return kinds.index("null")
+
+
+class _Gen(CodeGen):
+    """Emits the body of one encoder function.
+
+    The generated code does not check types one by one: a value of the wrong type fails on the
+    operation it cannot do (``.encode`` of a non-string, a table index of a non-int, a missing
+    key), and the caller encodes such a datum with fastavro instead, which explains the error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__({"zz_long": zz_long, "zz_int": zz_int, "ZZ": _ZZ, "SMALL": _SMALL, "BR0": _BRANCH0,
+                          "BR1": _BRANCH1, "pack_float": _FLOAT, "pack_double": _DOUBLE})
+
     def value(self, schema: Any, expr: str, indent: int, prefix: str | None = None) -> None:
         """Emit code appending ``expr`` (a local name) encoded with ``schema`` to ``out``.
 
@@ -142,7 +167,7 @@ class _Gen:
             return
         kind = schema if isinstance(schema, str) else schema.get("type")
         if isinstance(schema, dict) and schema.get("logicalType"):
-            raise _Unsupported(f"logical type {schema['logicalType']}")
+            raise UnsupportedSchemaError(f"logical type {schema['logicalType']}")
         if prefix is not None and kind not in ("string", "bytes"):
             self.emit(indent, f"out += {prefix}[0][:1]")
             prefix = None
@@ -186,13 +211,10 @@ class _Gen:
         elif kind == "record":
             self.record(schema, expr, indent)
         else:
-            raise _Unsupported(f"type {kind!r}")
+            raise UnsupportedSchemaError(f"type {kind!r}")
 
     def union(self, branches: list[Any], expr: str, indent: int) -> None:
-        kinds = [b if isinstance(b, str) else b.get("type") for b in branches]
-        if len(branches) != 2 or "null" not in kinds or kinds[0] == kinds[1]:
-            raise _Unsupported(f"union {kinds}")
-        null_index = kinds.index("null")
+        null_index = null_union(branches)
         self.emit(indent, f"if {expr} is None:")
         self.emit(indent + 1, f"out += {zz_long(null_index)!r}")
         self.emit(indent, "else:")
@@ -235,24 +257,22 @@ def compile_encoder(parsed: Any) -> Encoder | None:
         return None
     gen = _Gen()
     try:
-        gen.record(_resolve(parsed, {}), "d", 1)
-    except _Unsupported:
+        gen.record(resolve_named(parsed, {}), "d", 1)
+    except UnsupportedSchemaError:
         return None
-    source = "def encode(d, out):\n" + "\n".join(gen.lines) + "\n"
-    namespace: dict[str, Any] = dict(gen.consts)
-    exec(compile(source, f"<avro encoder {parsed.get('name')}>", "exec"), namespace)  # noqa: S102 - generated from our schemas
-    encoder: Encoder = namespace["encode"]
+    encoder: Encoder = gen.build("def encode(d, out):\n" + "\n".join(gen.lines) + "\n",
+                                 f"encoder {parsed.get('name')}", "encode")
     return encoder
 
 
-def _resolve(schema: Any, named: dict[str, Any]) -> Any:
+def resolve_named(schema: Any, named: dict[str, Any]) -> Any:
     """The schema with references to named types replaced by their definitions."""
     if isinstance(schema, str):
         if schema in named:
             return named[schema]
         return schema
     if isinstance(schema, list):
-        return [_resolve(s, named) for s in schema]
+        return [resolve_named(s, named) for s in schema]
     out = {k: v for k, v in schema.items() if not k.startswith("__")}
     kind = out.get("type")
     if kind in ("record", "enum", "fixed") and "name" in out:
@@ -260,11 +280,11 @@ def _resolve(schema: Any, named: dict[str, Any]) -> Any:
         named[full] = out
         named[out["name"]] = out
     if kind == "record":
-        out["fields"] = [{**f, "type": _resolve(f["type"], named)} for f in out["fields"]]
+        out["fields"] = [{**f, "type": resolve_named(f["type"], named)} for f in out["fields"]]
     elif kind == "array":
-        out["items"] = _resolve(out["items"], named)
+        out["items"] = resolve_named(out["items"], named)
     elif kind == "map":
-        out["values"] = _resolve(out["values"], named)
+        out["values"] = resolve_named(out["values"], named)
     elif isinstance(kind, (dict, list)):
-        return _resolve(kind, named)
+        return resolve_named(kind, named)
     return out

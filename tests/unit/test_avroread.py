@@ -9,21 +9,19 @@ from typing import Any
 import fastavro
 import pytest
 
-from producers.firehose.decode import decode_frame
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
 from runtime.avroread import DECODE_ERRORS, compile_decoder, read_long
 from runtime.codec import AvroCodec, shipped
-from runtime.errors import DecodeError, DropError
-from runtime.simulator.relay import read_capture
+from runtime.errors import DecodeError
 from runtime.simulator.synthetic import Generator
 from runtime.topics import schema_name_for
 from runtime.typed import datum_for
 
 try:
-    from tests.unit.test_avrowrite import ALL_TYPES
+    from tests.unit.test_avrowrite import ALL_TYPES, captured_events
 except ImportError:  # tests/ is not a package here: pytest put this directory on sys.path
-    from test_avrowrite import ALL_TYPES  # type: ignore[no-redef]
+    from test_avrowrite import ALL_TYPES, captured_events  # type: ignore[no-redef]
 
 
 def _write(parsed: Any, datum: dict[str, Any]) -> bytes:
@@ -51,16 +49,10 @@ def test_synthetic_events_decode_like_fastavro() -> None:
 
 
 def test_captured_firehose_events_decode_like_fastavro(fixtures_dir: Path) -> None:
-    n = 0
-    for frame in read_capture(fixtures_dir / "frames.bin.zst"):
-        try:
-            decoded = decode_frame(frame, job="fx")
-        except DropError:
-            continue
-        for event in decoded.events:
-            _same(shipped()[schema_name_for(event)].parsed, datum_for(event))
-            n += 1
-    assert n >= 150
+    events = captured_events(fixtures_dir)
+    assert len(events) >= 150
+    for event in events:
+        _same(shipped()[schema_name_for(event)].parsed, datum_for(event))
 
 
 def test_other_shipped_records_and_every_supported_type_decode_like_fastavro() -> None:

@@ -18,7 +18,7 @@ from producers.repos.source import RepoResult
 from runtime.avrowrite import _HIGH_MAX, ENCODE_ERRORS, compile_encoder, zz_long
 from runtime.codec import AvroCodec, shipped
 from runtime.errors import DropError
-from runtime.records import RecordEvent
+from runtime.records import Event, RecordEvent
 from runtime.simulator.relay import read_capture
 from runtime.simulator.synthetic import Generator
 from runtime.topics import schema_name_for
@@ -59,17 +59,22 @@ def test_synthetic_events_of_every_collection_encode_like_fastavro() -> None:
             "account"} <= seen
 
 
-def test_captured_firehose_events_encode_like_fastavro(fixtures_dir: Path) -> None:
-    n = 0
+def captured_events(fixtures_dir: Path) -> list[Event]:
+    """Every event of the captured firehose frames (shared with test_avroread)."""
+    out: list[Event] = []
     for frame in read_capture(fixtures_dir / "frames.bin.zst"):
         try:
-            decoded = decode_frame(frame, job="fx")
+            out.extend(decode_frame(frame, job="fx").events)
         except DropError:
             continue
-        for event in decoded.events:
-            _same(shipped()[schema_name_for(event)].parsed, datum_for(event))
-            n += 1
-    assert n >= 150
+    return out
+
+
+def test_captured_firehose_events_encode_like_fastavro(fixtures_dir: Path) -> None:
+    events = captured_events(fixtures_dir)
+    assert len(events) >= 150
+    for event in events:
+        _same(shipped()[schema_name_for(event)].parsed, datum_for(event))
 
 
 def test_edge_values_encode_like_fastavro() -> None:
