@@ -228,6 +228,10 @@ class Metrics:
         self.repo_txn_aborts = Counter(
             f"{p}_repos_transactions_aborted_total",
             "Work-topic transactions aborted by a rebalance and redone.", registry=r)
+        self.repo_fetch_restarts = Counter(
+            f"{p}_repos_fetch_restarts_total",
+            "Work-topic partitions of a replica that had work but delivered none, restarted at their "
+            "committed offset.", registry=r)
 
         # -- process
         self.memory = Gauge(f"{p}_process_resident_memory_bytes", "Resident set size.", registry=r)

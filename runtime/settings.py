@@ -59,6 +59,7 @@ class Opt:
         action: argparse action (``store_true``, ``append``, ...).
         choices: allowed values.
         metavar: argparse metavar.
+        separator: how an ``append`` option's env value splits into items (a regex; default ``,``).
     """
 
     flags: tuple[str, ...]
@@ -70,6 +71,7 @@ class Opt:
     action: str | None = None
     choices: Sequence[Any] | None = None
     metavar: str | None = None
+    separator: str = ","
 
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on", "y", "t"})
@@ -100,7 +102,7 @@ def _env_default(opt: Opt, environ: Mapping[str, str]) -> Any:
             return parse_bool(raw)
         if opt.action == "append":
             conv = opt.type or str
-            return [conv(part.strip()) for part in raw.split(",") if part.strip()]
+            return [conv(part.strip()) for part in re.split(opt.separator, raw) if part.strip()]
         return (opt.type or str)(raw)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"environment variable {opt.env}={raw!r}: {e}") from e
@@ -240,8 +242,8 @@ KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
         "CA certificate file for SSL"),
     Opt(("--kafka-config",), "kafka_config", "BACKFILL_KAFKA_CONFIG", [],
         "a librdkafka setting KEY=VALUE for every Kafka client of this process, over the defaults "
-        "(repeatable; in the env, comma-separated), e.g. linger.ms=20", type=None, action="append",
-        metavar="KEY=VALUE"),
+        "(repeatable; in the env, comma-separated), e.g. linger.ms=20 or debug=cgrp,fetch", type=None,
+        action="append", metavar="KEY=VALUE", separator=r",(?=\s*[A-Za-z0-9_.]+=)"),
 )
 
 

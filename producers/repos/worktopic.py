@@ -255,6 +255,10 @@ class WorkOptions:
             its end) and this replica had no work for this many seconds (0 = run forever).
         max_time: stop after this many seconds (0 = no limit).
         skip_done: skip DIDs with a terminal status from another work item.
+        stuck_check: without ``idle_exit``, how often an idle replica checks for partitions of its
+            own that have work but deliver none (and restarts their fetch).
+        stuck_after: a partition is restarted only after it delivered nothing for this long (since
+            it was assigned or since its last work item).
     """
 
     job: str
@@ -265,6 +269,8 @@ class WorkOptions:
     idle_exit: float = 0.0
     max_time: float = 0.0
     skip_done: bool = True
+    stuck_check: float = 30.0
+    stuck_after: float = 10.0
 
 
 @dataclass
@@ -326,6 +332,7 @@ class WorkTopicRunner:
         self._known: set[str] = set()
         self._parts: dict[int, deque[_Item]] = {}
         self._paused: set[int] = set()
+        self._quiet_since: dict[int, float] = {}  # per partition: assignment or last delivery
         self._need_catch_up = True
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
@@ -381,30 +388,39 @@ class WorkTopicRunner:
     # ------------------------------------------------------------------ rebalance
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        now = self.clock()
         for p in partitions:
             self._parts.setdefault(p.partition, deque())
+            self._quiet_since[p.partition] = now
         self._need_catch_up = True
         consumer.incremental_assign(partitions)
         self.health.set_ready(True)
         log.info("replica %s assigned partitions %s", self.opts.replica, sorted(p.partition for p in partitions))
 
-    def _drop_partitions(self, partitions: list[TopicPartition]) -> None:
+    def _drop_partitions(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        paused = [p for p in partitions if p.partition in self._paused]
+        if paused:
+            # librdkafka keeps a partition's pause across its revocation: were it assigned to this
+            # replica again, it would stay paused for good while this replica, holding none of its
+            # items, would never resume it. So a partition leaves resumed.
+            consumer.resume([TopicPartition(p.topic, p.partition) for p in paused])
         for p in partitions:
             items = self._parts.pop(p.partition, deque())
             self._paused.discard(p.partition)
+            self._quiet_since.pop(p.partition, None)
             for item in items:
                 _close_item(item)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # No transaction is open here (every cycle commits before the consumer is polled again):
         # items not yet produced are simply left to the partition's next owner.
-        self._drop_partitions(partitions)
+        self._drop_partitions(consumer, partitions)
         consumer.incremental_unassign(partitions)
         log.info("replica %s revoked partitions %s", self.opts.replica, sorted(p.partition for p in partitions))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The group moved on without this member (session expired): another member owns them now.
-        self._drop_partitions(partitions)
+        self._drop_partitions(consumer, partitions)
         consumer.incremental_unassign(partitions)
         log.warning("replica %s lost partitions %s (its session with the group expired)", self.opts.replica,
                     sorted(p.partition for p in partitions))
@@ -561,6 +577,7 @@ class WorkTopicRunner:
         consumer = self._consumer
         assert consumer is not None
         msgs = consumer.consume(num_messages=500, timeout=0)
+        now = self.clock()
         for msg in msgs:
             err = msg.error()
             if err is not None:
@@ -579,6 +596,7 @@ class WorkTopicRunner:
             except DropError as e:
                 item = _Item(partition, offset, "", skip=e.reason, detail=e.detail, raw=msg.value() or b"")
             part.append(item)
+            self._quiet_since[partition] = now
             self.stats.items += 1
         self._pause_full()
         return len(msgs)
@@ -635,38 +653,77 @@ class WorkTopicRunner:
                 in_batch.add(head.did)
         return batch
 
-    def _drained(self, max_wait: float = 15.0) -> bool:
-        """True when no partition of the work topic has work past the group's committed offset.
+    def _owed(self, max_wait: float = 15.0) -> dict[int, int] | None:
+        """Partitions of the work topic with work past the group's committed offset, and that offset.
 
-        A separate consumer outside the group is assigned at the committed offsets: a partition is
-        drained when it reports its end (fetch-derived) before delivering any message.
+        Empty: the whole topic is drained (whoever owns its partitions). None: not every partition
+        answered within ``max_wait``. A separate consumer outside the group is assigned at the
+        committed offsets: a partition is drained when it reports its end (fetch-derived) before
+        delivering any message.
         """
         consumer = self._consumer
         assert consumer is not None
         topic = self.topics.dids
         md = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if md is None or not md.partitions:
-            return True
+            return {}
         committed = consumer.committed([TopicPartition(topic, p) for p in sorted(md.partitions)], timeout=10)
+        starts = {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_BEGINNING for tp in committed}
         peek = Consumer({**self.kafka.consumer_config(f"{self.group}-drain-check"), "enable.partition.eof": True,
                          "fetch.wait.max.ms": 50})
+        owed: dict[int, int] = {}
         try:
-            peek.assign([TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
-                         for tp in committed])
-            pending = {tp.partition for tp in committed}
+            peek.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
+            pending = set(starts)
             deadline = self.clock() + max_wait
             while pending and self.clock() < deadline:
                 msg = peek.poll(0.2)
                 if msg is None:
                     continue
+                p = msg.partition() or 0
+                if p not in pending:
+                    continue
                 err = msg.error()
                 if err is None:
-                    return False  # a work item past the committed offset: someone owes it
-                if err.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(msg.partition() or 0)
-            return not pending
+                    owed[p] = starts[p]  # a work item past the committed offset: someone owes it
+                    pending.discard(p)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(p)
+            return None if pending else owed
         finally:
             peek.close()
+
+    def _restart_stuck(self, owed: dict[int, int]) -> None:
+        """Restart the fetch of this replica's partitions that have work yet deliver none.
+
+        Called after this replica had nothing to do for a while: a partition it owns and holds no
+        item of, with work past its committed offset, is not being delivered (librdkafka can leave a
+        partition paused or its fetch stopped across a rebalance). Holding no item of it means every
+        item taken from it was committed, so the committed offset is exactly where to resume.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        now = self.clock()
+        stuck = [TopicPartition(self.topics.dids, p, o) for p, o in sorted(owed.items())
+                 if p in self._parts and not self._parts[p]
+                 and now - self._quiet_since.get(p, now) >= self.opts.stuck_after]
+        if not stuck:
+            return
+        positions = {tp.partition: tp.offset for tp in consumer.position(
+            [TopicPartition(tp.topic, tp.partition) for tp in stuck])}
+        log.warning("replica %s: partitions %s have work past their committed offsets %s but delivered none "
+                    "(positions %s, paused here %s); restarting their fetch at the committed offsets",
+                    self.opts.replica, [tp.partition for tp in stuck], [tp.offset for tp in stuck],
+                    [positions.get(tp.partition) for tp in stuck], sorted(self._paused))
+        self.metrics.repo_fetch_restarts.inc(len(stuck))
+        consumer.resume([TopicPartition(tp.topic, tp.partition) for tp in stuck])
+        for tp in stuck:
+            self._paused.discard(tp.partition)
+            self._quiet_since[tp.partition] = now
+            try:
+                consumer.seek(tp)
+            except KafkaException as e:
+                log.warning("replica %s: could not restart partition %d: %s", self.opts.replica, tp.partition, e)
 
     def stop(self, reason: str) -> None:
         """Ask the run to stop after the current cycle."""
@@ -685,6 +742,10 @@ class WorkTopicRunner:
         loop = asyncio.get_running_loop()
         started = self.clock()
         last_work = started
+        # After this long with nothing to do, check whether the topic is drained (idle_exit) and
+        # whether a partition of this replica has work it is not delivering; then every ``recheck``.
+        check_after = self.opts.idle_exit or self.opts.stuck_check
+        recheck = min(check_after, 2.0) if self.opts.idle_exit else self.opts.stuck_check
         try:
             while self._stop is None:
                 now = self.clock()
@@ -716,13 +777,16 @@ class WorkTopicRunner:
                 held = sum(len(items) for items in self._parts.values())
                 if polled or held:
                     last_work = self.clock()
-                elif self.opts.idle_exit and self.clock() - last_work >= self.opts.idle_exit:
+                elif self.clock() - last_work >= check_after:
                     # Idle here; but only a drained topic (every partition's committed offset at its
                     # end, whoever owns it) ends the run: a dead member's partitions are still owed.
-                    if await loop.run_in_executor(None, self._drained):
+                    owed = await loop.run_in_executor(None, self._owed)
+                    if owed == {} and self.opts.idle_exit:
                         self.stop("idle")
                         break
-                    last_work = self.clock() - self.opts.idle_exit + min(self.opts.idle_exit, 2.0)
+                    if owed:
+                        self._restart_stuck(owed)
+                    last_work = self.clock() - check_after + recheck
                 await self._wait_for_progress()
             self._final_progress()
         finally:

@@ -12,13 +12,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 from tenacity import wait_none
 
@@ -160,7 +161,7 @@ def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: flo
     return out, _aborted_dids(logs)
 
 
-@pytest.mark.stress
+@pytest.mark.slow
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     out, aborted = _run_two(kafka, net, tmp_path, timeout=150)
     _check_exact(out, net, aborted, kafka)
@@ -168,7 +169,6 @@ def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.stress
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("net", [1000], indirect=True)
 def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwo
           f"({len(net.dids) / elapsed:.1f} repos/s)")
 
 
-@pytest.mark.stress
+@pytest.mark.slow
 def test_kill_9_of_a_replica_loses_nothing(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
@@ -410,5 +410,127 @@ def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tm
             redone = {d.strip(" '") for d in logged.split(",")}
             assert 1 <= len(redone) <= 3  # --txn-max-dids
             assert twice <= redone and extra <= redone
+    finally:
+        network.stop_thread()
+
+
+class _GatedFetcher(RepoFetcher):
+    """Fetches nothing until ``gate`` opens, so the replica's partitions fill up and pause."""
+
+    def __init__(self, gate: threading.Event, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = gate
+
+    async def fetch(self, did: str, cursor: int) -> Fetched:
+        while not self.gate.is_set():
+            await asyncio.sleep(0.05)
+        return await super().fetch(did, cursor)
+
+
+def _visit_group(kafka: KafkaSettings, group: str, topic: str, until: float) -> list[int]:
+    """Join ``group`` as a second member, take a share of its partitions, then leave; return that share."""
+    got: list[int] = []
+
+    def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
+        got.extend(p.partition for p in parts)
+        c.incremental_assign(parts)
+
+    visitor = Consumer(kafka.consumer_config(group, **{"enable.auto.commit": False}))
+    visitor.subscribe([topic], on_assign=on_assign)
+    try:
+        while not got and time.monotonic() < until:
+            visitor.poll(0.1)  # its messages are not committed: the partitions go back unprocessed
+    finally:
+        visitor.unsubscribe()
+        while visitor.assignment() and time.monotonic() < until:
+            visitor.poll(0.1)
+        visitor.close()
+    return got
+
+
+def test_paused_partitions_come_back_resumed_after_a_rebalance(kafka: KafkaSettings, tmp_path: Path) -> None:
+    """librdkafka keeps a partition's pause across its revocation; a replica that paused a partition
+    (its prefetch window full), lost it to another member and got it back must still consume it."""
+    network = PdsNetwork(accounts=30, hosts=2, seed=15, records_mean=3).start_in_thread()
+    gate = threading.Event()
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 30
+        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
+        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
+        runner = WorkTopicRunner(
+            kafka, WorkOptions(job="repos", replica="z1", idle_exit=1.0, prefetch=2, max_time=90),
+            _GatedFetcher(gate, resolver, pds, tmp_path, wait=wait_none()),
+            RepoProcessor(RecordFilter(), job="repos"), Metrics(CollectorRegistry()), AvroCodec())
+        visited: list[int] = []
+
+        def visit() -> None:
+            deadline = time.monotonic() + 60
+            while len(runner._paused) < kafka.topic_partitions and time.monotonic() < deadline:
+                time.sleep(0.05)  # the replica holds a full window of every partition, paused
+            visited.extend(_visit_group(kafka, runner.group, runner.topics.dids, deadline))
+            gate.set()
+
+        async def go() -> None:
+            visitor = asyncio.create_task(asyncio.to_thread(visit))
+            try:
+                await runner.run()
+            finally:
+                gate.set()
+                await visitor
+                await pds.aclose()
+                await resolver.aclose()
+
+        asyncio.run(go())
+        assert visited, "the visitor got no partition"
+        assert runner.stats.stop_reason == "idle"
+        assert runner.stats.dids_done == 30
+        assert set(read_back(kafka).status_by_did()) == set(network.dids)
+    finally:
+        gate.set()
+        network.stop_thread()
+
+
+def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A partition librdkafka stops delivering (here: paused behind the replica's back, as a pause
+    kept across a rebalance leaves it) is found by the idle replica and restarted at its committed
+    offset, so the replica still finishes the whole topic."""
+    network = PdsNetwork(accounts=12, hosts=2, seed=16, records_mean=3).start_in_thread()
+    metrics = Metrics(CollectorRegistry())
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 12
+        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
+        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
+        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="s1", idle_exit=1.0, max_time=90,
+                                                                stuck_after=3.0),
+                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
+                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        real_on_assign = runner._on_assign
+        hidden: list[int] = []
+
+        def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            real_on_assign(consumer, partitions)
+            if not hidden and partitions:
+                hidden.append(partitions[0].partition)
+                consumer.pause([partitions[0]])  # the replica does not know of this pause
+
+        runner._on_assign = on_assign  # type: ignore[method-assign]
+        runner.prepare()
+
+        async def go() -> None:
+            try:
+                await runner.run()
+            finally:
+                await pds.aclose()
+                await resolver.aclose()
+
+        asyncio.run(go())
+        assert hidden
+        assert runner.stats.stop_reason == "idle"
+        assert runner.stats.dids_done == 12
+        # only the hidden partition: the others were delivering (a fresh assignment gets stuck_after)
+        assert f"partitions [{hidden[0]}] have work past their committed offsets" in caplog.text
+        assert metrics.registry.get_sample_value("atproto_backfill_repos_fetch_restarts_total") == 1
+        assert set(read_back(kafka).status_by_did()) == set(network.dids)
     finally:
         network.stop_thread()

@@ -208,5 +208,9 @@ def test_kafka_config_reaches_every_client_over_the_defaults(monkeypatch: pytest
     env_s = KafkaSettings.from_namespace(plain.parse_args(["--bootstrap-servers", "k:9092"]))
     assert env_s.producer_config()["linger.ms"] == "7"
     assert env_s.producer_config()["compression.type"] == "lz4"
+    # a value that is itself a list (librdkafka's debug contexts) keeps its commas
+    monkeypatch.setenv("BACKFILL_KAFKA_CONFIG", "debug=cgrp,fetch, linger.ms=9")
+    env_s = KafkaSettings.from_namespace(plain.parse_args(["--bootstrap-servers", "k:9092"]))
+    assert env_s.extra == {"debug": "cgrp,fetch", "linger.ms": "9"}
     with pytest.raises(ConfigError):
         KafkaSettings.from_namespace(parse(["--kafka-config", "linger.ms"]))
