@@ -127,7 +127,7 @@ def ours(url: str, bootstrap: str, n: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=60000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="20,000 events, 2 runs")
     args = parser.parse_args()
     if args.quick:

@@ -184,10 +184,9 @@ class JobRunner:
             latency = msg.latency()
             if latency is not None:
                 self._m_latency.observe(latency)
-        key = (msg.topic() or "", msg.partition() or 0)
-        off = msg.offset() or 0
-        if off > self._written.get(key, -1):
-            self._written[key] = off
+        # The producer is idempotent: a partition's delivery reports come in offset order, so the
+        # latest is the highest (and merge_offsets only ever raises a checkpointed offset).
+        self._written[(msg.topic(), msg.partition())] = msg.offset()
 
     def _make_producer(self) -> Producer:
         mode = self.opts.transactions

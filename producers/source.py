@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from runtime.errors import CursorRegressionError
-from runtime.records import Event, event_key
+from runtime.records import Event, IdentityEvent, RecordEvent, event_key
 
 
 @dataclass(slots=True)
@@ -82,8 +82,22 @@ class Source(Protocol):
 
 
 def fingerprint(event: Event) -> bytes:
-    """8 bytes identifying ``event`` across replays."""
+    """8 bytes identifying ``event`` across replays (and across processes: it is checkpointed)."""
     return hashlib.blake2b(event_key(event).encode(), digest_size=8).digest()
+
+
+def _identity(event: Event) -> tuple[Any, ...]:
+    """The fields of :func:`~runtime.records.event_key`, as a tuple: cheap to build and to hash."""
+    if type(event) is RecordEvent:
+        return (event.source, event.did, event.collection, event.rkey, event.operation, event.rev or "",
+                event.cid or "", event.time_us)
+    kind = "identity" if isinstance(event, IdentityEvent) else "account"
+    return (event.source, event.did, kind, getattr(event, "seq", None), event.time_us)
+
+
+def _fingerprint_of(identity: tuple[Any, ...]) -> bytes:
+    """:func:`fingerprint` of the event whose :func:`_identity` this is."""
+    return hashlib.blake2b("|".join(map(str, identity)).encode(), digest_size=8).digest()
 
 
 @dataclass
@@ -92,8 +106,12 @@ class StreamPosition:
 
     Jetstream's ``time_us`` goes backwards by up to tens of milliseconds between adjacent events,
     and a relay frame carries several events with one ``seq``. So the position keeps the highest
-    cursor delivered plus fingerprints of the events delivered within ``rewind`` below it. A
+    cursor delivered plus the identities of the events delivered within ``rewind`` below it. A
     resume asks the source for events from ``cursor - rewind`` and drops those seen.
+
+    In memory an event's identity is a tuple of its key fields (hashed by the set); the stable
+    8-byte :func:`fingerprint` is computed only for the checkpoint (:meth:`snapshot`) and, after a
+    :meth:`restore`, for the events at or below the restored cursor (the replayed overlap).
 
     Args:
         rewind: how far below the highest cursor an undelivered event can still arrive
@@ -102,10 +120,13 @@ class StreamPosition:
 
     rewind: int = 0
     max_cursor: int | None = None
-    _window: deque[tuple[int, bytes]] = field(default_factory=deque)
-    _set: set[bytes] = field(default_factory=set)
-    # The fingerprint seen() computed, reused by the advance() of the same event that follows it.
-    _last: tuple[Event | None, bytes] = (None, b"")
+    _window: deque[tuple[int, tuple[Any, ...]]] = field(default_factory=deque)
+    _set: set[tuple[Any, ...]] = field(default_factory=set)
+    # The identity seen() computed, reused by the advance() of the same event that follows it.
+    _last: tuple[Event | None, tuple[Any, ...]] = (None, ())
+    # Fingerprints of a restored checkpoint's window, all at cursor _restored_at.
+    _restored: frozenset[bytes] = frozenset()
+    _restored_at: int = -1
 
     @property
     def cursor(self) -> int | None:
@@ -121,46 +142,60 @@ class StreamPosition:
         """True if ``event`` was delivered already (or is older than anything still expected)."""
         if self.max_cursor is None:
             return False
-        if event.cursor < self.max_cursor - self.rewind:
+        c = event.cursor
+        if c < self.max_cursor - self.rewind:
             return True
-        fp = fingerprint(event)
-        self._last = (event, fp)
-        return fp in self._set
+        identity = _identity(event)
+        self._last = (event, identity)
+        if identity in self._set:
+            return True
+        return c <= self._restored_at and _fingerprint_of(identity) in self._restored
 
     def advance(self, event: Event) -> None:
         """Record ``event`` as delivered."""
         c = event.cursor
         if self.max_cursor is None or c > self.max_cursor:
             self.max_cursor = c
-        last, fp = self._last
+        last, identity = self._last
         if last is not event:
-            fp = fingerprint(event)
-        self._last = (None, b"")
-        self._window.append((c, fp))
-        self._set.add(fp)
+            identity = _identity(event)
+        self._last = (None, ())
+        self._window.append((c, identity))
+        self._set.add(identity)
         floor = self.max_cursor - self.rewind
         window = self._window
         while window and window[0][0] < floor:
             _, old = window.popleft()
             self._set.discard(old)
+        if self._restored_at < floor and self._restored:
+            self._restored = frozenset()
 
     def snapshot(self) -> dict[str, Any]:
         """JSON state: cursor, rewind and the window's fingerprints (hex)."""
         floor = (self.max_cursor or 0) - self.rewind
-        fps = sorted({fp.hex() for c, fp in self._window if c >= floor})
-        return {"cursor": self.max_cursor, "rewind": self.rewind, "window": fps}
+        fps = {_fingerprint_of(identity) for c, identity in self._window if c >= floor}
+        if self._restored_at >= floor:
+            fps |= self._restored
+        return {"cursor": self.max_cursor, "rewind": self.rewind, "window": sorted(fp.hex() for fp in fps)}
 
     @classmethod
     def restore(cls, state: dict[str, Any] | None, rewind: int) -> StreamPosition:
         """Rebuild from :meth:`snapshot` output (None: a fresh position)."""
         pos = cls(rewind=rewind)
-        if state and state.get("cursor") is not None:
-            pos.max_cursor = int(state["cursor"])
-            for hexfp in state.get("window", []):
-                fp = bytes.fromhex(hexfp)
-                pos._window.append((pos.max_cursor, fp))
-                pos._set.add(fp)
+        pos._load(state)
         return pos
+
+    def _load(self, state: dict[str, Any] | None) -> None:
+        if state and state.get("cursor") is not None:
+            self.max_cursor = int(state["cursor"])
+            self._restored = frozenset(bytes.fromhex(h) for h in state.get("window", []))
+            self._restored_at = self.max_cursor
+
+    def _forget(self) -> None:
+        """Drop every identity held (a newer cursor made them all obsolete)."""
+        self._window.clear()
+        self._set.clear()
+        self._restored = frozenset()
 
     def check_not_behind(self, other_cursor: int | None) -> None:
         """Raise if this position is behind a checkpointed cursor (our own corruption).

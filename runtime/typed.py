@@ -114,6 +114,7 @@ def _media(embed: dict[str, Any], out: Datum, field: str) -> None:
 
 
 def _post(rec: dict[str, Any], out: Datum) -> None:
+    out.update(_POST_OPTIONAL)  # what only some posts have (every extractor sets all its fields)
     out["text"] = _str(rec.get("text"), "text")
     out["langs"] = _str_list(rec.get("langs"), "langs")
     out["created_at"] = _str(rec.get("createdAt"), "createdAt")
@@ -198,6 +199,13 @@ _TYPED: Final[dict[str, Callable[[dict[str, Any], Datum], None]]] = {
     "app.bsky.actor.profile": _profile,
 }
 
+#: The post fields an extractor sets only when the post has a reply or an embed.
+_POST_OPTIONAL: Final[Datum] = {
+    "reply_root_uri": None, "reply_root_cid": None, "reply_parent_uri": None, "reply_parent_cid": None,
+    "embed_kind": None, "embed_record_uri": None, "embed_record_cid": None, "embed_external_uri": None,
+    "embed_image_cids": [], "embed_video_cid": None,
+}
+
 #: Default values of the typed fields, per collection, for deletes (every field null/empty).
 _EMPTY: Final[dict[str, Datum]] = {
     "app.bsky.feed.post": {
@@ -237,12 +245,12 @@ def record_datum(event: RecordEvent, record_json: str | None = None) -> Datum:
         "operation": event.operation, "rev": event.rev, "cid": event.cid, "source": event.source,
         "cursor": event.cursor, "time_us": event.time_us, "job": event.job, "record_json": None,
     }
-    empty = _EMPTY.get(event.collection)
-    if empty is not None:
-        datum.update(empty)
     if rec is None:
         if event.operation != "delete":
             raise InvalidRecordError(f"{event.operation} without a record")
+        empty = _EMPTY.get(event.collection)
+        if empty is not None:
+            datum.update(empty)
         return datum
     if not isinstance(rec, dict):
         raise InvalidRecordError(f"record is {type(rec).__name__}, expected object")

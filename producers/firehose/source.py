@@ -123,8 +123,7 @@ class FirehosePosition(StreamPosition):
         """Every item of the frame ``seq`` was handed over (delivered, skipped or dead-lettered)."""
         if self.max_cursor is None or seq > self.max_cursor:
             self.max_cursor = seq
-            self._window.clear()
-            self._set.clear()
+            self._forget()
             self.complete = True
         elif seq == self.max_cursor:
             self.complete = True
@@ -147,13 +146,9 @@ class FirehosePosition(StreamPosition):
     def restore(cls, state: dict[str, Any] | None, rewind: int = 0) -> FirehosePosition:
         """Rebuild from :meth:`snapshot` output (None: a fresh position)."""
         pos = cls(rewind=0)
+        pos._load(state)
         if state and state.get("cursor") is not None:
-            pos.max_cursor = int(state["cursor"])
             pos.complete = bool(state.get("complete", False))
-            for hexfp in state.get("window", []):
-                fp = bytes.fromhex(hexfp)
-                pos._window.append((pos.max_cursor, fp))
-                pos._set.add(fp)
         return pos
 
 

@@ -341,6 +341,7 @@ class WorkTopicRunner:
         self._stop: str | None = None
         self._batch = 0
         self._aborts_in_a_row = 0
+        self._repairs_logged = False
         self._m_produced: dict[str, Any] = {}
         self._work_offsets: dict[int, int] = {}
         self._started_us = int(wall() * 1e6)
@@ -534,7 +535,47 @@ class WorkTopicRunner:
                               f"(fenced, or the group moved on): {e}") from e
         if self._errors:
             raise DeliveryError(f"Kafka refused data: {self._errors[:3]}")
+        self._check_committed(offsets)
         return out
+
+    def _check_committed(self, offsets: dict[int, int], attempts: int = 3) -> None:
+        """Make sure the group's committed offsets reached what the transaction just committed.
+
+        A broker can acknowledge a transaction yet not store its offsets (seen on Tansu under load:
+        the replica then redoes its DIDs for ever and the topic never drains). Where the group's
+        offsets stay behind, they are committed again outside the transaction: the data they cover
+        is committed already, so this only moves the group to where it is.
+
+        Raises:
+            CommitError: the offsets still do not move (the process stops loudly).
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        topic = self.topics.dids
+        behind: list[TopicPartition] = []
+        for attempt in range(attempts):
+            got = consumer.committed([TopicPartition(topic, p) for p in sorted(offsets)], timeout=30)
+            behind = [tp for tp in got if tp.offset < offsets[tp.partition]]
+            if not behind:
+                return
+            if attempt == 0:
+                want = [TopicPartition(topic, tp.partition, offsets[tp.partition]) for tp in behind]
+                self.metrics.repo_offset_repairs.inc(len(behind))
+                level = logging.DEBUG if self._repairs_logged else logging.WARNING
+                self._repairs_logged = True  # then counted only (atproto_backfill_repos_offset_repairs_total)
+                log.log(level, "replica %s: transaction %d committed but the group's offsets stayed at %s, not %s; "
+                            "committing them again outside the transaction", self.opts.replica, self._batch,
+                            {tp.partition: tp.offset for tp in behind}, {tp.partition: tp.offset for tp in want})
+                try:
+                    consumer.commit(offsets=want, asynchronous=False)
+                except KafkaException as e:
+                    # The group moved on (a rebalance): the partition's new owner resumes from the
+                    # stored offset and redoes what lies past it; nothing is lost.
+                    log.warning("replica %s: could not commit the offsets again: %s", self.opts.replica, e)
+                    return
+        raise CommitError(f"replica {self.opts.replica}: the group's offsets of {topic} stay at "
+                          f"{ {tp.partition: tp.offset for tp in behind} } after transaction {self._batch} "
+                          f"committed {offsets}")
 
     def _final_progress(self) -> None:
         """Record the replica's end in the control topic (best effort: losing it loses no data)."""

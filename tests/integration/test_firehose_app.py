@@ -261,15 +261,21 @@ def test_workers_share_the_dids_and_resume_with_the_same_count(kafka: KafkaSetti
         with log.open("wb") as out:
             proc = subprocess.Popen(_command(*common, "--workers", "2"), stdout=out, stderr=subprocess.STDOUT,
                                     env=_env(), cwd=ROOT, start_new_session=True)
+        control = TopicMap(kafka.topic_prefix).control
         try:
             _wait_progress(sim, proc, 300)
+            deadline = time.monotonic() + 60  # a loaded machine: wait for each worker's first checkpoint
+            while time.monotonic() < deadline and not {"sharded.w0", "sharded.w1"} <= set(
+                    load_jobs(kafka.consumer_config("t"), control)):
+                assert proc.poll() is None, "the producer exited before it was killed"
+                time.sleep(0.2)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and both workers
             proc.wait(30)
         assert proc.returncode == -signal.SIGKILL, log.read_text()
         with pytest.raises(ConfigError, match="--workers 2"):
             app.run(settings(kafka, *args, "--resume", "--workers", "3"), print_table=False)
-        states = load_jobs(kafka.consumer_config("t"), TopicMap(kafka.topic_prefix).control)
+        states = load_jobs(kafka.consumer_config("t"), control)
         first = min(st.position["resume_cursor"] for name, st in states.items() if name.startswith("sharded.w"))
         result = app.run(settings(kafka, *args, "--resume", "--workers", "2", "--batch-size", "20"),
                          print_table=False)

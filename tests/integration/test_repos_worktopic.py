@@ -534,3 +534,52 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
         assert set(read_back(kafka).status_by_did()) == set(network.dids)
     finally:
         network.stop_thread()
+
+
+class _LoseOffsets:
+    """The replica's real producer, except that its transactions' offsets never reach the group, as
+    a broker that acknowledges a transaction without storing its offsets (Tansu, under load)."""
+
+    def __init__(self, producer: Any) -> None:
+        self._producer = producer
+        self.lost = 0
+
+    def send_offsets_to_transaction(self, *args: Any, **kwargs: Any) -> None:
+        self.lost += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+
+def test_offsets_a_transaction_did_not_store_are_committed_again(kafka: KafkaSettings, tmp_path: Path) -> None:
+    network = PdsNetwork(accounts=10, hosts=2, seed=17, records_mean=3).start_in_thread()
+    metrics = Metrics(CollectorRegistry())
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 10
+        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
+        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
+        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="o1", idle_exit=1.0, txn_max_dids=4,
+                                                    max_time=90),
+                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
+                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        runner.prepare()
+        wrapped = _LoseOffsets(runner._producer)
+        runner._producer = wrapped  # type: ignore[assignment]
+
+        async def go() -> None:
+            try:
+                await runner.run()
+            finally:
+                await pds.aclose()
+                await resolver.aclose()
+
+        asyncio.run(go())
+        assert wrapped.lost >= 3  # 10 DIDs, at most 4 per transaction
+        assert runner.stats.stop_reason == "idle"  # the topic drained: the group's offsets reached its end
+        assert runner.stats.dids_done == 10
+        assert metrics.registry.get_sample_value("atproto_backfill_repos_offset_repairs_total") >= wrapped.lost
+        statuses = read_back(kafka).status_by_did()
+        assert set(statuses) == set(network.dids)
+        assert all(len(s) == 1 for s in statuses.values())  # nothing redone
+    finally:
+        network.stop_thread()

@@ -57,3 +57,39 @@ def test_check_not_behind() -> None:
     pos.check_not_behind(50)
     with pytest.raises(CursorRegressionError):
         pos.check_not_behind(51)
+
+
+def test_identities_are_the_checkpointed_fingerprints() -> None:
+    """In memory a tuple stands for the event; the checkpoint holds the same fingerprints as ever."""
+    from producers.source import _fingerprint_of, _identity, fingerprint
+    from runtime.records import AccountEvent, IdentityEvent, event_key
+
+    events = [ev(7), RecordEvent("did:plc:b", "app.bsky.feed.post", "3k", "delete", None, None, None, "firehose", 9, 9),
+              IdentityEvent(did="did:plc:c", handle="h.test", seq=None, time=None, source="jetstream", cursor=3,
+                            time_us=3),
+              AccountEvent(did="did:plc:d", active=False, status="deleted", seq=12, time=None, source="firehose",
+                           cursor=12, time_us=4)]
+    for e in events:
+        assert "|".join(map(str, _identity(e))) == event_key(e)
+        assert _fingerprint_of(_identity(e)) == fingerprint(e)
+    pos = StreamPosition(rewind=100)
+    pos.advance(events[0])
+    assert pos.snapshot()["window"] == [fingerprint(events[0]).hex()]
+
+
+def test_a_restored_window_dedups_the_overlap_then_expires() -> None:
+    pos = StreamPosition(rewind=100)
+    for t in (1000, 990):
+        pos.advance(ev(t, str(t)))
+    restored = set(pos.snapshot()["window"])
+    again = StreamPosition.restore(pos.snapshot(), rewind=100)
+    assert again.seen(ev(990, "990")) and again.seen(ev(1000, "1000"))
+    assert not again.seen(ev(995, "995"))
+    again.advance(ev(1050, "1050"))
+    snap = again.snapshot()["window"]
+    assert len(snap) == 3 and restored <= set(snap)  # two restored, one new
+    assert again.seen(ev(1000, "1000"))  # still within the window
+    again.advance(ev(1101, "1101"))  # the floor (1001) passed the restored cursor (1000)
+    assert set(again.snapshot()["window"]).isdisjoint(restored)
+    assert len(again.snapshot()["window"]) == 2
+    assert again.seen(ev(1000, "1000"))  # below the floor: delivered before

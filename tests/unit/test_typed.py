@@ -116,3 +116,25 @@ def test_round_trip_from_datum() -> None:
         name = "identity" if isinstance(event, IdentityEvent) else "account" if isinstance(event, AccountEvent) \
             else event.collection
         assert event_from_datum(name, datum_for(event)) == event
+
+
+def test_every_typed_field_is_in_every_datum() -> None:
+    """A datum carries every field of its collection's schema, whatever the record holds (sinks and
+    the codec's fallback read them all): records of every kind, and deletes (null/empty)."""
+    from producers.jetstream.decode import decode_event
+    from runtime.codec import shipped
+    from runtime.simulator.synthetic import Generator
+    from runtime.topics import schema_name_for_collection
+
+    schemas = shipped()
+    seen: set[tuple[str, str]] = set()
+    for obj in Generator(seed=9).events(3000):
+        event = decode_event(obj)
+        if not isinstance(event, RecordEvent):
+            continue
+        datum = datum_for(event)
+        fields = {f["name"] for f in schemas[schema_name_for_collection(event.collection)].parsed["fields"]}
+        assert fields <= set(datum), (event.collection, event.operation, fields - set(datum))
+        seen.add((event.collection, event.operation))
+    assert {("app.bsky.feed.post", "create"), ("app.bsky.feed.post", "delete"),
+            ("app.bsky.feed.like", "create")} <= seen
