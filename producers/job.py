@@ -154,7 +154,7 @@ class JobRunner:
         self._n_produced: dict[str, int] = {}
         self._n_received = 0
         self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
-        self._routes: dict[str, tuple[str, str, str]] = {}
+        self._routes: dict[str, tuple[str, Callable[[dict[str, Any]], bytes], str]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -186,7 +186,7 @@ class JobRunner:
                 self._m_latency.observe(latency)
         # The producer is idempotent: a partition's delivery reports come in offset order, so the
         # latest is the highest (and merge_offsets only ever raises a checkpointed offset).
-        self._written[(msg.topic(), msg.partition())] = msg.offset()
+        self._written[(msg.topic(), msg.partition())] = msg.offset()  # type: ignore[index,assignment]
 
     def _make_producer(self) -> Producer:
         mode = self.opts.transactions
@@ -249,9 +249,10 @@ class JobRunner:
             self._producer.begin_transaction()
             self._in_txn = True
 
-    def _route(self, collection: str) -> tuple[str, str, str]:
-        """(topic, schema name, metric label) of a collection, worked out once per collection."""
-        route = (self.topics.for_collection(collection), schema_name_for_collection(collection),
+    def _route(self, collection: str) -> tuple[str, Callable[[dict[str, Any]], bytes], str]:
+        """(topic, value encoder, metric label) of a collection, worked out once per collection."""
+        topic = self.topics.for_collection(collection)
+        route = (topic, self.codec.encoder_for(schema_name_for_collection(collection), topic),
                  collection_label(collection))
         self._routes[collection] = route
         self.stats.collections.add(collection)
@@ -261,8 +262,8 @@ class JobRunner:
         st = self.stats
         if type(event) is RecordEvent:
             coll = event.collection
-            topic, schema, label = self._routes.get(coll) or self._route(coll)
-            value = self.codec.encode(schema, topic, record_datum(event))
+            topic, encode, label = self._routes.get(coll) or self._route(coll)
+            value = encode(record_datum(event))
             st.records_produced += 1
             by_collection = st.by_collection
             by_collection[coll] = by_collection.get(coll, 0) + 1

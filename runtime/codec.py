@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -92,6 +93,7 @@ class AvroCodec:
         self._by_fp = {s.fingerprint: s for s in self._shipped.values()}
         self._by_full = {s.full_name: s for s in self._shipped.values()}
         self._headers: dict[tuple[str, str], bytes] = {}
+        self._encoders: dict[tuple[str, str], Callable[[dict[str, Any]], bytes]] = {}
         self._by_id: dict[int, tuple[ShippedSchema, Any, bool]] = {}
         self._buf = io.BytesIO()
 
@@ -132,22 +134,39 @@ class AvroCodec:
         Raises:
             ValueError: the datum does not fit the schema (a bug in the producer, not bad input).
         """
+        key = (schema_name, topic)
+        encode = self._encoders.get(key)
+        if encode is None:
+            encode = self._encoders[key] = self.encoder_for(schema_name, topic)
+        return encode(datum)
+
+    def encoder_for(self, schema_name: str, topic: str) -> Callable[[dict[str, Any]], bytes]:
+        """:meth:`encode` bound to one schema and topic (a producer's hot path keeps it per route).
+
+        Raises:
+            KeyError: no such shipped schema.
+        """
         header = self._header(schema_name, topic)
         shipped_schema = self._shipped[schema_name]
-        encoder = shipped_schema.encoder
-        if encoder is not None:
-            out = bytearray(header)
-            try:
-                encoder(datum, out)
-                return bytes(out)
-            except ENCODE_ERRORS:
-                pass  # fastavro below encodes what it accepts and explains what it does not
-        buf = self._buf
-        buf.seek(0)
-        buf.truncate()
-        buf.write(header)
-        fastavro.schemaless_writer(buf, shipped_schema.parsed, datum)
-        return buf.getvalue()
+        compiled = shipped_schema.encoder
+        parsed = shipped_schema.parsed
+
+        def encode(datum: dict[str, Any]) -> bytes:
+            if compiled is not None:
+                out = bytearray(header)
+                try:
+                    compiled(datum, out)
+                    return bytes(out)
+                except ENCODE_ERRORS:
+                    pass  # fastavro below encodes what it accepts and explains what it does not
+            buf = self._buf
+            buf.seek(0)
+            buf.truncate()
+            buf.write(header)
+            fastavro.schemaless_writer(buf, parsed, datum)
+            return buf.getvalue()
+
+        return encode
 
     def decode(self, value: bytes) -> tuple[str, dict[str, Any]]:
         """Decode a value of either wire format into ``(schema name, datum)``.
