@@ -538,7 +538,7 @@ class WorkTopicRunner:
         self._check_committed(offsets)
         return out
 
-    def _check_committed(self, offsets: dict[int, int], attempts: int = 3) -> None:
+    def _check_committed(self, offsets: dict[int, int], waits: tuple[float, ...] = (0.0, 0.2, 1.0, 3.0)) -> None:
         """Make sure the group's committed offsets reached what the transaction just committed.
 
         A broker can acknowledge a transaction yet not store its offsets (seen on Tansu under load:
@@ -553,7 +553,9 @@ class WorkTopicRunner:
         assert consumer is not None
         topic = self.topics.dids
         behind: list[TopicPartition] = []
-        for attempt in range(attempts):
+        for attempt, wait in enumerate(waits):
+            if wait:
+                time.sleep(wait)  # in the executor thread: the broker may store the offsets late
             got = consumer.committed([TopicPartition(topic, p) for p in sorted(offsets)], timeout=30)
             behind = [tp for tp in got if tp.offset < offsets[tp.partition]]
             if not behind:
