@@ -245,7 +245,8 @@ async def _worker_async(settings: FirehoseSettings, kafka: KafkaSettings, index:
         if server is not None:
             server.stop()
     st = runner.stats
-    return {"job": job, "status": final.status, "stop_reason": final.stop_reason, "cursor": final.cursor,
+    return {"job": job, "state": final.to_bytes().decode(), "status": final.status, "stop_reason": final.stop_reason,
+            "cursor": final.cursor,
             "resume_cursor": position.resume_cursor, "records": st.records_produced,
             "events": st.events_produced, "received": st.messages_received, "skipped": st.skipped,
             "dropped": st.dropped, "collections": sorted(st.collections), "latest_time_us": st.latest_time_us,
@@ -470,8 +471,12 @@ class Coordinator:
             await self._finish("failed")
             raise
         results = await self._finish(reason)
-        final_states = self._load()
-        worker_states = [final_states[worker_job(s.job, i)] for i in range(n) if worker_job(s.job, i) in final_states]
+        # Each worker's final state as it committed it (reading the control topic right after the
+        # commit may not show it yet); the control topic only for workers that did not report.
+        reported = {i: JobState.from_bytes(r["state"].encode()) for i, r in enumerate(results) if r is not None}
+        final_states = self._load() if len(reported) < n else {}
+        worker_states = [reported[i] if i in reported else final_states[worker_job(s.job, i)]
+                         for i in range(n) if i in reported or worker_job(s.job, i) in final_states]
         resume_cursors = [FirehosePosition.restore(st.position).resume_cursor for st in worker_states]
         known = [c for c in resume_cursors if c is not None]
         job_cursor = min(known) if len(known) == n else cursor

@@ -293,7 +293,8 @@ def test_workers_share_the_dids_and_resume_with_the_same_count(kafka: KafkaSetti
     assert result.state is not None
     assert (result.state.status, result.state.job) == ("finished", "sharded")
     assert [st.job for st in result.states] == ["sharded.w0", "sharded.w1"]
-    assert all(st.status == "finished" for st in result.states)
+    assert all(st.status == "finished" for st in result.states), [(st.job, st.status, st.stop_reason)
+                                                                   for st in result.states]
     got = [e for _, e in read_topics(kafka, want=len(expected))]
     assert set(keys(got)) == set(keys(expected)), (tmp_path / "workers.log").read_text()[-3000:]
     owners: dict[str, set[str]] = {}
