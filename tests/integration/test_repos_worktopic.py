@@ -7,6 +7,7 @@ rate limits are never exceeded (the simulator counts), and kill -9 of a replica 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,19 +258,34 @@ class _CrashingProcessor(RepoProcessor):
             yield item
 
 
+class _InProcess:
+    """A replica in this process, with its own HTTP clients on the simulated network."""
+
+    def __init__(self, kafka: KafkaSettings, net: PdsNetwork, tmp: Path, opts: WorkOptions, *,
+                 processor: RepoProcessor | None = None, metrics: Metrics | None = None,
+                 make_fetcher: Callable[..., RepoFetcher] = RepoFetcher, rate: float = 50, burst: int = 10) -> None:
+        self.resolver = DidResolver(net.plc_url, policy=NetworkPolicy(allow_private=True))
+        self.pds = PdsClient(PdsLimits(rate=rate, burst=burst), policy=NetworkPolicy(allow_private=True),
+                             wait=wait_none())
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self.runner = WorkTopicRunner(kafka, opts, make_fetcher(self.resolver, self.pds, tmp, wait=wait_none()),
+                                      processor or RepoProcessor(RecordFilter(), job="repos"), self.metrics,
+                                      AvroCodec())
+
+    async def run(self) -> None:
+        try:
+            await self.runner.run()
+        finally:
+            await self.pds.aclose()
+            await self.resolver.aclose()
+
+
 async def _replica_in_process(kafka: KafkaSettings, net: PdsNetwork, tmp: Path, processor: RepoProcessor,
                               replica: str) -> WorkTopicRunner:
-    resolver = DidResolver(net.plc_url, policy=NetworkPolicy(allow_private=True))
-    pds = PdsClient(PdsLimits(rate=50, burst=10), policy=NetworkPolicy(allow_private=True), wait=wait_none())
-    fetcher = RepoFetcher(resolver, pds, tmp, wait=wait_none())
-    runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica=replica, idle_exit=1.0, txn_max_dids=50),
-                             fetcher, processor, Metrics(CollectorRegistry()), AvroCodec())
-    try:
-        await runner.run()
-    finally:
-        await pds.aclose()
-        await resolver.aclose()
-    return runner
+    replica_ = _InProcess(kafka, net, tmp, WorkOptions(job="repos", replica=replica, idle_exit=1.0, txn_max_dids=50),
+                          processor=processor)
+    await replica_.run()
+    return replica_.runner
 
 
 @pytest.mark.parametrize("net", [30], indirect=True)
@@ -374,23 +390,13 @@ def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tm
     metrics = Metrics(CollectorRegistry())
     try:
         assert enqueue_dids(kafka, network.dids, origin="test") == 8
-        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
-        pds = PdsClient(PdsLimits(rate=50, burst=10), policy=NetworkPolicy(allow_private=True), wait=wait_none())
-        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="a1", idle_exit=1.0, txn_max_dids=3),
-                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
-                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="a1", idle_exit=1.0,
+                                                                   txn_max_dids=3), metrics=metrics)
+        runner = replica.runner
         runner.prepare()
         wrapped = _AbortOnce(runner._producer)
         runner._producer = wrapped  # type: ignore[assignment]
-
-        async def go() -> None:
-            try:
-                await runner.run()
-            finally:
-                await pds.aclose()
-                await resolver.aclose()
-
-        asyncio.run(go())
+        asyncio.run(replica.run())
         assert wrapped.failed == 1
         assert runner.stats.aborted == 1
         assert runner.stats.dids_done == 8  # the aborted transaction's DIDs were done again
@@ -455,12 +461,10 @@ def test_paused_partitions_come_back_resumed_after_a_rebalance(kafka: KafkaSetti
     gate = threading.Event()
     try:
         assert enqueue_dids(kafka, network.dids, origin="test") == 30
-        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
-        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
-        runner = WorkTopicRunner(
-            kafka, WorkOptions(job="repos", replica="z1", idle_exit=1.0, prefetch=2, max_time=90),
-            _GatedFetcher(gate, resolver, pds, tmp_path, wait=wait_none()),
-            RepoProcessor(RecordFilter(), job="repos"), Metrics(CollectorRegistry()), AvroCodec())
+        replica = _InProcess(kafka, network, tmp_path,
+                             WorkOptions(job="repos", replica="z1", idle_exit=1.0, prefetch=2, max_time=90),
+                             make_fetcher=functools.partial(_GatedFetcher, gate), rate=100, burst=20)
+        runner = replica.runner
         visited: list[int] = []
 
         def visit() -> None:
@@ -473,12 +477,10 @@ def test_paused_partitions_come_back_resumed_after_a_rebalance(kafka: KafkaSetti
         async def go() -> None:
             visitor = asyncio.create_task(asyncio.to_thread(visit))
             try:
-                await runner.run()
+                await replica.run()
             finally:
                 gate.set()
                 await visitor
-                await pds.aclose()
-                await resolver.aclose()
 
         asyncio.run(go())
         assert visited, "the visitor got no partition"
@@ -499,12 +501,10 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
     metrics = Metrics(CollectorRegistry())
     try:
         assert enqueue_dids(kafka, network.dids, origin="test") == 12
-        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
-        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
-        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="s1", idle_exit=1.0, max_time=90,
-                                                                stuck_after=3.0),
-                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
-                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="s1", idle_exit=1.0,
+                                                                   max_time=90, stuck_after=3.0),
+                             metrics=metrics, rate=100, burst=20)
+        runner = replica.runner
         real_on_assign = runner._on_assign
         hidden: list[int] = []
 
@@ -516,15 +516,7 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
 
         runner._on_assign = on_assign  # type: ignore[method-assign]
         runner.prepare()
-
-        async def go() -> None:
-            try:
-                await runner.run()
-            finally:
-                await pds.aclose()
-                await resolver.aclose()
-
-        asyncio.run(go())
+        asyncio.run(replica.run())
         assert hidden
         assert runner.stats.stop_reason == "idle"
         assert runner.stats.dids_done == 12
@@ -556,24 +548,14 @@ def test_offsets_a_transaction_did_not_store_are_committed_again(kafka: KafkaSet
     metrics = Metrics(CollectorRegistry())
     try:
         assert enqueue_dids(kafka, network.dids, origin="test") == 10
-        resolver = DidResolver(network.plc_url, policy=NetworkPolicy(allow_private=True))
-        pds = PdsClient(PdsLimits(rate=100, burst=20), policy=NetworkPolicy(allow_private=True), wait=wait_none())
-        runner = WorkTopicRunner(kafka, WorkOptions(job="repos", replica="o1", idle_exit=1.0, txn_max_dids=4,
-                                                    max_time=90),
-                                 RepoFetcher(resolver, pds, tmp_path, wait=wait_none()),
-                                 RepoProcessor(RecordFilter(), job="repos"), metrics, AvroCodec())
+        replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="o1", idle_exit=1.0,
+                                                                   txn_max_dids=4, max_time=90),
+                             metrics=metrics, rate=100, burst=20)
+        runner = replica.runner
         runner.prepare()
         wrapped = _LoseOffsets(runner._producer)
         runner._producer = wrapped  # type: ignore[assignment]
-
-        async def go() -> None:
-            try:
-                await runner.run()
-            finally:
-                await pds.aclose()
-                await resolver.aclose()
-
-        asyncio.run(go())
+        asyncio.run(replica.run())
         assert wrapped.lost >= 3  # 10 DIDs, at most 4 per transaction
         assert runner.stats.stop_reason == "idle"  # the topic drained: the group's offsets reached its end
         assert runner.stats.dids_done == 10
