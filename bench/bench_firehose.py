@@ -7,7 +7,7 @@ and the op's block from the CAR (its records come back with links and byte strin
 renders links wrongly as ``$bytes``). Levels, all single-process:
 
 1. decode: frame bytes to typed events (``decode_frame``) vs the SDK path to the same events.
-2. + Avro: the events' Avro values (``datum_for`` + ``AvroCodec.encode``), both sides.
+2. + Avro: the events' Avro values (``AvroCodec.encode_event``, as the job encodes them), both sides.
 3. + produce: the values produced to a real broker (Tansu by default) and flushed, both sides.
 4. job: the whole ``JobRunner`` (transactions, checkpoints, position, dedup) fed frames from memory
    through the firehose ``FrameHandler``, vs the same runner fed by the SDK path.
@@ -49,8 +49,7 @@ from runtime.metrics import Metrics
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
 from runtime.settings import KafkaSettings
 from runtime.simulator.relay import read_capture
-from runtime.topics import TopicMap, schema_name_for
-from runtime.typed import datum_for
+from runtime.topics import TopicMap
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 _COMMIT = models.ComAtprotoSyncSubscribeRepos.Commit
@@ -132,7 +131,7 @@ def avro_of(events_fn: Callable[[bytes], list[Event]], codec: AvroCodec,
         out = []
         for ev in events_fn(data):
             topic = topics.for_event(ev)
-            out.append((topic, ev.did.encode(), codec.encode(schema_name_for(ev), topic, datum_for(ev))))
+            out.append((topic, ev.did.encode(), codec.encode_event(ev, topic)))
         return out
     return encode_frame_events
 

@@ -1,7 +1,7 @@
 """Benchmark of the repository producer, each figure beside a same-run baseline.
 
 1. CPU: records/s from CAR bytes to typed events (``RepoDecoder``) and to Avro values ready for
-   Kafka (+ ``datum_for`` + ``AvroCodec.encode``), against the atproto SDK's ``CAR.from_bytes`` on
+   Kafka (+ ``AvroCodec.encode_event``), against the atproto SDK's ``CAR.from_bytes`` on
    the same CARs (which only decodes blocks: no MST walk, no CID checks, no typing).
 2. To Kafka: the same CARs decoded, encoded and produced to a real broker (Tansu), flushed.
 3. End to end: accounts on 4 simulated PDS hosts backfilled through the DID work topic by 1 and by
@@ -41,8 +41,7 @@ from runtime.codec import AvroCodec  # noqa: E402
 from runtime.records import RecordEvent  # noqa: E402
 from runtime.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.pds import HostFaults, PdsNetwork  # noqa: E402
-from runtime.topics import TopicMap, schema_name_for  # noqa: E402
-from runtime.typed import datum_for  # noqa: E402
+from runtime.topics import TopicMap  # noqa: E402
 
 
 def median_rate(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
@@ -82,7 +81,7 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
         for did, data in cars:
             for item in RepoDecoder(read_car(data, verify=False), did, flt).items():
                 if isinstance(item, RecordEvent):
-                    codec.encode(schema_name_for(item), topics.for_event(item), datum_for(item))
+                    codec.encode_event(item, topics.for_event(item))
                     n += 1
         return n
 
@@ -117,7 +116,7 @@ def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, b
             for item in RepoDecoder(read_car(data, verify=False), did, flt).items():
                 if isinstance(item, RecordEvent):
                     topic = topics.for_event(item)
-                    value = codec.encode(schema_name_for(item), topic, datum_for(item))
+                    value = codec.encode_event(item, topic)
                     while True:
                         try:
                             producer.produce(topic, value, did.encode())

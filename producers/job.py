@@ -7,6 +7,11 @@ transactions, the data and the job state commit atomically; without, the produce
 delivery is confirmed, and only then the state is written. Either way the checkpoint never covers
 data that is not durably in Kafka, so a kill -9 replays a little and never skips.
 
+A running checkpoint does not stop the loop: the job state is taken at once (position, counts),
+and the flush and commit run on a thread while the loop goes on reading and encoding; what it
+produces meanwhile is held (at most ``MAX_PENDING`` messages) and sent in the next transaction
+as soon as the commit is done. The final checkpoint is synchronous.
+
 Stops: the source's own end (watermark reached, bounded source exhausted), ``num_records``
 record events produced (exactly), ``max_time`` seconds, or SIGINT/SIGTERM. Every stop flushes and
 writes a final checkpoint recording the next offset of every partition the job wrote.
@@ -20,6 +25,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +42,7 @@ from runtime.metrics import Metrics, collection_label
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.settings import KafkaSettings
 from runtime.timeparse import us_to_date
-from runtime.topics import TopicMap, schema_name_for, schema_name_for_collection
-from runtime.typed import datum_for, record_datum
+from runtime.topics import TopicMap, schema_name_for_collection
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ STOPPED = "stopped"
 #: Every Nth delivery report feeds the produce-latency histogram.
 LATENCY_SAMPLE_EVERY = 64
 _DAY_US = 86_400_000_000
+#: Messages held while a checkpoint commits in the background; at this many the loop waits for it.
+MAX_PENDING = 100_000
 
 
 @dataclass
@@ -154,7 +161,13 @@ class JobRunner:
         self._n_produced: dict[str, int] = {}
         self._n_received = 0
         self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
-        self._routes: dict[str, tuple[str, Callable[[dict[str, Any]], bytes], str]] = {}
+        self._routes: dict[str, tuple[str, Callable[[RecordEvent], bytes], str]] = {}
+        # The checkpoint committing on the checkpoint thread, its state, and what the loop produced
+        # meanwhile (topic, key, value), sent once it is done.
+        self._committing: Future[float] | None = None
+        self._committing_state: JobState | None = None
+        self._pending: list[tuple[str, bytes | None, bytes]] = []
+        self._executor: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -230,6 +243,16 @@ class JobRunner:
     # ------------------------------------------------------------------ producing
 
     def _produce_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
+        if self._committing is not None:
+            # A checkpoint is committing: this message belongs to the next transaction.
+            pending = self._pending
+            pending.append((topic, key, value))
+            if len(pending) >= MAX_PENDING:
+                self._finish_checkpoint()
+            return
+        self._send(topic, key, value)
+
+    def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
         assert self._producer is not None
         if self._transactional and not self._in_txn:
             self._begin()
@@ -249,10 +272,10 @@ class JobRunner:
             self._producer.begin_transaction()
             self._in_txn = True
 
-    def _route(self, collection: str) -> tuple[str, Callable[[dict[str, Any]], bytes], str]:
+    def _route(self, collection: str) -> tuple[str, Callable[[RecordEvent], bytes], str]:
         """(topic, value encoder, metric label) of a collection, worked out once per collection."""
         topic = self.topics.for_collection(collection)
-        route = (topic, self.codec.encoder_for(schema_name_for_collection(collection), topic),
+        route = (topic, self.codec.record_encoder_for(schema_name_for_collection(collection), topic),
                  collection_label(collection))
         self._routes[collection] = route
         self.stats.collections.add(collection)
@@ -263,13 +286,13 @@ class JobRunner:
         if type(event) is RecordEvent:
             coll = event.collection
             topic, encode, label = self._routes.get(coll) or self._route(coll)
-            value = encode(record_datum(event))
+            value = encode(event)
             st.records_produced += 1
             by_collection = st.by_collection
             by_collection[coll] = by_collection.get(coll, 0) + 1
         else:
             topic = self.topics.for_event(event)
-            value = self.codec.encode(schema_name_for(event), topic, datum_for(event))
+            value = self.codec.encode_event(event, topic)
             label = "identity" if isinstance(event, IdentityEvent) else "account"
         self._produce_raw(topic, event.did.encode(), value)
         st.events_produced += 1
@@ -321,7 +344,7 @@ class JobRunner:
         prev = self.state or self.previous
         pos = self._source.position
         now_us = int(self.wall() * 1e6)
-        state = JobState(
+        return JobState(
             job=self.opts.job, source=self.opts.source, status=status, filters=self.opts.filters,
             start_cursor=self.opts.start_cursor, end_time_us=self.opts.end_time_us,
             position=pos.snapshot(), cursor=pos.cursor,
@@ -334,8 +357,6 @@ class JobRunner:
             runs=(self.previous.runs + 1 if (self.previous and self.opts.resume) else 1)
             if self.state is None else self.state.runs,
         )
-        state.merge_offsets(self._written)
-        return state
 
     def _counts(self, prev: JobState | None) -> dict[str, int]:
         base = dict(self.previous.counts) if (self.previous and self.opts.resume) else {}
@@ -348,27 +369,96 @@ class JobRunner:
         counts["dropped"] = base.get("dropped", 0) + sum(st.dropped.values())
         return counts
 
+    @property
+    def next_checkpoint(self) -> int:
+        """The number of the checkpoint that will cover what is produced now."""
+        last = self._committing_state or self.state or self.previous
+        return (last.checkpoint if last else 0) + 1
+
     def checkpoint(self, status: str = RUNNING) -> JobState:
         """Make everything produced so far durable, then record the job state covering it.
+
+        Waits for a checkpoint committing in the background first.
 
         Raises:
             DeliveryError: Kafka refused some produced data.
             CommitError: the transaction could not commit.
             CursorRegressionError: the new state would move backwards.
         """
-        producer = self._producer
-        assert producer is not None
+        self._finish_checkpoint()
         t0 = self.clock()
+        state = self._start_state(status)
+        self._commit(state)
+        self._committed(state, t0)
+        return state
+
+    def checkpoint_in_background(self) -> None:
+        """Start a running checkpoint: the state is taken now, the flush and commit run on the
+        checkpoint thread, and what the loop produces until it is done waits for the next
+        transaction. Does nothing while the previous one is still committing."""
+        fut = self._committing
+        if fut is not None:
+            if not fut.done():
+                return
+            self._finish_checkpoint()
+        t0 = self.clock()
+        state = self._start_state(RUNNING)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._committing_state = state
+        self._committing = self._executor.submit(self._commit_timed, state, t0)
+
+    def _finish_checkpoint(self) -> None:
+        """Wait for the background checkpoint (if any), then send what was held meanwhile.
+
+        Raises:
+            what the commit raised (DeliveryError, CommitError, CursorRegressionError).
+        """
+        fut = self._committing
+        if fut is None:
+            return
+        state = self._committing_state
+        try:
+            seconds = fut.result()
+        finally:
+            self._committing = None
+            self._committing_state = None
+        assert state is not None
+        self._committed(state, self.clock() - seconds)
+        pending, self._pending = self._pending, []
+        send = self._send
+        for topic, key, value in pending:
+            send(topic, key, value)
+
+    def _start_state(self, status: str) -> JobState:
+        """The state covering everything produced so far (offsets are added once delivered)."""
         self._flush_counts()
         self._begin()
+        state = self._build_state(status)
+        self._since_checkpoint = 0
+        self._last_checkpoint = self.clock()
+        return state
+
+    def _commit_timed(self, state: JobState, t0: float) -> float:
+        self._commit(state)
+        return self.clock() - t0
+
+    def _commit(self, state: JobState) -> None:
+        """Flush, add the delivered offsets to ``state``, and commit it with the data it covers.
+
+        Runs on the checkpoint thread for a background checkpoint; the loop sends nothing to the
+        producer meanwhile, so every delivery report it serves belongs to this checkpoint.
+        """
+        producer = self._producer
+        assert producer is not None
         remaining = producer.flush(60)
         if remaining:
             raise DeliveryError(f"{remaining} messages still undelivered after 60 s")
         if self._delivery_errors:
             raise DeliveryError(f"Kafka refused data: {self._delivery_errors[:3]}")
-        state = self._build_state(status)
+        state.merge_offsets(self._written)
         state.check_forward(self.state or self.previous)
-        self._produce_raw(self.topics.control, self.opts.job.encode(), state.to_bytes())
+        self._send(self.topics.control, self.opts.job.encode(), state.to_bytes())
         if self._transactional:
             try:
                 producer.commit_transaction(60)
@@ -379,15 +469,14 @@ class JobRunner:
             remaining = producer.flush(60)
             if remaining or self._delivery_errors:
                 raise DeliveryError(f"checkpoint of job {self.opts.job} not delivered: {self._delivery_errors[:3]}")
+
+    def _committed(self, state: JobState, t0: float) -> None:
         self.state = state
-        self._since_checkpoint = 0
-        self._last_checkpoint = self.clock()
         self.metrics.checkpoints.inc(self.opts.source)
         self.metrics.flush_duration.labels(self.opts.source).observe(self.clock() - t0)
         if state.cursor is not None:
             self.metrics.source_cursor.labels(self.opts.source).set(state.cursor)
         self._update_progress_metrics()
-        return state
 
     def _update_progress_metrics(self) -> None:
         end = self.opts.end_time_us
@@ -409,6 +498,7 @@ class JobRunner:
             task.cancel()
 
     _main_task: asyncio.Task[None] | None = None
+    _failure: Exception | None = None
 
     async def _consume(self, source: Source) -> None:
         producer = self._producer
@@ -436,8 +526,8 @@ class JobRunner:
                     stats.target_reached = True
                     self._stop_reason = "target_reached"
                     return
-                if self._since_checkpoint >= every:
-                    self.checkpoint()
+                if self._since_checkpoint >= every and self._committing is None:
+                    self.checkpoint_in_background()
             elif isinstance(item, Drop):
                 stats.messages_received += 1
                 self._n_received += 1
@@ -453,12 +543,27 @@ class JobRunner:
                 return
             if n & 127 == 0:
                 self._flush_counts()
-                producer.poll(0)
+                committing = self._committing
+                if committing is None:
+                    producer.poll(0)
+                elif committing.done():
+                    self._finish_checkpoint()
                 if self.health is not None:
                     self.health.beat()
         self._stop_reason = self._stop_reason or "exhausted"
 
     async def _ticker(self) -> None:
+        """Checkpoints by time, the max-time stop, progress; a failure here stops the loop too."""
+        try:
+            await self._tick()
+        except Exception as e:
+            self._failure = e
+            task = self._main_task
+            if task is not None and not task.done():
+                task.cancel()
+            raise
+
+    async def _tick(self) -> None:
         interval = self.opts.checkpoint_interval
         deadline = (self.clock() + self.opts.max_time) if self.opts.max_time else None
         last_progress = self.clock()
@@ -466,15 +571,19 @@ class JobRunner:
             await asyncio.sleep(0.2)
             now = self.clock()
             assert self._producer is not None
-            self._producer.poll(0)
+            committing = self._committing
+            if committing is None:
+                self._producer.poll(0)
+            elif committing.done():
+                self._finish_checkpoint()
             self._flush_counts()
             if self.health is not None:
                 self.health.beat()
             if deadline is not None and now >= deadline:
                 self.stop("max_time")
                 return
-            if now - self._last_checkpoint >= interval and self._since_checkpoint:
-                self.checkpoint()
+            if now - self._last_checkpoint >= interval and self._since_checkpoint and self._committing is None:
+                self.checkpoint_in_background()
             if self.on_progress is not None and now - last_progress >= 1.0:
                 last_progress = now
                 self.on_progress(self.stats)
@@ -512,12 +621,15 @@ class JobRunner:
         try:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main_task
+            if self._failure is not None:
+                raise self._failure  # the ticker's checkpoint failed: no final checkpoint
             if self._main_task.cancelled() and self._stop_reason is None:
                 raise asyncio.CancelledError
         finally:
             self._flush_counts()
             ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A failure of the ticker is raised above (it stopped the loop), not a second time here.
+            with contextlib.suppress(asyncio.CancelledError, *((Exception,) if self._failure else ())):
                 await ticker
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -539,6 +651,16 @@ class JobRunner:
 
     def close(self) -> None:
         """Abort any open transaction and release the producer."""
+        fut = self._committing
+        if fut is not None:
+            with contextlib.suppress(Exception):
+                fut.result()  # a failed commit leaves the transaction open: aborted below
+            self._committing = None
+            self._committing_state = None
+            self._pending = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         producer = self._producer
         if producer is not None and self._in_txn:
             with contextlib.suppress(KafkaException):

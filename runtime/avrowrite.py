@@ -7,6 +7,11 @@ record schema into straight-line Python (one block per field, no dispatch, union
 ``is None`` test) that writes the same bytes as ``fastavro.schemaless_writer``. The test suite
 checks byte equality against fastavro on every shipped schema. Decoding stays with fastavro.
 
+:func:`compile_parts_encoder` compiles the same for a record whose fields come from three places
+instead of one dict: attributes of an object (an event's envelope), one string already encoded
+as UTF-8 (the record's JSON), and a tuple holding the remaining fields in schema order (the typed
+fields). A producer's hot path then builds no datum dict at all.
+
 Supported: records (nested too) of null, boolean, int, long, float, double, bytes, string, enum,
 fixed, arrays, maps and unions of ``null`` with one other type. :func:`compile_encoder` returns None
 for any other schema, and the codec falls back to fastavro for it.
@@ -15,11 +20,13 @@ for any other schema, and the codec falls back to fastavro for it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final
 
 #: ``encode(datum, out)`` appends the Avro binary form of ``datum`` to the bytearray ``out``.
 Encoder = Callable[[dict[str, Any], bytearray], None]
+#: ``encode(obj, utf8, rest, out)``: see :func:`compile_parts_encoder`.
+PartsEncoder = Callable[[Any, bytes | None, Sequence[Any], bytearray], None]
 
 _SMALL: Final = 1 << 13
 
@@ -71,15 +78,18 @@ def zz_long(n: int) -> bytes:
     if z < 0x4000:
         encoded = _varint(z)
     else:
-        high = z >> 14
-        h = _HIGH.get(high)
-        if h is None:
-            if len(_HIGH) >= _HIGH_MAX:
-                _HIGH.clear()
-            h = _HIGH[high] = _varint(high)
-        encoded = _LOW14[z & 0x3FFF] + h
+        h = _HIGH.get(z >> 14)
+        encoded = _LOW14[z & 0x3FFF] + (h if h is not None else _high_part(z >> 14))
     _last_long = (n, encoded)
     return encoded
+
+
+def _high_part(high: int) -> bytes:
+    """The varint of the part of a zigzagged long above its low 14 bits, cached."""
+    if len(_HIGH) >= _HIGH_MAX:
+        _HIGH.clear()
+    h = _HIGH[high] = _varint(high)
+    return h
 
 
 def zz_int(n: int) -> bytes:
@@ -154,16 +164,18 @@ class _Gen(CodeGen):
 
     def __init__(self) -> None:
         super().__init__({"zz_long": zz_long, "zz_int": zz_int, "ZZ": _ZZ, "SMALL": _SMALL, "BR0": _BRANCH0,
-                          "BR1": _BRANCH1, "pack_float": _FLOAT, "pack_double": _DOUBLE})
+                          "BR1": _BRANCH1, "pack_float": _FLOAT, "pack_double": _DOUBLE, "LMIN": _LONG_MIN,
+                          "LEND": _LONG_END, "HIGH": _HIGH, "LOW14": _LOW14, "high_part": _high_part})
 
-    def value(self, schema: Any, expr: str, indent: int, prefix: str | None = None) -> None:
+    def value(self, schema: Any, expr: str, indent: int, prefix: str | None = None, *, utf8: bool = False) -> None:
         """Emit code appending ``expr`` (a local name) encoded with ``schema`` to ``out``.
 
         ``prefix``: the union branch table (``BR0``/``BR1``) whose entry also carries the length of
-        a string or bytes value; other types get the branch byte appended first.
+        a string or bytes value; other types get the branch byte appended first. ``utf8``: a
+        string value arrives already encoded (bytes).
         """
         if isinstance(schema, list):
-            self.union(schema, expr, indent)
+            self.union(schema, expr, indent, utf8=utf8)
             return
         kind = schema if isinstance(schema, str) else schema.get("type")
         if isinstance(schema, dict) and schema.get("logicalType"):
@@ -176,7 +188,22 @@ class _Gen(CodeGen):
         elif kind == "boolean":
             self.emit(indent, f"out += (b'\\x00', b'\\x01')[{expr}.__index__() if type({expr}) is bool else 2]")
         elif kind == "long":
-            self.emit(indent, f"out += ZZ[{expr}] if 0 <= {expr} < SMALL else zz_long({expr})")
+            # Inline: timestamps and cursors are large longs, and a call per field costs more than
+            # the encoding. High parts come from the shared cache (see zz_long).
+            z = self.var("z")
+            h = self.var("h")
+            self.emit(indent, f"if 0 <= {expr} < SMALL:")
+            self.emit(indent + 1, f"out += ZZ[{expr}]")
+            self.emit(indent, f"elif LMIN <= {expr} < LEND:")
+            self.emit(indent + 1, f"{z} = ({expr} << 1) ^ ({expr} >> 63)")
+            self.emit(indent + 1, f"if {z} < 16384:")
+            self.emit(indent + 2, f"out += zz_long({expr})")
+            self.emit(indent + 1, "else:")
+            self.emit(indent + 2, f"{h} = HIGH.get({z} >> 14)")
+            self.emit(indent + 2, f"out += LOW14[{z} & 16383]")
+            self.emit(indent + 2, f"out += {h} if {h} is not None else high_part({z} >> 14)")
+            self.emit(indent, "else:")
+            self.emit(indent + 1, f"raise ValueError('{{}} does not fit an Avro long'.format({expr}))")
         elif kind == "int":
             self.emit(indent, f"out += zz_int({expr}.__index__())")
         elif kind == "float":
@@ -187,7 +214,9 @@ class _Gen(CodeGen):
             table = prefix or "ZZ"
             b = self.var("b")
             n = self.var("n")
-            if kind == "string":
+            if kind == "string" and utf8:
+                self.emit(indent, f"{b} = {expr}")  # bytes (a str fails on ``out +=``)
+            elif kind == "string":
                 self.emit(indent, f"{b} = {expr}.encode()")
             else:
                 self.emit(indent, f"{b} = bytes({expr}) if type({expr}) is not bytes else {expr}")
@@ -213,12 +242,13 @@ class _Gen(CodeGen):
         else:
             raise UnsupportedSchemaError(f"type {kind!r}")
 
-    def union(self, branches: list[Any], expr: str, indent: int) -> None:
+    def union(self, branches: list[Any], expr: str, indent: int, *, utf8: bool = False) -> None:
         null_index = null_union(branches)
         self.emit(indent, f"if {expr} is None:")
         self.emit(indent + 1, f"out += {zz_long(null_index)!r}")
         self.emit(indent, "else:")
-        self.value(branches[1 - null_index], expr, indent + 1, prefix="BR0" if null_index == 1 else "BR1")
+        self.value(branches[1 - null_index], expr, indent + 1, prefix="BR0" if null_index == 1 else "BR1",
+                   utf8=utf8)
 
     def block(self, item_schema: Any, expr: str, indent: int, *, is_map: bool) -> None:
         # An array is a list or tuple, a map a dict (what fastavro accepts); a str is not an array.
@@ -245,6 +275,56 @@ class _Gen(CodeGen):
             else:
                 self.emit(indent, f"{v} = {expr}[{f['name']!r}]")
             self.value(f["type"], v, indent)
+
+
+    def parts(self, schema: dict[str, Any], attrs: Collection[str], utf8_field: str) -> None:
+        """The body of a parts encoder ``encode(e, u, t, out)`` (see :func:`compile_parts_encoder`)."""
+        index = 0
+        for f in schema["fields"]:
+            name = f["name"]
+            v = self.var("v")
+            if name in attrs:
+                if not name.isidentifier():
+                    raise UnsupportedSchemaError(f"field {name!r} is not an attribute name")
+                self.emit(1, f"{v} = e.{name}")
+            elif name == utf8_field:
+                self.emit(1, f"{v} = u")
+                self.value(f["type"], v, 1, utf8=True)
+                continue
+            else:
+                self.emit(1, f"{v} = t[{index}]")
+                index += 1
+            self.value(f["type"], v, 1)
+        self.emit(1, f"if len(t) != {index}: raise IndexError('{index} values expected')")
+
+
+def parts_fields(parsed: Any, attrs: Collection[str], utf8_field: str) -> tuple[str, ...]:
+    """The fields of record schema ``parsed`` a parts encoder takes from its tuple, in order."""
+    return tuple(f["name"] for f in parsed["fields"] if f["name"] not in attrs and f["name"] != utf8_field)
+
+
+def compile_parts_encoder(parsed: Any, attrs: Collection[str], utf8_field: str) -> PartsEncoder | None:
+    """An encoder of record schema ``parsed`` whose fields come from three places.
+
+    ``encode(e, u, t, out)`` appends to ``out`` the record whose fields named in ``attrs`` are
+    attributes of ``e``, whose field ``utf8_field`` (a string, or a union of null and string) is
+    ``u`` already encoded as UTF-8 (or None), and whose other fields are the values of the
+    sequence ``t`` in schema order (:func:`parts_fields`). The bytes are those
+    :func:`compile_encoder`'s encoder writes for the same values as one dict. Returns None for a
+    schema that is not such a record or uses an unsupported type; raises like the other encoder.
+    """
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        return None
+    if utf8_field not in {f["name"] for f in parsed["fields"]}:
+        return None
+    gen = _Gen()
+    try:
+        gen.parts(resolve_named(parsed, {}), attrs, utf8_field)
+    except UnsupportedSchemaError:
+        return None
+    encoder: PartsEncoder = gen.build("def encode(e, u, t, out):\n" + "\n".join(gen.lines) + "\n",
+                                      f"parts encoder {parsed.get('name')}", "encode")
+    return encoder
 
 
 def compile_encoder(parsed: Any) -> Encoder | None:

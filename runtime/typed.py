@@ -8,6 +8,7 @@ always travels losslessly in ``record_json``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -94,54 +95,32 @@ _EMBED_KINDS: Final = {
 }
 
 
-def _media(embed: dict[str, Any], out: Datum, field: str) -> None:
+def _media(embed: dict[str, Any], field: str) -> tuple[list[str], str | None, str | None]:
+    """(image CIDs, video CID, external URI) of a media embed."""
     kind = _EMBED_KINDS.get(embed.get("$type", ""), "other")
+    cids: list[str] = []
     if kind == "images":
-        cids = []
         for img in _list(embed.get("images"), field + ".images"):
             entry = _dict(img, field + ".images[]")
             if entry is not None:
                 cid = blob_cid(entry.get("image"), field + ".images[].image")
                 if cid is not None:
                     cids.append(cid)
-        out["embed_image_cids"] = cids
     elif kind == "video":
-        out["embed_video_cid"] = blob_cid(embed.get("video"), field + ".video")
+        return cids, blob_cid(embed.get("video"), field + ".video"), None
     elif kind == "external":
         ext = _dict(embed.get("external"), field + ".external")
         if ext is not None:
-            out["embed_external_uri"] = _str(ext.get("uri"), field + ".external.uri")
+            return cids, None, _str(ext.get("uri"), field + ".external.uri")
+    return cids, None, None
 
 
-def _post(rec: dict[str, Any], out: Datum) -> None:
-    out.update(_POST_OPTIONAL)  # what only some posts have (every extractor sets all its fields)
-    out["text"] = _str(rec.get("text"), "text")
-    out["langs"] = _str_list(rec.get("langs"), "langs")
-    out["created_at"] = _str(rec.get("createdAt"), "createdAt")
-    reply = _dict(rec.get("reply"), "reply")
-    if reply is not None:
-        out["reply_root_uri"], out["reply_root_cid"] = _strong_ref(reply.get("root"), "reply.root")
-        out["reply_parent_uri"], out["reply_parent_cid"] = _strong_ref(reply.get("parent"), "reply.parent")
-    embed = _dict(rec.get("embed"), "embed")
-    if embed is not None:
-        kind = _EMBED_KINDS.get(embed.get("$type", ""), "other")
-        out["embed_kind"] = kind
-        if kind == "record":
-            out["embed_record_uri"], out["embed_record_cid"] = _strong_ref(embed.get("record"), "embed.record")
-        elif kind == "recordWithMedia":
-            inner = _dict(embed.get("record"), "embed.record")
-            if inner is not None:
-                out["embed_record_uri"], out["embed_record_cid"] = _strong_ref(
-                    inner.get("record"), "embed.record.record")
-            media = _dict(embed.get("media"), "embed.media")
-            if media is not None:
-                _media(media, out, "embed.media")
-        else:
-            _media(embed, out, "embed")
+def _facets(value: Any) -> tuple[list[str], list[str], list[str]]:
+    """(mentioned DIDs, link URIs, tags) of a post's facets."""
     mentions: list[str] = []
     links: list[str] = []
     tags: list[str] = []
-    for facet in _list(rec.get("facets"), "facets"):
+    for facet in _list(value, "facets"):
         f = _dict(facet, "facets[]")
         if f is None:
             continue
@@ -162,69 +141,131 @@ def _post(rec: dict[str, Any], out: Datum) -> None:
                 tag = _str(feat.get("tag"), "facet.tag")
                 if tag is not None:
                     tags.append(tag)
-    out["facet_mentions"] = mentions
-    out["facet_links"] = links
-    out["facet_tags"] = tags
-    out["tags"] = _str_list(rec.get("tags"), "tags")
-    out["labels"] = _self_labels(rec.get("labels"))
+    return mentions, links, tags
 
 
-def _subject_ref(rec: dict[str, Any], out: Datum) -> None:
-    out["subject_uri"], out["subject_cid"] = _strong_ref(rec.get("subject"), "subject")
-    out["created_at"] = _str(rec.get("createdAt"), "createdAt")
-    out["via_uri"], out["via_cid"] = _strong_ref(rec.get("via"), "via")
+def _post(rec: dict[str, Any]) -> tuple[Any, ...]:
+    root_uri = root_cid = parent_uri = parent_cid = None
+    reply = _dict(rec.get("reply"), "reply")
+    if reply is not None:
+        root_uri, root_cid = _strong_ref(reply.get("root"), "reply.root")
+        parent_uri, parent_cid = _strong_ref(reply.get("parent"), "reply.parent")
+    kind = record_uri = record_cid = external_uri = video_cid = None
+    image_cids: list[str] = []
+    embed = _dict(rec.get("embed"), "embed")
+    if embed is not None:
+        kind = _EMBED_KINDS.get(embed.get("$type", ""), "other")
+        if kind == "record":
+            record_uri, record_cid = _strong_ref(embed.get("record"), "embed.record")
+        elif kind == "recordWithMedia":
+            inner = _dict(embed.get("record"), "embed.record")
+            if inner is not None:
+                record_uri, record_cid = _strong_ref(inner.get("record"), "embed.record.record")
+            media = _dict(embed.get("media"), "embed.media")
+            if media is not None:
+                image_cids, video_cid, external_uri = _media(media, "embed.media")
+        else:
+            image_cids, video_cid, external_uri = _media(embed, "embed")
+    facets = rec.get("facets")
+    mentions, links, tags = _facets(facets) if facets is not None else ([], [], [])
+    return (_str(rec.get("text"), "text"), _str_list(rec.get("langs"), "langs"),
+            _str(rec.get("createdAt"), "createdAt"), root_uri, root_cid, parent_uri, parent_cid, kind,
+            record_uri, record_cid, external_uri, image_cids, video_cid, mentions, links, tags,
+            _str_list(rec.get("tags"), "tags"), _self_labels(rec.get("labels")))
 
 
-def _subject_did(rec: dict[str, Any], out: Datum) -> None:
-    out["subject"] = _str(rec.get("subject"), "subject")
-    out["created_at"] = _str(rec.get("createdAt"), "createdAt")
+def _subject_ref(rec: dict[str, Any]) -> tuple[Any, ...]:
+    subject_uri, subject_cid = _strong_ref(rec.get("subject"), "subject")
+    via = rec.get("via")
+    via_uri, via_cid = _strong_ref(via, "via") if via is not None else (None, None)
+    created_at = rec.get("createdAt")
+    if created_at is not None and type(created_at) is not str:
+        created_at = _str(created_at, "createdAt")
+    return subject_uri, subject_cid, created_at, via_uri, via_cid
 
 
-def _profile(rec: dict[str, Any], out: Datum) -> None:
-    out["display_name"] = _str(rec.get("displayName"), "displayName")
-    out["description"] = _str(rec.get("description"), "description")
-    out["avatar_cid"] = blob_cid(rec.get("avatar"), "avatar")
-    out["banner_cid"] = blob_cid(rec.get("banner"), "banner")
-    out["created_at"] = _str(rec.get("createdAt"), "createdAt")
-    out["pinned_post_uri"], _ = _strong_ref(rec.get("pinnedPost"), "pinnedPost")
-    out["labels"] = _self_labels(rec.get("labels"))
+def _subject_did(rec: dict[str, Any]) -> tuple[Any, ...]:
+    return _str(rec.get("subject"), "subject"), _str(rec.get("createdAt"), "createdAt")
 
 
-_TYPED: Final[dict[str, Callable[[dict[str, Any], Datum], None]]] = {
-    "app.bsky.feed.post": _post,
-    "app.bsky.feed.like": _subject_ref,
-    "app.bsky.feed.repost": _subject_ref,
-    "app.bsky.graph.follow": _subject_did,
-    "app.bsky.graph.block": _subject_did,
-    "app.bsky.actor.profile": _profile,
+def _profile(rec: dict[str, Any]) -> tuple[Any, ...]:
+    pinned_uri, _ = _strong_ref(rec.get("pinnedPost"), "pinnedPost")
+    return (_str(rec.get("displayName"), "displayName"), _str(rec.get("description"), "description"),
+            blob_cid(rec.get("avatar"), "avatar"), blob_cid(rec.get("banner"), "banner"),
+            _str(rec.get("createdAt"), "createdAt"), pinned_uri, _self_labels(rec.get("labels")))
+
+
+@dataclass(frozen=True, slots=True)
+class Typed:
+    """The typed fields of one collection's schema: their names in schema order, the function
+    that extracts their values (in the same order) from a record, and their values for a delete."""
+
+    names: tuple[str, ...]
+    extract: Callable[[dict[str, Any]], tuple[Any, ...]]
+    empty: tuple[Any, ...]
+
+
+_POST_FIELDS: Final = (
+    "text", "langs", "created_at", "reply_root_uri", "reply_root_cid", "reply_parent_uri", "reply_parent_cid",
+    "embed_kind", "embed_record_uri", "embed_record_cid", "embed_external_uri", "embed_image_cids",
+    "embed_video_cid", "facet_mentions", "facet_links", "facet_tags", "tags", "labels")
+_LISTS: Final = frozenset(("langs", "embed_image_cids", "facet_mentions", "facet_links", "facet_tags", "tags",
+                           "labels"))
+
+
+def _typed(names: tuple[str, ...], extract: Callable[[dict[str, Any]], tuple[Any, ...]]) -> Typed:
+    return Typed(names, extract, tuple([] if n in _LISTS else None for n in names))
+
+
+_SUBJECT_REF: Final = ("subject_uri", "subject_cid", "created_at", "via_uri", "via_cid")
+_SUBJECT_DID: Final = ("subject", "created_at")
+
+#: The typed fields of each typed collection (every other collection has none: the generic schema).
+TYPED: Final[dict[str, Typed]] = {
+    "app.bsky.feed.post": _typed(_POST_FIELDS, _post),
+    "app.bsky.feed.like": _typed(_SUBJECT_REF, _subject_ref),
+    "app.bsky.feed.repost": _typed(_SUBJECT_REF, _subject_ref),
+    "app.bsky.graph.follow": _typed(_SUBJECT_DID, _subject_did),
+    "app.bsky.graph.block": _typed(_SUBJECT_DID, _subject_did),
+    "app.bsky.actor.profile": _typed(("display_name", "description", "avatar_cid", "banner_cid", "created_at",
+                                      "pinned_post_uri", "labels"), _profile),
 }
 
-#: The post fields an extractor sets only when the post has a reply or an embed.
-_POST_OPTIONAL: Final[Datum] = {
-    "reply_root_uri": None, "reply_root_cid": None, "reply_parent_uri": None, "reply_parent_cid": None,
-    "embed_kind": None, "embed_record_uri": None, "embed_record_cid": None, "embed_external_uri": None,
-    "embed_image_cids": [], "embed_video_cid": None,
-}
+#: The envelope fields every record schema has, in schema order: attributes of a RecordEvent.
+ENVELOPE: Final = ("did", "collection", "rkey", "operation", "rev", "cid", "source", "cursor", "time_us", "job")
+_NO_VALUES: Final[tuple[Any, ...]] = ()
 
-#: Default values of the typed fields, per collection, for deletes (every field null/empty).
-_EMPTY: Final[dict[str, Datum]] = {
-    "app.bsky.feed.post": {
-        "text": None, "langs": [], "created_at": None, "reply_root_uri": None, "reply_root_cid": None,
-        "reply_parent_uri": None, "reply_parent_cid": None, "embed_kind": None, "embed_record_uri": None,
-        "embed_record_cid": None, "embed_external_uri": None, "embed_image_cids": [],
-        "embed_video_cid": None, "facet_mentions": [], "facet_links": [], "facet_tags": [], "tags": [],
-        "labels": [],
-    },
-    "app.bsky.feed.like": {"subject_uri": None, "subject_cid": None, "created_at": None,
-                           "via_uri": None, "via_cid": None},
-    "app.bsky.feed.repost": {"subject_uri": None, "subject_cid": None, "created_at": None,
-                             "via_uri": None, "via_cid": None},
-    "app.bsky.graph.follow": {"subject": None, "created_at": None},
-    "app.bsky.graph.block": {"subject": None, "created_at": None},
-    "app.bsky.actor.profile": {"display_name": None, "description": None, "avatar_cid": None,
-                               "banner_cid": None, "created_at": None, "pinned_post_uri": None,
-                               "labels": []},
-}
+
+def record_parts(event: RecordEvent, *, serialise: bool = True) -> tuple[bytes | None, tuple[Any, ...]]:
+    """What a record event's Avro value holds besides its envelope: the record as JSON (UTF-8,
+    None for a delete or when not ``serialise``) and the typed fields' values in schema order
+    (none for other collections).
+
+    Raises:
+        InvalidRecordError: the record is not an object, has a ``$type`` other than its
+            collection (typed collections), a typed field of the wrong JSON type, or a value JSON
+            cannot hold.
+    """
+    rec = event.record
+    typed = TYPED.get(event.collection)
+    if rec is None:
+        if event.operation != "delete":
+            raise InvalidRecordError(f"{event.operation} without a record")
+        return None, typed.empty if typed is not None else _NO_VALUES
+    if type(rec) is not dict:
+        raise InvalidRecordError(f"record is {type(rec).__name__}, expected object")
+    record_json = None
+    if serialise:
+        try:
+            record_json = orjson.dumps(rec)
+        except orjson.JSONEncodeError as e:
+            raise InvalidRecordError(f"record has no JSON form: {e}") from e
+    if typed is None:
+        return record_json, _NO_VALUES
+    rtype = rec.get("$type")
+    if rtype != event.collection:
+        raise InvalidRecordError(f"$type {rtype!r} in collection {event.collection}")
+    return record_json, typed.extract(rec)
 
 
 def record_datum(event: RecordEvent, record_json: str | None = None) -> Datum:
@@ -232,35 +273,21 @@ def record_datum(event: RecordEvent, record_json: str | None = None) -> Datum:
 
     Args:
         event: the event; ``event.record`` is the JSON-form record or None for a delete.
-        record_json: the record already serialised (saves a re-serialisation when the source
-            delivered JSON text); computed from ``event.record`` when None.
+        record_json: the record already serialised, kept verbatim in the datum when given.
 
     Raises:
-        InvalidRecordError: the record is not an object, has a ``$type`` other than its
-            collection (typed collections), or a typed field of the wrong JSON type.
+        InvalidRecordError: as :func:`record_parts`.
     """
-    rec = event.record
+    rj, values = record_parts(event, serialise=record_json is None)
     datum: Datum = {
         "did": event.did, "collection": event.collection, "rkey": event.rkey,
         "operation": event.operation, "rev": event.rev, "cid": event.cid, "source": event.source,
-        "cursor": event.cursor, "time_us": event.time_us, "job": event.job, "record_json": None,
+        "cursor": event.cursor, "time_us": event.time_us, "job": event.job,
+        "record_json": record_json if record_json is not None else (rj.decode() if rj is not None else None),
     }
-    if rec is None:
-        if event.operation != "delete":
-            raise InvalidRecordError(f"{event.operation} without a record")
-        empty = _EMPTY.get(event.collection)
-        if empty is not None:
-            datum.update(empty)
-        return datum
-    if not isinstance(rec, dict):
-        raise InvalidRecordError(f"record is {type(rec).__name__}, expected object")
-    extract = _TYPED.get(event.collection)
-    if extract is not None:
-        rtype = rec.get("$type")
-        if rtype != event.collection:
-            raise InvalidRecordError(f"$type {rtype!r} in collection {event.collection}")
-        extract(rec, datum)
-    datum["record_json"] = record_json if record_json is not None else orjson.dumps(rec).decode()
+    typed = TYPED.get(event.collection)
+    if typed is not None:
+        datum.update(zip(typed.names, values, strict=True))
     return datum
 
 

@@ -313,8 +313,7 @@ class RepoJobRunner(JobRunner):
                 result.not_produced(kind, reason)
         topic = self.topics.repo_status
         self._ensure([topic], config={"cleanup.policy": "compact"})
-        batch = (self.state.checkpoint if self.state else (self.previous.checkpoint if self.previous else 0)) + 1
-        datum = result.status_datum(self.opts.job, int(self.wall() * 1e6), batch=batch)
+        datum = result.status_datum(self.opts.job, int(self.wall() * 1e6), batch=self.next_checkpoint)
         self._produce_raw(topic, result.did.encode(), self.codec.encode("repo_status", topic, datum))
 
 

@@ -47,8 +47,7 @@ from runtime.errors import CommitError, DeliveryError, DropError, SourceError
 from runtime.metrics import Health, Metrics, collection_label
 from runtime.records import RecordEvent
 from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap, schema_name_for
-from runtime.typed import datum_for
+from runtime.topics import TopicMap
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +441,7 @@ class WorkTopicRunner:
 
     def _emit_event(self, event: RecordEvent) -> None:
         topic = self.topics.for_event(event)
-        value = self.codec.encode(schema_name_for(event), topic, datum_for(event))
+        value = self.codec.encode_event(event, topic)
         self._produce(topic, event.did.encode(), value)
         label = collection_label(event.collection)
         child = self._m_produced.get(label)

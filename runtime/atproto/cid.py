@@ -72,7 +72,7 @@ class CID:
 
     __slots__ = ("_str", "raw")
     raw: bytes
-    _str: str | None
+    _str: str
 
     def __init__(self, raw: bytes) -> None:
         """Wrap binary CID bytes; raises :class:`CIDError` if they are not exactly one CIDv1."""
@@ -82,15 +82,13 @@ class CID:
         end, _, _ = _cid_end(raw, 0)
         if end != len(raw):
             _fail(f"{len(raw) - end} trailing bytes after CID")
-        object.__setattr__(self, "raw", raw)
-        object.__setattr__(self, "_str", None)
+        _SET_RAW(self, raw)
 
     @classmethod
     def _trusted(cls, raw: bytes) -> CID:
         """Wrap bytes already known to be one well-formed CIDv1 (skips the parse)."""
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "raw", raw)
-        object.__setattr__(obj, "_str", None)
+        obj = _NEW(cls)
+        _SET_RAW(obj, raw)  # the slot's own setter: a CID is built per MST entry
         return obj
 
     @classmethod
@@ -156,11 +154,12 @@ class CID:
         return hashlib.sha256(data).digest() == self.digest
 
     def __str__(self) -> str:
-        s = self._str
-        if s is None:
-            s = libipld.encode_multibase("b", self.raw)
-            object.__setattr__(self, "_str", s)
-        return s
+        try:
+            return self._str
+        except AttributeError:  # first use: the string form is made once, on demand
+            s: str = libipld.encode_multibase("b", self.raw)
+            _SET_STR(self, s)
+            return s
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"
@@ -215,6 +214,11 @@ class CID:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CID:
         return self
+
+
+_NEW: Final = object.__new__
+_SET_RAW: Final = CID.__dict__["raw"].__set__
+_SET_STR: Final = CID.__dict__["_str"].__set__
 
 
 def parse_cid_at(data: bytes | memoryview, pos: int) -> tuple[CID, int]:

@@ -76,6 +76,9 @@ def key_depth(key: str | bytes) -> int:
     """The MST layer of a key: leading zero bits of ``sha256(key)`` divided by two (fanout 4)."""
     raw = key.encode("utf-8") if isinstance(key, str) else key
     digest = hashlib.sha256(raw).digest()
+    first = digest[0]
+    if first:  # three keys in four: the zero bits all lie in the first byte
+        return (8 - first.bit_length()) >> 1
     return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
