@@ -207,9 +207,10 @@ class RepoDecoder:
         create = Operation.CREATE.value
         repo = Source.REPO.value
         entries = self._entries if self._entries is not None else walk(self.commit.data, car, verify=False)
+        every = flt.selects_all
         for key, cid in entries:
             collection, _, rkey = key.partition("/")
-            if not flt.wants_collection(collection):
+            if not every and not flt.wants_collection(collection):
                 skipped["collection_filter"] += 1
                 continue
             block = car.get(cid)
@@ -228,7 +229,7 @@ class RepoDecoder:
                 yield self._drop(e.reason, f"record {key}: {e}", block, key)
                 continue
             kind = record_type(collection, record)
-            if not flt.wants(collection, kind):
+            if not every and not flt.wants(collection, kind):
                 skipped["collection_filter"] += 1
                 continue
             if policy_active:

@@ -72,7 +72,7 @@ class CID:
 
     __slots__ = ("_str", "raw")
     raw: bytes
-    _str: str
+    _str: str | None
 
     def __init__(self, raw: bytes) -> None:
         """Wrap binary CID bytes; raises :class:`CIDError` if they are not exactly one CIDv1."""
@@ -83,12 +83,14 @@ class CID:
         if end != len(raw):
             _fail(f"{len(raw) - end} trailing bytes after CID")
         _SET_RAW(self, raw)
+        _SET_STR(self, None)
 
     @classmethod
     def _trusted(cls, raw: bytes) -> CID:
         """Wrap bytes already known to be one well-formed CIDv1 (skips the parse)."""
         obj = _NEW(cls)
-        _SET_RAW(obj, raw)  # the slot's own setter: a CID is built per MST entry
+        _SET_RAW(obj, raw)  # the slots' own setters: a CID is built per MST entry
+        _SET_STR(obj, None)
         return obj
 
     @classmethod
@@ -154,12 +156,11 @@ class CID:
         return hashlib.sha256(data).digest() == self.digest
 
     def __str__(self) -> str:
-        try:
-            return self._str
-        except AttributeError:  # first use: the string form is made once, on demand
-            s: str = libipld.encode_multibase("b", self.raw)
+        s = self._str
+        if s is None:  # first use: the string form is made once, on demand
+            s = libipld.encode_multibase("b", self.raw)
             _SET_STR(self, s)
-            return s
+        return s
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import binascii
+import functools
 import math
 import struct
 from collections.abc import Mapping
@@ -418,26 +419,72 @@ def from_json_form(obj: Any, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     return obj
 
 
-def _contains_bytes(obj: Any, depth: int, max_depth: int) -> bool:
-    """Whether a libipld-decoded value holds ``bytes`` (a link or a byte string) anywhere."""
+def _bytes_values(obj: Any, depth: int, max_depth: int, out: set[bytes]) -> None:
+    """Add to ``out`` every ``bytes`` value (a link or a byte string) of a libipld-decoded value."""
     if depth > max_depth:
         _fail(f"nesting deeper than {max_depth}")
     values = obj.values() if type(obj) is dict else obj
     for v in values:
         t = type(v)
         if t is bytes:
-            return True
-        if (t is dict or t is list) and v and _contains_bytes(v, depth + 1, max_depth):
-            return True
-    return False
+            out.add(v)
+        elif (t is dict or t is list) and v:
+            _bytes_values(v, depth + 1, max_depth, out)
+
+
+@functools.lru_cache(maxsize=256)
+def _byte_string_headers(n: int) -> tuple[bytes, ...]:
+    """Every header of a byte string of ``n`` bytes that libipld accepts (any length width)."""
+    out = [bytes((0x40 | n,))] if n < 24 else []
+    for major, width in ((0x58, 1), (0x59, 2), (0x5A, 4), (0x5B, 8)):
+        if n < 1 << (8 * width):
+            out.append(bytes((major,)) + n.to_bytes(width, "big"))
+    return tuple(out)
+
+
+def _links_in(block: bytes, values: set[bytes]) -> dict[bytes, bool] | None:
+    """Which of the ``bytes`` values libipld decoded from ``block`` are links, read off the block.
+
+    A link is tag 42 over a byte string of ``00`` + the CID; a byte string is its own header + its
+    bytes. When the block holds no byte-string encoding of a value (in any header width), every
+    occurrence of it is a link; when it holds no link encoding of it, every occurrence is a byte
+    string. Returns None when a value could be either (then the block must be decoded exactly).
+    """
+    kinds: dict[bytes, bool] = {}
+    for value in values:
+        as_bytes = any(h + value in block for h in _byte_string_headers(len(value)))
+        as_link = any(h + b"\x00" + value in block for h in _byte_string_headers(len(value) + 1))
+        if as_bytes == as_link:
+            return None
+        kinds[value] = as_link
+    return kinds
+
+
+def _with_kinds(obj: Any, kinds: dict[bytes, bool]) -> Any:
+    """The JSON form of a libipld-decoded value whose ``bytes`` are classified by ``kinds``."""
+    t = type(obj)
+    if t is dict:
+        return {k: _with_kinds(v, kinds) for k, v in obj.items()}
+    if t is list:
+        return [_with_kinds(v, kinds) for v in obj]
+    if t is bytes:
+        if kinds[obj]:
+            try:
+                return {"$link": str(CID.from_bytes(obj))}
+            except AtprotoFormatError as e:
+                _fail(f"bad CID link: {e}", e)
+        return {"$bytes": _b64(obj)}
+    return obj
 
 
 def record_json_form(block: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> dict[str, Any]:
     """Decode a record block (a DAG-CBOR map) straight to its atproto JSON form.
 
     libipld decodes first; a record with no bytes anywhere is already its JSON form and is returned
-    as is. A record with links or byte strings is decoded again by the exact :func:`decode` (libipld
-    returns both as ``bytes``) and converted with :func:`to_json_form`.
+    as is. libipld returns links and byte strings both as ``bytes``: each such value is told apart
+    by the encodings the block holds (:func:`_links_in`), and in the rare block where that cannot
+    tell, the record is decoded again by the exact :func:`decode` and converted with
+    :func:`to_json_form`.
 
     Raises:
         CBORError: malformed DAG-CBOR, a top level that is not a map, or nesting past ``max_depth``.
@@ -453,8 +500,14 @@ def record_json_form(block: bytes, *, max_depth: int = DEFAULT_MAX_DEPTH) -> dic
     if type(value) is not dict:
         _fail(f"record must be a map, got {type(value).__name__}")
     try:
-        if not _contains_bytes(value, 1, max_depth):
+        found: set[bytes] = set()
+        _bytes_values(value, 1, max_depth, found)
+        if not found:
             return value
+        kinds = _links_in(block, found)
+        if kinds is not None:
+            classified: dict[str, Any] = _with_kinds(value, kinds)
+            return classified
         converted: dict[str, Any] = to_json_form(
             decode(block, max_depth=max_depth, strict=False), max_depth=max_depth
         )

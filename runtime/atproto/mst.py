@@ -195,13 +195,14 @@ def encode_node(left: CID | None, entries: list[tuple[str, CID, CID | None]]) ->
     return bytes(out)
 
 
-def _as_cid(value: Any, what: str) -> CID:
+def _as_cid(value: Any, what: str, where: object) -> CID:
+    """``value`` (a libipld-decoded link) as a CID; the error names ``what`` of ``where``."""
     if type(value) is not bytes:
-        _fail(f"{what} is not a link")
+        _fail(f"{what} of {where!r} is not a link")
     try:
         return CID.from_bytes(value)
     except AtprotoFormatError as e:
-        _fail(f"{what} is not a CID: {e}", e)
+        _fail(f"{what} of {where!r} is not a CID: {e}", e)
 
 
 def _parse_node(block: bytes, cid: CID, expected_layer: int | None) -> _Node:
@@ -213,7 +214,7 @@ def _parse_node(block: bytes, cid: CID, expected_layer: int | None) -> _Node:
     if type(data) is not dict or type(data.get("e")) is not list:
         _fail(f"MST node {cid} is not a node map with an entries list")
     raw_left = data.get("l")
-    left = None if raw_left is None else _as_cid(raw_left, f"left link of node {cid}")
+    left = None if raw_left is None else _as_cid(raw_left, "left link", cid)
     keys: list[str] = []
     vals: list[CID] = []
     rights: list[CID | _Node | None] = []
@@ -244,8 +245,8 @@ def _parse_node(block: bytes, cid: CID, expected_layer: int | None) -> _Node:
             _fail(f"key {key!r} of depth {depth} is in node {cid} of layer {layer}")
         raw_right = entry.get("t")
         keys.append(key)
-        vals.append(_as_cid(entry.get("v"), f"value of {key!r}"))
-        rights.append(None if raw_right is None else _as_cid(raw_right, f"subtree right of {key!r}"))
+        vals.append(_as_cid(entry.get("v"), "value", key))
+        rights.append(None if raw_right is None else _as_cid(raw_right, "subtree right", key))
         prev = kb
     if layer is None:  # a root without entries: only the empty tree is allowed
         if left is not None:

@@ -288,3 +288,60 @@ def test_errors_are_value_errors() -> None:
     with pytest.raises(ValueError, match="trailing"):
         decode(b"\x01\x01")
     assert issubclass(CBORError, AtprotoFormatError)
+
+
+def _exact(block: bytes) -> Any:
+    return to_json_form(decode(block, strict=False))
+
+
+def test_links_and_bytes_are_told_apart_without_the_exact_decoder_and_agree_with_it() -> None:
+    sig = bytes(range(64))
+    cases = [
+        {"$type": "x", "ref": LINK, "sig": sig},
+        {"$type": "x", "images": [{"image": {"$type": "blob", "ref": LINK, "size": 9}}, {"image": BLOB}]},
+        {"$type": "x", "short": b"ab", "empty": b"", "nested": [[{"b": b"\x00" * 30}]]},
+        # the same 36 bytes as a link and as a byte string: only the exact decoder can tell
+        {"$type": "x", "ref": LINK, "data": LINK.raw},
+        # a byte string holding the encoding of a link to the same CID
+        {"$type": "x", "ref": LINK, "data": b"\xd8\x2a\x58\x25\x00" + LINK.raw},
+        # a byte string holding the encoding of a byte string equal to a link's bytes
+        {"$type": "x", "ref": LINK, "data": b"\x58\x24" + LINK.raw},
+    ]
+    for value in cases:
+        block = encode(value)
+        assert record_json_form(block) == _exact(block), value
+
+
+def test_non_minimal_lengths_cannot_fool_the_link_test() -> None:
+    # libipld accepts non-minimal lengths: a byte string with a 2-byte length equal to a link's
+    # bytes elsewhere must still come out as bytes.
+    link = b"\xd8\x2a\x58\x25\x00" + LINK.raw
+    for as_bytes in (b"\x59\x00\x24" + LINK.raw, b"\x5a\x00\x00\x00\x24" + LINK.raw,
+                     b"\x5b" + (36).to_bytes(8, "big") + LINK.raw):
+        block = b"\xa2\x61a" + link + b"\x61b" + as_bytes
+        assert record_json_form(block) == _exact(block) == {"a": {"$link": str(LINK)},
+                                                             "b": {"$bytes": to_json_form(LINK.raw)["$bytes"]}}
+    # and a link written with a non-minimal length is still a link
+    block = b"\xa1\x61a\xd8\x2a\x59\x00\x25\x00" + LINK.raw
+    assert record_json_form(block) == _exact(block) == {"a": {"$link": str(LINK)}}
+
+
+def test_random_records_with_links_and_bytes_agree_with_the_exact_decoder() -> None:
+    rng = random.Random(7)
+    pool: list[Any] = [LINK, BLOB, LINK.raw, BLOB.raw, b"", b"\x00", bytes(rng.randrange(256) for _ in range(40))]
+
+    def value(depth: int) -> Any:
+        kind = rng.randrange(6 if depth < 4 else 3)
+        if kind == 0:
+            return rng.choice(pool)
+        if kind == 1:
+            return rng.choice(["s", "é", 5, -3, True, None])
+        if kind == 2:
+            return rng.choice(pool[:2])
+        if kind == 3:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randrange(4))}
+
+    for _ in range(2000):
+        block = encode({"$type": "x", **{f"f{i}": value(1) for i in range(rng.randrange(1, 5))}})
+        assert record_json_form(block) == _exact(block)
