@@ -389,7 +389,7 @@ class JobRunner:
         t0 = self.clock()
         state = self._start_state(status)
         self._commit(state)
-        self._committed(state, t0)
+        self._committed(state, self.clock() - t0)
         return state
 
     def checkpoint_in_background(self) -> None:
@@ -424,7 +424,7 @@ class JobRunner:
             self._committing = None
             self._committing_state = None
         assert state is not None
-        self._committed(state, self.clock() - seconds)
+        self._committed(state, seconds)
         pending, self._pending = self._pending, []
         send = self._send
         for topic, key, value in pending:
@@ -470,10 +470,11 @@ class JobRunner:
             if remaining or self._delivery_errors:
                 raise DeliveryError(f"checkpoint of job {self.opts.job} not delivered: {self._delivery_errors[:3]}")
 
-    def _committed(self, state: JobState, t0: float) -> None:
+    def _committed(self, state: JobState, seconds: float) -> None:
+        """Record ``state`` as the job's committed state (its flush and commit took ``seconds``)."""
         self.state = state
         self.metrics.checkpoints.inc(self.opts.source)
-        self.metrics.flush_duration.labels(self.opts.source).observe(self.clock() - t0)
+        self.metrics.flush_duration.labels(self.opts.source).observe(seconds)
         if state.cursor is not None:
             self.metrics.source_cursor.labels(self.opts.source).set(state.cursor)
         self._update_progress_metrics()

@@ -29,11 +29,11 @@ import fastavro.schema
 
 import schemas
 from runtime.avroread import DECODE_ERRORS, Decoder, compile_decoder
-from runtime.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder, parts_fields
+from runtime.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder
 from runtime.errors import DecodeError
 from runtime.records import Event, RecordEvent
 from runtime.topics import schema_name_for, schema_name_for_collection
-from runtime.typed import ENVELOPE, datum_for, record_parts
+from runtime.typed import ENVELOPE, datum_for, record_datum, record_parts
 
 SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
 REGISTRY_MAGIC: Final = 0
@@ -155,7 +155,7 @@ class AvroCodec:
         return encode(datum)
 
     def encoder_for(self, schema_name: str, topic: str) -> Callable[[dict[str, Any]], bytes]:
-        """:meth:`encode` bound to one schema and topic (a producer's hot path keeps it per route).
+        """:meth:`encode` bound to one schema and topic (what :meth:`encode` caches per pair).
 
         Raises:
             KeyError: no such shipped schema.
@@ -196,7 +196,6 @@ class AvroCodec:
         parts = self._shipped[schema_name].parts_encoder
         if parts is None:
             raise KeyError(f"schema {schema_name} is not a record-event schema")
-        fallback = self.encoder_for(schema_name, topic)
 
         def encode(event: RecordEvent) -> bytes:
             record_json, values = record_parts(event)
@@ -205,11 +204,8 @@ class AvroCodec:
                 parts(event, record_json, values, out)
                 return bytes(out)
             except ENCODE_ERRORS:
-                # fastavro encodes what it accepts and explains what it does not
-                datum = {name: getattr(event, name) for name in ENVELOPE}
-                datum["record_json"] = record_json.decode() if record_json is not None else None
-                datum.update(zip(self._shipped_parts_fields(schema_name), values, strict=False))
-                return fallback(datum)
+                # the datum path, whose fastavro fallback encodes what it accepts and explains the rest
+                return self.encode(schema_name, topic, record_datum(event))
 
         return encode
 
@@ -227,9 +223,6 @@ class AvroCodec:
                     schema_name_for_collection(event.collection), topic)
             return encode(event)
         return self.encode(schema_name_for(event), topic, datum_for(event))
-
-    def _shipped_parts_fields(self, schema_name: str) -> tuple[str, ...]:
-        return parts_fields(self._shipped[schema_name].parsed, ENVELOPE, "record_json")
 
     def decode(self, value: bytes) -> tuple[str, dict[str, Any]]:
         """Decode a value of either wire format into ``(schema name, datum)``.

@@ -178,10 +178,7 @@ def _subject_ref(rec: dict[str, Any]) -> tuple[Any, ...]:
     subject_uri, subject_cid = _strong_ref(rec.get("subject"), "subject")
     via = rec.get("via")
     via_uri, via_cid = _strong_ref(via, "via") if via is not None else (None, None)
-    created_at = rec.get("createdAt")
-    if created_at is not None and type(created_at) is not str:
-        created_at = _str(created_at, "createdAt")
-    return subject_uri, subject_cid, created_at, via_uri, via_cid
+    return subject_uri, subject_cid, _str(rec.get("createdAt"), "createdAt"), via_uri, via_cid
 
 
 def _subject_did(rec: dict[str, Any]) -> tuple[Any, ...]:

@@ -7,6 +7,7 @@ rate limits are never exceeded (the simulator counts), and kill -9 of a replica 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
@@ -72,6 +73,17 @@ def net(request: pytest.FixtureRequest) -> Iterator[PdsNetwork]:
     accounts = getattr(request, "param", 200)
     network = _network(accounts, seed=accounts)
     try:
+        yield network
+    finally:
+        network.stop_thread()
+
+
+@contextlib.contextmanager
+def _enqueued(kafka: KafkaSettings, accounts: int, seed: int, records_mean: int) -> Iterator[PdsNetwork]:
+    """A small simulated network on 2 hosts, started, with every DID in the work topic."""
+    network = PdsNetwork(accounts=accounts, hosts=2, seed=seed, records_mean=records_mean).start_in_thread()
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == accounts
         yield network
     finally:
         network.stop_thread()
@@ -386,10 +398,8 @@ class _AbortOnce:
 
 def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
-    network = PdsNetwork(accounts=8, hosts=2, seed=14, records_mean=6).start_in_thread()
-    metrics = Metrics(CollectorRegistry())
-    try:
-        assert enqueue_dids(kafka, network.dids, origin="test") == 8
+    with _enqueued(kafka, 8, seed=14, records_mean=6) as network:
+        metrics = Metrics(CollectorRegistry())
         replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="a1", idle_exit=1.0,
                                                                    txn_max_dids=3), metrics=metrics)
         runner = replica.runner
@@ -416,8 +426,6 @@ def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tm
             redone = {d.strip(" '") for d in logged.split(",")}
             assert 1 <= len(redone) <= 3  # --txn-max-dids
             assert twice <= redone and extra <= redone
-    finally:
-        network.stop_thread()
 
 
 class _GatedFetcher(RepoFetcher):
@@ -497,10 +505,8 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
     """A partition librdkafka stops delivering (here: paused behind the replica's back, as a pause
     kept across a rebalance leaves it) is found by the idle replica and restarted at its committed
     offset, so the replica still finishes the whole topic."""
-    network = PdsNetwork(accounts=12, hosts=2, seed=16, records_mean=3).start_in_thread()
-    metrics = Metrics(CollectorRegistry())
-    try:
-        assert enqueue_dids(kafka, network.dids, origin="test") == 12
+    with _enqueued(kafka, 12, seed=16, records_mean=3) as network:
+        metrics = Metrics(CollectorRegistry())
         replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="s1", idle_exit=1.0,
                                                                    max_time=90, stuck_after=3.0),
                              metrics=metrics, rate=100, burst=20)
@@ -524,8 +530,6 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
         assert f"partitions [{hidden[0]}] have work past their committed offsets" in caplog.text
         assert metrics.registry.get_sample_value("atproto_backfill_repos_fetch_restarts_total") == 1
         assert set(read_back(kafka).status_by_did()) == set(network.dids)
-    finally:
-        network.stop_thread()
 
 
 class _LoseOffsets:
@@ -544,10 +548,8 @@ class _LoseOffsets:
 
 
 def test_offsets_a_transaction_did_not_store_are_committed_again(kafka: KafkaSettings, tmp_path: Path) -> None:
-    network = PdsNetwork(accounts=10, hosts=2, seed=17, records_mean=3).start_in_thread()
-    metrics = Metrics(CollectorRegistry())
-    try:
-        assert enqueue_dids(kafka, network.dids, origin="test") == 10
+    with _enqueued(kafka, 10, seed=17, records_mean=3) as network:
+        metrics = Metrics(CollectorRegistry())
         replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="o1", idle_exit=1.0,
                                                                    txn_max_dids=4, max_time=90),
                              metrics=metrics, rate=100, burst=20)
@@ -563,5 +565,3 @@ def test_offsets_a_transaction_did_not_store_are_committed_again(kafka: KafkaSet
         statuses = read_back(kafka).status_by_did()
         assert set(statuses) == set(network.dids)
         assert all(len(s) == 1 for s in statuses.values())  # nothing redone
-    finally:
-        network.stop_thread()
