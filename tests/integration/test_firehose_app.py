@@ -56,8 +56,13 @@ def settings(kafka: KafkaSettings, *args: str) -> app.FirehoseSettings:
 
 
 def read_topics(kafka: KafkaSettings, *, want: int | None = None, dlq: bool = False,
-                timeout: float = 30.0) -> list[tuple[str, Any]]:
-    """``(topic, decoded datum or Event)`` of every data topic of the prefix (or of its dead-letter topic)."""
+                timeout: float = 30.0, want_keys: set[str] | None = None) -> list[tuple[str, Any]]:
+    """``(topic, decoded datum or Event)`` of every data topic of the prefix (or of its dead-letter topic).
+
+    Reads until ``want`` messages arrived, or until the events of ``want_keys`` all did (after a
+    kill, Tansu also delivers the aborted transaction's copies, so a count can be reached before
+    the last committed events show), then 1 s without a message; or until ``timeout``.
+    """
     topics = TopicMap(kafka.topic_prefix)
     names = kafka_util.list_topics(kafka_util.admin(kafka.client_config()))
     if dlq:
@@ -70,13 +75,14 @@ def read_topics(kafka: KafkaSettings, *, want: int | None = None, dlq: bool = Fa
     consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, n in selected.items() for p in range(n)])
     codec = AvroCodec()
     out: list[tuple[str, Any]] = []
+    missing = set(want_keys) if want_keys is not None else set()
     deadline = time.monotonic() + timeout
     idle_since = time.monotonic()
     try:
         while time.monotonic() < deadline:
             msg = consumer.poll(0.1)
             if msg is None:
-                enough = want is None or len(out) >= want
+                enough = (want is None or len(out) >= want) and not missing
                 if enough and time.monotonic() - idle_since > 1.0:
                     break
                 continue
@@ -84,7 +90,10 @@ def read_topics(kafka: KafkaSettings, *, want: int | None = None, dlq: bool = Fa
                 continue
             idle_since = time.monotonic()
             name, datum = codec.decode(msg.value())
-            out.append((msg.topic(), datum if dlq else event_from_datum(name, datum)))
+            item = datum if dlq else event_from_datum(name, datum)
+            if missing and not dlq:
+                missing.discard(event_key(item))
+            out.append((msg.topic(), item))
     finally:
         consumer.close()
     return out
@@ -237,7 +246,7 @@ def test_kill_minus_nine_then_resume_loses_nothing(kafka: KafkaSettings, tmp_pat
     assert resumed.state is not None
     assert (resumed.state.status, resumed.state.runs) == ("finished", 2)
     expected = expected_events(frames, end)
-    got = keys([e for _, e in read_topics(kafka, want=len(expected))])
+    got = keys([e for _, e in read_topics(kafka, want=len(expected), want_keys=set(keys(expected)))])
     assert set(got) == set(keys(expected)), "events lost or invented across the kill"
     # Tansu delivers the killed run's aborted transaction to read_committed readers (TEST-INFRA.md);
     # a real broker would not. The sinks de-duplicate by event key either way.
@@ -295,7 +304,7 @@ def test_workers_share_the_dids_and_resume_with_the_same_count(kafka: KafkaSetti
     assert [st.job for st in result.states] == ["sharded.w0", "sharded.w1"]
     assert all(st.status == "finished" for st in result.states), [(st.job, st.status, st.stop_reason)
                                                                    for st in result.states]
-    got = [e for _, e in read_topics(kafka, want=len(expected))]
+    got = [e for _, e in read_topics(kafka, want=len(expected), want_keys=set(keys(expected)))]
     assert set(keys(got)) == set(keys(expected)), (tmp_path / "workers.log").read_text()[-3000:]
     owners: dict[str, set[str]] = {}
     for e in got:
