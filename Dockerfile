@@ -14,6 +14,11 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# A C compiler and OpenSSL's headers build the native fast path of repository decoding
+# (runtime/atproto/_fastrepo.c); the final image only needs libcrypto, which the base image has.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
+ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -23,6 +28,7 @@ COPY producers ./producers
 COPY consumers ./consumers
 # A regular (non-editable) install: the image needs no source tree at run time.
 RUN /opt/venv/bin/pip install . \
+ && /opt/venv/bin/python -c "import runtime.atproto._fastrepo" \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE}

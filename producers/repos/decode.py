@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from producers.source import Drop, Skip
-from runtime.atproto.car import BlockStore
+from runtime.atproto import native
+from runtime.atproto.car import BlockStore, raw_lookup
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import Commit, verify_commit
 from runtime.atproto.dagcbor import DEFAULT_MAX_DEPTH, record_json_form
 from runtime.atproto.errors import AtprotoFormatError, CBORError, MissingBlockError
-from runtime.atproto.mst import walk
+from runtime.atproto.mst import DEFAULT_MAX_LAYER, walk
 from runtime.atproto.repo import read_commit
 from runtime.atproto.tid import tid_to_time_us
 from runtime.created_at import Outcome, TimestampPolicy
@@ -175,26 +176,43 @@ class RepoDecoder:
         # First pass: the whole tree (nodes only) must be present and valid before anything is
         # produced, so a broken repository is never half-produced. Its entries are kept for the
         # second pass (a node is parsed once) unless the tree is huge: then the second pass walks
-        # the tree again, and memory stays bounded whatever the repository's size.
-        entries: list[tuple[str, CID]] | None = []
-        count = 0
+        # the tree again, and memory stays bounded whatever the repository's size. The native walk
+        # does this for canonical trees; anything else (and every broken tree, for its error) goes
+        # through the Python walk.
+        self._lookup = raw_lookup(car)
+        entries: list[tuple[str, bytes]] | None = None
+        fast = native.NATIVE
         try:
-            for entry in walk(commit.data, car, verify=True):
-                count += 1
-                if entries is not None:
-                    if count > max_cached_entries:
-                        entries = None
-                    else:
-                        entries.append(entry)
-        except AtprotoFormatError as e:
+            walked = None if fast is None else fast.mst_walk(commit.data.raw, self._lookup, True,
+                                                             DEFAULT_MAX_LAYER, max_cached_entries)
+        except AtprotoFormatError as e:  # raised by the store's own reads (a CAR file cut short)
             raise RepoDecodeError(e.reason, f"MST of {did}: {e}") from e
+        if isinstance(walked, list):
+            entries, count = walked, len(walked)
+        elif walked is not None:
+            count = walked
+        else:
+            entries, count = [], 0
+            try:
+                for key, cid in walk(commit.data, car, verify=True):
+                    count += 1
+                    if entries is not None:
+                        if count > max_cached_entries:
+                            entries = None
+                        else:
+                            entries.append((key, cid.raw))
+            except AtprotoFormatError as e:
+                raise RepoDecodeError(e.reason, f"MST of {did}: {e}") from e
         self._entries = entries
         self.summary.entries = count
+
+    def _second_walk(self) -> Iterator[tuple[str, bytes]]:
+        for key, cid in walk(self.commit.data, self.car, verify=False):
+            yield key, cid.raw
 
     def items(self) -> Iterator[RecordEvent | Drop | Skip]:
         """Yield the repository's records (key order), drops, and the skip totals at the end."""
         flt = self.flt
-        car = self.car
         s = self.summary
         did, job, cursor, rev, time_us = self.did, self.job, self.cursor, self.commit.rev, self.time_us
         policy = flt.policy
@@ -206,28 +224,41 @@ class RepoDecoder:
         skipped = s.skipped
         create = Operation.CREATE.value
         repo = Source.REPO.value
-        entries = self._entries if self._entries is not None else walk(self.commit.data, car, verify=False)
+        entries = self._entries if self._entries is not None else self._second_walk()
         every = flt.selects_all
-        for key, cid in entries:
+        lookup = self._lookup
+        get = lookup.get if isinstance(lookup, dict) else lookup
+        fast = native.NATIVE
+        record_form = None if fast is None else fast.record_form
+        for key, raw in entries:
             collection, _, rkey = key.partition("/")
             if not every and not flt.wants_collection(collection):
                 skipped["collection_filter"] += 1
                 continue
-            block = car.get(cid)
+            block = get(raw)
             if block is None:
-                yield self._drop("missing_block", f"record {key}: {MissingBlockError(cid)}", b"", key)
+                yield self._drop("missing_block", f"record {key}: {MissingBlockError(CID.from_bytes(raw))}", b"", key)
                 continue
             if len(block) > max_bytes:
                 yield self._drop("oversize", f"record {key} is {len(block)} bytes (cap {max_bytes})", block[:4096], key)
                 continue
-            if not cid.matches(block):
-                yield self._drop("bad_cid", f"record {key} does not match its CID {cid}", block, key)
+            formed = None if record_form is None else record_form(block, raw, max_depth)
+            if formed is None:  # the Python path: the native one does not take this record's form
+                cid = CID.from_bytes(raw)
+                if not cid.matches(block):
+                    yield self._drop("bad_cid", f"record {key} does not match its CID {cid}", block, key)
+                    continue
+                try:
+                    record = record_json_form(block, max_depth=max_depth)
+                except CBORError as e:
+                    yield self._drop(e.reason, f"record {key}: {e}", block, key)
+                    continue
+                cid_str = str(cid)
+            elif formed is False:
+                yield self._drop("bad_cid", f"record {key} does not match its CID {CID.from_bytes(raw)}", block, key)
                 continue
-            try:
-                record = record_json_form(block, max_depth=max_depth)
-            except CBORError as e:
-                yield self._drop(e.reason, f"record {key}: {e}", block, key)
-                continue
+            else:
+                cid_str, record = formed  # type: ignore[misc]
             kind = record_type(collection, record)
             if not every and not flt.wants(collection, kind):
                 skipped["collection_filter"] += 1
@@ -242,17 +273,13 @@ class RepoDecoder:
             by_collection[collection] += 1
             s.records += 1
             s.record_bytes += len(block)
-            yield RecordEvent(did, collection, rkey, create, rev, _cid_str(cid), record, repo, cursor, time_us, job)
+            yield RecordEvent(did, collection, rkey, create, rev, cid_str, record, repo, cursor, time_us, job)
         for reason, n in sorted(skipped.items()):
             yield Skip(reason, n)
 
     def _drop(self, reason: str, detail: str, payload: bytes, key: str) -> Drop:
         self.summary.dropped[reason] += 1
         return Drop(reason, detail, bytes(payload), f"repo:{self.did}/{key}", did=self.did, cursor=self.cursor)
-
-
-def _cid_str(cid: CID) -> str:
-    return str(cid)
 
 
 def decode_car_records(car: BlockStore, did: str | None = None, *,

@@ -11,20 +11,20 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Final, NoReturn, Protocol
 
 import libipld
 
+from runtime.atproto import native
 from runtime.atproto._varint import VarintError, encode_uvarint, read_uvarint
 from runtime.atproto.cid import CID, parse_cid_at
 from runtime.atproto.dagcbor import encode
 from runtime.atproto.errors import AtprotoFormatError, BlockMismatchError, CarError
 
-__all__ = ["BlockStore", "Car", "CarFile", "CarWriter", "open_car", "read_car", "write_car"]
+__all__ = ["BlockStore", "Car", "CarFile", "CarWriter", "open_car", "raw_lookup", "read_car", "write_car"]
 
 #: Largest header we accept: a real header is ~60 bytes per root.
 _MAX_HEADER_LEN: Final = 1 << 20
@@ -47,17 +47,40 @@ class BlockStore(Protocol):
     def get(self, cid: CID) -> bytes | None: ...  # pragma: no cover - protocol
 
 
-@dataclass(slots=True)
 class Car:
     """A CAR held in memory.
 
     Attributes:
         roots: the header's root CIDs (for a repo export or a commit slice, the commit first).
         blocks: every block by CID (a duplicated block is kept once).
+
+    A CAR read by the native fast path keeps its blocks by binary CID and makes :attr:`blocks`
+    (CID objects) only when something asks for it; :meth:`get` and :meth:`raw_lookup` need neither.
     """
 
-    roots: list[CID]
-    blocks: dict[CID, bytes] = field(default_factory=dict)
+    __slots__ = ("_blocks", "_raw", "roots")
+
+    def __init__(self, roots: list[CID], blocks: dict[CID, bytes] | None = None) -> None:
+        self.roots = roots
+        self._blocks: dict[CID, bytes] | None = {} if blocks is None else blocks
+        self._raw: dict[bytes, bytes] | None = None
+
+    @classmethod
+    def from_raw(cls, roots: list[CID], raw: dict[bytes, bytes]) -> Car:
+        """A CAR whose blocks are keyed by binary CID (each key already known to be a CID)."""
+        car = cls(roots)
+        car._blocks = None
+        car._raw = raw
+        return car
+
+    @property
+    def blocks(self) -> dict[CID, bytes]:
+        """Every block by CID (made once from the binary keys, then the CAR's own dict)."""
+        if self._blocks is None:
+            raw = self._raw or {}
+            self._blocks = {CID.from_bytes(k): b for k, b in raw.items()}
+            self._raw = None
+        return self._blocks
 
     @property
     def root(self) -> CID:
@@ -68,7 +91,34 @@ class Car:
 
     def get(self, cid: CID) -> bytes | None:
         """The block for ``cid``, or ``None`` if the CAR does not hold it."""
+        if self._raw is not None:
+            return self._raw.get(cid.raw)
         return self.blocks.get(cid)
+
+    def raw_lookup(self) -> dict[bytes, bytes]:
+        """Blocks by binary CID: the CAR's own dict, or a snapshot of :attr:`blocks`."""
+        if self._raw is not None:
+            return self._raw
+        return {c.raw: b for c, b in self.blocks.items()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Car):
+            return NotImplemented
+        return self.roots == other.roots and self.raw_lookup() == other.raw_lookup()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Car(roots={self.roots!r}, blocks={len(self.raw_lookup())})"
+
+
+def raw_lookup(store: BlockStore) -> dict[bytes, bytes] | Callable[[bytes], bytes | None]:
+    """Block lookup by binary CID for any store: its own ``raw_lookup()``, else through :meth:`get`."""
+    own = getattr(store, "raw_lookup", None)
+    if own is not None:
+        lookup: dict[bytes, bytes] | Callable[[bytes], bytes | None] = own()
+        return lookup
+    return lambda raw: store.get(CID.from_bytes(raw))
 
 
 def _parse_header(header: bytes) -> list[CID]:
@@ -117,6 +167,12 @@ def read_car(data: bytes, *, verify: bool = True, max_blocks: int | None = None)
             data = bytes(data)
         else:
             _fail(f"CAR must be bytes, got {type(data).__name__}")
+    fast = native.NATIVE
+    if fast is not None:
+        indexed = fast.car_index(data, verify, -1 if max_blocks is None else max_blocks)
+        if indexed is not None:  # None: not the canonical case; the loop below says why
+            header, raw = indexed
+            return Car.from_raw(_parse_header(header), raw)
     end = len(data)
     if end == 0:
         _fail("empty CAR")
@@ -303,7 +359,15 @@ class CarFile:
 
     def get(self, cid: CID) -> bytes | None:
         """Read the block for ``cid`` from disk, or ``None`` if the CAR does not hold it."""
-        packed = self._index.get(cid.raw)
+        return self.get_raw(cid.raw)
+
+    def raw_lookup(self) -> Callable[[bytes], bytes | None]:
+        """Block lookup by binary CID (reads from disk)."""
+        return self.get_raw
+
+    def get_raw(self, raw: bytes) -> bytes | None:
+        """Read the block whose binary CID is ``raw``, or ``None`` if the CAR does not hold it."""
+        packed = self._index.get(raw)
         if packed is None:
             return None
         if self._file is None:
@@ -311,7 +375,7 @@ class CarFile:
         offset, length = packed >> _LEN_BITS, packed & _LEN_MASK
         data = os.pread(self._file.fileno(), length, offset)
         if len(data) != length:
-            _fail(f"CAR file shrank while open: block {cid} is cut short")
+            _fail(f"CAR file shrank while open: block {CID.from_bytes(raw)} is cut short")
         return data
 
     def __contains__(self, cid: object) -> bool:

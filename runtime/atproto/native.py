@@ -1,0 +1,43 @@
+"""The native fast path of repository decoding, when it was built (``_fastrepo.c``).
+
+The extension is optional (``pip install`` builds it where a C compiler and OpenSSL's headers are
+present). Callers read :data:`NATIVE` at call time and run the pure-Python reference path when it is
+``None`` or when a native function returns ``None`` ("not the canonical case: use the Python path").
+Tests set :data:`NATIVE` to ``None`` to run both paths on the same input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["NATIVE", "Native"]
+
+
+class Native(Protocol):
+    """The functions of ``_fastrepo`` (see its ``.pyi`` and the C file's header)."""
+
+    def car_index(self, data: bytes, verify: bool, max_blocks: int, /) -> tuple[bytes, dict[bytes, bytes]] | None:
+        """``(header bytes, {binary CID: block})``, or None."""
+
+    def mst_walk(self, root: bytes, lookup: dict[bytes, bytes] | Callable[[bytes], bytes | None], verify: bool,
+                 max_layer: int, limit: int, /) -> list[tuple[str, bytes]] | int | None:
+        """Every ``(key, binary CID)`` in key order (or their count past ``limit``), or None."""
+
+    def record_form(self, block: bytes, cid: bytes, max_depth: int, /) -> tuple[str, dict[str, object]] | bool | None:
+        """``(CID string, JSON form)``; False when the block does not match ``cid``; or None."""
+
+    def cid_str(self, cid: bytes, /) -> str | None:
+        """The base32 string of a binary CID, or None."""
+
+
+def _load() -> Native | None:
+    try:
+        from runtime.atproto import _fastrepo  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - built by every install that has a C compiler
+        return None
+    return _fastrepo
+
+
+#: The native module, or None when it is not built (or a test turned it off).
+NATIVE: Native | None = _load()
