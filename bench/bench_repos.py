@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from confluent_kafka import Producer  # noqa: E402
 from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
 from producers.repos.worktopic import enqueue_dids  # noqa: E402
 from runtime import kafka as kafka_util  # noqa: E402
+from runtime.atproto import native  # noqa: E402
 from runtime.atproto.car import read_car  # noqa: E402
 from runtime.broker import start_embedded_broker  # noqa: E402
 from runtime.codec import AvroCodec  # noqa: E402
@@ -42,17 +42,6 @@ from runtime.records import RecordEvent  # noqa: E402
 from runtime.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.pds import HostFaults, PdsNetwork  # noqa: E402
 from runtime.topics import TopicMap  # noqa: E402
-
-
-def median_rate(fn: Callable[[], int], repeats: int) -> tuple[float, int]:
-    """Median items/s of ``fn`` (which returns how many items it handled)."""
-    rates = []
-    n = 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates), n
 
 
 def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]:
@@ -85,14 +74,45 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
                     n += 1
         return n
 
-    base, n_base = median_rate(sdk, repeats)
-    dec, n_dec = median_rate(decode, repeats)
-    enc, _ = median_rate(encode, repeats)
+    def pure_python() -> int:
+        saved, native.NATIVE = native.NATIVE, None
+        try:
+            return decode()
+        finally:
+            native.NATIVE = saved
+
+    # The paths take turns in every round, so a slow spell of this noisy machine falls on all
+    # of them; each ratio is the median of the rounds' own ratios.
+    rounds: dict[str, list[float]] = {"sdk": [], "decode": [], "encode": [], "python": []}
+    n_base = n_dec = 0
+    for _ in range(repeats):
+        paths = [("sdk", sdk), ("decode", decode), ("encode", encode)]
+        if native.NATIVE is not None:
+            paths.append(("python", pure_python))
+        for name, fn in paths:
+            t0 = time.perf_counter()
+            n = fn()
+            rounds[name].append(n / (time.perf_counter() - t0))
+            if name == "sdk":
+                n_base = n
+            elif name == "decode":
+                n_dec = n
+    base, dec, enc = (statistics.median(rounds[k]) for k in ("sdk", "decode", "encode"))
+    py = statistics.median(rounds["python"]) if rounds["python"] else 0.0
+
+    def ratio(name: str) -> float:
+        return statistics.median(a / b for a, b in zip(rounds[name], rounds["sdk"], strict=True))
+
     mb = sum(len(d) for _, d in cars) / 1e6
-    print(f"\n== CPU: {len(cars)} CARs, {mb:.1f} MB, {n_dec} records (median of {repeats}) ==")
+    engine = "native fast path" if native.NATIVE is not None else "pure Python (native extension not built)"
+    print(f"\n== CPU: {len(cars)} CARs, {mb:.1f} MB, {n_dec} records (median of {repeats} rounds; {engine}) ==")
     print(f"  baseline SDK CAR.from_bytes (blocks only)  {base:12,.0f} records/s  ({n_base} record blocks)")
-    print(f"  ours: CAR -> typed events (MST walk, CIDs) {dec:12,.0f} records/s  ratio {dec / base:.2f}")
-    print(f"  ours: CAR -> Avro values for Kafka         {enc:12,.0f} records/s  ratio {enc / base:.2f}")
+    print(f"  ours: CAR -> typed events (MST walk, CIDs) {dec:12,.0f} records/s  ratio {ratio('decode'):.2f}")
+    print(f"  ours: CAR -> Avro values for Kafka         {enc:12,.0f} records/s  ratio {ratio('encode'):.2f}")
+    if native.NATIVE is not None:
+        speedup = statistics.median(a / b for a, b in zip(rounds["decode"], rounds["python"], strict=True))
+        print(f"  ours, pure-Python path: CAR -> typed events {py:11,.0f} records/s  ratio {ratio('python'):.2f}"
+              f"  (native / Python: {speedup:.2f})")
     return {"sdk": base, "decode": dec, "encode": enc}
 
 

@@ -31,6 +31,19 @@ PartsEncoder = Callable[[Any, bytes | None, Sequence[Any], bytearray], None]
 _SMALL: Final = 1 << 13
 
 
+def _load_wire() -> Any:
+    try:
+        from runtime import _avrowire  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - built by every install that has a C compiler
+        return None
+    return _avrowire
+
+
+#: The native writers of strings, null-or-string unions and longs (``_avrowire.c``), or None when
+#: the extension is not built; read when an encoder is compiled (tests set it to None to compare).
+WIRE: Any = _load_wire()
+
+
 def _varint(n: int) -> bytes:
     """Unsigned LEB128 of a non-negative int."""
     out = bytearray()
@@ -166,6 +179,26 @@ class _Gen(CodeGen):
         super().__init__({"zz_long": zz_long, "zz_int": zz_int, "ZZ": _ZZ, "SMALL": _SMALL, "BR0": _BRANCH0,
                           "BR1": _BRANCH1, "pack_float": _FLOAT, "pack_double": _DOUBLE, "LMIN": _LONG_MIN,
                           "LEND": _LONG_END, "HIGH": _HIGH, "LOW14": _LOW14, "high_part": _high_part})
+        self.wire = WIRE
+        if self.wire is not None:
+            self.consts.update({"W_STR": self.wire.string, "W_OPT_STR": self.wire.opt_string,
+                                "W_UTF8": self.wire.utf8, "W_OPT_UTF8": self.wire.opt_utf8, "W_LONG": self.wire.long})
+
+    def _native(self, schema: Any, expr: str, indent: int, *, utf8: bool, null_index: int | None = None) -> bool:
+        """Emit one call of a native writer for a string or long (optionally in a null union)."""
+        if self.wire is None or not isinstance(schema, str) or schema not in ("string", "long"):
+            return False
+        if schema == "long":
+            if null_index is not None:
+                return False
+            self.emit(indent, f"W_LONG(out, {expr})")
+            return True
+        name = "UTF8" if utf8 else "STR"
+        if null_index is None:
+            self.emit(indent, f"W_{name}(out, {expr})")
+        else:
+            self.emit(indent, f"W_OPT_{name}(out, {expr}, {null_index})")
+        return True
 
     def value(self, schema: Any, expr: str, indent: int, prefix: str | None = None, *, utf8: bool = False) -> None:
         """Emit code appending ``expr`` (a local name) encoded with ``schema`` to ``out``.
@@ -176,6 +209,8 @@ class _Gen(CodeGen):
         """
         if isinstance(schema, list):
             self.union(schema, expr, indent, utf8=utf8)
+            return
+        if prefix is None and self._native(schema, expr, indent, utf8=utf8):
             return
         kind = schema if isinstance(schema, str) else schema.get("type")
         if isinstance(schema, dict) and schema.get("logicalType"):
@@ -244,6 +279,8 @@ class _Gen(CodeGen):
 
     def union(self, branches: list[Any], expr: str, indent: int, *, utf8: bool = False) -> None:
         null_index = null_union(branches)
+        if self._native(branches[1 - null_index], expr, indent, utf8=utf8, null_index=null_index):
+            return
         self.emit(indent, f"if {expr} is None:")
         self.emit(indent + 1, f"out += {zz_long(null_index)!r}")
         self.emit(indent, "else:")

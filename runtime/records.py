@@ -7,7 +7,7 @@ form (``$type``, ``{"$link": ...}``, ``{"$bytes": ...}``), the form Jetstream se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -48,6 +48,9 @@ class RecordEvent:
     cursor: int
     time_us: int
     job: str = ""
+    #: ``record`` already serialised exactly as ``orjson.dumps`` would (the repository decoder's
+    #: native path writes it while decoding); None when not known. Never differs from ``record``.
+    record_json: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def uri(self) -> str:

@@ -251,8 +251,8 @@ def record_parts(event: RecordEvent, *, serialise: bool = True) -> tuple[bytes |
         return None, typed.empty if typed is not None else _NO_VALUES
     if type(rec) is not dict:
         raise InvalidRecordError(f"record is {type(rec).__name__}, expected object")
-    record_json = None
-    if serialise:
+    record_json = event.record_json if serialise else None
+    if serialise and record_json is None:
         try:
             record_json = orjson.dumps(rec)
         except orjson.JSONEncodeError as e:

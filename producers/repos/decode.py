@@ -253,12 +253,12 @@ class RepoDecoder:
                 except CBORError as e:
                     yield self._drop(e.reason, f"record {key}: {e}", block, key)
                     continue
-                cid_str = str(cid)
+                cid_str, record_json = str(cid), None
             elif formed is False:
                 yield self._drop("bad_cid", f"record {key} does not match its CID {CID.from_bytes(raw)}", block, key)
                 continue
             else:
-                cid_str, record = formed  # type: ignore[misc]
+                cid_str, record, record_json = formed  # type: ignore[misc]
             kind = record_type(collection, record)
             if not every and not flt.wants(collection, kind):
                 skipped["collection_filter"] += 1
@@ -273,7 +273,8 @@ class RepoDecoder:
             by_collection[collection] += 1
             s.records += 1
             s.record_bytes += len(block)
-            yield RecordEvent(did, collection, rkey, create, rev, cid_str, record, repo, cursor, time_us, job)
+            yield RecordEvent(did, collection, rkey, create, rev, cid_str, record, repo, cursor, time_us, job,
+                              record_json)
         for reason, n in sorted(skipped.items()):
             yield Skip(reason, n)
 

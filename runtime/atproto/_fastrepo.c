@@ -13,14 +13,14 @@
  * Functions:
  *   car_index(data, verify, max_blocks) -> (header bytes, {cid bytes: block bytes}) | None
  *   mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid bytes)] | int | None
- *   record_form(block, cid, max_depth) -> (cid str, JSON-form dict) | False | None
+ *   record_form(block, cid, max_depth) -> (cid str, JSON-form dict, JSON bytes | None) | False | None
  *   cid_str(cid bytes) -> str | None
  *
  * sha2-256 comes from OpenSSL's libcrypto (the same library CPython's hashlib uses).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <openssl/sha.h>
+#include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -39,10 +39,25 @@ static int fast_cid(const uint8_t *p) {
     return p[0] == 0x01 && (p[1] == 0x71 || p[1] == 0x55) && p[2] == 0x12 && p[3] == 0x20;
 }
 
+#define DIGEST_LEN 32
+
+/* One digest context, fetched once: OpenSSL 3's one-shot SHA256() looks the algorithm up on every
+ * call (about 1 us against 0.4 us here). Used with the GIL held, so never concurrently. */
+static EVP_MD *SHA256_MD;
+static EVP_MD_CTX *SHA256_CTX_;
+
+/* sha2-256 of data into out; 0 if OpenSSL failed (callers then bail). */
+static int sha256(const uint8_t *data, size_t len, uint8_t *out) {
+    unsigned int n = 0;
+    return EVP_DigestInit_ex2(SHA256_CTX_, SHA256_MD, NULL) && EVP_DigestUpdate(SHA256_CTX_, data, len) &&
+           EVP_DigestFinal_ex(SHA256_CTX_, out, &n) && n == DIGEST_LEN;
+}
+
+/* 1: the data hash to the CID's digest; 0: they do not; -1: hashing failed. */
 static int digest_matches(const uint8_t *data, Py_ssize_t len, const uint8_t *cid) {
-    uint8_t out[SHA256_DIGEST_LENGTH];
-    SHA256(data, (size_t)len, out);
-    return memcmp(out, cid + 4, SHA256_DIGEST_LENGTH) == 0;
+    uint8_t out[DIGEST_LEN];
+    if (!sha256(data, (size_t)len, out)) return -1;
+    return memcmp(out, cid + 4, DIGEST_LEN) == 0;
 }
 
 /* Minimal unsigned LEB128 of at most 9 bytes (as _varint.read_uvarint); -1 on anything else. */
@@ -193,7 +208,7 @@ static PyObject *car_index(PyObject *self, PyObject *args) {
         if (!fast_cid(cid)) goto bail;
         const uint8_t *block = cid + CID_LEN;
         Py_ssize_t block_len = (Py_ssize_t)len - CID_LEN;
-        if (verify && !digest_matches(block, block_len, cid)) goto bail;
+        if (verify && digest_matches(block, block_len, cid) != 1) goto bail;
         PyObject *key = PyBytes_FromStringAndSize((const char *)cid, CID_LEN);
         if (key == NULL) goto done;
         int has = PyDict_Contains(blocks, key);
@@ -270,12 +285,12 @@ static int valid_key(const uint8_t *k, Py_ssize_t n) {
     return !dots(k, slash) && !dots(k + slash + 1, n - slash - 1);
 }
 
-/* mst.key_depth: leading zero bits of sha256(key), halved. */
+/* mst.key_depth: leading zero bits of sha256(key), halved; -1 if hashing failed. */
 static int key_depth(const uint8_t *k, Py_ssize_t n) {
-    uint8_t h[SHA256_DIGEST_LENGTH];
-    SHA256(k, (size_t)n, h);
+    uint8_t h[DIGEST_LEN];
+    if (!sha256(k, (size_t)n, h)) return -1;
     int zeros = 0;
-    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
+    for (int i = 0; i < DIGEST_LEN; i++) {
         if (h[i] == 0) {
             zeros += 8;
             continue;
@@ -340,7 +355,7 @@ static status walk_node(walker_t *w, const uint8_t *cid, int expected_layer) {
     Py_ssize_t end = PyBytes_GET_SIZE(obj), pos = 0;
     int major;
     uint64_t n;
-    if (w->verify && !digest_matches(d, end, cid)) goto out;
+    if (w->verify && digest_matches(d, end, cid) != 1) goto out;
     /* {"e": [...], "l": link|null} in canonical key order */
     if (end < 4 || d[0] != 0xA2 || d[1] != 0x61 || d[2] != 'e') goto out;
     pos = 3;
@@ -393,6 +408,7 @@ static status walk_node(walker_t *w, const uint8_t *cid, int expected_layer) {
         }
         if (!valid_key((const uint8_t *)kb, full)) goto out; /* also refuses non-ASCII */
         int depth = key_depth((const uint8_t *)kb, full);
+        if (depth < 0) goto out;
         if (layer == -1) layer = depth;
         else if (depth != layer) goto out;
         if (pos + 2 > end || d[pos] != 0x61 || d[pos + 1] != 't') goto out;
@@ -470,9 +486,105 @@ done:
 
 /* ---------------------------------------------------------------------------------- record_form */
 
-/* One canonical DAG-CBOR item at *pos as its JSON form. Returns a new reference, or NULL: with an
- * exception set on a real error, without one for a bail. `depth` counts the enclosing containers. */
-static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, int depth, int max_depth) {
+/* The record's JSON text, written while it is decoded, byte for byte what orjson.dumps writes for
+ * the JSON form (compact; strings escape '"', '\\' and control characters only). A float stops the
+ * text (`ok` = 0): its shortest decimal form is left to orjson. */
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int ok;
+} jbuf_t;
+
+static int jgrow(jbuf_t *j, size_t n) {
+    size_t cap = j->cap ? j->cap : 256;
+    while (cap < j->len + n) cap *= 2;
+    char *grown = PyMem_Realloc(j->buf, cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    j->buf = grown;
+    j->cap = cap;
+    return 0;
+}
+
+static inline int jput(jbuf_t *j, const char *s, size_t n) {
+    if (!j->ok) return 0;
+    if (j->len + n > j->cap && jgrow(j, n) < 0) return -1;
+    memcpy(j->buf + j->len, s, n);
+    j->len += n;
+    return 0;
+}
+
+static inline int jchar(jbuf_t *j, char c) { return jput(j, &c, 1); }
+
+static const char HEX[] = "0123456789abcdef";
+
+static int jstring(jbuf_t *j, const uint8_t *s, Py_ssize_t n) {
+    if (!j->ok) return 0;
+    if (j->len + (size_t)n * 6 + 2 > j->cap && jgrow(j, (size_t)n * 6 + 2) < 0) return -1;
+    char *o = j->buf + j->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint8_t c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\') {
+            *o++ = (char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '"': *o++ = '"'; break;
+        case '\\': *o++ = '\\'; break;
+        case '\b': *o++ = 'b'; break;
+        case '\t': *o++ = 't'; break;
+        case '\n': *o++ = 'n'; break;
+        case '\f': *o++ = 'f'; break;
+        case '\r': *o++ = 'r'; break;
+        default:
+            *o++ = 'u';
+            *o++ = '0';
+            *o++ = '0';
+            *o++ = HEX[c >> 4];
+            *o++ = HEX[c & 15];
+        }
+    }
+    *o++ = '"';
+    j->len = (size_t)(o - j->buf);
+    return 0;
+}
+
+static int jint(jbuf_t *j, uint64_t v, int negative) {
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[sizeof tmp - 1 - n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    if (negative) tmp[sizeof tmp - 1 - n++] = '-';
+    return jput(j, tmp + sizeof tmp - n, (size_t)n);
+}
+
+/* {"<key>": text} for links and byte strings, in both forms. */
+static PyObject *special(PyObject *key, const char *jkey, PyObject *text, jbuf_t *j) {
+    if (text == NULL) return NULL;
+    PyObject *map = PyDict_New();
+    if (map == NULL || PyDict_SetItem(map, key, text) < 0) goto fail;
+    Py_ssize_t n;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(text, &n);
+    if (utf8 == NULL || jput(j, jkey, strlen(jkey)) < 0 || jput(j, utf8, (size_t)n) < 0 || jput(j, "\"}", 2) < 0)
+        goto fail;
+    Py_DECREF(text);
+    return map;
+fail:
+    Py_XDECREF(map);
+    Py_DECREF(text);
+    return NULL;
+}
+
+/* One canonical DAG-CBOR item at *pos as its JSON form (and its JSON text into `j`). Returns a new
+ * reference, or NULL: with an exception set on a real error, without one for a bail. `depth`
+ * counts the enclosing containers. */
+static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, int depth, int max_depth, jbuf_t *j) {
     int major;
     uint64_t arg;
     Py_ssize_t p = *pos;
@@ -480,9 +592,9 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
     uint8_t ib = d[p];
     if (ib >> 5 == 7) { /* simple values and floats */
         *pos = p + 1;
-        if (ib == 0xF4) return Py_NewRef(Py_False);
-        if (ib == 0xF5) return Py_NewRef(Py_True);
-        if (ib == 0xF6) return Py_NewRef(Py_None);
+        if (ib == 0xF4) return jput(j, "false", 5) < 0 ? NULL : Py_NewRef(Py_False);
+        if (ib == 0xF5) return jput(j, "true", 4) < 0 ? NULL : Py_NewRef(Py_True);
+        if (ib == 0xF6) return jput(j, "null", 4) < 0 ? NULL : Py_NewRef(Py_None);
         if (ib == 0xFB && p + 9 <= end) {
             uint64_t bits = 0;
             for (int i = 1; i <= 8; i++) bits = (bits << 8) | d[p + i];
@@ -490,6 +602,7 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
             memcpy(&v, &bits, sizeof v);
             if (v != v || v - v != 0) return NULL; /* NaN or infinity */
             *pos = p + 9;
+            j->ok = 0;
             return PyFloat_FromDouble(v);
         }
         return NULL;
@@ -497,32 +610,28 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
     if (read_head(d, end, &p, &major, &arg) < 0) return NULL;
     switch (major) {
     case 0:
+        if (jint(j, arg, 0) < 0) return NULL;
         *pos = p;
         return PyLong_FromUnsignedLongLong(arg);
     case 1:
-        if (arg > (uint64_t)INT64_MAX) return NULL;
+        if (arg > (uint64_t)INT64_MAX || jint(j, arg + 1, 1) < 0) return NULL;
         *pos = p;
         return PyLong_FromLongLong(-1 - (long long)arg);
     case 2: {
         if (arg > (uint64_t)(end - p)) return NULL;
-        PyObject *text = b64_string(d + p, (Py_ssize_t)arg);
-        if (text == NULL) return NULL;
-        PyObject *map = PyDict_New();
-        if (map == NULL || PyDict_SetItem(map, S_BYTES, text) < 0) {
-            Py_XDECREF(map);
-            Py_DECREF(text);
-            return NULL;
-        }
-        Py_DECREF(text);
-        *pos = p + (Py_ssize_t)arg;
+        PyObject *map = special(S_BYTES, "{\"$bytes\":\"", b64_string(d + p, (Py_ssize_t)arg), j);
+        if (map != NULL) *pos = p + (Py_ssize_t)arg;
         return map;
     }
     case 3: {
         if (arg > (uint64_t)(end - p)) return NULL;
         PyObject *s = PyUnicode_DecodeUTF8((const char *)d + p, (Py_ssize_t)arg, "strict");
         if (s == NULL) {
-            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NULL;
-            PyErr_Clear();
+            if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
+            return NULL;
+        }
+        if (jstring(j, d + p, (Py_ssize_t)arg) < 0) {
+            Py_DECREF(s);
             return NULL;
         }
         *pos = p + (Py_ssize_t)arg;
@@ -531,22 +640,24 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
     case 4: {
         if (depth + 1 >= max_depth || arg > (uint64_t)(end - p)) return NULL;
         PyObject *list = PyList_New((Py_ssize_t)arg);
-        if (list == NULL) return NULL;
+        if (list == NULL || jchar(j, '[') < 0) goto list_fail;
         for (Py_ssize_t i = 0; i < (Py_ssize_t)arg; i++) {
-            PyObject *v = json_item(d, end, &p, depth + 1, max_depth);
-            if (v == NULL) {
-                Py_DECREF(list);
-                return NULL;
-            }
+            if (i && jchar(j, ',') < 0) goto list_fail;
+            PyObject *v = json_item(d, end, &p, depth + 1, max_depth, j);
+            if (v == NULL) goto list_fail;
             PyList_SET_ITEM(list, i, v);
         }
+        if (jchar(j, ']') < 0) goto list_fail;
         *pos = p;
         return list;
+    list_fail:
+        Py_XDECREF(list);
+        return NULL;
     }
     case 5: {
         if (depth + 1 >= max_depth || arg > (uint64_t)(end - p) / 2) return NULL;
         PyObject *map = PyDict_New();
-        if (map == NULL) return NULL;
+        if (map == NULL || jchar(j, '{') < 0) goto map_fail;
         const uint8_t *prev = NULL;
         uint64_t prev_len = 0;
         for (uint64_t i = 0; i < arg; i++) {
@@ -565,7 +676,11 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
                 goto map_fail;
             }
             p += (Py_ssize_t)klen;
-            PyObject *v = json_item(d, end, &p, depth + 1, max_depth);
+            if ((i && jchar(j, ',') < 0) || jstring(j, kb, (Py_ssize_t)klen) < 0 || jchar(j, ':') < 0) {
+                Py_DECREF(key);
+                goto map_fail;
+            }
+            PyObject *v = json_item(d, end, &p, depth + 1, max_depth, j);
             if (v == NULL) {
                 Py_DECREF(key);
                 goto map_fail;
@@ -575,26 +690,19 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
             Py_DECREF(v);
             if (rc < 0) goto map_fail;
         }
+        if (jchar(j, '}') < 0) goto map_fail;
         *pos = p;
         return map;
     map_fail:
-        Py_DECREF(map);
+        Py_XDECREF(map);
         return NULL;
     }
     case 6: {
         const uint8_t *cid;
         Py_ssize_t q = *pos;
         if (arg != 42 || read_link(d, end, &q, &cid) < 0) return NULL;
-        PyObject *text = cid_string(cid);
-        if (text == NULL) return NULL;
-        PyObject *map = PyDict_New();
-        if (map == NULL || PyDict_SetItem(map, S_LINK, text) < 0) {
-            Py_XDECREF(map);
-            Py_DECREF(text);
-            return NULL;
-        }
-        Py_DECREF(text);
-        *pos = q;
+        PyObject *map = special(S_LINK, "{\"$link\":\"", cid_string(cid), j);
+        if (map != NULL) *pos = q;
         return map;
     }
     default:
@@ -606,16 +714,19 @@ static PyObject *record_form(PyObject *self, PyObject *args) {
     Py_buffer block, cid;
     int max_depth;
     if (!PyArg_ParseTuple(args, "y*y*i", &block, &cid, &max_depth)) return NULL;
-    PyObject *result = NULL, *record = NULL, *text = NULL;
+    PyObject *result = NULL, *record = NULL, *text = NULL, *json = NULL;
+    jbuf_t j = {NULL, 0, 0, 1};
     const uint8_t *d = block.buf;
     Py_ssize_t pos = 0;
     if (cid.len != CID_LEN || !fast_cid(cid.buf)) goto bail;
-    if (!digest_matches(d, block.len, cid.buf)) {
+    int matches = digest_matches(d, block.len, cid.buf);
+    if (matches < 0) goto bail;
+    if (!matches) {
         result = Py_NewRef(Py_False);
         goto done;
     }
     if (block.len == 0 || d[0] >> 5 != 5) goto bail; /* a record is a map */
-    record = json_item(d, block.len, &pos, 0, max_depth);
+    record = json_item(d, block.len, &pos, 0, max_depth, &j);
     if (record == NULL) {
         if (PyErr_Occurred()) goto done;
         goto bail;
@@ -623,13 +734,17 @@ static PyObject *record_form(PyObject *self, PyObject *args) {
     if (pos != block.len) goto bail;
     text = cid_string(cid.buf);
     if (text == NULL) goto done;
-    result = PyTuple_Pack(2, text, record);
+    json = j.ok ? PyBytes_FromStringAndSize(j.buf, (Py_ssize_t)j.len) : Py_NewRef(Py_None);
+    if (json == NULL) goto done;
+    result = PyTuple_Pack(3, text, record, json);
     goto done;
 bail:
     result = Py_NewRef(Py_None);
 done:
+    PyMem_Free(j.buf);
     Py_XDECREF(record);
     Py_XDECREF(text);
+    Py_XDECREF(json);
     PyBuffer_Release(&block);
     PyBuffer_Release(&cid);
     return result;
@@ -648,7 +763,7 @@ static PyMethodDef methods[] = {
     {"car_index", car_index, METH_VARARGS, "car_index(data, verify, max_blocks) -> (header, blocks) | None"},
     {"mst_walk", mst_walk, METH_VARARGS,
      "mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid)] | count | None"},
-    {"record_form", record_form, METH_VARARGS, "record_form(block, cid, max_depth) -> (cid str, dict) | False | None"},
+    {"record_form", record_form, METH_VARARGS, "record_form(block, cid, max_depth) -> (cid str, dict, JSON bytes | None) | False | None"},
     {"cid_str", cid_str, METH_O, "cid_str(cid bytes) -> str | None"},
     {NULL, NULL, 0, NULL},
 };
@@ -657,6 +772,14 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastrepo", "Native 
                                     -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__fastrepo(void) {
+    if (SHA256_MD == NULL) {
+        SHA256_MD = EVP_MD_fetch(NULL, "SHA256", NULL);
+        SHA256_CTX_ = EVP_MD_CTX_new();
+        if (SHA256_MD == NULL || SHA256_CTX_ == NULL) {
+            PyErr_SetString(PyExc_ImportError, "OpenSSL has no SHA256");
+            return NULL;
+        }
+    }
     S_LINK = PyUnicode_InternFromString("$link");
     S_BYTES = PyUnicode_InternFromString("$bytes");
     if (S_LINK == NULL || S_BYTES == NULL) return NULL;

@@ -24,8 +24,10 @@ class Native(Protocol):
                  max_layer: int, limit: int, /) -> list[tuple[str, bytes]] | int | None:
         """Every ``(key, binary CID)`` in key order (or their count past ``limit``), or None."""
 
-    def record_form(self, block: bytes, cid: bytes, max_depth: int, /) -> tuple[str, dict[str, object]] | bool | None:
-        """``(CID string, JSON form)``; False when the block does not match ``cid``; or None."""
+    def record_form(self, block: bytes, cid: bytes, max_depth: int,
+                    /) -> tuple[str, dict[str, object], bytes | None] | bool | None:
+        """``(CID string, JSON form, its orjson text or None)``; False when the block does not match
+        ``cid``; or None."""
 
     def cid_str(self, cid: bytes, /) -> str | None:
         """The base32 string of a binary CID, or None."""

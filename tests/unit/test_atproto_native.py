@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from producers.repos.decode import RecordFilter, RepoDecoder
@@ -282,13 +283,19 @@ def test_record_form_equals_the_python_json_form() -> None:
               for _ in range(3000)]
     with contextlib.suppress(pytest.skip.Exception):
         blocks += record_blocks()
+    floats = 0
     for block in blocks:
         cid = CID.for_dag_cbor(block)
         got = NATIVE.record_form(block, cid.raw, 64)
         assert got is not None and got is not False and not isinstance(got, bool)
         assert got[0] == str(cid)
-        # the same values of the same types in the same key order
+        # the same values of the same types in the same key order, and orjson's very text
         assert _exact(got[1]) == _python_form(block)
+        if got[2] is None:
+            floats += 1
+        else:
+            assert got[2] == orjson.dumps(got[1]), block.hex()
+    assert floats > 100  # a float leaves the text to orjson
 
 
 @needs_native
@@ -317,6 +324,7 @@ def test_record_form_never_accepts_what_the_python_path_refuses() -> None:
         elif got is not None:
             assert not isinstance(got, bool)
             assert _exact(got[1]) == expected, block.hex()
+            assert got[2] is None or got[2] == orjson.dumps(got[1]), block.hex()
             accepted += 1
     assert refused > 1000 and accepted > 1000, (refused, accepted)
 
@@ -347,6 +355,7 @@ def _summary(items: list[RecordEvent | Drop | Skip]) -> list[tuple[Any, ...]]:
     for i in items:
         if isinstance(i, RecordEvent):
             out.append(("event", i.collection, i.rkey, i.cid, _exact(i.record), i.rev, i.time_us))
+            assert i.record_json is None or i.record_json == orjson.dumps(i.record)
         elif isinstance(i, Drop):
             out.append(("drop", i.reason, i.detail, i.payload, i.origin))
         else:

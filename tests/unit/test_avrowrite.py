@@ -16,6 +16,7 @@ import schemas
 from producers.firehose.decode import decode_frame
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
+from runtime import avrowrite, codec
 from runtime.avrowrite import _HIGH_MAX, ENCODE_ERRORS, compile_encoder, compile_parts_encoder, parts_fields, zz_long
 from runtime.codec import AvroCodec, shipped
 from runtime.errors import DropError, InvalidRecordError
@@ -24,6 +25,46 @@ from runtime.simulator.relay import read_capture
 from runtime.simulator.synthetic import Generator
 from runtime.topics import TYPED_COLLECTIONS, schema_name_for, schema_name_for_collection
 from runtime.typed import ENVELOPE, TYPED, datum_for, record_datum
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the native writers (``_avrowire.c``) and with the pure-Python code."""
+    if request.param == "python":
+        monkeypatch.setattr(avrowrite, "WIRE", None)
+    elif avrowrite.WIRE is None:
+        pytest.fail("runtime/_avrowire.c was not built: reinstall with a C compiler")
+    monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' encoders
+    param: str = request.param
+    return param
+
+
+def test_native_writers_refuse_what_does_not_fit(wire: str) -> None:
+    w = avrowrite.WIRE
+    if w is None:
+        return
+    out = bytearray()
+    w.string(out, "é")
+    w.opt_string(out, None, 0)
+    w.opt_string(out, "a", 0)
+    w.opt_string(out, None, 1)
+    w.opt_utf8(out, b"b", 1)
+    w.long(out, -(1 << 63))
+    w.long(out, (1 << 63) - 1)
+    assert bytes(out) == (b"\x04\xc3\xa9" + b"\x00" + b"\x02\x02a" + b"\x02" + b"\x00\x02b"
+                          + zz_long(-(1 << 63)) + zz_long((1 << 63) - 1))
+    for call, error in [
+        (lambda: w.string(out, b"x"), TypeError),
+        (lambda: w.string(out, "\ud800"), UnicodeEncodeError),
+        (lambda: w.utf8(out, "x"), TypeError),
+        (lambda: w.long(out, 1 << 63), ValueError),
+        (lambda: w.long(out, 1.0), TypeError),
+        (lambda: w.opt_string(out, "x", 2), ValueError),
+        (lambda: w.string(b"", "x"), TypeError),
+        (lambda: w.string(out), TypeError),
+    ]:
+        with pytest.raises(error):
+            call()
 
 
 def _fastavro(parsed: Any, datum: dict[str, Any]) -> bytes:
