@@ -33,7 +33,7 @@ _SMALL: Final = 1 << 13
 
 def _load_wire() -> Any:
     try:
-        from runtime import _avrowire  # noqa: PLC0415
+        import runtime._avrowire as _avrowire  # noqa: PLC0415, PLR0402 - mypy skips this form of a C module
     except ImportError:  # pragma: no cover - built by every install that has a C compiler
         return None
     return _avrowire

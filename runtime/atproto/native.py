@@ -35,10 +35,11 @@ class Native(Protocol):
 
 def _load() -> Native | None:
     try:
-        from runtime.atproto import _fastrepo  # noqa: PLC0415
+        import runtime.atproto._fastrepo as _fastrepo  # noqa: PLC0415, PLR0402 - mypy skips this form of a C module
     except ImportError:  # pragma: no cover - built by every install that has a C compiler
         return None
-    return _fastrepo
+    module: Native = _fastrepo
+    return module
 
 
 #: The native module, or None when it is not built (or a test turned it off).

@@ -275,12 +275,15 @@ def _random_value(rng: random.Random, depth: int) -> Any:
             for i in range(rng.randrange(5))}
 
 
+def _random_records(rng: random.Random, count: int, max_fields: int) -> list[bytes]:
+    return [encode({"$type": "x", **{f"f{i}": _random_value(rng, 1) for i in range(rng.randrange(1, max_fields))}})
+            for _ in range(count)]
+
+
 @needs_native
 def test_record_form_equals_the_python_json_form() -> None:
     assert NATIVE is not None
-    rng = random.Random(11)
-    blocks = [encode({"$type": "x", **{f"f{i}": _random_value(rng, 1) for i in range(rng.randrange(1, 6))}})
-              for _ in range(3000)]
+    blocks = _random_records(random.Random(11), 3000, 6)
     with contextlib.suppress(pytest.skip.Exception):
         blocks += record_blocks()
     floats = 0
@@ -302,8 +305,7 @@ def test_record_form_equals_the_python_json_form() -> None:
 def test_record_form_never_accepts_what_the_python_path_refuses() -> None:
     assert NATIVE is not None
     rng = random.Random(12)
-    sources = [encode({"$type": "x", **{f"f{i}": _random_value(rng, 1) for i in range(rng.randrange(1, 4))}})
-               for _ in range(300)]
+    sources = _random_records(rng, 300, 4)
     accepted = refused = 0
     for _ in range(6000):
         b = bytearray(rng.choice(sources))
