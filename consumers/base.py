@@ -220,6 +220,9 @@ class GroupConsumer:
         if self._paused:
             # Over the memory limit: partitions gained in a rebalance stay paused like the rest.
             consumer.pause(partitions)
+        else:
+            # Already over it at assignment: pause before the first fetch returns anything.
+            self._check_memory()
         self.health.set_ready(True)
         log.info("assigned %d partitions (%d with stored offsets)", len(partitions), len(stored))
 
@@ -234,7 +237,7 @@ class GroupConsumer:
         self._forget_lag(revoked)
         for tp in revoked:
             self._positions.pop(tp, None)
-        consumer.incremental_unassign(partitions)
+        self._leave(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may already own them: drop the batch, its offsets were not stored.
@@ -245,6 +248,13 @@ class GroupConsumer:
             self._pending_offsets.clear()
         self._assigned -= lost
         self._forget_lag(lost)
+        self._leave(consumer, partitions)
+
+    @staticmethod
+    def _leave(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause across unassignment: one paused by the memory guard
+        # would come back paused in a later assignment and never be read. It leaves resumed.
+        consumer.resume(partitions)
         consumer.incremental_unassign(partitions)
 
     def _forget_lag(self, partitions: Iterable[TP]) -> None:

