@@ -8,7 +8,7 @@ renders links wrongly as ``$bytes``). Levels, all single-process:
 
 1. decode: frame bytes to typed events (``decode_frame``) vs the SDK path to the same events.
 2. + Avro: the events' Avro values (``AvroCodec.encode_event``, as the job encodes them), both sides.
-3. + produce: the values produced to a real broker (Tansu by default) and flushed, both sides.
+3. + produce: the values produced to a real broker (Apache Kafka by default, ``--broker``) and flushed, both sides.
 4. job: the whole ``JobRunner`` (transactions, checkpoints, position, dedup) fed frames from memory
    through the firehose ``FrameHandler``, vs the same runner fed by the SDK path.
 5. verify: decode + ``--verify`` (signatures, MST proofs) vs decode alone (ours), for the cost of it.
@@ -37,13 +37,13 @@ import libipld
 from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
 from confluent_kafka import Producer
 
+from bench.brokers import add_broker_arguments, broker, describe
 from producers.firehose.decode import decode_frame, parse_frame
 from producers.firehose.source import FirehosePosition, FrameHandler
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem, StreamPosition
 from runtime.atproto.dagcbor import decode, encode, to_json_form
-from runtime.broker import start_embedded_broker
 from runtime.codec import AvroCodec
 from runtime.metrics import Metrics
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
@@ -244,9 +244,9 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=100, help="times the 150 frames are repeated per run")
     parser.add_argument("--job-passes", type=int, default=150, help="renumbered passes for the job level")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is reported)")
-    parser.add_argument("--bootstrap-servers", default=None, help="a broker (default: an embedded Tansu)")
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repeats")
     parser.add_argument("--skip-kafka", action="store_true", help="only the CPU levels (1, 2, 5)")
+    add_broker_arguments(parser)
     ns = parser.parse_args()
     if ns.quick:
         ns.passes, ns.job_passes, ns.repeats = 20, 10, 3
@@ -275,12 +275,8 @@ def main() -> int:
 
     if ns.skip_kafka:
         return 0
-    broker = None
-    servers = ns.bootstrap_servers
-    if servers is None:
-        broker = start_embedded_broker()
-        servers = broker.bootstrap
-    try:
+    print(f"broker: {describe(ns)}", flush=True)
+    with broker(ns) as servers:
         kafka = KafkaSettings(bootstrap_servers=servers, topic_prefix="bench", topic_partitions=6)
         prefix = f"b{uuid.uuid4().hex[:8]}"
         ours = median_rate(produce_run(kafka, ours_events, frames, prefix), n, ns.repeats)
@@ -290,9 +286,6 @@ def main() -> int:
         ours = median_rate(job_run(kafka, jframes, sdk=False), len(jframes), ns.repeats)
         sdk = median_rate(job_run(kafka, jframes, sdk=True), len(jframes), ns.repeats)
         line("4 job (JobRunner, txns)", ours, sdk)
-    finally:
-        if broker is not None:
-            broker.stop()
     return 0
 
 

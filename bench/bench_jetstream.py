@@ -6,7 +6,7 @@ measured path is the real job: ``JetstreamSource`` (filters, de-duplication, wat
 ``JobRunner`` (typed Avro per collection, transactions, checkpoints). Runs alternate; medians are
 reported. The simulator runs in its own process, sharing the machine's cores.
 
-    python bench/bench_jetstream.py [--events N] [--runs K] [--quick]
+    python bench/bench_jetstream.py [--events N] [--runs K] [--quick] [--broker kafka|tansu]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import gc
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -31,10 +30,11 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.jetstream.source import JetstreamOptions, JetstreamSource  # noqa: E402
 from producers.job import JobOptions, JobRunner  # noqa: E402
 from producers.source import StreamPosition  # noqa: E402
-from runtime.broker import free_port, port_open, start_embedded_broker  # noqa: E402
+from runtime.broker import free_port, port_open  # noqa: E402
 from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped  # noqa: E402
 from runtime.kafka import admin, ensure_topics  # noqa: E402
 from runtime.metrics import Metrics  # noqa: E402
@@ -129,14 +129,17 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=60000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="20,000 events, 2 runs")
+    add_broker_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.events, args.runs = 20000, 2
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    broker = None
-    if not bootstrap or bootstrap in ("auto", "embedded"):
-        broker = start_embedded_broker()
-        bootstrap = broker.bootstrap
+    print(f"broker: {describe(args)}", flush=True)
+    with broker(args) as bootstrap:
+        return run(args, bootstrap)
+
+
+def run(args: argparse.Namespace, bootstrap: str) -> int:
+    """Both paths against the simulator, alternating, on ``bootstrap``."""
     port = free_port()
     sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "simulate", "jetstream", "--synthetic",
                             str(int(args.events * 1.1)), "--start", "2023-11-14T22:13:20Z", "--event-rate", "2000",
@@ -166,8 +169,6 @@ def main() -> int:
     finally:
         sim.terminate()
         sim.wait()
-        if broker is not None:
-            broker.stop()
     return 0
 
 

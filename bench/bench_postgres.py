@@ -3,7 +3,7 @@
 Run ``python bench/bench_postgres.py`` (``--quick`` for a short run). It
 
 1. generates synthetic Jetstream events and produces them with the real producer path
-   (``JobRunner``, Avro, one topic per collection) into a broker (an embedded Tansu by default);
+   (``JobRunner``, Avro, one topic per collection) into a broker (Apache Kafka by default, ``--broker``);
 2. **consumer**: times one ``GroupConsumer`` + ``PostgresSink`` draining those topics into a fresh
    schema, from the first message handed to the sink to the last committed batch;
 3. **baseline**: in the same run, on the same events, times the sink's database path alone (COPY
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg
 from psycopg import sql
 
+from bench.brokers import add_broker_arguments, broker, describe
 from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer
 from consumers.postgres.app import tune_gc
 from consumers.postgres.rows import Batch, TransformOptions, add_event
@@ -51,7 +52,6 @@ from producers.jetstream.decode import decode_message
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem, StreamPosition
 from runtime import kafka as kafka_util
-from runtime.broker import start_embedded_broker
 from runtime.codec import AvroCodec
 from runtime.metrics import Metrics
 from runtime.records import Event
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-linger", type=float, default=0.05, help="consumer linger in live mode")
     parser.add_argument("--database-url", default=os.environ.get(
         "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--bootstrap-servers", default=None, help="default: an embedded Tansu broker")
+    add_broker_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.events = min(args.events, 40_000)
@@ -276,12 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"generating {args.events} synthetic events ...", flush=True)
     events = make_events(args.events, seed=7, job="bench")
-    broker = None
-    bootstrap = args.bootstrap_servers
-    if bootstrap is None:
-        broker = start_embedded_broker()
-        bootstrap = broker.bootstrap
-    try:
+    print(f"broker: {describe(args)}", flush=True)
+    with broker(args) as bootstrap:
         kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}",
                               topic_partitions=6)
         t0 = time.perf_counter()
@@ -305,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                                    topic_partitions=6)
         print(f"live mode: {args.live_rate:.0f} events/s for {args.live_seconds:.0f} s ...", flush=True)
         lat = live_run(live_kafka, args.database_url, args)
-    finally:
         gc.collect()  # release the Kafka clients (they hold reference cycles) before the broker goes
-        if broker is not None:
-            broker.stop()
 
     base = statistics.median(baseline_rates)
     cons = statistics.median(consumer_rates)

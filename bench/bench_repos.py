@@ -3,7 +3,8 @@
 1. CPU: records/s from CAR bytes to typed events (``RepoDecoder``) and to Avro values ready for
    Kafka (+ ``AvroCodec.encode_event``), against the atproto SDK's ``CAR.from_bytes`` on
    the same CARs (which only decodes blocks: no MST walk, no CID checks, no typing).
-2. To Kafka: the same CARs decoded, encoded and produced to a real broker (Tansu), flushed.
+2. To Kafka: the same CARs decoded, encoded and produced to a real broker (Apache Kafka by default,
+   ``--broker tansu`` for the embedded one), flushed.
 3. End to end: accounts on 4 simulated PDS hosts backfilled through the DID work topic by 1 and by
    2 ``backfill repos --from-topic`` replicas (subprocesses): repos/s, and the hosts' rate-limit
    counters.
@@ -31,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Producer  # noqa: E402
 
+from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
 from producers.repos.worktopic import enqueue_dids  # noqa: E402
 from runtime import kafka as kafka_util  # noqa: E402
 from runtime.atproto import native  # noqa: E402
 from runtime.atproto.car import read_car  # noqa: E402
-from runtime.broker import start_embedded_broker  # noqa: E402
 from runtime.codec import AvroCodec  # noqa: E402
 from runtime.records import RecordEvent  # noqa: E402
 from runtime.settings import KafkaSettings  # noqa: E402
@@ -116,7 +117,8 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
     return {"sdk": base, "decode": dec, "encode": enc}
 
 
-def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, base: float | None) -> float:
+def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, base: float | None,
+                  where: str) -> float:
     codec = AvroCodec()
     flt = RecordFilter()
     rates = []
@@ -148,7 +150,7 @@ def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, b
         assert producer.flush(120) == 0
         rates.append(n / (time.perf_counter() - t0))
     rate = statistics.median(rates)
-    print(f"\n== To Kafka (Tansu, produce + flush, median of {repeats}) ==")
+    print(f"\n== To Kafka ({where}, produce + flush, median of {repeats}) ==")
     ratio = f"ratio {rate / base:.2f} vs SDK decode" if base is not None else "(no SDK baseline: cpu skipped)"
     print(f"  ours: CAR -> Kafka                         {rate:12,.0f} records/s  {ratio}")
     return rate
@@ -339,6 +341,7 @@ def main() -> None:
     parser.add_argument("--big-car-mb", type=int, default=300)
     parser.add_argument("--skip", action="append", default=[], choices=("cpu", "kafka", "e2e", "memory"))
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    add_broker_arguments(parser)
     ns = parser.parse_args()
     if ns.child:
         if ns.child[0] == "ours":
@@ -352,16 +355,14 @@ def main() -> None:
     base = None
     if "cpu" not in ns.skip:
         base = cpu_section(cars, ns.repeats)["sdk"]
-    broker = start_embedded_broker() if {"kafka", "e2e"} - set(ns.skip) else None
     with tempfile.TemporaryDirectory(prefix="bench-repos-") as tmp:
-        try:
-            if broker is not None and "kafka" not in ns.skip:
-                kafka_section(cars, broker.bootstrap, ns.repeats, base)
-            if broker is not None and "e2e" not in ns.skip:
-                e2e_section(ns.e2e_accounts, broker.bootstrap, Path(tmp))
-        finally:
-            if broker is not None:
-                broker.stop()
+        if {"kafka", "e2e"} - set(ns.skip):
+            print(f"\nbroker: {describe(ns)}", flush=True)
+            with broker(ns) as bootstrap:
+                if "kafka" not in ns.skip:
+                    kafka_section(cars, bootstrap, ns.repeats, base, describe(ns))
+                if "e2e" not in ns.skip:
+                    e2e_section(ns.e2e_accounts, bootstrap, Path(tmp))
         if "memory" not in ns.skip:
             memory_section(ns.big_car_mb, Path(tmp))
 

@@ -77,6 +77,12 @@ def test_every_wanted_service_is_defined(resolved: dict[str, Any]) -> None:
     assert resolved["services"]["schema-registry"]["image"].startswith("confluentinc/cp-schema-registry:")
 
 
+def test_compose_runs_the_kafka_version_the_tests_run(resolved: dict[str, Any]) -> None:
+    from tests.kafka.cluster import kafka_version
+
+    assert resolved["services"]["kafka"]["image"] == f"apache/kafka:{kafka_version()}"
+
+
 def test_kafka_runs_one_kraft_node(resolved: dict[str, Any]) -> None:
     env = resolved["services"]["kafka"]["environment"]
     assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
