@@ -4,6 +4,12 @@
 #   docker build -t atproto-backfill .
 #   docker run --rm atproto-backfill jetstream --help
 #
+# No public registry publishes it. For Kubernetes, push it where the cluster pulls from, tagged with
+# the version (the Helm chart's default tag is its appVersion, the same as VERSION below):
+#
+#   docker build -t registry.example.net/atproto-backfill:0.1.0 . && docker push registry.example.net/atproto-backfill:0.1.0
+#   helm install backfill helm/atproto-backfill --set image.repository=registry.example.net/atproto-backfill
+#
 # Runs as an unprivileged user (uid/gid 10001) and works with a read-only root filesystem: the only
 # writable paths it needs are /tmp (tmpfs), /cache (downloaded Jetstream zstd dictionary) and /data
 # (the durable SQLite queues of `backfill consume queue`).
@@ -32,6 +38,12 @@ RUN /opt/venv/bin/pip install . \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE}
+# The project's version (pyproject.toml) and the chart's appVersion: the image tag the chart expects.
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="atproto-backfill" \
+      org.opencontainers.image.description="Backfill AT Protocol (Bluesky) data through Avro-typed Kafka topics" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT"
 RUN groupadd --system --gid 10001 backfill \
  && useradd --system --uid 10001 --gid backfill --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin backfill \

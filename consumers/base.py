@@ -5,6 +5,12 @@ the end watermark -> ``sink.add`` (transform; a failure is dead-lettered to ``<t
 ``sink.flush(offsets)`` writes the rows *and* each partition's next offset in one transaction ->
 the offsets are also committed to Kafka (for lag monitoring and ``backfill status`` only).
 
+Transaction markers: a producer's transaction ends with a commit marker that takes an offset no
+consumer ever receives, so "last message + 1" stops short of a partition's end. Once nothing is
+pending, the consumer's position (which librdkafka moves past the markers it fetched) is committed
+to Kafka as well, so a group that has read everything shows a lag of 0 in Kafka's own tools. The
+sink keeps "last message + 1": seeking to either reads the same messages.
+
 Exactly once: on assignment the consumer seeks every partition to the offset the sink stored, so a
 kill -9, a rebalance or a replayed topic neither loses nor duplicates a row. Dead letters are
 flushed before the batch whose offsets pass them.
@@ -32,6 +38,7 @@ from runtime.deadletter import DeadLetters
 from runtime.errors import CommitError, DecodeError, DropError, SinkUnavailableError
 from runtime.metrics import Health, Metrics, collection_label
 from runtime.nsid import CollectionFilter
+from runtime.offsets import list_ends
 from runtime.records import Event, RecordEvent
 from runtime.settings import KafkaSettings
 from runtime.topics import TopicMap
@@ -115,6 +122,9 @@ class ConsumerOptions:
     idle_exit: float = 0.0
     topic_refresh: float = 5.0
     dlq: bool = True
+    #: Seconds an until-done consumer reads on to its partitions' ends so its positions pass the
+    #: trailing transaction markers before it commits them and exits.
+    settle: float = 2.0
 
 
 @dataclass
@@ -162,6 +172,8 @@ class GroupConsumer:
         conf = kafka.consumer_config(options.group, **(extra_consumer_config or {}))
         conf["statistics.interval.ms"] = 5000
         conf["stats_cb"] = self._on_stats
+        conf["on_commit"] = self._on_commit
+        self._protocol = str(conf.get("group.protocol", "classic"))
         self._consumer = Consumer(conf)
         self._admin = kafka_util.admin(kafka.client_config())
         self._dlq_producer: Producer | None = None
@@ -171,6 +183,9 @@ class GroupConsumer:
         self._pending_offsets: dict[TP, int] = {}
         self._pending: list[Consumed] = []
         self._positions: dict[TP, int] = {}
+        #: The offsets last committed to Kafka (informational) per partition.
+        self._informed: dict[TP, int] = {}
+        self._last_inform = 0.0
         self._paused = False
         self._proc = psutil.Process()
         self._job_target: dict[TP, int] | None = None
@@ -197,7 +212,7 @@ class GroupConsumer:
     def _refresh_subscription(self) -> None:
         wanted = self.wanted_topics()
         if wanted and wanted != self._subscribed:
-            log.info("subscribing %s to %d topics", self.opts.group, len(wanted))
+            log.info("subscribing %s to %d topics (%s group protocol)", self.opts.group, len(wanted), self._protocol)
             self._consumer.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                      on_lost=self._on_lost)
             self._subscribed = wanted
@@ -237,6 +252,7 @@ class GroupConsumer:
         self._forget_lag(revoked)
         for tp in revoked:
             self._positions.pop(tp, None)
+            self._informed.pop(tp, None)
         self._leave(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -248,6 +264,9 @@ class GroupConsumer:
             self._pending_offsets.clear()
         self._assigned -= lost
         self._forget_lag(lost)
+        for tp in lost:
+            self._positions.pop(tp, None)
+            self._informed.pop(tp, None)
         self._leave(consumer, partitions)
 
     @staticmethod
@@ -372,12 +391,91 @@ class GroupConsumer:
         self._positions.update(offsets)
         self._pending.clear()
         self._pending_offsets.clear()
+        self._inform(offsets)
+
+    def _inform(self, offsets: dict[TP, int], *, asynchronous: bool = True) -> bool:
+        """Commit ``offsets`` to Kafka (informational: the sink holds the authoritative offsets).
+
+        Returns False when a synchronous commit failed. What Kafka confirmed is recorded (by
+        :meth:`_on_commit` for asynchronous commits), so a commit refused meanwhile (a classic
+        group refuses commits while it rebalances) is made again at the next idle moment.
+        """
+        if not offsets:
+            return True
+        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                  asynchronous=True)
+            if asynchronous:
+                self._consumer.commit(offsets=parts, asynchronous=True)
+                return True
+            self._on_commit(None, self._consumer.commit(offsets=parts, asynchronous=False))
         except KafkaException as e:
-            # Informational only: the sink holds the authoritative offsets.
             log.debug("Kafka offset commit failed: %s", e)
+            return False
+        return True
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            log.debug("Kafka offset commit failed: %s", err)
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                self._informed[key] = max(tp.offset, self._informed.get(key, -1))
+
+    def _positions_ahead(self) -> dict[TP, int]:
+        """Assigned partitions whose position is past the offset last committed to Kafka.
+
+        Only with nothing pending: then every message before a position is in the sink, and the
+        position is past the transaction markers librdkafka fetched after the last message.
+        """
+        if self._pending_offsets:
+            return {}
+        try:
+            positions = self._consumer.position(self._consumer.assignment())
+        except KafkaException as e:
+            log.debug("positions unavailable: %s", e)
+            return {}
+        return {(tp.topic, tp.partition): tp.offset for tp in positions
+                if tp.offset >= 0 and tp.offset > self._informed.get((tp.topic, tp.partition), -1)}
+
+    def _inform_positions(self, *, asynchronous: bool = True) -> bool:
+        return self._inform(self._positions_ahead(), asynchronous=asynchronous)
+
+    def _stable_ends(self, partitions: list[TopicPartition], timeout: float) -> dict[TP, int]:
+        """Last stable offsets of ``partitions`` that hold anything (past their log start)."""
+        ends = list_ends(self._admin, [(p.topic, p.partition) for p in partitions], timeout)
+        return {tp: e.stable for tp, e in ends.items() if e.stable > e.low}
+
+    def _settle(self) -> None:
+        """Read on to every assigned partition's end (bounded by ``settle`` seconds).
+
+        librdkafka moves a position past a transaction's commit marker only once a fetch returned
+        the marker, which may come after the last message was delivered. Whatever arrives meanwhile
+        is handled like any message (and flushed before the positions are committed).
+        """
+        if self.opts.settle <= 0:
+            return
+        assignment = self._consumer.assignment()
+        if not assignment:
+            return
+        ends = self._stable_ends(assignment, timeout=max(1.0, self.opts.settle))
+        deadline = self.clock() + self.opts.settle
+        while ends and self.clock() < deadline:
+            try:
+                # A partition assigned at its end (nothing fetched since) has no position yet: it is
+                # where the sink's stored offset put it.
+                positions = {(tp.topic, tp.partition): tp.offset if tp.offset >= 0
+                             else self._positions.get((tp.topic, tp.partition), -1)
+                             for tp in self._consumer.position(self._consumer.assignment())}
+            except KafkaException:
+                return
+            if all(positions[tp] >= end for tp, end in ends.items() if tp in positions):
+                return
+            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1))
+            if self._fatal is not None:
+                raise self._fatal
+            if len(self._pending) >= self.opts.batch_size:
+                self._flush()
 
     def _check_memory(self) -> None:
         limit = self.opts.max_memory_mb
@@ -409,7 +507,7 @@ class GroupConsumer:
                 return False
             self._last_job_check = now
             state: JobState | None = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
-                                              self.topics.control, job)
+                                              self.topics.control, job, settle=0)
             if state is None or state.status != FINISHED:
                 return False
             target_raw = state.offsets
@@ -457,16 +555,7 @@ class GroupConsumer:
                 self.health.beat()
                 if self._fatal is not None:
                     raise self._fatal
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() in (KafkaError._PARTITION_EOF,):
-                            continue
-                        if err.fatal():
-                            raise CommitError(f"fatal consumer error: {err}")
-                        log.warning("consumer error: %s", err)
-                        continue
-                    self._handle(msg)
+                self._handle_all(msgs)
                 now = self.clock()
                 if msgs:
                     last_msg = now
@@ -485,8 +574,12 @@ class GroupConsumer:
                 if check_every % 10 == 0:
                     self._check_memory()
                 if not msgs and not self._pending_offsets:
+                    if now - self._last_inform >= 1.0:
+                        self._last_inform = now
+                        self._inform_positions()
                     if self._until_satisfied():
                         self.stats.stop_reason = "until_done"
+                        self._settle()
                         break
                     if self.opts.idle_exit and now - last_msg >= self.opts.idle_exit:
                         self.stats.stop_reason = "idle"
@@ -494,9 +587,39 @@ class GroupConsumer:
             else:
                 self.stats.stop_reason = self.stats.stop_reason or "stopped"
             self._flush()
+            self._inform_at_exit()
         finally:
             self._close()
         return self.stats
+
+    def _inform_at_exit(self) -> None:
+        """Commit the positions to Kafka before leaving the group.
+
+        A classic group refuses commits while it rebalances (a member leaving, as this one or a
+        sibling that finished too): the commit is retried, serving the rebalance, for up to
+        ``settle`` seconds. Anything read meanwhile is handled and flushed like any message.
+        """
+        deadline = self.clock() + max(self.opts.settle, 0.5)
+        while not self._inform_positions(asynchronous=False):
+            if self.clock() >= deadline:
+                log.info("offsets not committed to Kafka at exit (informational; the sink has them)")
+                return
+            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1))
+            if self._fatal is not None:
+                raise self._fatal
+            self._flush()
+
+    def _handle_all(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() in (KafkaError._PARTITION_EOF,):
+                    continue
+                if err.fatal():
+                    raise CommitError(f"fatal consumer error: {err}")
+                log.warning("consumer error: %s", err)
+                continue
+            self._handle(msg)
 
     def _until_satisfied(self) -> bool:
         if self.opts.until_done is None and self.opts.until_offsets is None:

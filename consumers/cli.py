@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer, Sink
 from runtime.broker import resolve_bootstrap
+from runtime.cgroup import default_memory_guard_mb
 from runtime.codec import AvroCodec
 from runtime.errors import ConfigError
 from runtime.metrics import Health, Metrics, MetricsServer
@@ -49,8 +50,9 @@ CONSUMER_OPTIONS: Final[tuple[Opt, ...]] = (
         "pause between batches, for shared databases", type=int),
     Opt(("--max-concurrent",), "max_concurrent", "BACKFILL_MAX_CONCURRENT", 1,
         "concurrent sink writers", type=int),
-    Opt(("--max-memory-mb",), "max_memory_mb", "BACKFILL_MAX_MEMORY_MB", 0,
-        "pause the partitions while RSS is above this (0 = no limit)", type=int),
+    Opt(("--max-memory-mb",), "max_memory_mb", "BACKFILL_MAX_MEMORY_MB", None,
+        "pause the partitions while RSS is above this; 0 = no limit (default: 75% of the container's "
+        "memory limit from its cgroup, none without one)", type=int),
     Opt(("--idle-exit",), "idle_exit", "BACKFILL_IDLE_EXIT", 0.0,
         "exit after this many seconds without messages (0 = never)", type=float),
     Opt(("--no-account-events",), "no_account_events", "BACKFILL_NO_ACCOUNT_EVENTS", False,
@@ -91,7 +93,8 @@ def consumer_settings(ns: argparse.Namespace, *, default_group: str, default_bat
         group=ns.group or default_group, collections=collections,
         include_account_events=not ns.no_account_events, batch_size=batch, linger=ns.linger,
         end_time_us=end_us, until_done=ns.until_done, batch_delay=ns.batch_delay_ms / 1000.0,
-        max_memory_mb=ns.max_memory_mb, idle_exit=ns.idle_exit)
+        max_memory_mb=ns.max_memory_mb if ns.max_memory_mb is not None else default_memory_guard_mb(),
+        idle_exit=ns.idle_exit)
     return ConsumerSettings(kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
                             options=options, max_concurrent=max(1, ns.max_concurrent))
 

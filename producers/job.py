@@ -12,6 +12,11 @@ and the flush and commit run on a thread while the loop goes on reading and enco
 produces meanwhile is held (at most ``MAX_PENDING`` messages) and sent in the next transaction
 as soon as the commit is done. The final checkpoint is synchronous.
 
+Fencing: the transactional id is ``atproto-backfill-<job>``, so a second instance of the same job
+fences the first when it starts (and aborts the first one's open transaction). The first learns it
+from its next produce, poll or commit, stops with :class:`FencedError` (exit status 1, no traceback)
+and writes nothing more: the second resumes from the last checkpoint the first committed.
+
 Stops: the source's own end (watermark reached, bounded source exhausted), ``num_records``
 record events produced (exactly), ``max_time`` seconds, or SIGINT/SIGTERM. Every stop flushes and
 writes a final checkpoint recording the next offset of every partition the job wrote.
@@ -24,10 +29,10 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -37,12 +42,12 @@ from runtime import kafka as kafka_util
 from runtime.checkpoint import FINISHED, RUNNING, JobState, load_job
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, DeliveryError, DropError
+from runtime.errors import CommitError, DeliveryError, DropError, FatalError, FencedError
 from runtime.metrics import Metrics, collection_label
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.settings import KafkaSettings
 from runtime.timeparse import us_to_date
-from runtime.topics import TopicMap, schema_name_for_collection
+from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap, schema_name_for_collection
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,26 @@ LATENCY_SAMPLE_EVERY = 64
 _DAY_US = 86_400_000_000
 #: Messages held while a checkpoint commits in the background; at this many the loop waits for it.
 MAX_PENDING = 100_000
+#: Error codes by which Kafka tells a transactional producer that a newer instance with its
+#: transactional id took over: librdkafka's fatal ``_FENCED``, the broker's ``PRODUCER_FENCED``, and
+#: ``INVALID_PRODUCER_EPOCH`` in the delivery reports of the fenced instance's last messages.
+FENCED_CODES: Final = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+def kafka_error_of(exc: BaseException | None) -> KafkaError | None:
+    """The KafkaError behind ``exc``: its own, or that of an exception it was raised from.
+
+    confluent-kafka raises a producer's fatal error from inside ``flush()`` or
+    ``commit_transaction()`` and then still runs the pending delivery callbacks, where the first
+    call into C fails with a SystemError raised from that error: so it can sit in the chain.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+            return exc.args[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @dataclass
@@ -106,6 +131,11 @@ class JobStats:
         return (self.ended or time.monotonic()) - self.started
 
 
+def transactional_id(job: str) -> str:
+    """The Kafka transactional id of ``job``'s producer."""
+    return f"atproto-backfill-{job}"
+
+
 class JobRunner:
     """Drives one source into Kafka with checkpoints.
 
@@ -143,7 +173,11 @@ class JobRunner:
         self._transactional = False
         self._in_txn = False
         self._written: dict[tuple[str, int], int] = {}
-        self._delivery_errors: list[str] = []
+        # Failed delivery reports, read (and formatted) later: after a fatal producer error
+        # confluent-kafka may run the callback with that error pending, when any call there fails.
+        self._failed_reports: list[tuple[KafkaError, Message]] = []
+        self._refusals_counted = 0
+        self._fatal: KafkaError | None = None  # the producer's fatal error, once seen
         self._since_checkpoint = 0
         self._last_checkpoint = 0.0
         self._stop_reason: str | None = None
@@ -171,6 +205,11 @@ class JobRunner:
 
     # ------------------------------------------------------------------ setup
 
+    @property
+    def transactional_id(self) -> str:
+        """The job's transactional id: a second instance of the job fences the first."""
+        return transactional_id(self.opts.job)
+
     def _ensure(self, topics: list[str], config: dict[str, str] | None = None,
                 partitions: int | None = None) -> None:
         missing = [t for t in topics if t not in self._known_topics]
@@ -188,8 +227,7 @@ class JobRunner:
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
-            self.metrics.delivery_errors.inc(self.opts.source)
+            self._failed_reports.append((err, msg))  # nothing else here: see self._failed_reports
             return
         self._deliveries += 1
         if self._deliveries % LATENCY_SAMPLE_EVERY == 1:
@@ -203,7 +241,7 @@ class JobRunner:
 
     def _make_producer(self) -> Producer:
         mode = self.opts.transactions
-        tid = f"atproto-backfill-{self.opts.job}" if mode in ("auto", "on") else None
+        tid = self.transactional_id if mode in ("auto", "on") else None
         conf = self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery)
         producer = Producer(conf)
         if tid is None:
@@ -230,7 +268,7 @@ class JobRunner:
             the previous state of this job (None if it never ran).
         """
         kafka_util.check_reachable(self._admin, self.kafka.bootstrap_servers)
-        self._ensure([self.topics.control], config={"cleanup.policy": "compact"}, partitions=1)
+        self._ensure([self.topics.control], config=CONTROL_TOPIC_CONFIG, partitions=1)
         self._ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
                       f"{self.kafka.topic_prefix}.account"])
         self._producer = self._make_producer()
@@ -258,19 +296,76 @@ class JobRunner:
             self._begin()
         if topic not in self._known_topics:
             self._ensure([topic])
+        producer = self._producer
         while True:
             try:
-                self._producer.produce(topic, value, key)
+                producer.produce(topic, value, key)
                 return
             except BufferError:
                 # local queue full: serve delivery reports until there is room
-                self._producer.poll(0.05)
+                self._poll(0.05)
+            except KafkaException as e:  # not _kafka_call: this is the hot path
+                raise self._meaning(kafka_error_of(e) or KafkaError(KafkaError._FAIL), "producing",
+                                    DeliveryError) from e
 
     def _begin(self) -> None:
         if self._transactional and not self._in_txn:
             assert self._producer is not None
-            self._producer.begin_transaction()
+            with self._kafka_call("beginning a transaction"):
+                self._producer.begin_transaction()
             self._in_txn = True
+
+    def _poll(self, timeout: float) -> None:
+        """Serve delivery reports (a fatal producer error raises as FatalError)."""
+        assert self._producer is not None
+        with self._kafka_call("serving delivery reports", DeliveryError):
+            self._producer.poll(timeout)
+
+    @contextlib.contextmanager
+    def _kafka_call(self, doing: str, error: type[FatalError] = CommitError) -> Iterator[None]:
+        """Turn a Kafka failure of the producer calls inside into the FatalError it means.
+
+        Raises:
+            FencedError: a newer instance of this job took over its transactional id.
+            CommitError: a fatal producer error; ``error``: any other Kafka error.
+        """
+        try:
+            yield
+        except Exception as e:
+            err = kafka_error_of(e)
+            if err is None:
+                raise
+            raise self._meaning(err, doing, error) from e
+
+    def _meaning(self, err: KafkaError, doing: str, error: type[FatalError] = CommitError) -> FatalError:
+        """The FatalError that ``err``, raised by a producer call while ``doing``, means."""
+        producer = self._producer
+        if err.code() == KafkaError._FATAL and self._fatal is None and producer is not None:
+            # produce() says only "fatal error"; the next poll() raises the error itself.
+            try:
+                producer.poll(0)
+            except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
+                err = kafka_error_of(e) or err
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            self._fatal = self._fatal or err
+        codes = {err.code(), *(e.code() for e, _ in self._failed_reports)}
+        if self._fatal is not None:
+            codes.add(self._fatal.code())
+        if codes & FENCED_CODES:
+            return FencedError(f"job {self.opts.job}: fenced by a newer instance of the same job (transactional id "
+                               f"{self.transactional_id}), which took over; this instance stops and writes nothing "
+                               f"more (while {doing}: {err.str()})")
+        if self._fatal is not None:
+            return CommitError(f"job {self.opts.job}: fatal Kafka producer error while {doing}: {self._fatal.str()}")
+        return error(f"job {self.opts.job}: {doing} failed: {err.str()}")
+
+    def _refusals(self) -> str:
+        """The first failed delivery reports, readable (counted in the delivery-errors metric once)."""
+        refused = self._failed_reports
+        if len(refused) > self._refusals_counted:
+            self.metrics.delivery_errors.inc(self.opts.source, amount=len(refused) - self._refusals_counted)
+            self._refusals_counted = len(refused)
+        return "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in refused[:3])
 
     def _route(self, collection: str) -> tuple[str, Callable[[RecordEvent], bytes], str]:
         """(topic, value encoder, metric label) of a collection, worked out once per collection."""
@@ -451,24 +546,32 @@ class JobRunner:
         """
         producer = self._producer
         assert producer is not None
-        remaining = producer.flush(60)
+        with self._kafka_call("flushing", DeliveryError):
+            remaining = producer.flush(60)
+        if self._failed_reports:
+            raise self._refused_error("Kafka refused data")
         if remaining:
             raise DeliveryError(f"{remaining} messages still undelivered after 60 s")
-        if self._delivery_errors:
-            raise DeliveryError(f"Kafka refused data: {self._delivery_errors[:3]}")
         state.merge_offsets(self._written)
         state.check_forward(self.state or self.previous)
         self._send(self.topics.control, self.opts.job.encode(), state.to_bytes())
         if self._transactional:
-            try:
+            with self._kafka_call("committing the transaction"):
                 producer.commit_transaction(60)
-            except KafkaException as e:
-                raise CommitError(f"job {self.opts.job}: transaction commit failed: {e}") from e
             self._in_txn = False
         else:
-            remaining = producer.flush(60)
-            if remaining or self._delivery_errors:
-                raise DeliveryError(f"checkpoint of job {self.opts.job} not delivered: {self._delivery_errors[:3]}")
+            with self._kafka_call("flushing the checkpoint", DeliveryError):
+                remaining = producer.flush(60)
+            if remaining or self._failed_reports:
+                raise self._refused_error(f"checkpoint of job {self.opts.job} not delivered")
+
+    def _refused_error(self, what: str) -> FatalError:
+        """The error for failed delivery reports: FencedError when they say this job was fenced."""
+        detail = self._refusals()
+        for err, _ in self._failed_reports:
+            if err.code() in FENCED_CODES:
+                return self._meaning(err, "delivering")
+        return DeliveryError(f"{what}: {detail}")
 
     def _committed(self, state: JobState, seconds: float) -> None:
         """Record ``state`` as the job's committed state (its flush and commit took ``seconds``)."""
@@ -502,8 +605,7 @@ class JobRunner:
     _failure: Exception | None = None
 
     async def _consume(self, source: Source) -> None:
-        producer = self._producer
-        assert producer is not None
+        assert self._producer is not None
         opts = self.opts
         limit = opts.num_records
         every = opts.checkpoint_events
@@ -546,7 +648,7 @@ class JobRunner:
                 self._flush_counts()
                 committing = self._committing
                 if committing is None:
-                    producer.poll(0)
+                    self._poll(0)
                 elif committing.done():
                     self._finish_checkpoint()
                 if self.health is not None:
@@ -574,7 +676,7 @@ class JobRunner:
             assert self._producer is not None
             committing = self._committing
             if committing is None:
-                self._producer.poll(0)
+                self._poll(0)
             elif committing.done():
                 self._finish_checkpoint()
             self._flush_counts()
@@ -663,12 +765,21 @@ class JobRunner:
             self._executor.shutdown(wait=True)
             self._executor = None
         producer = self._producer
+        if producer is not None and self._fatal is not None:
+            # Fenced, or otherwise unusable: it can neither abort nor deliver anything (a newer
+            # instance aborted its open transaction when it fenced it; Kafka aborts it otherwise
+            # after transaction.timeout.ms).
+            log.debug("job %s: producer closed after its fatal error %s", self.opts.job, self._fatal)
+            self._in_txn = False
+            return
         if producer is not None and self._in_txn:
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(10)
             self._in_txn = False
         if producer is not None:
-            producer.flush(10)
+            # close() runs in finally blocks: it never masks the error that is propagating
+            with contextlib.suppress(Exception), self._kafka_call("closing", DeliveryError):
+                producer.flush(10)
 
 
 def _raw_of(event: Event) -> bytes:

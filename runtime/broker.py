@@ -20,6 +20,19 @@ from runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: Bootstrap addresses of the embedded brokers running in this process.
+_EMBEDDED: set[str] = set()
+
+#: Consumer-group timing for Tansu: its JoinGroup answers only after half the member's session
+#: timeout, so with Kafka's default 45 s every join and rebalance would wait 22 s. A real Kafka
+#: answers as soon as the members have joined; there the defaults stand.
+TANSU_GROUP_TIMING: dict[str, int] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+
+
+def embedded_group_timing(bootstrap: str) -> dict[str, int]:
+    """:data:`TANSU_GROUP_TIMING` when ``bootstrap`` is an embedded broker of this process, else nothing."""
+    return dict(TANSU_GROUP_TIMING) if bootstrap in _EMBEDDED else {}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
@@ -68,6 +81,7 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         """Terminate the broker (its data is gone)."""
+        _EMBEDDED.discard(self.bootstrap)
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -104,7 +118,9 @@ def start_embedded_broker(port: int | None = None, log_path: Path | None = None)
             raise RuntimeError(f"embedded broker exited with status {proc.returncode}")
         if port_open("127.0.0.1", port, 0.1):
             log.info("embedded Kafka-API broker (Tansu, in-memory) listening on 127.0.0.1:%d", port)
-            return EmbeddedBroker(proc, port)
+            broker = EmbeddedBroker(proc, port)
+            _EMBEDDED.add(broker.bootstrap)
+            return broker
         time.sleep(0.02)
     proc.kill()
     raise RuntimeError("embedded broker did not start listening within 10 s")

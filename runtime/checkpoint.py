@@ -4,13 +4,18 @@ A producer run is a named job. Its state (source, filters, resume position, end 
 counts, status, and the next offset of every partition it wrote) is written only together with
 (transactionally) or after (flushed) the data it covers. Consumers read it to know when a finished
 job is fully consumed; ``backfill status`` prints it.
+
+Each checkpoint is a whole state under the job's name, so the log cleaner keeps exactly the newest
+checkpoint of every job and drops the older ones (``runtime.topics.CONTROL_TOPIC_CONFIG`` makes it
+run). A reader takes the last record of each key in offset order, which is what the cleaner
+keeps: the answer is the same before and after compaction.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -88,10 +93,26 @@ class JobState:
                 f"job {self.job}: cursor {self.cursor} is behind the checkpointed {previous.cursor}")
 
 
-def load_jobs(consumer_conf: dict[str, Any], control_topic: str) -> dict[str, JobState]:
-    """The latest state of every job in the control topic (last value per key wins)."""
+#: Seconds a resume waits for transactions open in the control topic to end: above the producers'
+#: transaction timeout (60 s), after which the broker aborts a dead producer's transaction.
+RESUME_SETTLE: Final = 75.0
+
+
+def load_jobs(consumer_conf: dict[str, Any], control_topic: str, *, settle: float = RESUME_SETTLE,
+              ) -> dict[str, JobState]:
+    """The latest state of every job in the control topic: the last value of each key, as compaction keeps.
+
+    ``settle``: see :func:`runtime.kafka.read_to_end`. A resume needs it: the control topic has one
+    partition, and another job's transaction left open there (a producer killed mid-checkpoint)
+    hides every checkpoint committed after it from read_committed readers until it ends. Readers
+    that look again soon (a consumer waiting for a job to finish) pass 0.
+
+    Raises:
+        SourceError: the control topic could not be read to its end (never a partial answer: a
+            missing checkpoint would make ``--resume`` start over).
+    """
     jobs: dict[str, JobState] = {}
-    for msg in read_to_end(consumer_conf, control_topic):
+    for msg in read_to_end(consumer_conf, control_topic, settle=settle):
         key = msg.key()
         value = msg.value()
         if key is None or value is None:
@@ -102,12 +123,20 @@ def load_jobs(consumer_conf: dict[str, Any], control_topic: str) -> dict[str, Jo
             log.warning("ignoring an unreadable checkpoint for %r at offset %d: %s", key, msg.offset(), e)
             continue
         prev = jobs.get(state.job)
-        # Compaction may not have run; with retries a stale record can follow a newer one.
-        if prev is None or state.checkpoint >= prev.checkpoint:
-            jobs[state.job] = state
+        if prev is not None and state.checkpoint < prev.checkpoint:
+            # Writers number checkpoints upwards (JobState.check_forward); the idempotent producer
+            # keeps their order, so only a second writer of the same job gets here.
+            log.warning("job %s: checkpoint %d at offset %d follows checkpoint %d; the later one counts",
+                        state.job, state.checkpoint, msg.offset() or 0, prev.checkpoint)
+        jobs[state.job] = state
     return jobs
 
 
-def load_job(consumer_conf: dict[str, Any], control_topic: str, job: str) -> JobState | None:
-    """The latest state of ``job``, or None if it never checkpointed."""
-    return load_jobs(consumer_conf, control_topic).get(job)
+def load_job(consumer_conf: dict[str, Any], control_topic: str, job: str, *,
+             settle: float = RESUME_SETTLE) -> JobState | None:
+    """The latest state of ``job``, or None if it never checkpointed.
+
+    Raises:
+        SourceError: the control topic could not be read to its end.
+    """
+    return load_jobs(consumer_conf, control_topic, settle=settle).get(job)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from runtime import __version__
-from runtime.errors import BackfillError, ConfigError, FatalError, HandleResolutionError
+from runtime.errors import BackfillError, ConfigError, FatalError, FencedError, HandleResolutionError
 from runtime.logs import configure
 from runtime.settings import redacted_namespace
 
@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, HandleResolutionError) as e:
         print(f"backfill: error: {e}", file=sys.stderr)
         return 2
+    except FencedError as e:
+        log.critical("stopping: %s", e)  # fenced by a newer instance: the message says it all
+        return 1
     except FatalError as e:
         log.critical("stopping: %s", e, exc_info=True)
         return 1

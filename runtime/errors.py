@@ -13,6 +13,7 @@
     └── FatalError                     our own state is broken: stop loudly, never skip
         ├── CursorRegressionError      a checkpoint would move a cursor backwards
         ├── CommitError                a Kafka transaction / offset / database commit failed
+        │   └── FencedError            another instance of this producer (same transactional id) took over
         └── DeliveryError              Kafka refused to persist produced data
 
 ``DropError`` carries a ``reason`` from a closed set (see :data:`DROP_REASONS`) that is used as the
@@ -103,6 +104,14 @@ class CursorRegressionError(FatalError):
 
 class CommitError(FatalError):
     """A Kafka transaction, an offset commit or a database commit failed."""
+
+
+class FencedError(CommitError):
+    """A newer instance of this producer (the same transactional id: the same job, or the same
+    replica id) started and fenced this one; this one must stop and write nothing more.
+
+    An operational condition, not a bug: the message says everything, so no traceback is logged.
+    """
 
 
 class DeliveryError(FatalError):

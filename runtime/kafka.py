@@ -1,15 +1,11 @@
-"""Kafka plumbing shared by producers and consumers: topic creation, watermarks, reading a topic to its end.
-
-Works on Apache Kafka and on the Tansu test broker; where Tansu is known to differ (the ListOffsets
-high watermark after multi-record batches), only fetch-derived watermarks are trusted.
-"""
+"""Kafka plumbing shared by producers and consumers: topic creation, reading a topic to its end."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -93,53 +89,167 @@ def list_topics(admin_client: AdminClient, timeout: float = 30.0) -> dict[str, i
     return {name: len(t.partitions) for name, t in admin_client.list_topics(timeout=timeout).topics.items()}
 
 
+#: Errors no retry mends: a read fails at once on these. Every other error is ridden out until the
+#: read's deadline: while a broker dies or restarts, its partitions' leaders move to other brokers
+#: (NOT_LEADER, LEADER_NOT_AVAILABLE, connection refused, and _DESTROY_BROKER when the dead broker
+#: leaves the metadata) and librdkafka retries against the new leaders.
+_PERMANENT: Final = frozenset({
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED,
+    KafkaError._SSL, KafkaError._INVALID_ARG, KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION,
+})
+
+
+def _transient(err: KafkaError) -> bool:
+    return not err.fatal() and err.code() not in _PERMANENT
+
+
 def read_to_end(
     conf: dict[str, Any],
     topic: str,
     *,
-    idle_timeout: float = 1.0,
     max_wait: float = 30.0,
+    settle: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Message]:
-    """Yield every committed message of ``topic`` from the beginning, stopping at its end.
+    """Yield every committed message of ``topic`` from its beginning up to its end when the read starts.
 
-    The end is reached when every partition's position is at the fetch-derived high watermark
-    (or the partition is empty and nothing arrived for ``idle_timeout``).
+    The end of each partition is its last stable offset, listed up front (ListOffsets with
+    read_committed isolation): everything committed before the call is read, and a transaction
+    still open at the end (a running producer holds one) ends the read where it begins instead of
+    being waited for. Messages past the end are not yielded. A missing topic yields nothing.
 
     Args:
         conf: a consumer config (group.id is set to a throwaway value if absent; nothing is committed).
+        max_wait: seconds to reach the end of every partition, the broker's failovers included.
+        settle: when above 0, first wait up to this many seconds for every transaction open when the
+            read starts to end (committed or aborted), so that the read covers everything written
+            before it, another producer's open transaction notwithstanding. A transaction ends within
+            the broker's transaction timeout (a dead producer's is aborted then); a resume reads
+            with ``settle`` above it.
+
+    Raises:
+        SourceError: the end was not reached within ``max_wait`` seconds, a transaction open at the
+            start did not end within ``settle`` seconds, or the broker refused the read. Never a
+            partial result: a caller that got no error saw everything.
     """
     conf = {**conf, "enable.auto.commit": False, "isolation.level": "read_committed",
-            "enable.partition.eof": True}
+            "enable.partition.eof": False}
     conf.setdefault("group.id", "atproto-backfill-reader")
-    md_consumer = Consumer(conf)
+    deadline = clock() + max_wait
+    consumer = Consumer(conf)
     try:
-        md = md_consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if md is None or md.error is not None or not md.partitions:
+        ends = _stable_ends(consumer, topic, deadline, clock, max_wait)
+        if settle > 0 and ends:
+            ends = _settled_ends(conf, consumer, topic, ends, settle, clock)
+            deadline = max(deadline, clock() + max_wait)
+        pending = {p for p, (low, end) in ends.items() if end > low}
+        if not pending:
             return
-        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(md.partitions)]
-        md_consumer.assign(parts)
-        done: set[int] = set()
-        deadline = clock() + max_wait
-        last_msg = clock()
-        while len(done) < len(parts) and clock() < deadline:
-            msg = md_consumer.poll(0.2)
-            if msg is None:
-                if clock() - last_msg >= idle_timeout:
-                    # idle: a partition whose cached high watermark is reached (or unknown) is done
-                    for tp in parts:
-                        _low, high = md_consumer.get_watermark_offsets(tp, cached=True)
-                        pos = md_consumer.position([TopicPartition(topic, tp.partition)])[0].offset
-                        if high < 0 or pos < 0 or pos >= high:
-                            done.add(tp.partition)
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    done.add(msg.partition() or 0)
-                    continue
-                raise SourceError(f"reading {topic}: {err}")
-            last_msg = clock()
-            yield msg
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(pending)])
+        last_error: KafkaError | None = None
+        while pending:
+            now = clock()
+            if now >= deadline:
+                raise SourceError(_unfinished(topic, consumer, ends, pending, max_wait, last_error))
+            msg = consumer.poll(min(0.2, deadline - now))
+            if msg is not None:
+                err = msg.error()
+                if err is None:
+                    p = msg.partition() or 0
+                    offset = msg.offset()
+                    if p in pending and offset is not None and offset < ends[p][1]:
+                        yield msg
+                elif _transient(err):
+                    last_error = err
+                else:
+                    raise SourceError(f"reading {topic}: {err}")
+            # The position passes commit markers and aborted records too, which are never delivered.
+            for tp in consumer.position([TopicPartition(topic, p) for p in sorted(pending)]):
+                if tp.offset >= ends[tp.partition][1]:
+                    pending.discard(tp.partition)
+                    consumer.pause([TopicPartition(topic, tp.partition)])
     finally:
-        md_consumer.close()
+        consumer.close()
+
+
+def _stable_ends(consumer: Consumer, topic: str, deadline: float, clock: Callable[[], float],
+                 max_wait: float) -> dict[int, tuple[int, int]]:
+    """partition -> (log start offset, last stable offset) of ``topic`` (empty when it does not exist).
+
+    A read_committed consumer's ListOffsets gives the last stable offset as the high watermark.
+
+    Raises:
+        SourceError: no answer from every partition's leader before ``deadline``.
+    """
+    last: object = None
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise SourceError(f"reading {topic}: no end offsets within {max_wait:.0f} s ({last})")
+        try:
+            md = consumer.list_topics(topic, timeout=min(remaining, 10.0)).topics.get(topic)
+            if md is not None and md.error is not None and md.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                return {}
+            if md is None or md.error is not None or not md.partitions:
+                last = md.error if md is not None else "no metadata"
+            else:
+                ends = {}
+                for p in sorted(md.partitions):
+                    ends[p] = consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=max(0.1, min(deadline - clock(), 10.0)), cached=False)
+                return ends
+        except KafkaException as e:
+            err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if err is not None and not _transient(err):
+                raise SourceError(f"reading {topic}: {err}") from e
+            last = err or e
+        time.sleep(min(0.2, max(0.0, deadline - clock())))  # the leader is moving: ask again shortly
+
+
+def _settled_ends(conf: dict[str, Any], consumer: Consumer, topic: str, ends: dict[int, tuple[int, int]],
+                  settle: float, clock: Callable[[], float]) -> dict[int, tuple[int, int]]:
+    """Wait until each partition's last stable offset reaches its high watermark of now; the new ends.
+
+    The last stable offset stops at the first record of the oldest open transaction, so records
+    committed after it (another job's checkpoint, say) are not readable yet. Transactions begun
+    after this call start past today's high watermark and do not hold the wait.
+
+    Raises:
+        SourceError: a transaction open now is still open after ``settle`` seconds.
+    """
+    peek = Consumer({**conf, "isolation.level": "read_uncommitted"})
+    try:
+        high = {p: peek.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)[1] for p in ends}
+    except KafkaException as e:
+        raise SourceError(f"reading {topic}: no high watermark: {e.args[0]}") from e
+    finally:
+        peek.close()
+    deadline = clock() + settle
+    logged = False
+    while True:
+        waiting = {p: (ends[p][1], high[p]) for p in ends if ends[p][1] < high[p]}
+        if not waiting:
+            return ends
+        if not logged:
+            log.info("reading %s: waiting up to %.0f s for open transactions to end (partition: last stable "
+                     "offset, high watermark: %s)", topic, settle, waiting)
+            logged = True
+        if clock() >= deadline:
+            raise SourceError(f"reading {topic}: transactions open at {waiting} (partition: last stable offset, "
+                              f"high watermark) did not end within {settle:.0f} s")
+        time.sleep(0.1)
+        try:
+            for p in waiting:
+                ends[p] = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+        except KafkaException as e:
+            if not _transient(e.args[0]):
+                raise SourceError(f"reading {topic}: {e.args[0]}") from e
+
+
+def _unfinished(topic: str, consumer: Consumer, ends: dict[int, tuple[int, int]], pending: set[int],
+                max_wait: float, last_error: KafkaError | None) -> str:
+    at = {tp.partition: tp.offset for tp in consumer.position([TopicPartition(topic, p) for p in sorted(pending)])}
+    parts = ", ".join(f"[{p}] at {at.get(p)} of {ends[p][1]}" for p in sorted(pending))
+    tail = f"; last error: {last_error}" if last_error is not None else ""
+    return f"reading {topic}: the end was not reached within {max_wait:.0f} s ({parts}){tail}"

@@ -232,10 +232,6 @@ class Metrics:
             f"{p}_repos_fetch_restarts_total",
             "Work-topic partitions of a replica that had work but delivered none, restarted at their "
             "committed offset.", registry=r)
-        self.repo_offset_repairs = Counter(
-            f"{p}_repos_offset_repairs_total",
-            "Work-topic partitions whose offsets a committed transaction did not store, committed again.",
-            registry=r)
 
         # -- process
         self.memory = Gauge(f"{p}_process_resident_memory_bytes", "Resident set size.", registry=r)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Final
 
+from runtime.broker import embedded_group_timing
 from runtime.errors import ConfigError
 
 
@@ -216,6 +217,16 @@ def redacted_namespace(ns: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Kafka settings shared by every process.
 
+#: Consumer-group protocols: Kafka's classic group protocol and KIP-848's consumer protocol (Kafka 4).
+GROUP_PROTOCOLS: Final = ("classic", "consumer")
+
+#: Client settings the consumer protocol takes from the broker (librdkafka refuses them there).
+CLASSIC_ONLY: Final = {
+    "session.timeout.ms": "group.consumer.session.timeout.ms",
+    "heartbeat.interval.ms": "group.consumer.heartbeat.interval.ms",
+    "partition.assignment.strategy": "group.remote.assignor (client) or group.consumer.assignors (broker)",
+}
+
 KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--bootstrap-servers",), "bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS", "auto",
         "Kafka bootstrap servers; 'embedded' starts a local in-memory broker (Tansu); 'auto' uses "
@@ -240,6 +251,11 @@ KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
         type=parse_secret),
     Opt(("--ssl-ca-location",), "ssl_ca_location", "KAFKA_SSL_CA_LOCATION", None,
         "CA certificate file for SSL"),
+    Opt(("--group-protocol",), "group_protocol", "BACKFILL_GROUP_PROTOCOL", "classic",
+        "consumer-group protocol of this process's group members (the consumers, the repos work-topic "
+        "replicas): classic (the client sets the session timeout, cooperative-sticky assignment) or "
+        "consumer (Kafka 4's KIP-848 protocol: the broker assigns partitions and sets the session "
+        "timeout and heartbeat, group.consumer.* broker settings)", choices=GROUP_PROTOCOLS),
     Opt(("--kafka-config",), "kafka_config", "BACKFILL_KAFKA_CONFIG", [],
         "a librdkafka setting KEY=VALUE for every Kafka client of this process, over the defaults "
         "(repeatable; in the env, comma-separated), e.g. linger.ms=20 or debug=cgrp,fetch", type=None,
@@ -277,6 +293,7 @@ class KafkaSettings:
     sasl_username: str | None = None
     sasl_password: Secret | None = None
     ssl_ca_location: str | None = None
+    group_protocol: str = "classic"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -339,22 +356,45 @@ class KafkaSettings:
         return conf
 
     def consumer_config(self, group_id: str, **overrides: Any) -> dict[str, Any]:
-        """Settings for a consumer group member that stores offsets itself."""
+        """Settings for a consumer group member that stores offsets itself.
+
+        Classic protocol: the session timeout is Kafka's default (45 s, KIP-735). A member that
+        stops cleanly leaves its group at once whatever it is; a short one (this used to be 6 s)
+        evicts live members whenever the coordinator is out of reach for a few seconds (a broker
+        restart, a network blip), which aborts the repos replicas' open transactions and makes
+        every sink re-read its batch. The cost is that a killed member's partitions wait up to 45 s
+        for a new owner. Heartbeats go every 0.5 s (default 3 s): members learn of a rebalance at
+        their next heartbeat, so a rebalance takes about a second, for one small request per member
+        per half-second. With the consumer protocol the broker sets both
+        (``group.consumer.session.timeout.ms``, default 45 s, and ``group.consumer.heartbeat.interval.ms``).
+
+        Raises:
+            ConfigError: a classic-only setting (``--kafka-config``) with ``group.protocol=consumer``.
+        """
         conf = self.client_config()
         conf.update({
             "group.id": group_id,
+            "group.protocol": self.group_protocol,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
-            "partition.assignment.strategy": "cooperative-sticky",
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 500,
             "max.poll.interval.ms": 300000,
             "fetch.message.max.bytes": 4 * 1024 * 1024,
         })
         conf.update(self.extra)  # the operator's settings over these defaults
         conf.update(overrides)
+        if conf["group.protocol"] == "consumer":
+            for key, broker_side in CLASSIC_ONLY.items():
+                if key in conf:
+                    raise ConfigError(f"{key} is not a client setting under group.protocol=consumer; "
+                                      f"the broker sets it ({broker_side})")
+        else:
+            # Incremental rebalancing: the sinks' callbacks use incremental_assign/unassign.
+            conf.setdefault("partition.assignment.strategy", "cooperative-sticky")
+            for key, value in embedded_group_timing(self.bootstrap_servers).items():
+                conf.setdefault(key, value)
+            conf.setdefault("heartbeat.interval.ms", 500)
         return conf
 
     def registry_config(self) -> dict[str, Any] | None:

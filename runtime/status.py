@@ -5,10 +5,23 @@ Sources of truth:
 * jobs: the checkpoints in ``<prefix>.control.jobs`` (the newest per job, plus the one before it
   for the current rate);
 * consumer groups: the groups that committed offsets on this prefix's topics (committed offsets are
-  informational for our sinks, which store their own, but they are what lag monitoring sees);
-* high watermarks: taken from fetch responses (a consumer's cached watermark after one fetch), never
-  from ListOffsets alone, which some Kafka-API brokers answer wrongly after multi-record batches;
-  a watermark is never taken lower than an offset a job recorded as written, which is exact.
+  informational for our sinks, which store their own, but they are what lag monitoring sees; our
+  consumers commit their position, past the transaction markers, once they have read everything);
+* partition ends: ListOffsets (``runtime.offsets``): the high watermark and the last stable offset.
+
+Two figures per group, per partition and summed:
+
+* **lag** counts offsets from the committed offset to the high watermark, exactly as Kafka's
+  ``kafka-consumer-groups.sh --describe`` does (a partition the group never committed on counts
+  from its log start; Kafka's tool shows ``-`` there). Each producer transaction's commit marker
+  takes an offset that is no record, and an open transaction's records count before they commit.
+* **records left** counts the committed records the group has still to read: those between its
+  committed offset and the last stable offset. Counting needs reading them, so a partition is read
+  when that range is at most ``--count-limit`` offsets (from the lowest committed offset of the
+  groups within the limit, once for all of them); beyond the limit, or when the read does not end
+  within ``--timeout``, the figure is the offset range, an upper bound, and marked so (``≤`` in the
+  table, ``records_left_exact: false`` in JSON). A job's "consumers (left)" counts the same way,
+  up to the final offsets the job recorded.
 
 ``--json`` prints one JSON document for scripts; the default is two tables.
 """
@@ -16,6 +29,7 @@ Sources of truth:
 from __future__ import annotations
 
 import argparse
+import bisect
 import logging
 import sys
 import time
@@ -25,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +48,7 @@ from runtime import kafka as kafka_util
 from runtime.broker import port_open
 from runtime.checkpoint import FINISHED, RUNNING, JobState
 from runtime.errors import ConfigError, SourceError
+from runtime.offsets import Ends, list_ends
 from runtime.settings import KAFKA_OPTIONS, KafkaSettings, Opt, add_options, resolve_appends
 from runtime.topics import TopicMap
 
@@ -44,12 +59,18 @@ TP = tuple[str, int]
 #: A running job whose last checkpoint is older than this is shown as stale (its process may be gone).
 STALE_AFTER_S: Final = 300.0
 
+#: Offsets of one partition read at most to count the records left in it exactly.
+DEFAULT_COUNT_LIMIT: Final = 10_000
+
 OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--json",), "json", None, False, "print one JSON document instead of tables", action="store_true"),
     Opt(("--job",), "jobs", None, None, "only this job; repeatable (default: every job)", action="append",
         metavar="JOB"),
     Opt(("--timeout",), "timeout", "BACKFILL_STATUS_TIMEOUT", 10.0,
-        "seconds to wait for the broker's answers", type=float),
+        "seconds to wait for the broker's answers (and for the records counted)", type=float),
+    Opt(("--count-limit",), "count_limit", "BACKFILL_STATUS_COUNT_LIMIT", DEFAULT_COUNT_LIMIT,
+        "count a group's records left exactly by reading a partition when at most this many offsets "
+        "are left in it; beyond, the offset range is shown as an upper bound (0: never read)", type=int),
 )
 
 
@@ -57,18 +78,50 @@ OPTIONS: Final[tuple[Opt, ...]] = (
 
 
 @dataclass
+class PartitionReport:
+    """One partition as one group sees it.
+
+    Attributes:
+        committed: the group's committed offset (None: it never committed on this partition).
+        low, stable, high: the log start, last stable offset and high watermark.
+        lag: offsets from the committed offset (else the log start) to the high watermark.
+        records_left: committed records from there to the last stable offset.
+        exact: False when ``records_left`` is the offset range (an upper bound), not a count.
+    """
+
+    topic: str
+    partition: int
+    committed: int | None
+    low: int
+    stable: int
+    high: int
+    lag: int
+    records_left: int
+    exact: bool
+
+
+@dataclass
 class GroupReport:
     """One consumer group's committed position on this prefix's topics.
 
     Attributes:
-        lag: messages between the committed offset (or the partition start) and the high watermark.
+        lag: offsets between the committed offsets (or the partitions' start) and the high
+            watermarks, as Kafka's consumer-group tool counts them.
         topics: topic -> its lag.
+        records_left: committed records the group has still to read (see the module docstring).
+        records_left_exact: False when some partition's figure is an upper bound.
+        topics_records_left: topic -> its records left.
+        partitions: every partition of the topics the group committed on.
     """
 
     group: str
     state: str
     lag: int
     topics: dict[str, int] = field(default_factory=dict)
+    records_left: int = 0
+    records_left_exact: bool = True
+    topics_records_left: dict[str, int] = field(default_factory=dict)
+    partitions: list[PartitionReport] = field(default_factory=list)
 
 
 @dataclass
@@ -81,7 +134,8 @@ class JobReport:
         speed: event-time seconds replayed per wall-clock second.
         eta_s: seconds until the cursor reaches the end watermark at the current speed.
         age_s: seconds since the last checkpoint.
-        remaining: consumer group -> messages of this job's written offsets it has not committed yet.
+        remaining: consumer group -> records of this job's output it has not committed yet.
+        remaining_exact: consumer group -> False when its ``remaining`` is an offset range (an upper bound).
     """
 
     job: str
@@ -104,6 +158,7 @@ class JobReport:
     checkpoint: int
     written: int
     remaining: dict[str, int] = field(default_factory=dict)
+    remaining_exact: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,42 +228,118 @@ def job_report(history: list[JobState], now_us: int) -> JobReport:
 
 
 def partition_lag(committed: int | None, high: int, low: int = 0) -> int:
-    """Messages a group still has to read in one partition (from its start when it never committed)."""
+    """Offsets a group still has to pass in one partition (from its start when it never committed)."""
     position = committed if committed is not None and committed >= 0 else low
     return max(0, high - position)
 
 
+@dataclass(frozen=True)
+class Scan:
+    """Every committed record's offset in ``[start, stop)`` of one partition (read, so exact)."""
+
+    start: int
+    stop: int
+    offsets: tuple[int, ...]
+
+    def covers(self, begin: int, end: int) -> bool:
+        return self.start <= begin and end <= self.stop
+
+    def count(self, begin: int, end: int) -> int:
+        """Records in ``[begin, end)`` (within what was read)."""
+        return max(0, bisect.bisect_left(self.offsets, end) - bisect.bisect_left(self.offsets, begin))
+
+
+def records_between(begin: int, end: int, scan: Scan | None) -> tuple[int, bool]:
+    """(records in ``[begin, end)``, exact): counted when ``scan`` covers the range, else the offset range."""
+    if begin >= end:
+        return 0, True
+    if scan is not None and scan.covers(begin, end):
+        return scan.count(begin, end), True
+    return end - begin, False
+
+
+def read_from(committed: int | None, ends: Ends) -> int:
+    """Where a group reads a partition from: its committed offset, never before the log start."""
+    return max(committed if committed is not None and committed >= 0 else ends.low, ends.low)
+
+
+def plan_scans(groups: Iterable[Mapping[TP, int]], partitions: Iterable[TP], ends: Mapping[TP, Ends],
+               limit: int) -> dict[TP, tuple[int, int]]:
+    """The ranges to read for exact counts: per partition, from the lowest position of a group that
+    has at most ``limit`` offsets left there, to the last stable offset."""
+    wanted = list(groups)
+    plans: dict[TP, tuple[int, int]] = {}
+    if limit <= 0:
+        return plans
+    for tp in partitions:
+        e = ends.get(tp)
+        if e is None:
+            continue
+        starts = [read_from(committed.get(tp), e) for committed in wanted]
+        near = [p for p in starts if 0 < e.stable - p <= limit]
+        if near:
+            plans[tp] = (min(near), e.stable)
+    return plans
+
+
 def group_report(group: str, state: str, committed: Mapping[TP, int], partitions: Mapping[str, int],
-                 watermarks: Mapping[TP, tuple[int, int]]) -> GroupReport:
-    """Lag of ``group`` over every partition of the topics it committed on.
+                 ends: Mapping[TP, Ends], scans: Mapping[TP, Scan] | None = None) -> GroupReport:
+    """Lag and records left of ``group`` over every partition of the topics it committed on.
 
     Args:
         committed: the group's committed offsets.
         partitions: topic -> partition count.
-        watermarks: (topic, partition) -> (low, high).
+        ends: (topic, partition) -> its ends (a partition missing here is left out).
+        scans: the partitions read for exact counts.
     """
-    topics: dict[str, int] = {}
+    scans = scans or {}
+    report = GroupReport(group=group, state=state, lag=0)
     for topic in sorted({t for t, _ in committed}):
-        lag = 0
+        lag = left = 0
         for p in range(partitions.get(topic, 0)):
-            low, high = watermarks.get((topic, p), (0, 0))
-            lag += partition_lag(committed.get((topic, p)), high, low)
-        topics[topic] = lag
-    return GroupReport(group=group, state=state, lag=sum(topics.values()), topics=topics)
+            e = ends.get((topic, p))
+            if e is None:
+                continue
+            c = committed.get((topic, p))
+            n, exact = records_between(read_from(c, e), e.stable, scans.get((topic, p)))
+            part = PartitionReport(topic=topic, partition=p, committed=c, low=e.low, stable=e.stable, high=e.high,
+                                   lag=partition_lag(c, e.high, e.low), records_left=n, exact=exact)
+            report.partitions.append(part)
+            lag += part.lag
+            left += n
+            report.records_left_exact &= exact
+        report.topics[topic] = lag
+        report.topics_records_left[topic] = left
+    report.lag = sum(report.topics.values())
+    report.records_left = sum(report.topics_records_left.values())
+    return report
 
 
-def remaining_for_job(state: JobState, committed: Mapping[TP, int]) -> int | None:
-    """Messages of the job's recorded output the group has not committed (None: it reads none of it)."""
+def remaining_for_job(state: JobState, committed: Mapping[TP, int], scans: Mapping[TP, Scan] | None = None,
+                      ends: Mapping[TP, Ends] | None = None) -> tuple[int, bool] | None:
+    """(records of the job's output the group has not committed, exact); None: it reads none of it.
+
+    Counted up to the final offsets the job recorded, from the group's committed offset (else the
+    partition's log start, when known).
+    """
+    scans = scans or {}
+    ends = ends or {}
     consumed_topics = {t for t, _ in committed}
     total = 0
+    exact = True
     seen = False
     for topic, parts in state.offsets.items():
         if topic not in consumed_topics:
             continue
         seen = True
         for p, end in parts.items():
-            total += partition_lag(committed.get((topic, int(p))), end)
-    return total if seen else None
+            tp = (topic, int(p))
+            e = ends.get(tp)
+            begin = read_from(committed.get(tp), e) if e is not None else max(committed.get(tp, 0), 0)
+            n, ok = records_between(begin, end, scans.get(tp))
+            total += n
+            exact &= ok
+    return (total, exact) if seen else None
 
 
 # ------------------------------------------------------------------------------------------ Kafka
@@ -266,42 +397,59 @@ def committed_offsets(admin: AdminClient, prefix: str, timeout: float) -> dict[s
     return out
 
 
-def fetch_watermarks(conf: dict[str, Any], partitions: Mapping[str, int], known: Mapping[TP, int],
-                     timeout: float, clock: Callable[[], float] = time.monotonic) -> dict[TP, tuple[int, int]]:
-    """(low, high) watermarks from fetch responses for every partition of ``partitions``.
+def scan_partitions(conf: dict[str, Any], plans: Mapping[TP, tuple[int, int]], timeout: float,
+                    clock: Callable[[], float] = time.monotonic) -> dict[TP, Scan]:
+    """Read each planned range ``[start, stop)`` with read_committed isolation and list its records.
 
-    Each partition is fetched from the highest offset already known for it (so little data moves);
-    the high watermark of the response is taken, never lower than the known offset.
+    A range is complete once the consumer's position reaches ``stop`` (librdkafka moves it past
+    commit markers and aborted records, which are never delivered) or the partition's end. Ranges
+    not complete within ``timeout`` are left out (their figures stay upper bounds).
     """
-    tps = [(t, p) for t, n in sorted(partitions.items()) for p in range(n)]
-    if not tps:
+    if not plans:
         return {}
     consumer = Consumer({**conf, "enable.auto.commit": False, "enable.partition.eof": True,
-                         "auto.offset.reset": "earliest", "fetch.max.bytes": 1 << 20,
-                         "max.partition.fetch.bytes": 64 << 10, "fetch.wait.max.ms": 100})
-    out: dict[TP, tuple[int, int]] = {}
+                         "isolation.level": "read_committed", "fetch.wait.max.ms": 100})
+    found: dict[TP, list[int]] = {tp: [] for tp in plans}
+    pending = set(plans)
+    done: dict[TP, Scan] = {}
+
+    def finish(tp: TP) -> None:
+        pending.discard(tp)
+        consumer.pause([TopicPartition(*tp)])
+        done[tp] = Scan(plans[tp][0], plans[tp][1], tuple(sorted(found[tp])))
+
     try:
-        consumer.assign([TopicPartition(t, p, known.get((t, p), OFFSET_BEGINNING)) for t, p in tps])
+        consumer.assign([TopicPartition(t, p, start) for (t, p), (start, _) in sorted(plans.items())])
         deadline = clock() + timeout
-        pending = set(tps)
         while pending and clock() < deadline:
-            consumer.poll(0.1)
-            for tp in list(pending):
-                low, high = consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
-                if high >= 0:
-                    out[tp] = (max(low, 0), max(high, known.get(tp, 0)))
-                    pending.discard(tp)
-        for tp in pending:
-            log.warning("no fetch response for %s[%d] within %.0f s; using the offsets known", *tp, timeout)
-            out[tp] = (0, known.get(tp, 0))
+            for msg in consumer.consume(num_messages=10_000, timeout=0.1):
+                tp = (msg.topic() or "", msg.partition() or 0)
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF and tp in pending:
+                        finish(tp)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("counting records of %s[%d]: %s", *tp, err)
+                    continue
+                offset = msg.offset()
+                if tp in pending and offset is not None and offset < plans[tp][1]:
+                    found[tp].append(offset)
+            if pending:
+                for pos in consumer.position([TopicPartition(*tp) for tp in sorted(pending)]):
+                    tp = (pos.topic, pos.partition)
+                    if pos.offset >= plans[tp][1]:
+                        finish(tp)
+        for tp in sorted(pending):
+            log.warning("counting the records of %s[%d] did not finish within %.0f s; showing the offset range",
+                        *tp, timeout)
     finally:
         consumer.close()
-    return out
+    return done
 
 
 def collect(kafka: KafkaSettings, *, jobs: Iterable[str] = (), timeout: float = 10.0,
-            wall: Callable[[], float] = time.time) -> StatusReport:
-    """Read jobs, groups and watermarks and build the report.
+            count_limit: int = DEFAULT_COUNT_LIMIT, wall: Callable[[], float] = time.time) -> StatusReport:
+    """Read jobs, groups and partition ends, count the records left, and build the report.
 
     Raises:
         SourceError: the broker is unreachable.
@@ -319,27 +467,22 @@ def collect(kafka: KafkaSettings, *, jobs: Iterable[str] = (), timeout: float = 
         history = {j: h for j, h in history.items() if j in wanted}
     groups = committed_offsets(admin, kafka.topic_prefix, timeout)
 
-    known: dict[TP, int] = {}
-    for states in history.values():
-        for topic, parts in states[-1].offsets.items():
-            for p, off in parts.items():
-                known[(topic, int(p))] = max(known.get((topic, int(p)), 0), off)
-    for _, committed in groups.values():
-        for tp, off in committed.items():
-            known[tp] = max(known.get(tp, 0), off)
-    partitions = {t: existing[t] for t in {t for t, _ in known} if t in existing}
-    watermarks = fetch_watermarks(conf, partitions, known, timeout)
+    partitions = {t: existing[t] for _, committed in groups.values() for t, _ in committed if t in existing}
+    tps = [(t, p) for t, n in sorted(partitions.items()) for p in range(n)]
+    ends = list_ends(admin, tps, timeout)
+    plans = plan_scans([committed for _, committed in groups.values()], tps, ends, count_limit)
+    scans = scan_partitions(conf, plans, timeout)
 
     now_us = int(wall() * 1e6)
     job_reports = []
     for name in sorted(history):
         report = job_report(history[name], now_us)
         for group, (_, committed) in groups.items():
-            left = remaining_for_job(history[name][-1], committed)
+            left = remaining_for_job(history[name][-1], committed, scans, ends)
             if left is not None:
-                report.remaining[group] = left
+                report.remaining[group], report.remaining_exact[group] = left
         job_reports.append(report)
-    group_reports = [group_report(g, state, committed, partitions, watermarks)
+    group_reports = [group_report(g, state, committed, partitions, ends, scans)
                      for g, (state, committed) in sorted(groups.items())]
     return StatusReport(prefix=kafka.topic_prefix, generated_at_us=now_us, jobs=job_reports,
                         groups=group_reports)
@@ -365,6 +508,11 @@ def _duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _count(n: int, exact: bool) -> str:
+    """A count, or ``≤n`` for an upper bound."""
+    return f"{n:,}" if exact or n == 0 else f"≤{n:,}"
 
 
 def _filters(filters: Mapping[str, Any]) -> str:
@@ -402,17 +550,20 @@ def render_text(report: StatusReport, out: TextIO) -> None:
                 _time(j.cursor_time_us), _time(j.end_time_us),
                 "-" if j.progress is None else f"{j.progress * 100:.1f}%",
                 "-" if j.rate is None else f"{j.rate:,.1f}", _duration(j.eta_s), f"{_duration(j.age_s)} ago",
-                ", ".join(f"{g}: {n:,}" for g, n in sorted(j.remaining.items())) or "-")
+                ", ".join(f"{g}: {_count(n, j.remaining_exact.get(g, True))}"
+                          for g, n in sorted(j.remaining.items())) or "-")
         console.print(table)
     if not report.groups:
         console.print(f"no consumer group has committed offsets on {report.prefix}.* topics")
         return
     table = Table(title="consumer groups")
-    for col in ("group", "state", "lag", "lag by topic"):
+    for col in ("group", "state", "records left", "lag (offsets)", "records left by topic"):
         table.add_column(col, overflow="fold")
     for g in report.groups:
-        table.add_row(g.group, g.state, f"{g.lag:,}",
-                      ", ".join(f"{t.removeprefix(report.prefix + '.')}={n:,}" for t, n in g.topics.items()))
+        inexact = {p.topic for p in g.partitions if not p.exact}
+        table.add_row(g.group, g.state, _count(g.records_left, g.records_left_exact), f"{g.lag:,}",
+                      ", ".join(f"{t.removeprefix(report.prefix + '.')}={_count(n, t not in inexact)}"
+                                for t, n in g.topics_records_left.items()))
     console.print(table)
 
 
@@ -444,7 +595,7 @@ def main(ns: argparse.Namespace) -> int:
     """Entry point of ``backfill status``."""
     resolve_appends(ns, OPTIONS)
     kafka = _bootstrap(KafkaSettings.from_namespace(ns))
-    report = collect(kafka, jobs=ns.jobs, timeout=ns.timeout)
+    report = collect(kafka, jobs=ns.jobs, timeout=ns.timeout, count_limit=ns.count_limit)
     if ns.json:
         sys.stdout.buffer.write(render_json(report) + b"\n")
         sys.stdout.flush()

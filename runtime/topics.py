@@ -23,6 +23,16 @@ TYPED_COLLECTIONS: Final[frozenset[str]] = frozenset({
     "app.bsky.actor.profile",
 })
 
+#: Configs of the control topic ``<prefix>.control.jobs`` (job checkpoints, keyed by job name).
+#: Compacted: once the log cleaner ran, each job's newest checkpoint is all that is left of it.
+#: Kafka never cleans the active segment, and by default a segment rolls only after 7 days or
+#: 1 GiB, so a job checkpointing every few seconds would leave a week of checkpoints for every
+#: reader (``--resume``, ``--until-done``, ``backfill status``) to read. Segments roll hourly here.
+CONTROL_TOPIC_CONFIG: Final[dict[str, str]] = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(3600 * 1000),
+}
+
 IDENTITY: Final = "identity"
 ACCOUNT: Final = "account"
 #: Topic suffixes that are not collections (never matched by collection filters).

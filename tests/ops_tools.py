@@ -42,7 +42,11 @@ DATASOURCES = FILES / "grafana" / "provisioning" / "datasources" / "prometheus.y
 DASHBOARD_PROVIDERS = FILES / "grafana" / "provisioning" / "dashboards" / "atproto-backfill.yaml"
 PROMETHEUS_CONFIG = FILES / "prometheus" / "prometheus.yml"
 ALERTS = FILES / "prometheus" / "alerts.yml"
+COMPOSE_LIVENESS = FILES / "prometheus" / "compose-liveness.yml"
 ALERTS_TEST = FILES / "prometheus" / "alerts.test.yml"
+RUNBOOK = CHART / "RUNBOOK.md"
+HEALTH_CHECK = FILES / "tests" / "check_health.py"
+DATABASE_CHECK = FILES / "tests" / "check_database.py"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -218,8 +222,18 @@ def patched_environ(env: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-#: Grafana's built-in variables, replaced by concrete durations to make panel queries plain PromQL.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
+#: Grafana's built-in variables and the dashboard's own, replaced by concrete values to make panel
+#: queries plain PromQL ("All" of a regex variable is ".*").
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
+                     "$namespace": ".*", "$job": ".*", "$consumergroup": ".*"}
+#: Series the dashboard and the alert rules read that no process of ours exports: Prometheus's own
+#: scrape health and a Kafka exporter's consumer-group series (lag measured at the broker).
+EXTERNAL_METRICS = frozenset({"up", "kafka_consumergroup_lag", "kafka_consumergroup_current_offset",
+                              "kafka_consumergroup_members"})
+#: The job label of every scrape target of ours: compose names its scrape jobs after its services,
+#: the chart's ServiceMonitor relabels each target to its component.
+APP_JOBS = ("producer-jetstream", "producer-firehose", "producer-repos", "consumer-postgres", "consumer-queue",
+            "backfill-job")
 _PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
                               "group_left", "group_right", "inf", "nan", "atan2"})
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')

@@ -46,7 +46,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from producers.firehose.app import (
     FirehoseSettings,
@@ -65,18 +65,18 @@ from producers.firehose.source import (
     StreamOptions,
 )
 from producers.firehose.verify import CommitVerifier
-from producers.job import JobRunner
+from producers.job import JobRunner, transactional_id
 from producers.source import Drop, End, SourceItem
 from runtime import kafka as kafka_util
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import FINISHED, JobState, load_jobs
 from runtime.codec import AvroCodec
-from runtime.errors import DropError, FatalError
+from runtime.errors import DropError, FatalError, FencedError
 from runtime.logs import configure
 from runtime.metrics import Health, Metrics, MetricsServer
 from runtime.progress import print_statistics
 from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
+from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,9 @@ def worker_main(settings: FirehoseSettings, servers: str, index: int, count: int
     kafka = settings.kafka.with_bootstrap(servers)
     try:
         result = asyncio.run(_worker_async(settings, kafka, index, count, conn, end_us))
+    except FencedError as e:  # another instance of this job started: the message says it all
+        log.critical("worker %d stopping: %s", index, e)
+        raise SystemExit(1) from None
     except BaseException:
         log.critical("worker %d failed", index, exc_info=True)
         raise SystemExit(1) from None
@@ -325,10 +328,33 @@ class Coordinator:
         if producer.flush(30):
             raise FatalError(f"job {self.settings.job}: coordinator checkpoint not delivered")
 
+    def _fence_workers(self) -> None:
+        """Fence the previous run's workers, aborting the transactions they left open.
+
+        The control topic has one partition: a killed worker's open transaction hides every
+        checkpoint committed after it from read_committed readers (the other workers' too) until the
+        broker's transaction timeout aborts it. Initialising each worker's transactional id aborts it
+        now, so the resume reads every worker's last checkpoint at once; a worker of that run still
+        alive is fenced and stops.
+        """
+        if self.settings.transactions == "off":
+            return
+        for i in range(self.settings.workers):
+            producer = Producer(self.kafka.producer_config(
+                transactional_id=transactional_id(worker_job(self.settings.job, i))))
+            try:
+                producer.init_transactions(30)
+            except KafkaException as e:
+                if self.settings.transactions == "on":
+                    raise FatalError(f"job {self.settings.job}: cannot fence worker {i}: {e.args[0]}") from e
+                log.warning("job %s: worker %d not fenced (%s); the resume waits for its open transaction",
+                            self.settings.job, i, e.args[0])
+                return
+
     def _load(self) -> dict[str, JobState]:
         kafka_util.ensure_topics(kafka_util.admin(self.kafka.client_config()), [self.topics.control],
                                  partitions=1, replication=self.kafka.topic_replication,
-                                 config={"cleanup.policy": "compact"})
+                                 config=CONTROL_TOPIC_CONFIG)
         return load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control)
 
     # ------------------------------------------------------------------ dispatch
@@ -424,6 +450,8 @@ class Coordinator:
         """
         s = self.settings
         n = s.workers
+        if s.resume:
+            self._fence_workers()
         states = self._load()
         previous = states.get(s.job)
         check_resume(s, previous)

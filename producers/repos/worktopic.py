@@ -10,10 +10,9 @@ the work-topic offsets just past them, and commits them atomically. So:
   (Kafka aborts it on the transaction timeout, or when the replica restarts with the same
   ``--replica-id`` and fences it), and the partition resumes from the last committed offset;
 * a restart, or a DID enqueued twice, skips DIDs already done: at start (and on every new
-  partition assignment) the replica reads the repo_status topic into a done-set; a DID whose
-  terminal status came from a *different* work item is skipped (a status from the very item
-  being processed can only come from an aborted transaction, which brokers that deliver aborted
-  records, such as Tansu, expose: that DID is redone);
+  partition assignment) the replica reads the repo_status topic (read_committed: statuses of
+  aborted transactions are never seen) into a done-set, and a DID with a terminal status is
+  skipped (``--redo`` backfills it again);
 * a DID that keeps failing is retried with backoff, then dead-lettered with its reason and its
   offset committed (status ``failed``; enqueue it again to retry).
 
@@ -36,6 +35,7 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from producers.job import FENCED_CODES, kafka_error_of
 from producers.repos.decode import record_type
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult, count_outcome
 from producers.source import Drop, Skip
@@ -43,18 +43,17 @@ from runtime import kafka as kafka_util
 from runtime.checkpoint import FINISHED, RUNNING, JobState
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, DeliveryError, DropError, SourceError
+from runtime.errors import CommitError, DeliveryError, DropError, FencedError, SourceError
 from runtime.metrics import Health, Metrics, collection_label
 from runtime.records import RecordEvent
 from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
+from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
 
 log = logging.getLogger(__name__)
 
 STOPPED: Final = "stopped"
 #: Outcomes after which a DID needs no more work.
 TERMINAL: Final = frozenset({"ok", "not_found", "deactivated", "takendown"})
-_NO_ITEM: Final = -1
 #: Aborted transactions in a row (each redone) before the replica gives up loudly.
 MAX_ABORTS_IN_A_ROW: Final = 5
 #: How long close() serves the revocation of this replica's partitions before closing anyway.
@@ -76,12 +75,6 @@ class _TransactionAbortedError(Exception):
 
 def _did_hash(did: str) -> int:
     return int.from_bytes(hashlib.blake2b(did.encode(), digest_size=8).digest(), "big")
-
-
-def _pack(partition: int | None, offset: int | None) -> int:
-    if partition is None or offset is None:
-        return _NO_ITEM
-    return (partition << 48) | offset
 
 
 def work_value(did: str, origin: str, now_us: int) -> bytes:
@@ -146,33 +139,28 @@ def enqueue_dids(kafka: KafkaSettings, dids: Iterable[str], *, origin: str,
 
 
 class DoneSet:
-    """DIDs whose backfill finished (a terminal repo_status), with the work item that finished them.
+    """DIDs whose backfill finished: their latest committed repo_status is terminal.
 
-    Memory: about 100 bytes per DID (a 64-bit hash and the packed partition/offset).
+    Memory: about 60 bytes per DID (a 64-bit hash in a set).
     """
 
     def __init__(self, job: str, codec: AvroCodec) -> None:
         self.job = job
         self._codec = codec
-        self._done: dict[int, int] = {}
+        self._done: set[int] = set()
         self._offsets: dict[int, int] = {}
         self.read = 0
 
     def __len__(self) -> int:
         return len(self._done)
 
-    def add(self, did: str, partition: int | None, offset: int | None) -> None:
-        """Record ``did`` as done by work item ``(partition, offset)`` (None: not from the work topic)."""
-        self._done[_did_hash(did)] = _pack(partition, offset)
+    def add(self, did: str) -> None:
+        """Record ``did`` as done."""
+        self._done.add(_did_hash(did))
 
     def discard(self, did: str) -> None:
         """Forget ``did`` (its latest status is a failure)."""
-        self._done.pop(_did_hash(did), None)
-
-    def done_elsewhere(self, did: str, partition: int, offset: int) -> bool:
-        """True when ``did`` was done by a work item other than ``(partition, offset)``."""
-        item = self._done.get(_did_hash(did))
-        return item is not None and item != _pack(partition, offset)
+        self._done.discard(_did_hash(did))
 
     def is_done(self, did: str) -> bool:
         """True when ``did`` has a terminal status."""
@@ -183,13 +171,13 @@ class DoneSet:
         if datum.get("job") != self.job:
             return
         if datum.get("outcome") in TERMINAL:
-            self.add(datum["did"], datum.get("work_partition"), datum.get("work_offset"))
+            self.add(datum["did"])
         elif datum.get("outcome") == "failed":
             self.discard(datum["did"])
 
     def catch_up(self, conf: dict[str, Any], topic: str, *, max_wait: float = 120.0,
                  clock: Callable[[], float] = time.monotonic) -> int:
-        """Read the status topic from where the last call stopped to its current end.
+        """Read the status topic (read_committed) from where the last call stopped to its current end.
 
         A fresh consumer reports end-of-partition only after a fetch, so everything committed
         before this call is read. Returns the number of records read.
@@ -336,16 +324,21 @@ class WorkTopicRunner:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._dead: DeadLetters | None = None
-        self._errors: list[str] = []
+        self._errors: list[tuple[KafkaError, Any]] = []
+        self._fatal: KafkaError | None = None  # the producer's fatal error, once seen
         self._stop: str | None = None
         self._batch = 0
         self._aborts_in_a_row = 0
-        self._repairs_logged = False
         self._m_produced: dict[str, Any] = {}
         self._work_offsets: dict[int, int] = {}
         self._started_us = int(wall() * 1e6)
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def _tid(self) -> str:
+        """This replica's transactional id: a newer instance with the same replica id fences it."""
+        return f"atproto-backfill-repos-{self.opts.job}-{self.opts.replica}"
 
     def _ensure(self, topics: list[str], partitions: int | None = None, config: dict[str, str] | None = None) -> None:
         missing = [t for t in topics if t not in self._known]
@@ -362,7 +355,7 @@ class WorkTopicRunner:
         """
         self._ensure([self.topics.dids, self.topics.dead_letters])
         self._ensure([self.topics.repo_status], config={"cleanup.policy": "compact"})
-        tid = f"atproto-backfill-repos-{self.opts.job}-{self.opts.replica}"
+        tid = self._tid
         producer = Producer(self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery))
         try:
             # Fences an earlier instance with this id and aborts its open transaction.
@@ -379,11 +372,17 @@ class WorkTopicRunner:
                  self.topics.dids, tid)
 
     def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None and err.code() in _PURGED:
-            return  # a message of an aborted transaction: that transaction is redone
-        if err is not None:
-            self._errors.append(f"{msg.topic()}: {err}")
-            self.metrics.delivery_errors.inc("repo")
+        if err is None:
+            return
+        if err.code() in _PURGED:
+            # librdkafka's abort_transaction() purges the messages of the transaction still queued
+            # or in flight and reports each with _PURGE_QUEUE/_PURGE_INFLIGHT: that transaction is
+            # redone (_requeue), so these are not refusals.
+            return
+        # Kept as they are and read later: after a fatal producer error (fenced) confluent-kafka may
+        # run this with that error pending, when any further call here would fail.
+        self._errors.append((err, msg))
+        self.metrics.delivery_errors.inc("repo")
 
     # ------------------------------------------------------------------ rebalance
 
@@ -499,84 +498,67 @@ class WorkTopicRunner:
         assert producer is not None
         assert consumer is not None
         self._batch += 1
-        producer.begin_transaction()
         out: list[tuple[_Item, RepoResult | None]] = []
         offsets: dict[int, int] = {}
         try:
-            for item in batch:
-                out.append((item, self._process(item)))
-                offsets[item.partition] = item.offset + 1
-        except BaseException:
-            # Dying with the transaction open (it is aborted by the next instance of this replica):
-            # release the downloads this batch still holds.
-            for item in batch[len(out):]:
-                _close_item(item)
-            raise
-        # Every transaction also carries this replica's progress record (control topic, compacted):
-        # ``backfill status`` shows it, and no transaction is ever offsets-only (Tansu drops the
-        # offsets of a transaction that wrote no record).
-        self._produce_progress(out, offsets, RUNNING)
-        try:
+            producer.begin_transaction()
+            try:
+                for item in batch:
+                    out.append((item, self._process(item)))
+                    offsets[item.partition] = item.offset + 1
+            except BaseException:
+                # Dying with the transaction open (it is aborted by the next instance of this replica):
+                # release the downloads this batch still holds.
+                for item in batch[len(out):]:
+                    _close_item(item)
+                raise
+            # Every transaction also carries this replica's progress record (control topic, compacted),
+            # which ``backfill status`` shows.
+            self._produce_progress(out, offsets, RUNNING)
             producer.send_offsets_to_transaction(
                 [TopicPartition(self.topics.dids, p, o) for p, o in sorted(offsets.items())],
                 consumer.consumer_group_metadata(), 60)
             producer.commit_transaction(120)
-        except KafkaException as e:
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(30)
-            producer.poll(0)  # serve the aborted messages' delivery reports
-            err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
-            if err is not None and not err.fatal() and (err.txn_requires_abort() or err.retriable()):
-                # A rebalance moved the group's generation on (a replica joined or left) while this
-                # transaction was open: nothing of it counts; its work items are done again.
-                raise _TransactionAbortedError(self._batch, [i.did for i in batch if i.did], str(err)) from e
-            raise CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed "
-                              f"(fenced, or the group moved on): {e}") from e
+        except Exception as e:
+            err = kafka_error_of(e)
+            if err is None:
+                raise
+            raise self._failed(err, batch) from e
         if self._errors:
-            raise DeliveryError(f"Kafka refused data: {self._errors[:3]}")
-        self._check_committed(offsets)
+            refused = "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in self._errors[:3])
+            raise DeliveryError(f"Kafka refused data: {refused}")
         return out
 
-    def _check_committed(self, offsets: dict[int, int], waits: tuple[float, ...] = (0.0, 0.2, 1.0, 3.0)) -> None:
-        """Make sure the group's committed offsets reached what the transaction just committed.
-
-        A broker can acknowledge a transaction yet not store its offsets (seen on Tansu under load:
-        the replica then redoes its DIDs for ever and the topic never drains). Where the group's
-        offsets stay behind, they are committed again outside the transaction: the data they cover
-        is committed already, so this only moves the group to where it is.
-
-        Raises:
-            CommitError: the offsets still do not move (the process stops loudly).
-        """
-        consumer = self._consumer
-        assert consumer is not None
-        topic = self.topics.dids
-        behind: list[TopicPartition] = []
-        for attempt, wait in enumerate(waits):
-            if wait:
-                time.sleep(wait)  # in the executor thread: the broker may store the offsets late
-            got = consumer.committed([TopicPartition(topic, p) for p in sorted(offsets)], timeout=30)
-            behind = [tp for tp in got if tp.offset < offsets[tp.partition]]
-            if not behind:
-                return
-            if attempt == 0:
-                want = [TopicPartition(topic, tp.partition, offsets[tp.partition]) for tp in behind]
-                self.metrics.repo_offset_repairs.inc(len(behind))
-                level = logging.DEBUG if self._repairs_logged else logging.WARNING
-                self._repairs_logged = True  # then counted only (atproto_backfill_repos_offset_repairs_total)
-                log.log(level, "replica %s: transaction %d committed but the group's offsets stayed at %s, not %s; "
-                            "committing them again outside the transaction", self.opts.replica, self._batch,
-                            {tp.partition: tp.offset for tp in behind}, {tp.partition: tp.offset for tp in want})
-                try:
-                    consumer.commit(offsets=want, asynchronous=False)
-                except KafkaException as e:
-                    # The group moved on (a rebalance): the partition's new owner resumes from the
-                    # stored offset and redoes what lies past it; nothing is lost.
-                    log.warning("replica %s: could not commit the offsets again: %s", self.opts.replica, e)
-                    return
-        raise CommitError(f"replica {self.opts.replica}: the group's offsets of {topic} stay at "
-                          f"{ {tp.partition: tp.offset for tp in behind} } after transaction {self._batch} "
-                          f"committed {offsets}")
+    def _failed(self, err: KafkaError, batch: list[_Item]) -> Exception:
+        """What a Kafka error of transaction ``self._batch`` means: redo it (a rebalance aborted it),
+        or stop (fenced by a newer instance of this replica id, or another failure)."""
+        producer = self._producer
+        assert producer is not None
+        if err.code() == KafkaError._FATAL and self._fatal is None:
+            # produce() says only "fatal error"; the next poll() raises the error itself.
+            try:
+                producer.poll(0)
+            except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
+                err = kafka_error_of(e) or err
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            self._fatal = self._fatal or err
+        if self._fatal is None:
+            with contextlib.suppress(KafkaException):
+                producer.abort_transaction(30)
+            with contextlib.suppress(KafkaException):
+                producer.poll(0)  # serve the aborted messages' delivery reports
+            if err.txn_requires_abort() or err.retriable():
+                # A rebalance moved the group's generation on (a replica joined or left) while this
+                # transaction was open: nothing of it counts; its work items are done again.
+                return _TransactionAbortedError(self._batch, [i.did for i in batch if i.did], err.str())
+        codes = {err.code(), *(r.code() for r, _ in self._errors)}
+        if self._fatal is not None:
+            codes.add(self._fatal.code())
+        if codes & FENCED_CODES:
+            return FencedError(f"replica {self.opts.replica}: fenced by a newer instance with the same replica id "
+                               f"(transactional id {self._tid}), which took over; this instance stops and writes "
+                               f"nothing more ({err.str()})")
+        return CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed: {err.str()}")
 
     def _final_progress(self) -> None:
         """Record the replica's end in the control topic (best effort: losing it loses no data)."""
@@ -587,10 +569,15 @@ class WorkTopicRunner:
             producer.begin_transaction()
             self._produce_progress([], {}, FINISHED if self._stop == "idle" else STOPPED)
             producer.commit_transaction(30)
-        except KafkaException as e:
-            log.warning("replica %s: could not record its end in the control topic: %s", self.opts.replica, e)
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(10)
+        except Exception as e:
+            err = kafka_error_of(e)
+            if err is None:
+                raise
+            failure = self._failed(err, [])
+            if isinstance(failure, FencedError):
+                raise failure from e  # another instance of this replica id runs: say so, loudly
+            log.warning("replica %s: could not record its end in the control topic: %s", self.opts.replica,
+                        err.str())
 
     def _produce_progress(self, out: list[tuple[_Item, RepoResult | None]], offsets: dict[int, int],
                           status: str) -> None:
@@ -610,7 +597,7 @@ class WorkTopicRunner:
             stop_reason=self._stop if status != RUNNING else None,
             # Increasing across restarts of the replica (the reader keeps the highest).
             checkpoint=now_us)
-        self._ensure([self.topics.control], partitions=1, config={"cleanup.policy": "compact"})
+        self._ensure([self.topics.control], partitions=1, config=CONTROL_TOPIC_CONFIG)
         self._produce(self.topics.control, state.job.encode(), state.to_bytes())
 
     # ------------------------------------------------------------------ the loop
@@ -667,7 +654,7 @@ class WorkTopicRunner:
                 if item is None:
                     del cursors[p]
                     continue
-                if self.opts.skip_done and self.done.done_elsewhere(item.did, item.partition, item.offset):
+                if self.opts.skip_done and self.done.is_done(item.did):
                     item.skip = "done"
                     continue
                 item.task = asyncio.ensure_future(self.fetcher.fetch(item.did, item.offset))
@@ -685,8 +672,7 @@ class WorkTopicRunner:
                     break
                 if head.skip is None and head.did in in_batch:
                     break  # enqueued twice: decide after this transaction committed the first one
-                if head.skip is None and self.opts.skip_done \
-                        and self.done.done_elsewhere(head.did, head.partition, head.offset):
+                if head.skip is None and self.opts.skip_done and self.done.is_done(head.did):
                     # Done by an earlier item of this partition (committed meanwhile): drop the fetch.
                     head.skip = "done"
                     if head.task is not None:
@@ -874,7 +860,7 @@ class WorkTopicRunner:
             self.stats.records += result.records
             self.stats.outcomes[result.outcome] = self.stats.outcomes.get(result.outcome, 0) + 1
             if result.outcome in TERMINAL:
-                self.done.add(item.did, item.partition, item.offset)
+                self.done.add(item.did)
             if self.on_result is not None:
                 self.on_result(result)
 
@@ -894,8 +880,10 @@ class WorkTopicRunner:
                 while consumer.assignment() and self.clock() < deadline:
                     consumer.poll(0.1)
                 consumer.close()
-        if self._producer is not None:
-            self._producer.flush(10)
+        if self._producer is not None and self._fatal is None:
+            # a fenced producer can deliver nothing (its open transaction was aborted by the newer instance)
+            with contextlib.suppress(KafkaException):
+                self._producer.flush(10)
 
 
 def _close_item(item: _Item) -> None:

@@ -2,9 +2,11 @@
 
 * ``--days 1`` fills the same topics the Jetstream producer fills, with verified commits.
 * bad input (garbage frames, a commit signed with the wrong key) is dead-lettered with its raw frame.
-* kill -9 of the producer process, then ``--resume``: nothing lost.
+* kill -9 of the producer process in the middle of a transaction, then ``--resume``: every event
+  exactly once in the topics (read_committed).
 * ``--workers 2``: the same events, per-worker checkpoints, a resume that refuses another worker
-  count, and a kill -9 of the whole process group followed by a resume.
+  count, and a kill -9 of the whole process group mid-transaction followed by a resume: every
+  event exactly once.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from producers.firehose import app
 from producers.firehose.decode import decode_frame
@@ -30,7 +31,6 @@ from runtime import kafka as kafka_util
 from runtime.atproto.crypto import KeyPair
 from runtime.checkpoint import JobState, load_job, load_jobs
 from runtime.cli import main
-from runtime.codec import AvroCodec
 from runtime.errors import ConfigError
 from runtime.records import Event, RecordEvent, event_key
 from runtime.settings import KafkaSettings
@@ -39,6 +39,7 @@ from runtime.simulator.relay import RelayFaults, RelayGenerator, RelaySimulator,
 from runtime.timeparse import us_to_iso
 from runtime.topics import TopicMap
 from runtime.typed import event_from_datum
+from tests.integration.eos import committed, committed_event_keys, event_topics, kill_in_transaction
 
 pytestmark = pytest.mark.integration
 
@@ -55,48 +56,12 @@ def settings(kafka: KafkaSettings, *args: str) -> app.FirehoseSettings:
     return app.settings_from_namespace(ns)
 
 
-def read_topics(kafka: KafkaSettings, *, want: int | None = None, dlq: bool = False,
-                timeout: float = 30.0, want_keys: set[str] | None = None) -> list[tuple[str, Any]]:
-    """``(topic, decoded datum or Event)`` of every data topic of the prefix (or of its dead-letter topic).
-
-    Reads until ``want`` messages arrived, or until the events of ``want_keys`` all did (after a
-    kill, Tansu also delivers the aborted transaction's copies, so a count can be reached before
-    the last committed events show), then 1 s without a message; or until ``timeout``.
-    """
-    topics = TopicMap(kafka.topic_prefix)
-    names = kafka_util.list_topics(kafka_util.admin(kafka.client_config()))
+def read_topics(kafka: KafkaSettings, *, dlq: bool = False) -> list[tuple[str, Any]]:
+    """``(topic, Event)`` of every committed message of the prefix's event topics (or ``(topic,
+    datum)`` of its dead-letter topic), each topic read to its end (read_committed)."""
     if dlq:
-        selected = {t: n for t, n in names.items() if t == topics.dead_letters}
-    else:
-        selected = {t: n for t, n in names.items() if topics.collection_of(t) is not None}
-    if not selected:
-        return []
-    consumer = Consumer(kafka.consumer_config(f"reader-{time.monotonic_ns()}"))
-    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, n in selected.items() for p in range(n)])
-    codec = AvroCodec()
-    out: list[tuple[str, Any]] = []
-    missing = set(want_keys) if want_keys is not None else set()
-    deadline = time.monotonic() + timeout
-    idle_since = time.monotonic()
-    try:
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.1)
-            if msg is None:
-                enough = (want is None or len(out) >= want) and not missing
-                if enough and time.monotonic() - idle_since > 1.0:
-                    break
-                continue
-            if msg.error() is not None:
-                continue
-            idle_since = time.monotonic()
-            name, datum = codec.decode(msg.value())
-            item = datum if dlq else event_from_datum(name, datum)
-            if missing and not dlq:
-                missing.discard(event_key(item))
-            out.append((msg.topic(), item))
-    finally:
-        consumer.close()
-    return out
+        return [(topic, datum) for topic, _, datum in committed(kafka, [TopicMap(kafka.topic_prefix).dead_letters])]
+    return [(topic, event_from_datum(name, datum)) for topic, name, datum in committed(kafka, event_topics(kafka))]
 
 
 def expected_events(frames: list[StoredFrame], end_us: int | None, start_seq: int = 0) -> list[Event]:
@@ -137,7 +102,7 @@ def test_days_backfill_fills_the_jetstream_topics_with_verified_commits(
     assert (final.status, final.stop_reason) == ("finished", "end_cursor_reached")
     assert final.end_time_us is not None
     expected = expected_events(sim.frames, final.end_time_us)
-    got = read_topics(kafka, want=len(expected))
+    got = read_topics(kafka)
     events = [e for _, e in got]
     assert keys(events) == keys(expected)
     topics = TopicMap(kafka.topic_prefix)
@@ -183,12 +148,13 @@ def test_bad_frames_and_bad_signatures_are_dead_lettered(kafka: KafkaSettings, t
     dropped = result.statistics["dropped"]
     assert dropped["bad_signature"] == len(victim_commits) > 0
     assert dropped["malformed_cbor"] >= 4
-    dead = [d for _, d in read_topics(kafka, dlq=True, want=sum(dropped.values()))]
+    dead = [d for _, d in read_topics(kafka, dlq=True)]
+    assert len(dead) == sum(dropped.values())
     bad_sig = [d for d in dead if d["reason"] == "bad_signature"]
     assert sorted(d["payload"] for d in bad_sig) == sorted(f.data for f in victim_commits)
     assert all(d["did"] == victim and d["stage"] == "producer:firehose" for d in bad_sig)
     assert {d["payload"] for d in dead if d["reason"] == "malformed_cbor"} == {b"\xff\x00garbage, not DAG-CBOR"}
-    produced = [e for _, e in read_topics(kafka, want=1)]
+    produced = [e for _, e in read_topics(kafka)]
     expected = [e for e in expected_events(frames, end) if e.did != victim or not isinstance(e, RecordEvent)]
     assert keys(produced) == keys(expected)
 
@@ -203,18 +169,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _wait_progress(sim: RelaySimulator, proc: subprocess.Popen[bytes], frames: int, timeout: float = 60.0) -> None:
-    """Wait until the relay sent ``frames`` frames to the producer, then a little more (checkpoints)."""
-    deadline = time.monotonic() + timeout
-    while sim.frames_sent < frames:
-        assert proc.poll() is None, "the producer exited before it was killed"
-        assert time.monotonic() < deadline, f"the relay sent only {sim.frames_sent} frames in {timeout} s"
-        time.sleep(0.05)
-    time.sleep(0.6)  # several checkpoint intervals
+def _sent(sim: RelaySimulator, frames: int) -> Callable[[], bool]:
+    """True once the relay sent ``frames`` frames to the producer."""
+    return lambda: sim.frames_sent >= frames
 
 
 @pytest.mark.slow
-def test_kill_minus_nine_then_resume_loses_nothing(kafka: KafkaSettings, tmp_path: Path) -> None:
+def test_kill_minus_nine_mid_transaction_then_resume_gives_every_event_once(kafka: KafkaSettings,
+                                                                           tmp_path: Path) -> None:
     gen = RelayGenerator(seed=33, accounts=10, start_us=1_760_000_000_000_000, rate=50)
     frames = gen.frames(700)
     end = frames[600].time_us
@@ -228,12 +190,15 @@ def test_kill_minus_nine_then_resume_loses_nothing(kafka: KafkaSettings, tmp_pat
         with log.open("wb") as out:
             proc = subprocess.Popen(_command(*common), stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
         try:
-            _wait_progress(sim, proc, 250)
+            # SIGKILL after 250 frames, while the broker holds data of the open transaction
+            held = kill_in_transaction(proc, kafka, ready=_sent(sim, 250))
         finally:
-            proc.kill()  # SIGKILL: no final checkpoint, an open transaction left behind
+            if proc.poll() is None:
+                proc.kill()
             proc.wait(30)
         assert proc.returncode == -signal.SIGKILL, log.read_text()
-        before = load_job(kafka.consumer_config("t"), TopicMap(kafka.topic_prefix).control, "killed")
+        assert held
+        before = load_job(kafka.consumer_config("t"), TopicMap(kafka.topic_prefix).control, "killed", settle=0)
         assert before is not None
         assert before.status == "running"
         assert (before.cursor or 0) > 0
@@ -245,20 +210,16 @@ def test_kill_minus_nine_then_resume_loses_nothing(kafka: KafkaSettings, tmp_pat
         sim.stop_thread()
     assert resumed.state is not None
     assert (resumed.state.status, resumed.state.runs) == ("finished", 2)
-    expected = expected_events(frames, end)
-    got = keys([e for _, e in read_topics(kafka, want=len(expected), want_keys=set(keys(expected)))])
-    assert set(got) == set(keys(expected)), "events lost or invented across the kill"
-    # Tansu delivers the killed run's aborted transaction to read_committed readers (TEST-INFRA.md);
-    # a real broker would not. The sinks de-duplicate by event key either way.
-    assert sum(got.values()) >= len(expected)
+    # Every event exactly once: the killed run's open transaction was aborted, the resume replayed
+    # from its last checkpoint and dropped what that checkpoint covered.
+    assert committed_event_keys(kafka) == keys(expected_events(frames, end))
 
 
 def _jobs_so_far(kafka: KafkaSettings, control: str) -> set[str]:
-    """Jobs with a committed checkpoint, read quickly while producers keep writing (and keep a
-    transaction open at the end of the control topic, where a read_committed reader waits)."""
-    return {JobState.from_bytes(m.value()).job for m in kafka_util.read_to_end(kafka.consumer_config("t"), control,
-                                                                             max_wait=2.0)
-            if m.value()}
+    """Jobs with a committed checkpoint, read while producers keep writing (the read ends at the
+    last stable offset, where a running producer's open transaction begins)."""
+    return {JobState.from_bytes(value).job for m in kafka_util.read_to_end(kafka.consumer_config("t"), control)
+            if (value := m.value())}
 
 
 @pytest.mark.slow
@@ -280,19 +241,23 @@ def test_workers_share_the_dids_and_resume_with_the_same_count(kafka: KafkaSetti
             proc = subprocess.Popen(_command(*common, "--workers", "2"), stdout=out, stderr=subprocess.STDOUT,
                                     env=_env(), cwd=ROOT, start_new_session=True)
         control = TopicMap(kafka.topic_prefix).control
+        sent = _sent(sim, 200)
+
+        def ready() -> bool:  # 200 frames, and each worker's first checkpoint (however loaded the machine)
+            return sent() and {"sharded.w0", "sharded.w1"} <= _jobs_so_far(kafka, control)
+
         try:
-            _wait_progress(sim, proc, 200)
-            deadline = time.monotonic() + 60  # a loaded machine: wait for each worker's first checkpoint
-            while time.monotonic() < deadline and not {"sharded.w0", "sharded.w1"} <= _jobs_so_far(kafka, control):
-                assert proc.poll() is None, "the producer exited before it was killed"
-                time.sleep(0.2)
+            # the coordinator and both workers, while the broker holds data of an open transaction
+            held = kill_in_transaction(proc, kafka, group=True, ready=ready)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the coordinator and both workers
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         assert proc.returncode == -signal.SIGKILL, log.read_text()
+        assert held
         with pytest.raises(ConfigError, match="--workers 2"):
             app.run(settings(kafka, *args, "--resume", "--workers", "3"), print_table=False)
-        states = load_jobs(kafka.consumer_config("t"), control)
+        states = load_jobs(kafka.consumer_config("t"), control, settle=0)  # the killed workers' transactions are open
         first = min(st.position["resume_cursor"] for name, st in states.items() if name.startswith("sharded.w"))
         result = app.run(settings(kafka, *args, "--resume", "--workers", "2", "--batch-size", "20"),
                          print_table=False)
@@ -304,8 +269,8 @@ def test_workers_share_the_dids_and_resume_with_the_same_count(kafka: KafkaSetti
     assert [st.job for st in result.states] == ["sharded.w0", "sharded.w1"]
     assert all(st.status == "finished" for st in result.states), [(st.job, st.status, st.stop_reason)
                                                                    for st in result.states]
-    got = [e for _, e in read_topics(kafka, want=len(expected), want_keys=set(keys(expected)))]
-    assert set(keys(got)) == set(keys(expected)), (tmp_path / "workers.log").read_text()[-3000:]
+    got = [e for _, e in read_topics(kafka)]
+    assert keys(got) == keys(expected), (tmp_path / "workers.log").read_text()[-3000:]  # each event once
     owners: dict[str, set[str]] = {}
     for e in got:
         owners.setdefault(e.did, set()).add(e.job)

@@ -1,7 +1,9 @@
 """The spine end to end: Jetstream simulator -> producer -> typed topics -> queue, on the real broker.
 
-Covers the seed's run and statistics, kill -9 and ``--resume`` ending with every event in the
-queue exactly once, ``--until-done``, dead letters, ``inspect topic`` and the non-transactional mode.
+Covers the seed's run and statistics, kill -9 in the middle of a transaction and ``--resume``
+ending with every event exactly once in the topics (read_committed) and in the queue, a second
+instance of a running job fencing the first, ``--until-done``, dead letters, ``inspect topic`` and
+the non-transactional mode.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,17 @@ import pytest
 
 from consumers.queue import Queue
 from producers.jetstream import run_backfill_sync
+from producers.jetstream.decode import decode_message
 from runtime import kafka as kafka_util
 from runtime.checkpoint import load_job
 from runtime.cli import main
 from runtime.codec import AvroCodec
 from runtime.nsid import CollectionFilter
+from runtime.records import event_key
 from runtime.settings import KafkaSettings
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
 from runtime.timeparse import us_to_iso
+from tests.integration.eos import committed_event_keys, kill_in_transaction
 
 START = 1_700_000_000_000_000
 EVENTS = synthetic_events(6000, seed=21, accounts=80, start_us=START, rate=1000, real_cids=False)
@@ -44,6 +50,14 @@ def expected(collections: list[str], end: int = END, events: list[StoredEvent] =
     f = CollectionFilter(collections)
     return sorted(canon(orjson.loads(e.text)) for e in events
                   if START <= e.time_us < end and e.collection is not None and f(e.collection))
+
+
+def expected_keys(collections: list[str], job: str, end: int = END) -> Counter[str]:
+    """The events a job must commit to the topics, once each: the wanted collections' commits and
+    every identity and account event in the window."""
+    f = CollectionFilter(collections)
+    return Counter(event_key(decode_message(e.text, job=job)) for e in EVENTS
+                   if START <= e.time_us < end and (e.collection is None or f(e.collection)))
 
 
 def queued(path: Path, name: str) -> list[str]:
@@ -68,6 +82,7 @@ def base_args(sim: JetstreamSimulator, kafka: KafkaSettings, job: str, queue: Pa
             "--checkpoint-interval", "0.3", "--end-idle", "1"]
 
 
+@pytest.mark.tansu_smoke
 def test_seed_api_fills_the_queue_with_the_seed_statistics(sim: JetstreamSimulator, kafka: KafkaSettings,
                                                            tmp_path: Path) -> None:
     dates: list[str] = []
@@ -88,56 +103,108 @@ def test_seed_api_fills_the_queue_with_the_seed_statistics(sim: JetstreamSimulat
     assert len(got) == 500 and set(got) <= set(want)
 
 
-def _wait_queue(path: Path, name: str, at_least: int, timeout: float, proc: subprocess.Popen[bytes]) -> int:
-    deadline = time.monotonic() + timeout
-    n = 0
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                with sqlite3.connect(path, timeout=5) as conn:
-                    n = conn.execute("SELECT count(*) FROM items WHERE queue = ?", (name,)).fetchone()[0]
-            except sqlite3.OperationalError:
-                n = 0
-            if n >= at_least:
-                return n
-        if proc.poll() is not None:
-            raise AssertionError(f"producer exited early with {proc.returncode}")
-        time.sleep(0.05)
-    raise AssertionError(f"queue reached only {n} items")
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "KAFKA_", "JETSTREAM_"))}
+    return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def _producer(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m producers.jetstream`` with ``args`` (without the leading ``jetstream``), in its own
+    process group, logging to ``log``."""
+    with log.open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "producers.jetstream", *args[1:]], env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def _sent(sim: JetstreamSimulator, n: int) -> Callable[[], bool]:
+    """True once ``sim`` sent ``n`` messages in all."""
+    return lambda: sim.messages_sent >= n
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_every_event_exactly_once(kafka: KafkaSettings, tmp_path: Path) -> None:
+def test_kill_9_mid_transaction_then_resume_gives_every_event_exactly_once(kafka: KafkaSettings,
+                                                                         tmp_path: Path) -> None:
     slow_sim = JetstreamSimulator(EVENTS, rate_limit=400).start_in_thread()
     queue = tmp_path / "q.sqlite"
+    collections = ["app.bsky.feed.like", "app.bsky.graph.*"]
     args = [*base_args(slow_sim, kafka, "killed", queue), "-n", "0", "-t", "120", "--queue-name", "kq",
-            "-c", "app.bsky.feed.like", "-c", "app.bsky.graph.*"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            *(a for c in collections for a in ("-c", c))]
     try:
-        stored = 0
-        for run, step in enumerate((300, 700)):
-            with (tmp_path / f"run{run}.log").open("wb") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "producers.jetstream", *args[1:],
-                                         *(["--resume"] if run else [])],
-                                        env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-                try:
-                    stored = _wait_queue(queue, "kq", stored + step, 90, proc)
-                finally:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        for run in range(2):
+            # The killed runs produce only: a queue consumer killed with them would hold its group's
+            # partitions until its session expired (the queue consumer's own kill test is elsewhere).
+            proc = _producer([*args, "--consumer", "none", *(["--resume"] if run else [])],
+                             tmp_path / f"run{run}.log")
+            try:
+                # Killed once the simulator sent this run 1,500 messages (a third of the stream), at a
+                # moment the broker holds data of the run's open transaction.
+                held = kill_in_transaction(proc, kafka, group=True, timeout=90,
+                                           ready=_sent(slow_sim, slow_sim.messages_sent + 1500))
+            finally:
+                _stop(proc)
+            assert held, "the kill left no open transaction"
+        # The last run completes the job and fills the queue.
         code = main([*args, "--resume"])
         assert code == 0
     finally:
         slow_sim.stop_thread()
+    # The topics: every event exactly once (the killed runs' open transactions were aborted).
+    assert committed_event_keys(kafka) == expected_keys(collections, "killed")
+    # The queue: the same, each event once.
     got = queued(queue, "kq")
-    want = expected(["app.bsky.feed.like", "app.bsky.graph.*"])
     assert len(got) == len(set(got)), "an event reached the queue twice"
-    assert got == want
+    assert got == expected(collections)
     state = load_job(kafka.consumer_config("t-reader"), f"{kafka.topic_prefix}.control.jobs", "killed")
     assert state is not None and state.status == "finished" and state.runs == 3
     assert state.stop_reason == "end_cursor_reached"
 
 
+@pytest.mark.slow
+def test_a_second_instance_of_a_running_job_fences_the_first(kafka: KafkaSettings, tmp_path: Path) -> None:
+    """Two instances of one job (one transactional id): the second fences the first, which stops
+    loudly (status 1, one clear line, no traceback); the second resumes from the first one's last
+    checkpoint and completes; the topics hold every event exactly once."""
+    slow_sim = JetstreamSimulator(EVENTS, rate_limit=400).start_in_thread()
+    collections = ["app.bsky.feed.post", "app.bsky.graph.follow"]
+    args = [*base_args(slow_sim, kafka, "twin", tmp_path / "unused.sqlite"), "--consumer", "none", "-n", "0",
+            "-t", "120", "--resume", *(a for c in collections for a in ("-c", c))]
+    control = f"{kafka.topic_prefix}.control.jobs"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    try:
+        first = _producer(args, logs[0])
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            deadline = time.monotonic() + 60
+            while (state := load_job(kafka.consumer_config("t-reader"), control, "twin", settle=0)) is None \
+                    or state.checkpoint < 3:
+                assert first.poll() is None, logs[0].read_text()[-3000:]
+                assert time.monotonic() < deadline, "the first instance never checkpointed"
+                time.sleep(0.1)
+            second = _producer(args, logs[1])
+            assert first.wait(60) == 1, logs[0].read_text()[-3000:]
+            assert second.wait(120) == 0, logs[1].read_text()[-3000:]
+        finally:
+            _stop(first)
+            if second is not None:
+                _stop(second)
+    finally:
+        slow_sim.stop_thread()
+    text = logs[0].read_text()
+    [line] = [ln for ln in text.splitlines() if "CRITICAL" in ln]
+    assert "job twin: fenced by a newer instance of the same job (transactional id atproto-backfill-twin)" in line
+    assert "Traceback" not in text, text[-3000:]
+    assert committed_event_keys(kafka) == expected_keys(collections, "twin")
+    state = load_job(kafka.consumer_config("t-reader"), control, "twin")
+    assert state is not None and (state.status, state.stop_reason, state.runs) == ("finished", "end_cursor_reached", 2)
+
+
+@pytest.mark.tansu_smoke
 def test_producer_only_then_until_done_consumer(sim: JetstreamSimulator, kafka: KafkaSettings, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     queue = tmp_path / "q.sqlite"

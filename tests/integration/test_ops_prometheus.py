@@ -26,7 +26,16 @@ import yaml
 from runtime.broker import free_port
 from runtime.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from tests.ops_tools import ALERTS, Procs, PrometheusTools, ToolUnavailable, http_ok, prometheus_tools, wait_for
+from tests.ops_tools import (
+    ALERTS,
+    COMPOSE_LIVENESS,
+    Procs,
+    PrometheusTools,
+    ToolUnavailable,
+    http_ok,
+    prometheus_tools,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +133,7 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
 
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ALERTS)],
+        "rule_files": [str(ALERTS), str(COMPOSE_LIVENESS)],
         "scrape_configs": [
             {"job_name": "producer-jetstream", "static_configs": [{"targets": [f"127.0.0.1:{p_port}"]}]},
             {"job_name": "consumer-queue", "static_configs": [{"targets": [f"127.0.0.1:{c_port}"]}]},
@@ -182,13 +191,20 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
 
         wait_for(last, holds, timeout=30)
 
-    # Prometheus loaded and evaluates the alert rules
+    # Prometheus loaded and evaluates the alert rules (the liveness ones on up and absent() too)
+    shipped = sum(len(g["rules"]) for path in (ALERTS, COMPOSE_LIVENESS)
+                  for g in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"])
+
     def rules_ok() -> bool:
         groups = httpx.get(f"{prom.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
-        return len(rules) == 6 and all(r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules)
+        return len(rules) == shipped and all(r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules)
 
     wait_for("the alert rules evaluated", rules_ok)
+    # every target is up, so the liveness rules have nothing to say about the three processes
+    assert prom.query('ALERTS{alertname="AtprotoBackfillTargetDown"}') == []
+    for job in ("producer-jetstream", "consumer-queue", "consumer-postgres"):
+        assert prom.query(f'ALERTS{{alertname="AtprotoBackfillComponentDown", job="{job}"}}') == []
 
     # the exposition of both processes passes promtool's lint
     for port in (p_port, c_port, pg_port):

@@ -1,7 +1,9 @@
-"""``backfill status`` on the session broker: a finished job consumed by a group, and a running job."""
+"""``backfill status`` on the session broker: a finished job consumed by a group, and a running job;
+Kafka's own consumer-group tool and ``backfill status`` agreeing on a group's lag in transactional data."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,12 +12,21 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
+from consumers.queue import QueueSink
+from producers.job import JobOptions, JobRunner
+from runtime.codec import AvroCodec
+from runtime.metrics import Metrics
+from runtime.records import Event
 from runtime.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 from runtime.status import collect
+from tests.integration.test_postgres_consumer import ListSource, make_events, replayed
+from tests.kafka.cluster import consumer_groups_tool, jars_present
 from tests.ops_tools import ROOT, Procs, wait_for
 
 pytestmark = pytest.mark.integration
@@ -122,3 +133,93 @@ def test_status_shows_a_finished_and_a_running_job(kafka: KafkaSettings, sim: Je
     assert procs.stop("running") == 0, procs.log("running")[-3000:]
     after = {j.job: j for j in collect(kafka, timeout=5).jobs}
     assert after["running-job"].status == "stopped"
+
+
+# ------------------------------------------------------------------ Kafka's own tool agrees
+
+
+def tool_partitions(bootstrap: str, group: str) -> dict[tuple[str, int], tuple[int | None, int, int | None]]:
+    """``kafka-consumer-groups --describe --offsets``: (topic, partition) -> (current offset, log-end offset, lag)."""
+    out: dict[tuple[str, int], tuple[int | None, int, int | None]] = {}
+    for line in consumer_groups_tool(bootstrap, group).splitlines():
+        cols = line.split()
+        if len(cols) < 6 or cols[0] != group:
+            continue
+        current, end, lag = (None if c == "-" else int(c) for c in cols[3:6])
+        assert end is not None, line
+        out[(cols[1], int(cols[2]))] = (current, end, lag)
+    return out
+
+
+def produce_in_transactions(kafka: KafkaSettings, events: list[Event], job: str, per_transaction: int) -> None:
+    """A job over ``events`` committing a transaction (with its checkpoint) every ``per_transaction`` events."""
+    runner = JobRunner(kafka, JobOptions(job=job, source="jetstream", checkpoint_events=per_transaction,
+                                         checkpoint_interval=3600, transactions="on"), Metrics(), AvroCodec())
+    try:
+        state = asyncio.run(runner.run(lambda _prev: ListSource(events)))
+    finally:
+        runner.close()
+    assert state.status == "finished"
+
+
+def consume_queue(kafka: KafkaSettings, group: str, path: Path, job: str) -> ConsumerStats:
+    sink = QueueSink("status", path)
+    try:
+        return GroupConsumer(kafka, sink, ConsumerOptions(group=group, until_done=job, linger=0.1, batch_size=50),
+                             Metrics(), AvroCodec()).run()
+    finally:
+        sink.close()
+
+
+def status_json(kafka: KafkaSettings) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run([*CLI, "status", "--json"], env_for(kafka)).stdout)
+    return doc
+
+
+def test_kafkas_consumer_group_tool_and_status_agree_on_transactional_data(kafka: KafkaSettings,
+                                                                         tmp_path: Path) -> None:
+    if not jars_present():
+        pytest.skip("Kafka's jars (tests/kafka/lib) are not here for its consumer-group tool")
+    group = f"{kafka.topic_prefix}-tool"
+    first = make_events(300, seed=51, job="first")
+    produce_in_transactions(kafka, first, "first", per_transaction=25)
+    assert consume_queue(kafka, group, tmp_path / "q.sqlite", "first").stop_reason == "until_done"
+
+    # A group that read everything: its position passed the trailing commit markers.
+    tool = tool_partitions(kafka.bootstrap_servers, group)
+    assert tool and all(lag == 0 for _, _, lag in tool.values()), tool
+    doc = status_json(kafka)
+    (g,) = [g for g in doc["groups"] if g["group"] == group]
+    assert (g["lag"], g["records_left"], g["records_left_exact"]) == (0, 0, True)
+    assert {j["job"]: j["remaining"] for j in doc["jobs"]} == {"first": {group: 0}}
+
+    # Part-way: a second job wrote the same events again, in many transactions, on the same topics.
+    second = replayed(first, "second", seed=52)
+    produce_in_transactions(kafka, second, "second", per_transaction=20)
+    tool = tool_partitions(kafka.bootstrap_servers, group)
+    doc = status_json(kafka)
+    (g,) = [g for g in doc["groups"] if g["group"] == group]
+    ours = {(p["topic"], p["partition"]): p for p in g["partitions"]}
+    assert {tp for tp, p in ours.items() if p["committed"] is not None} == set(tool)
+    for tp, (current, end, lag) in tool.items():
+        assert (ours[tp]["committed"], ours[tp]["high"], ours[tp]["lag"]) == (current, end, lag), tp
+    assert g["lag"] == sum(lag or 0 for _, _, lag in tool.values())
+    # records, not offsets: every event of the second job is one record left; the lag also counts
+    # the commit marker of each of its transactions on each partition
+    assert g["records_left"] == len(second)
+    assert g["records_left_exact"] is True
+    assert g["lag"] > g["records_left"]
+    assert g["records_left"] == sum(g["topics_records_left"].values())
+    jobs = {j["job"]: j for j in doc["jobs"]}
+    assert jobs["second"]["remaining"] == {group: len(second)}
+    assert jobs["second"]["remaining_exact"] == {group: True}
+    assert jobs["first"]["remaining"] == {group: 0}
+
+    # Read to the end again: both show nothing left.
+    assert consume_queue(kafka, group, tmp_path / "q.sqlite", "second").stop_reason == "until_done"
+    tool = tool_partitions(kafka.bootstrap_servers, group)
+    assert tool and all(lag == 0 for _, _, lag in tool.values()), tool
+    doc = status_json(kafka)
+    (g,) = [g for g in doc["groups"] if g["group"] == group]
+    assert (g["lag"], g["records_left"], g["records_left_exact"]) == (0, 0, True)
+    assert all(p["committed"] == p["high"] for p in g["partitions"] if p["high"] > p["low"])

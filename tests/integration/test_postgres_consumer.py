@@ -220,6 +220,7 @@ def consume(kafka: KafkaSettings, pg_url: str, schema: str, *, metrics: Metrics 
 
 # ----------------------------------------------------------------------------------- tests
 
+@pytest.mark.tansu_smoke
 def test_until_done_with_replayed_and_shuffled_duplicates_gives_exact_tables(
         kafka: KafkaSettings, pg_url: str, schema: str) -> None:
     events = make_events(2500, seed=3, job="orig")

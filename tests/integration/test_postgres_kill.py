@@ -1,10 +1,10 @@
-"""``backfill consume postgres`` as real processes: kill -9 mid-batch, SIGTERM, three replicas with one
-killed. After every interruption the tables must end identical to the expected records."""
+"""``backfill consume postgres`` as real processes: kill -9 mid-batch (frozen while it holds its
+database transaction open, then killed), SIGTERM, three replicas with one killed. After every
+interruption the tables and the stored offsets must end identical to the expected ones."""
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from runtime.settings import KafkaSettings
@@ -77,6 +78,29 @@ class Replicas:
             time.sleep(0.02)
         raise AssertionError(f"no progress past {above} within {timeout} s")
 
+    def kill_mid_batch(self, proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+        """SIGKILL ``proc`` at a moment one of its sink connections is inside a transaction (it has
+        read a batch and is writing it with its offsets); False when it finished first.
+
+        The process is frozen (SIGSTOP) while pg_stat_activity is looked at, so the transaction
+        seen open is still open when the kill lands; else it goes on and is tried again.
+        """
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.pg_url, autocommit=True) as conn:
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "the consumer was never caught inside a transaction"
+                proc.send_signal(signal.SIGSTOP)
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'atproto-backfill-postgres' AND xact_start IS NOT NULL").fetchone()
+                if row is not None and row[0] > 0:
+                    proc.kill()
+                    proc.wait(10)
+                    return True
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(0.005)
+        return False
+
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -101,6 +125,9 @@ def total(offsets: dict[str, dict[str, int]]) -> int:
 
 
 SLOW = ("--batch-size", "100", "--batch-delay-ms", "20", "--linger", "0.1")
+#: For the classic group protocol: a killed member's partitions move to the others 6 s after its
+#: last heartbeat (the default session is 45 s).
+FAST_EVICTION = ("--kafka-config", "session.timeout.ms=6000")
 
 
 def test_sigterm_and_repeated_kill_9_neither_lose_nor_duplicate(
@@ -112,29 +139,26 @@ def test_sigterm_and_repeated_kill_9_neither_lose_nor_duplicate(
     end = total(final)
 
     # a graceful stop: the batch is finished, committed, and the group left
-    proc = replicas.start("term", *SLOW, "--until-done", "k2")
+    proc = replicas.start("term", *SLOW, *FAST_EVICTION, "--until-done", "k2")
     seen = replicas.wait_progress(0, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, replicas.log("term")
     assert 0 < replicas.progress() < end
 
-    # kill -9 at random moments while batches are being read and written
-    rng = random.Random(5)
+    # kill -9 in the middle of a batch: while the consumer holds its database transaction open
     kills = 0
     for round_ in range(3):
         seen = replicas.progress()
-        proc = replicas.start(f"kill{round_}", *SLOW, "--max-concurrent", str(1 + round_ % 2), "--until-done", "k2")
+        proc = replicas.start(f"kill{round_}", *SLOW, *FAST_EVICTION, "--max-concurrent", str(1 + round_ % 2),
+                              "--until-done", "k2")
         now = replicas.wait_progress(seen, proc)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            proc.kill()
-            kills += 1
+        kills += replicas.kill_mid_batch(proc)
         proc.wait(10)
         assert replicas.progress() >= now
     assert kills >= 2
     assert replicas.progress() < end, "the kills came too late to interrupt anything"
 
-    proc = replicas.start("final", "--batch-size", "500", "--until-done", "k2")
+    proc = replicas.start("final", *FAST_EVICTION, "--batch-size", "500", "--until-done", "k2")
     assert proc.wait(120) == 0, replicas.log("final")
     assert stored_offsets(pg_url, schema, replicas.group) == final
     assert_tables_equal(snapshot(pg_url, schema), expected(events + replay))
@@ -144,7 +168,7 @@ def test_three_replicas_one_killed_end_exact(
         kafka: KafkaSettings, pg_url: str, schema: str, replicas: Replicas) -> None:
     events = make_events(4000, seed=31, job="r3")
     final = data_offsets(produce(kafka, events, "r3"))
-    procs = [replicas.start(f"r{i}", *SLOW, "--until-done", "r3") for i in range(3)]
+    procs = [replicas.start(f"r{i}", *SLOW, *FAST_EVICTION, "--until-done", "r3") for i in range(3)]
     deadline = time.monotonic() + 60
     while not all("assigned" in replicas.log(f"r{i}") for i in range(3)):
         assert time.monotonic() < deadline, "the replicas never all got partitions"

@@ -1,18 +1,26 @@
 """List jobs against the simulated PDS network and the real broker: every record once, outcomes,
-dead letters, politeness, resume."""
+dead letters, politeness, resume, and kill -9 of a ``backfill repos`` process in the middle of a
+transaction followed by ``--resume``: every record and every status exactly once in the topics."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from producers.repos import run_batched_backfill
 from runtime.atproto.tid import tid_to_time_us
+from runtime.checkpoint import load_job
 from runtime.settings import KafkaSettings
 from runtime.simulator.pds import HostFaults, PdsNetwork
+from runtime.topics import TopicMap
+from tests.integration.eos import kill_in_transaction
 
 try:
     from tests.integration.test_repos_support import (
@@ -26,6 +34,8 @@ except ImportError:  # tests/ is not a package here: pytest put this directory o
     from test_repos_support import assert_limits_kept, assert_same_keys, expected_keys, poison, read_back  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -142,5 +152,55 @@ def test_a_record_the_producer_refuses_is_dead_lettered_and_not_counted(kafka: K
         assert status["records"] == user["records"]
         assert status["dropped"] == {"invalid_record": 1}
         assert [d["reason"] for d in out.dead] == ["invalid_record"]
+    finally:
+        network.stop_thread()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_transaction_then_resume_gives_every_record_once(kafka: KafkaSettings, tmp_path: Path) -> None:
+    network = PdsNetwork(accounts=40, hosts=2, seed=18, records_mean=15).start_in_thread()
+    try:
+        dids = network.dids_in_state("active")
+        dids_file = tmp_path / "dids.txt"
+        dids_file.write_text("\n".join(dids) + "\n")
+        # 2 requests/s per host (2 requests per DID): the job runs for several seconds and checkpoints
+        # (between DIDs) many times before the kill.
+        args = [sys.executable, "-m", "producers.repos", "--dids-file", str(dids_file), "--job", "killed",
+                "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
+                "--topic-partitions", "3", "--plc-url", network.plc_url, "--allow-private-network",
+                "--rate", "2", "--burst", "1", "--retry-backoff", "0.05", "--checkpoint-interval", "0.3",
+                "--progress", "none"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "KAFKA_"))}
+        log = tmp_path / "killed.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env={**env, "PYTHONPATH": str(ROOT)})
+        try:
+            # once a third of the repositories were served, while the broker holds data of the open transaction
+            def ready() -> bool:
+                return sum(h.stats.statuses[200] for h in network.hosts) >= len(dids) // 3
+
+            held = kill_in_transaction(proc, kafka, timeout=90, ready=ready)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        assert held, log.read_text()[-3000:]
+        before = load_job(kafka.consumer_config("t"), TopicMap(kafka.topic_prefix).control, "killed", settle=0)
+        assert before is not None and before.status == "running"
+        resumed = run_batched_backfill(dids, batch_size=0, resume=True, job="killed", checkpoint_interval=0.3,
+                                       bootstrap_servers=kafka.bootstrap_servers, topic_prefix=kafka.topic_prefix,
+                                       topic_partitions=3, plc_url=network.plc_url, allow_private_network=True,
+                                       retry_backoff=0.05)
+        # the resume did only what the killed run had not committed
+        assert 0 < len(resumed["users"]) < len(dids)
+        out = read_back(kafka)
+        statuses = out.status_by_did()
+        assert set(statuses) == set(dids)
+        assert all(len(ss) == 1 for ss in statuses.values()), \
+            sorted((d, len(ss)) for d, ss in statuses.items() if len(ss) > 1)[:5]
+        assert_same_keys(out.keys(), expected_keys(network, dids), kafka)  # every record exactly once
+        state = load_job(kafka.consumer_config("t"), TopicMap(kafka.topic_prefix).control, "killed")
+        assert state is not None and (state.status, state.runs) == ("finished", 2)
     finally:
         network.stop_thread()

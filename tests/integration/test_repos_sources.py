@@ -40,6 +40,7 @@ def _settings(kafka: KafkaSettings, net: PdsNetwork, *args: str, private: bool =
     return app.settings_from_namespace(ns)
 
 
+@pytest.mark.tansu_smoke
 def test_relay_pds_lists_and_handles(kafka: KafkaSettings, net: PdsNetwork) -> None:
     listed = [d for d in net.relay_listing if net.accounts[d].state == "active"]
     assert len(listed) < len(net.dids_in_state("active"))  # the relay's list is incomplete

@@ -1,7 +1,9 @@
 """``backfill repos --from-topic`` replicas (subprocesses) sharing the DID work topic.
 
 Two replicas backfill the simulated network's accounts with no DID done twice or missed, the hosts'
-rate limits are never exceeded (the simulator counts), and kill -9 of a replica loses nothing.
+rate limits are never exceeded (the simulator counts), and kill -9 of a replica in the middle of a
+transaction, restarted with its id, leaves every DID's status and every record exactly once in
+the topics (read_committed): what the replicas commit, not what a sink would de-duplicate.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from producers.repos.pds import PdsClient, PdsLimits
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult
 from producers.repos.worktopic import WorkOptions, WorkTopicRunner, enqueue_dids
 from producers.source import Drop, Skip
-from runtime.checkpoint import load_jobs
+from runtime.checkpoint import load_job, load_jobs
 from runtime.codec import AvroCodec
 from runtime.did_resolver import DidResolver
 from runtime.metrics import Metrics
@@ -39,6 +41,7 @@ from runtime.records import RecordEvent
 from runtime.settings import KafkaSettings
 from runtime.simulator.pds import HostFaults, PdsNetwork
 from runtime.topics import TopicMap
+from tests.integration.eos import kill_in_transaction
 
 try:
     from tests.integration.test_repos_support import (
@@ -55,10 +58,6 @@ except ImportError:  # tests/ is not a package here: pytest put this directory o
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _real_kafka() -> bool:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "embedded") not in ("", "auto", "embedded")
 
 
 def _network(accounts: int, seed: int) -> PdsNetwork:
@@ -89,13 +88,19 @@ def _enqueued(kafka: KafkaSettings, accounts: int, seed: int, records_mean: int)
         network.stop_thread()
 
 
+#: For the classic group protocol: a killed replica's partitions move to the others 6 s after its
+#: last heartbeat (the default session is 45 s).
+FAST_EVICTION = ("--kafka-config", "session.timeout.ms=6000")
+
+
 def _replica(kafka: KafkaSettings, net: PdsNetwork, replica: str, log: Path,
-             idle_exit: float = 3.0) -> subprocess.Popen[bytes]:
+             idle_exit: float = 3.0, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "producers.repos", "--from-topic", "--replica-id", replica,
             "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
             "--topic-partitions", "4", "--plc-url", net.plc_url, "--allow-private-network",
             "--rate", "6", "--burst", "2", "--per-host-concurrency", "2", "--retry-backoff", "0.05",
-            "--idle-exit", str(idle_exit), "--txn-max-dids", "20", "--progress", "log", "--log-level", "INFO"]
+            "--idle-exit", str(idle_exit), "--txn-max-dids", "20", "--progress", "log", "--log-level", "INFO",
+            *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("ab") as out:  # the child keeps its own descriptor
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -135,28 +140,19 @@ def _aborted_dids(logs: list[Path]) -> set[str]:
     return out
 
 
-def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = None,
+def _check_exact(out: Backfilled, net: PdsNetwork, redone: set[str] | None = None,
                  kafka: KafkaSettings | None = None) -> None:
-    """Every DID has exactly one status, every active repository's records are there exactly once.
+    """Every DID has exactly one status, every active repository's records are there exactly once
+    (transactions a replica aborted, after a rebalance or a kill, are invisible to read_committed).
 
-    ``aborted``: DIDs of transactions a replica aborted (a rebalance) and redid. A real Kafka hides
-    those transactions from read_committed readers; Tansu delivers whatever part of them reached it,
-    so there (only) those DIDs may show one extra status and extra record copies.
+    ``redone``: DIDs of transactions the replicas aborted and redid (from their logs), named in a failure.
     """
-    aborted = aborted or set()
-    tolerant = bool(aborted) and not _real_kafka()
     statuses = out.status_by_did()
     assert set(statuses) == set(net.dids), set(net.dids) ^ set(statuses)
-    twice = {d for d, s in statuses.items() if len(s) > 1}
-    assert not twice or (tolerant and twice <= aborted and all(len(statuses[d]) == 2 for d in twice)), \
-        sorted(twice)[:5]
-    got, want = out.keys(), expected_keys(net)
-    if tolerant:
-        assert not (want - got), f"records lost: {sorted(want - got)[:10]}"
-        extra = got - want
-        assert max(extra.values(), default=0) <= 1 and {k[0] for k in extra} <= aborted, extra.most_common(5)
-    else:
-        assert_same_keys(got, want, kafka)
+    twice = {d: [(s["replica"], s["batch"], s["work_offset"]) for s in ss] for d, ss in statuses.items() if len(ss) > 1}
+    assert not twice, (f"DIDs with more than one status: {sorted(twice.items())[:5]}; of them in rebalance-aborted "
+                       f"transactions: {sorted(set(twice) & (redone or set()))[:5]}")
+    assert_same_keys(out.keys(), expected_keys(net), kafka)
     for did, ss in statuses.items():
         state = net.accounts[did].state
         assert ss[-1]["outcome"] == {"active": "ok", "deleted": "not_found"}.get(state, state)
@@ -164,6 +160,7 @@ def _check_exact(out: Backfilled, net: PdsNetwork, aborted: set[str] | None = No
 
 
 def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: float) -> tuple[Backfilled, set[str]]:
+    """Two replicas to the end; what they wrote, and the DIDs of transactions they aborted and redid."""
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
     procs = [_replica(kafka, net, f"r{i + 1}", logs[i]) for i in range(2)]
@@ -176,8 +173,8 @@ def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: flo
 
 @pytest.mark.slow
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
-    out, aborted = _run_two(kafka, net, tmp_path, timeout=150)
-    _check_exact(out, net, aborted, kafka)
+    out, redone = _run_two(kafka, net, tmp_path, timeout=150)
+    _check_exact(out, net, redone, kafka)
     assert_limits_kept(net)
 
 
@@ -186,72 +183,71 @@ def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_
 @pytest.mark.parametrize("net", [1000], indirect=True)
 def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     started = time.monotonic()
-    out, aborted = _run_two(kafka, net, tmp_path, timeout=360)
+    out, redone = _run_two(kafka, net, tmp_path, timeout=360)
     elapsed = time.monotonic() - started
-    _check_exact(out, net, aborted, kafka)
+    _check_exact(out, net, redone, kafka)
     assert_limits_kept(net)
     print(f"\n1000 accounts, {len(out.events)} records by 2 replicas in {elapsed:.1f} s "
           f"({len(net.dids) / elapsed:.1f} repos/s)")
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_replica_loses_nothing(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
+def test_kill_9_of_a_replica_mid_transaction_loses_and_duplicates_nothing(kafka: KafkaSettings, net: PdsNetwork,
+                                                                        tmp_path: Path) -> None:
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
-    procs = [_replica(kafka, net, f"r{i + 1}", logs[i]) for i in range(2)]
-    # Let them work for a while, then kill -9 replica r1 in the middle of it.
-    deadline = time.monotonic() + 60
-    while sum(h.stats.statuses[200] for h in net.hosts) < len(net.dids) // 3:
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.05)
-    os.kill(procs[0].pid, signal.SIGKILL)
-    procs[0].wait(10)
-    killed_at = time.time() * 1e6
+    procs = [_replica(kafka, net, f"r{i + 1}", logs[i], extra=FAST_EVICTION) for i in range(2)]
+    try:
+        # Once a third of the repositories were served, kill -9 replica r1 while the broker holds data
+        # of its open transaction (r2 is frozen meanwhile, so the open transaction is r1's).
+        held = kill_in_transaction(procs[0], kafka, others=[procs[1]], timeout=90,
+                                   ready=lambda: sum(h.stats.statuses[200] for h in net.hosts) >= len(net.dids) // 3)
+    finally:
+        if procs[0].poll() is None:
+            procs[0].kill()
+            procs[0].wait(10)
+    assert held
     # Restart it with the same id (as a StatefulSet would): its open transaction is fenced and aborted.
-    procs[0] = _replica(kafka, net, "r1", logs[0])
+    procs[0] = _replica(kafka, net, "r1", logs[0], extra=FAST_EVICTION)
     _wait(procs, 150, logs)
     out = read_back(kafka)
-    statuses = out.status_by_did()
-    assert set(statuses) == set(net.dids)  # nothing lost
-    # Records of the killed replica's open transaction never committed: a broker honouring
-    # read_committed hides them; Tansu delivers aborted records, so they may show up here. They are
-    # exactly the statuses written by r1 before the kill whose work items were done again later.
-    # A rebalance (the kill, the restart) can also abort a transaction of a live replica, which
-    # redoes it and logs its DIDs; on Tansu those DIDs may show two statuses too.
-    rebalanced = _aborted_dids(logs)
-    aborted = {did for did, ss in statuses.items() if len(ss) > 1} - rebalanced
-    batches = set()
-    for did in aborted:
-        first, *rest = sorted(statuses[did], key=lambda s: s["time_us"])
-        assert first["replica"] == "r1"
-        assert first["time_us"] <= killed_at
-        assert len(rest) == 1
-        assert rest[0]["time_us"] > killed_at
-        assert (rest[0]["work_partition"], rest[0]["work_offset"]) == (first["work_partition"], first["work_offset"])
-        batches.add(first["batch"])
-    detail = sorted((s["batch"], s["work_partition"], s["work_offset"], r["replica"])
-                    for did in aborted for s, r in [sorted(statuses[did], key=lambda s: s["time_us"])])
-    if _real_kafka():
-        # At most the one transaction that was open at the kill.
-        assert len(batches) <= 1, (detail, logs[0].read_text()[-6000:])
-    else:
-        # Tansu, once in a loaded CI run, let the new owner resume one transaction earlier (the killed
-        # member's last committed offsets were not yet visible to it): work done twice, never lost.
-        assert len(batches) <= 2, (detail, logs[0].read_text()[-6000:])
-    print(f"\nDIDs of the aborted transaction redelivered by the broker: {len(aborted)}")
-    got, want = out.keys(), expected_keys(net)
-    missing, extra = want - got, got - want
-    assert not missing, f"records lost: {sorted(missing)[:10]}"
-    if _real_kafka():
-        assert not extra, f"records duplicated: {sorted(extra)[:10]}"
-    else:
-        # Tansu delivers whatever part of the aborted transaction reached it before the kill: per
-        # partition, so a DID may show some of its records twice and its status once, or the reverse.
-        # Extra copies may only be of DIDs that were done again after the kill, and at most one each.
-        redone = {did for did, ss in statuses.items() if any(s["time_us"] > killed_at for s in ss)}
-        assert max(extra.values(), default=0) <= 1, extra.most_common(5)
-        assert {k[0] for k in extra} <= redone | rebalanced, sorted({k[0] for k in extra} - redone)[:10]
+    # Exactly once: the aborted transaction's statuses and records are invisible, its work items
+    # were done again by whoever owned their partitions next.
+    _check_exact(out, net, _aborted_dids(logs), kafka)
+    assert {s["replica"] for s in out.statuses} == {"r1", "r2"}
     assert_limits_kept(net)
+
+
+@pytest.mark.slow
+def test_a_second_instance_of_a_replica_id_fences_the_first(kafka: KafkaSettings, net: PdsNetwork,
+                                                           tmp_path: Path) -> None:
+    """Two processes with one replica id (one transactional id): the second fences the first, which
+    stops loudly (status 1, one clear line, no traceback); the second backfills the rest; every DID's
+    status and every record exactly once."""
+    assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = _replica(kafka, net, "f1", logs[0])
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        control = TopicMap(kafka.topic_prefix).control
+        while load_job(kafka.consumer_config("t"), control, "repos@f1", settle=0) is None:  # it committed a transaction
+            assert first.poll() is None, logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first instance made no progress"
+            time.sleep(0.05)
+        second = _replica(kafka, net, "f1", logs[1])
+        assert first.wait(60) == 1, logs[0].read_text()[-3000:]
+        _wait([second], 150, [logs[1]])
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    text = logs[0].read_text()
+    [line] = [ln for ln in text.splitlines() if "CRITICAL" in ln]
+    assert "replica f1: fenced by a newer instance with the same replica id" in line, line
+    assert "Traceback" not in text, text[-3000:]
+    _check_exact(read_back(kafka), net, _aborted_dids(logs), kafka)
 
 
 class _CrashingProcessor(RepoProcessor):
@@ -303,7 +299,7 @@ async def _replica_in_process(kafka: KafkaSettings, net: PdsNetwork, tmp: Path, 
 @pytest.mark.parametrize("net", [30], indirect=True)
 def test_a_crash_inside_a_transaction_is_redone(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     """The open transaction of a crashed replica is aborted when it restarts with its id, and its DIDs
-    are done again even where the broker (Tansu) still delivers the aborted statuses."""
+    are done again: every status and record exactly once."""
     active = net.dids_in_state("active")
     assert enqueue_dids(kafka, active, origin="test") == len(active)
     crashing = _CrashingProcessor(crash_at=8)
@@ -315,21 +311,11 @@ def test_a_crash_inside_a_transaction_is_redone(kafka: KafkaSettings, net: PdsNe
     out = read_back(kafka)
     statuses = out.status_by_did()
     assert set(statuses) == set(active)
+    assert all(len(ss) == 1 for ss in statuses.values()), {d: len(ss) for d, ss in statuses.items() if len(ss) > 1}
     crashed_did = crashing.seen[-1]
-    assert [s["time_us"] > crashed_at for s in statuses[crashed_did]] == [True]  # done once, after the crash
-    crashed_txn = set(crashing.seen)  # every DID the crashed run touched (committed or not)
-    redelivered = {did for did, ss in statuses.items() if len(ss) > 1}
-    assert redelivered <= crashed_txn  # statuses of the aborted transaction only
-    for did in redelivered:
-        first, second = sorted(statuses[did], key=lambda x: x["time_us"])
-        assert first["time_us"] < crashed_at < second["time_us"]
-        assert (first["work_partition"], first["work_offset"]) == (second["work_partition"], second["work_offset"])
-    want = expected_keys(net, active)
-    got = out.keys()
-    assert set(got) == set(want)  # nothing lost, nothing foreign
-    extra = {k[0] for k, n in got.items() if n > want[k]}
-    assert extra <= crashed_txn  # copies only of the aborted transaction's records
-    print(f"\naborted statuses redelivered: {len(redelivered)}, DIDs with aborted record copies: {len(extra)}")
+    [status] = statuses[crashed_did]
+    assert status["time_us"] > crashed_at  # done after the crash, by the restarted replica
+    assert_same_keys(out.keys(), expected_keys(net, active), kafka)
 
 
 def test_a_refused_record_is_dead_lettered_by_a_replica(kafka: KafkaSettings, tmp_path: Path) -> None:
@@ -414,18 +400,10 @@ def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tm
         out = read_back(kafka)
         statuses = out.status_by_did()
         assert set(statuses) == set(network.dids)
-        got, want = out.keys(), expected_keys(network)
-        assert not (want - got)
-        # A real Kafka hides the aborted transaction; Tansu may deliver it: copies only of its DIDs.
-        twice = {d for d, ss in statuses.items() if len(ss) > 1}
-        extra = {k[0] for k in got - want}
-        if _real_kafka():
-            assert not twice and not extra
-        else:
-            [logged] = _ABORTED.findall(caplog.text)  # the warning names the transaction's DIDs
-            redone = {d.strip(" '") for d in logged.split(",")}
-            assert 1 <= len(redone) <= 3  # --txn-max-dids
-            assert twice <= redone and extra <= redone
+        # The aborted transaction is invisible (read_committed): every status and record once.
+        assert all(len(ss) == 1 for ss in statuses.values())
+        assert_same_keys(out.keys(), expected_keys(network), kafka)
+        assert "transaction 1 aborted" in caplog.text  # the warning names the transaction and its DIDs
 
 
 class _GatedFetcher(RepoFetcher):
@@ -532,36 +510,33 @@ def test_a_partition_that_stops_delivering_is_restarted(kafka: KafkaSettings, tm
         assert set(read_back(kafka).status_by_did()) == set(network.dids)
 
 
-class _LoseOffsets:
-    """The replica's real producer, except that its transactions' offsets never reach the group, as
-    a broker that acknowledges a transaction without storing its offsets (Tansu, under load)."""
-
-    def __init__(self, producer: Any) -> None:
-        self._producer = producer
-        self.lost = 0
-
-    def send_offsets_to_transaction(self, *args: Any, **kwargs: Any) -> None:
-        self.lost += 1
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._producer, name)
-
-
-def test_offsets_a_transaction_did_not_store_are_committed_again(kafka: KafkaSettings, tmp_path: Path) -> None:
-    with _enqueued(kafka, 10, seed=17, records_mean=3) as network:
-        metrics = Metrics(CollectorRegistry())
+def test_each_transaction_moves_the_group_offsets_to_the_ones_it_carried(kafka: KafkaSettings,
+                                                                        tmp_path: Path) -> None:
+    """Kafka stores a transaction's work offsets with its records: once ``commit_transaction``
+    returned, the group's committed offsets (an OffsetFetch that waits for stable offsets) are the
+    ones the transaction carried, so a replica needs no check or repair after it."""
+    with _enqueued(kafka, 24, seed=17, records_mean=3) as network:
         replica = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="o1", idle_exit=1.0,
-                                                                   txn_max_dids=4, max_time=90),
-                             metrics=metrics, rate=100, burst=20)
+                                                                   txn_max_dids=2, max_time=90), rate=100, burst=20)
         runner = replica.runner
-        runner.prepare()
-        wrapped = _LoseOffsets(runner._producer)
-        runner._producer = wrapped  # type: ignore[assignment]
+        real_cycle = runner._cycle
+        seen: list[tuple[dict[int, int], dict[int, int]]] = []
+
+        def cycle(batch: list[Any]) -> list[Any]:
+            out = real_cycle(batch)
+            carried = {i.partition: i.offset + 1 for i in batch}
+            assert runner._consumer is not None
+            got = runner._consumer.committed([TopicPartition(runner.topics.dids, p) for p in sorted(carried)],
+                                             timeout=30)
+            seen.append((carried, {tp.partition: tp.offset for tp in got}))
+            return out
+
+        runner._cycle = cycle  # type: ignore[method-assign]
         asyncio.run(replica.run())
-        assert wrapped.lost >= 3  # 10 DIDs, at most 4 per transaction
-        assert runner.stats.stop_reason == "idle"  # the topic drained: the group's offsets reached its end
-        assert runner.stats.dids_done == 10
-        assert metrics.registry.get_sample_value("atproto_backfill_repos_offset_repairs_total") >= wrapped.lost
+        assert runner.stats.stop_reason == "idle"
+        assert runner.stats.dids_done == 24
+        assert len(seen) >= 12  # at most 2 DIDs per transaction
+        assert [got for _, got in seen] == [carried for carried, _ in seen]
         statuses = read_back(kafka).status_by_did()
         assert set(statuses) == set(network.dids)
-        assert all(len(s) == 1 for s in statuses.values())  # nothing redone
+        assert all(len(s) == 1 for s in statuses.values())

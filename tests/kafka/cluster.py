@@ -55,6 +55,8 @@ TEST_SETTINGS: dict[str, str] = {
     "log.cleaner.backoff.ms": "500",
     "log.cleaner.dedupe.buffer.size": str(8 * 1024 * 1024),
     "log.cleaner.threads": "1",
+    # a killed producer's open transaction is aborted within a second of its timeout
+    "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
     # a restarted node of the three-node cluster catches up quickly
     "replica.lag.time.max.ms": "5000",
     "controlled.shutdown.enable": "true",

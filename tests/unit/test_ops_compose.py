@@ -16,6 +16,7 @@ import yaml
 from producers.jetstream.app import finish_namespace, settings_from_namespace
 from tests.ops_tools import (
     COMPOSE_FILE,
+    DASHBOARD,
     DOCKERFILE,
     DOCKERIGNORE,
     ROOT,
@@ -29,6 +30,14 @@ from tests.ops_tools import (
 
 SERVICES = sorted(yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))["services"])
 APP_SERVICES = ("producer-jetstream", "producer-firehose", "producer-repos", "consumer-postgres", "consumer-queue")
+#: The image's other process: the Jetstream simulator of the quickstart (profile "simulator").
+SIMULATOR = "jetstream-simulator"
+#: What a user's shell may export for host commands against the published ports (README): the
+#: containers must not see it.
+HOST_ENV = {"KAFKA_BOOTSTRAP_SERVERS": "localhost:9092", "SCHEMA_REGISTRY_URL": "http://localhost:8081",
+            "DATABASE_URL": "postgresql://me:pw@localhost:5433/backfill", "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "PLAIN", "KAFKA_SASL_USERNAME": "me", "KAFKA_SASL_PASSWORD": "host-pw",
+            "SCHEMA_REGISTRY_BASIC_AUTH": "me:host-pw"}
 
 
 def compose(*args: str, env: dict[str, str] | None = None,
@@ -72,7 +81,7 @@ def test_compose_binary_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_every_wanted_service_is_defined(resolved: dict[str, Any]) -> None:
     assert set(resolved["services"]) == {"kafka", "schema-registry", "postgres", "prometheus", "grafana",
-                                         *APP_SERVICES}
+                                         "kafka-exporter", SIMULATOR, *APP_SERVICES}
     assert resolved["services"]["kafka"]["image"].startswith("apache/kafka:")
     assert resolved["services"]["schema-registry"]["image"].startswith("confluentinc/cp-schema-registry:")
 
@@ -118,15 +127,88 @@ def test_plain_up_runs_the_pipeline_into_postgres_with_dashboards() -> None:
     result = compose("config", "--services")
     assert result.returncode == 0, result.stderr
     default = set(result.stdout.split())
-    assert {"kafka", "producer-jetstream", "consumer-postgres", "postgres", "prometheus", "grafana"} <= default
-    # the relay firehose and the repository workers are opt-in profiles (same events as Jetstream)
+    assert {"kafka", "producer-jetstream", "consumer-postgres", "postgres", "prometheus", "grafana",
+            "kafka-exporter"} <= default
+    # the relay firehose, the repository workers and the simulator are opt-in profiles
     assert "producer-firehose" not in default
     assert "producer-repos" not in default
+    assert SIMULATOR not in default
 
 
-@pytest.mark.parametrize("service", APP_SERVICES)
+def test_host_variables_for_host_commands_never_reach_the_containers() -> None:
+    # README: host commands reach the published ports (localhost:9092, localhost:5433); inside a
+    # container localhost is the container itself.
+    result = compose("--profile", "*", "config", "--format", "json", env=HOST_ENV)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    for name in APP_SERVICES:
+        env = services[name]["environment"]
+        assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
+        assert env["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8081", name
+        assert env["KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT", name
+        for leaked in ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                       "SCHEMA_REGISTRY_BASIC_AUTH"):
+            assert leaked not in env, f"{name}: {leaked}"
+        assert "localhost" not in json.dumps(env), name
+        assert "host-pw" not in json.dumps(env), name
+    assert services["consumer-postgres"]["environment"]["DATABASE_URL"] == \
+        "postgresql://backfill:backfill@postgres:5432/backfill"
+
+
+def test_quickstart_shows_the_dashboard_with_simulated_data() -> None:
+    # docker-compose.yml and README: COMPOSE_PROFILES=simulator JETSTREAM_INSTANCE=ws://jetstream-simulator:6008
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    quickstart = "COMPOSE_PROFILES=simulator JETSTREAM_INSTANCE=ws://jetstream-simulator:6008 docker compose up"
+    assert quickstart in text
+    assert quickstart in (ROOT / "README.md").read_text(encoding="utf-8")
+    result = compose("config", "--format", "json",
+                     env={"COMPOSE_PROFILES": "simulator", "JETSTREAM_INSTANCE": "ws://jetstream-simulator:6008"})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert {SIMULATOR, "producer-jetstream", "consumer-postgres", "prometheus", "grafana"} <= set(services)
+    sim = services[SIMULATOR]
+    args = list(sim["command"])
+    assert command_module(args) == "runtime.simulator.jetstream_cli"
+    ns = parse_cli(args, {})
+    assert ns.host == "0.0.0.0", "reachable from the producer's container"
+    assert ns.port == 6008
+    assert ns.live_rate > 0, "data keeps coming while the dashboard is open"
+    assert "6008" in " ".join(sim["healthcheck"]["test"])
+    # the producer dials the simulator's service name and port
+    producer = services["producer-jetstream"]
+    env = {k: "" if v is None else str(v) for k, v in producer["environment"].items()}
+    pns = parse_cli(list(producer["command"]), env)
+    with patched_environ(env):
+        finish_namespace(pns)
+    settings = settings_from_namespace(pns)
+    from producers.jetstream.source import instance_url
+
+    assert [instance_url(i) for i in settings.instances] == ["ws://jetstream-simulator:6008/subscribe"]
+    # Grafana opens on the dashboard, anonymously, at the URL the README gives
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    home = grafana["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.endswith("/" + DASHBOARD.name)
+    uid = json.loads(DASHBOARD.read_text(encoding="utf-8"))["uid"]
+    assert f"http://localhost:3000/d/{uid}" in text
+
+
+def test_consumer_memory_guard_stays_below_the_container_limit(resolved: dict[str, Any]) -> None:
+    for name in ("consumer-postgres", "consumer-queue"):
+        svc = resolved["services"][name]
+        limit = int(svc["mem_limit"])  # bytes in the resolved model
+        guard_mb = int(svc["environment"]["BACKFILL_MAX_MEMORY_MB"])
+        assert 0 < guard_mb * 2**20 < 0.8 * limit, name
+
+
+@pytest.mark.parametrize("service", [*APP_SERVICES, SIMULATOR])
 def test_application_containers_are_locked_down(resolved: dict[str, Any], service: str) -> None:
     svc = resolved["services"][service]
+    if service == SIMULATOR:  # the image's websocket server: no metrics port, a TCP health check
+        assert svc["read_only"] is True
+        assert svc["cap_drop"] == ["ALL"]
+        assert "BACKFILL_METRICS_PORT" not in svc["environment"]
+        return
     uid = svc["user"].split(":")[0]
     assert uid.isdigit()
     assert int(uid) != 0
@@ -165,6 +247,7 @@ def test_environment_overrides_reach_the_services() -> None:
     assert services["consumer-postgres"]["environment"]["DATABASE_URL"] == \
         "postgresql://backfill:pw@postgres:5432/backfill"
     assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pw"
+    assert services["producer-jetstream"]["environment"]["BACKFILL_TOPIC_PREFIX"] == "atproto"
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
@@ -255,3 +338,16 @@ def test_dockerfile_copies_only_what_the_build_context_keeps() -> None:
                 assert src.rstrip("/") in kept, f"COPY {src}: excluded by .dockerignore"
     # pip install . needs the project metadata and its readme
     assert {"pyproject.toml", "README.md"} <= kept
+
+
+def test_image_version_is_the_tag_the_chart_pulls() -> None:
+    # The chart's default image tag is its appVersion; the Dockerfile labels the image it builds with
+    # the same version, the project's.
+    chart = yaml.safe_load((ROOT / "helm" / "atproto-backfill" / "Chart.yaml").read_text(encoding="utf-8"))
+    project = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert project is not None
+    args = [rest for word, rest in dockerfile_instructions() if word == "ARG" and rest.startswith("VERSION=")]
+    assert args == [f"VERSION={chart['appVersion']}"]
+    assert chart["appVersion"] == project.group(1)
+    labels = " ".join(rest for word, rest in dockerfile_instructions() if word == "LABEL")
+    assert 'org.opencontainers.image.version="${VERSION}"' in labels

@@ -121,3 +121,17 @@ def test_connection_descriptions_never_show_the_password() -> None:
     assert describe_dsn("host=h dbname=d user=u password=sekret") == "u@h/d"
     assert describe_dsn("postgresql:///atproto") == "localhost/atproto"
     assert "sekret" not in describe_dsn("not a dsn password=sekret '")
+
+
+def test_the_memory_guard_defaults_to_a_share_of_the_container_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import consumers.cli
+
+    monkeypatch.setattr(consumers.cli, "default_memory_guard_mb", lambda: 768)  # a 1 GiB container
+    assert consumer_settings(parse([], {"DATABASE_URL": URL}), default_group="g",
+                             default_batch=app.DEFAULT_BATCH).options.max_memory_mb == 768
+    for explicit, env in ((["--max-memory-mb", "0"], {}), ([], {"BACKFILL_MAX_MEMORY_MB": "0"})):
+        ns = parse(explicit, {"DATABASE_URL": URL, **env})
+        assert consumer_settings(ns, default_group="g", default_batch=app.DEFAULT_BATCH).options.max_memory_mb == 0
+    monkeypatch.setattr(consumers.cli, "default_memory_guard_mb", lambda: 0)  # no limit: no guard
+    assert consumer_settings(parse([], {"DATABASE_URL": URL}), default_group="g",
+                             default_batch=app.DEFAULT_BATCH).options.max_memory_mb == 0

@@ -214,3 +214,36 @@ def test_kafka_config_reaches_every_client_over_the_defaults(monkeypatch: pytest
     assert env_s.extra == {"debug": "cgrp,fetch", "linger.ms": "9"}
     with pytest.raises(ConfigError):
         KafkaSettings.from_namespace(parse(["--kafka-config", "linger.ms"]))
+
+
+def test_group_protocol_decides_the_consumer_settings() -> None:
+    classic = KafkaSettings.from_namespace(parse(["--bootstrap-servers", "k:9092"]))
+    conf = classic.consumer_config("g")
+    assert conf["group.protocol"] == "classic"
+    assert conf["partition.assignment.strategy"] == "cooperative-sticky"
+    assert conf["heartbeat.interval.ms"] == 500
+    assert "session.timeout.ms" not in conf, "Kafka's default session timeout (45 s)"
+    assert classic.consumer_config("g", **{"session.timeout.ms": 6000})["session.timeout.ms"] == 6000
+
+    consumer = KafkaSettings.from_namespace(parse([], {"KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+                                                       "BACKFILL_GROUP_PROTOCOL": "consumer"}))
+    assert consumer.group_protocol == "consumer"
+    conf = consumer.consumer_config("g")
+    assert conf["group.protocol"] == "consumer"
+    assert not {"session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy"} & set(conf)
+    with pytest.raises(ConfigError, match=r"group\.consumer\.session\.timeout\.ms"):
+        KafkaSettings.from_namespace(parse(["--bootstrap-servers", "k:9092", "--group-protocol", "consumer",
+                                            "--kafka-config", "session.timeout.ms=10000"])).consumer_config("g")
+    with pytest.raises(SystemExit):
+        parse(["--group-protocol", "eager"])
+
+
+def test_the_embedded_broker_gets_short_group_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime import broker
+
+    monkeypatch.setattr(broker, "_EMBEDDED", {"127.0.0.1:1234"})
+    embedded = KafkaSettings(bootstrap_servers="127.0.0.1:1234")
+    assert embedded.consumer_config("g")["session.timeout.ms"] == 6000
+    assert "session.timeout.ms" not in KafkaSettings(bootstrap_servers="127.0.0.1:1235").consumer_config("g")
+    custom = KafkaSettings(bootstrap_servers="127.0.0.1:1234", extra={"session.timeout.ms": "9000"})
+    assert custom.consumer_config("g")["session.timeout.ms"] == "9000"
