@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import libipld
 from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from bench.brokers import add_broker_arguments, broker, describe
 from producers.firehose.decode import decode_frame, parse_frame
@@ -43,6 +43,7 @@ from producers.firehose.source import FirehosePosition, FrameHandler
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem, StreamPosition
+from runtime import kafka as kafka_util
 from runtime.atproto.dagcbor import decode, encode, to_json_form
 from runtime.codec import AvroCodec
 from runtime.metrics import Metrics
@@ -142,8 +143,18 @@ def produce_run(kafka: KafkaSettings, events_fn: Callable[[bytes], list[Event]],
     topics = TopicMap(prefix)
     encode_fn = avro_of(events_fn, codec, topics)
 
+    # Every topic exists before the clock starts (a broker need not create topics on first use).
+    wanted = {topic for data in frames[:2000] for topic, _key, _value in encode_fn(data)}
+    kafka_util.ensure_topics(kafka_util.admin(kafka.client_config()), wanted, partitions=kafka.topic_partitions,
+                             replication=1)
+    failed: list[str] = []
+
+    def report(err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            failed.append(f"{msg.topic()}: {err}")
+
     def run() -> float:
-        producer = Producer(kafka.producer_config())
+        producer = Producer(kafka.producer_config(on_delivery=report))
         t0 = time.perf_counter()
         n = 0
         for data in frames:
@@ -160,6 +171,7 @@ def produce_run(kafka: KafkaSettings, events_fn: Callable[[bytes], list[Event]],
         remaining = producer.flush(120)
         elapsed = time.perf_counter() - t0
         assert remaining == 0, "undelivered messages"
+        assert not failed, f"{len(failed)} messages refused, e.g. {failed[:3]}"
         return elapsed
     return run
 

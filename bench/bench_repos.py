@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from confluent_kafka import Producer  # noqa: E402
+from confluent_kafka import KafkaError, Message, Producer  # noqa: E402
 
 from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
@@ -122,16 +122,22 @@ def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, b
     codec = AvroCodec()
     flt = RecordFilter()
     rates = []
+    collections = sorted({item.collection for did, data in cars
+                          for item in RepoDecoder(read_car(data, verify=False), did, flt).items()
+                          if isinstance(item, RecordEvent)})
     for r in range(repeats):
         kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"benchk{r}", topic_partitions=6)
         topics = TopicMap(kafka.topic_prefix)
         admin = kafka_util.admin(kafka.client_config())
-        kafka_util.ensure_topics(admin, [topics.for_collection(c) for c in (
-            "app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.feed.repost", "app.bsky.graph.follow",
-            "app.bsky.graph.block", "app.bsky.actor.profile", "app.bsky.graph.listitem", "app.bsky.feed.threadgate",
-            "chat.bsky.actor.declaration", "app.bsky.graph.starterpack", "fyi.unravel.frontpage.post")],
-            partitions=6, replication=1)
-        producer = Producer(kafka.producer_config())
+        # Every topic exists before the clock starts (a broker need not create topics on first use).
+        kafka_util.ensure_topics(admin, [topics.for_collection(c) for c in collections], partitions=6, replication=1)
+        failed: list[str] = []
+
+        def report(err: KafkaError | None, msg: Message, failed: list[str] = failed) -> None:
+            if err is not None:
+                failed.append(f"{msg.topic()}: {err}")
+
+        producer = Producer(kafka.producer_config(on_delivery=report))
         t0 = time.perf_counter()
         n = 0
         for did, data in cars:
@@ -148,7 +154,9 @@ def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, b
                     n += 1
             producer.poll(0)
         assert producer.flush(120) == 0
-        rates.append(n / (time.perf_counter() - t0))
+        elapsed = time.perf_counter() - t0
+        assert not failed, f"{len(failed)} records refused, e.g. {failed[:3]}"
+        rates.append(n / elapsed)
     rate = statistics.median(rates)
     print(f"\n== To Kafka ({where}, produce + flush, median of {repeats}) ==")
     ratio = f"ratio {rate / base:.2f} vs SDK decode" if base is not None else "(no SDK baseline: cpu skipped)"
@@ -169,9 +177,10 @@ def _replicas(n: int, net: PdsNetwork, bootstrap: str, prefix: str, logdir: Path
         with (logdir / f"{prefix}-r{i}.log").open("wb") as out:
             procs.append(subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                           env={**os.environ, "PYTHONPATH": str(ROOT)}))
-    for p in procs:
+    for i, p in enumerate(procs):
         if p.wait(900) != 0:
-            raise SystemExit(f"replica failed; see {logdir}")
+            tail = (logdir / f"{prefix}-r{i}.log").read_text(errors="replace")[-4000:]
+            raise SystemExit(f"replica {prefix}-r{i} failed with status {p.returncode}:\n{tail}")
     return time.monotonic() - t0
 
 

@@ -692,10 +692,19 @@ class WorkTopicRunner:
         consumer = self._consumer
         assert consumer is not None
         topic = self.topics.dids
-        md = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if md is None or not md.partitions:
-            return {}
-        committed = consumer.committed([TopicPartition(topic, p) for p in sorted(md.partitions)], timeout=10)
+        try:
+            md = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if md is None or not md.partitions:
+                return {}
+            committed = consumer.committed([TopicPartition(topic, p) for p in sorted(md.partitions)], timeout=10)
+        except KafkaException as e:
+            err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+            if err is not None and err.fatal():
+                raise
+            # A coordinator moving or busy (a timeout): not known now, asked again at the next idle check.
+            log.info("replica %s: the group's committed offsets are not readable now (%s); checking again later",
+                     self.opts.replica, e)
+            return None
         starts = {tp.partition: tp.offset if tp.offset >= 0 else OFFSET_BEGINNING for tp in committed}
         peek = Consumer({**self.kafka.consumer_config(f"{self.group}-drain-check"), "enable.partition.eof": True,
                          "fetch.wait.max.ms": 50})

@@ -1035,9 +1035,9 @@ def test_sizing_table_takes_its_figures_from_the_readme_benchmarks() -> None:
 
 def test_sizing_check_refuses_a_figure_the_readme_does_not_have() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert in_text("21,800", readme)
-    assert not in_text("1,800", readme)
-    assert not in_text("31,500", readme), "no PostgreSQL rows/s figure in the README yet"
+    assert in_text("13,600", readme)
+    assert not in_text("3,600", readme)
+    assert not in_text("31,500", readme), "an old figure the README no longer has"
 
 
 def test_values_defaults_pass_the_schema(chart: Any) -> None:
