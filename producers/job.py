@@ -352,9 +352,8 @@ class JobRunner:
         if self._fatal is not None:
             codes.add(self._fatal.code())
         if codes & FENCED_CODES:
-            return FencedError(f"job {self.opts.job}: fenced by a newer instance of the same job (transactional id "
-                               f"{self.transactional_id}), which took over; this instance stops and writes nothing "
-                               f"more (while {doing}: {err.str()})")
+            return FencedError.of(f"job {self.opts.job}", "job name", self.transactional_id,
+                                  f"while {doing}: {err.str()}")
         if self._fatal is not None:
             return CommitError(f"job {self.opts.job}: fatal Kafka producer error while {doing}: {self._fatal.str()}")
         return error(f"job {self.opts.job}: {doing} failed: {err.str()}")

@@ -113,6 +113,12 @@ class FencedError(CommitError):
     An operational condition, not a bug: the message says everything, so no traceback is logged.
     """
 
+    @classmethod
+    def of(cls, who: str, kind: str, transactional_id: str, detail: str) -> FencedError:
+        """The error for ``who`` (``job J``, ``replica R``), fenced by a newer instance with the same ``kind``."""
+        return cls(f"{who}: fenced by a newer instance with the same {kind} (transactional id {transactional_id}), "
+                   f"which took over; this instance stops and writes nothing more ({detail})")
+
 
 class DeliveryError(FatalError):
     """Kafka reported that produced data could not be persisted."""

@@ -34,6 +34,7 @@ with warnings.catch_warnings():
 from runtime.broker import port_open, start_embedded_broker
 from runtime.settings import KafkaSettings
 from tests.kafka.cluster import KafkaCluster
+from tests.ops_tools import PrometheusTools, ToolUnavailable, prometheus_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("ATPROTO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
@@ -163,3 +164,12 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def prom() -> PrometheusTools:
+    """Prometheus's ``prometheus`` and ``promtool`` (Debian's package, unpacked; skips when unavailable)."""
+    try:
+        return prometheus_tools()
+    except ToolUnavailable as e:
+        pytest.skip(str(e))

@@ -555,9 +555,7 @@ class WorkTopicRunner:
         if self._fatal is not None:
             codes.add(self._fatal.code())
         if codes & FENCED_CODES:
-            return FencedError(f"replica {self.opts.replica}: fenced by a newer instance with the same replica id "
-                               f"(transactional id {self._tid}), which took over; this instance stops and writes "
-                               f"nothing more ({err.str()})")
+            return FencedError.of(f"replica {self.opts.replica}", "replica id", self._tid, err.str())
         return CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed: {err.str()}")
 
     def _final_progress(self) -> None:

@@ -31,23 +31,13 @@ from tests.ops_tools import (
     COMPOSE_LIVENESS,
     Procs,
     PrometheusTools,
-    ToolUnavailable,
     http_ok,
-    prometheus_tools,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
 SECRET = "sasl-pw-do-not-log-4b1e"
-
-
-@pytest.fixture(scope="module")
-def prom_tools() -> PrometheusTools:
-    try:
-        return prometheus_tools()
-    except ToolUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture
@@ -104,7 +94,7 @@ def sim() -> Iterator[JetstreamSimulator]:
         simulator.stop_thread()
 
 
-def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSettings, prom_tools: PrometheusTools,
+def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSettings, prom: PrometheusTools,
                                                              pg_url: str, sim: JetstreamSimulator, procs: Procs,
                                                              tmp_path: Path) -> None:
     start = datetime.fromtimestamp(sim.events[0].time_us / 1e6, UTC)
@@ -142,24 +132,24 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
     procs.start("prometheus", [
-        str(prom_tools.prometheus), f"--config.file={tmp_path / 'prometheus.yml'}",
+        str(prom.prometheus), f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
         {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)})
-    prom = Prometheus(f"http://127.0.0.1:{prom_port}")
-    wait_for("Prometheus ready", lambda: procs.alive("prometheus") and http_ok(f"{prom.url}/-/ready"))
+    server = Prometheus(f"http://127.0.0.1:{prom_port}")
+    wait_for("Prometheus ready", lambda: procs.alive("prometheus") and http_ok(f"{server.url}/-/ready"))
 
-    wait_for("every target up", lambda: prom.value("sum(up)") == 3)
+    wait_for("every target up", lambda: server.value("sum(up)") == 3)
 
     # the series move between scrapes
     produced = "sum(atproto_backfill_producer_events_produced_total{source=\"jetstream\"})"
     consumed = "sum(atproto_backfill_consumer_messages_total{sink=\"queue\"})"
-    wait_for("events produced", lambda: (prom.value(produced) or 0) > 0)
-    wait_for("messages consumed", lambda: (prom.value(consumed) or 0) > 0)
-    first_produced, first_consumed = prom.value(produced), prom.value(consumed)
+    wait_for("events produced", lambda: (server.value(produced) or 0) > 0)
+    wait_for("messages consumed", lambda: (server.value(consumed) or 0) > 0)
+    first_produced, first_consumed = server.value(produced), server.value(consumed)
     assert first_produced is not None
     assert first_consumed is not None
-    wait_for("produced events to grow", lambda: (prom.value(produced) or 0) > first_produced)
-    wait_for("consumed messages to grow", lambda: (prom.value(consumed) or 0) > first_consumed)
+    wait_for("produced events to grow", lambda: (server.value(produced) or 0) > first_produced)
+    wait_for("consumed messages to grow", lambda: (server.value(consumed) or 0) > first_consumed)
 
     P = '{job="producer-jetstream",source="jetstream"}'  # every process exports every metric
     expectations: dict[str, Callable[[float], bool]] = {
@@ -183,11 +173,11 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
     for expr, ok in expectations.items():
 
         def holds(expr: str = expr, ok: Callable[[float], bool] = ok) -> bool:
-            value = prom.value(expr)
+            value = server.value(expr)
             return value is not None and ok(value)
 
         def last(expr: str = expr) -> str:
-            return f"{expr} (last result {prom.query(expr)})"
+            return f"{expr} (last result {server.query(expr)})"
 
         wait_for(last, holds, timeout=30)
 
@@ -196,20 +186,20 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
                   for g in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"])
 
     def rules_ok() -> bool:
-        groups = httpx.get(f"{prom.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        groups = httpx.get(f"{server.url}/api/v1/rules", timeout=5).json()["data"]["groups"]
         rules = [r for g in groups for r in g["rules"]]
         return len(rules) == shipped and all(r["health"] == "ok" and r["lastEvaluation"] > "2000" for r in rules)
 
     wait_for("the alert rules evaluated", rules_ok)
     # every target is up, so the liveness rules have nothing to say about the three processes
-    assert prom.query('ALERTS{alertname="AtprotoBackfillTargetDown"}') == []
+    assert server.query('ALERTS{alertname="AtprotoBackfillTargetDown"}') == []
     for job in ("producer-jetstream", "consumer-queue", "consumer-postgres"):
-        assert prom.query(f'ALERTS{{alertname="AtprotoBackfillComponentDown", job="{job}"}}') == []
+        assert server.query(f'ALERTS{{alertname="AtprotoBackfillComponentDown", job="{job}"}}') == []
 
     # the exposition of both processes passes promtool's lint
     for port in (p_port, c_port, pg_port):
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        lint = subprocess.run([str(prom_tools.promtool), "check", "metrics"], input=text, capture_output=True,
+        lint = subprocess.run([str(prom.promtool), "check", "metrics"], input=text, capture_output=True,
                               text=True, timeout=60, check=False)
         assert lint.returncode == 0, lint.stdout + lint.stderr
         assert lint.stdout.strip() == "", lint.stdout

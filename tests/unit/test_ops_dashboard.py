@@ -26,21 +26,11 @@ from tests.ops_tools import (
     EXTERNAL_METRICS,
     PROMETHEUS_CONFIG,
     PrometheusTools,
-    ToolUnavailable,
     grafana_to_promql,
-    prometheus_tools,
     promql_metric_names,
 )
 
 RULE_FILES = (ALERTS, COMPOSE_LIVENESS)
-
-
-@pytest.fixture(scope="module")
-def prom() -> PrometheusTools:
-    try:
-        return prometheus_tools()
-    except ToolUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

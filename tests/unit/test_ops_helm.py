@@ -37,7 +37,6 @@ from tests.ops_tools import (
     command_module,
     module_installed,
     parse_cli,
-    prometheus_tools,
     require_module,
 )
 
@@ -86,14 +85,6 @@ def minimal(**values: Any) -> dict[str, Any]:
 def chart() -> Iterator[Any]:
     with helm.Chart.load(CHART) as loaded:
         yield loaded
-
-
-@pytest.fixture(scope="module")
-def prom() -> PrometheusTools:
-    try:
-        return prometheus_tools()
-    except ToolUnavailable as e:
-        pytest.skip(str(e))
 
 
 def render(chart: Any, values: dict[str, Any], *, upgrade: bool = False) -> list[dict[str, Any]]:
