@@ -131,6 +131,23 @@ class JobStats:
         return (self.ended or time.monotonic()) - self.started
 
 
+def resolve_fatal(producer: Producer | None, err: KafkaError,
+                  fatal: KafkaError | None) -> tuple[KafkaError, KafkaError | None]:
+    """``err`` made precise, and the producer's fatal error (``fatal``, or ``err`` once it is one).
+
+    produce() reports a fatal producer error only as ``_FATAL`` ("fatal error"); the next poll()
+    raises the error itself (fenced, say).
+    """
+    if err.code() == KafkaError._FATAL and fatal is None and producer is not None:
+        try:
+            producer.poll(0)
+        except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
+            err = kafka_error_of(e) or err
+    if err.fatal() or err.code() == KafkaError._FATAL:
+        fatal = fatal or err
+    return err, fatal
+
+
 def transactional_id(job: str) -> str:
     """The Kafka transactional id of ``job``'s producer."""
     return f"atproto-backfill-{job}"
@@ -339,15 +356,7 @@ class JobRunner:
 
     def _meaning(self, err: KafkaError, doing: str, error: type[FatalError] = CommitError) -> FatalError:
         """The FatalError that ``err``, raised by a producer call while ``doing``, means."""
-        producer = self._producer
-        if err.code() == KafkaError._FATAL and self._fatal is None and producer is not None:
-            # produce() says only "fatal error"; the next poll() raises the error itself.
-            try:
-                producer.poll(0)
-            except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
-                err = kafka_error_of(e) or err
-        if err.fatal() or err.code() == KafkaError._FATAL:
-            self._fatal = self._fatal or err
+        err, self._fatal = resolve_fatal(self._producer, err, self._fatal)
         codes = {err.code(), *(e.code() for e, _ in self._failed_reports)}
         if self._fatal is not None:
             codes.add(self._fatal.code())

@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from producers.job import FENCED_CODES, kafka_error_of
+from producers.job import FENCED_CODES, kafka_error_of, resolve_fatal
 from producers.repos.decode import record_type
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult, count_outcome
 from producers.source import Drop, Skip
@@ -534,14 +534,7 @@ class WorkTopicRunner:
         or stop (fenced by a newer instance of this replica id, or another failure)."""
         producer = self._producer
         assert producer is not None
-        if err.code() == KafkaError._FATAL and self._fatal is None:
-            # produce() says only "fatal error"; the next poll() raises the error itself.
-            try:
-                producer.poll(0)
-            except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
-                err = kafka_error_of(e) or err
-        if err.fatal() or err.code() == KafkaError._FATAL:
-            self._fatal = self._fatal or err
+        err, self._fatal = resolve_fatal(producer, err, self._fatal)
         if self._fatal is None:
             with contextlib.suppress(KafkaException):
                 producer.abort_transaction(30)

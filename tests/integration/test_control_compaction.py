@@ -77,7 +77,7 @@ def final_state(kafka: KafkaSettings, job: str, runs: int = 1) -> JobState:
 def control_records(kafka: KafkaSettings) -> list[tuple[int, JobState]]:
     """(offset, state) of every checkpoint the control topic holds now, from its beginning."""
     return [(m.offset() or 0, JobState.from_bytes(m.value() or b"")) for m in kafka_util.read_to_end(
-        kafka.consumer_config("t-compaction"), TopicMap(kafka.topic_prefix).control)]
+        kafka.consumer_config("t-compaction"), TopicMap(kafka.topic_prefix).control, settle=30)]
 
 
 def topic_configs(kafka: KafkaSettings, topic: str) -> dict[str, str]:

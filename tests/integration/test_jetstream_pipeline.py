@@ -244,7 +244,8 @@ def test_garbage_frames_go_to_the_dead_letter_topic(kafka: KafkaSettings, tmp_pa
         bad_sim.stop_thread()
     codec = AvroCodec()
     letters = [codec.decode(m.value() or b"")[1]
-               for m in kafka_util.read_to_end(kafka.consumer_config("t-dlq"), f"{kafka.topic_prefix}.dlq")]
+               for m in kafka_util.read_to_end(kafka.consumer_config("t-dlq"), f"{kafka.topic_prefix}.dlq",
+                                                        settle=30)]
     assert letters, "no dead letters"
     assert {d["reason"] for d in letters} == {"malformed_json"}
     assert all(d["payload"] == b"{not json" and d["stage"] == "producer:jetstream" for d in letters)

@@ -153,7 +153,7 @@ def test_the_loop_goes_on_while_a_checkpoint_commits(kafka: KafkaSettings) -> No
         c.close()
     # Each checkpoint covers exactly the events before it: checkpoint 1 the first 500.
     states = [JobState.from_bytes(m.value()) for m in kafka_util.read_to_end(
-        kafka.consumer_config("t-control"), control)]
+        kafka.consumer_config("t-control"), control, settle=30)]
     mine = [s for s in states if s.job == "bg"]
     assert [s.checkpoint for s in mine] == list(range(1, len(mine) + 1))
     first = mine[0]

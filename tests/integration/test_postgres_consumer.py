@@ -275,7 +275,7 @@ def test_bad_messages_are_dead_lettered_with_their_origin(kafka: KafkaSettings, 
     stats, metrics = consume(kafka, pg_url, schema, until_offsets=offsets)
     assert stats.dropped == {"transform_failed": 1, "decode_avro": 1}
     assert_tables_equal(snapshot(pg_url, schema), expected(events))
-    letters = list(kafka_util.read_to_end(kafka.consumer_config("dlq-reader"), post_topic + ".dlq"))
+    letters = list(kafka_util.read_to_end(kafka.consumer_config("dlq-reader"), post_topic + ".dlq", settle=30))
     codec = AvroCodec()
     decoded = [codec.decode(m.value())[1] for m in letters]
     assert sorted(d["reason"] for d in decoded) == ["decode_avro", "transform_failed"]

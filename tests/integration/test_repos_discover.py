@@ -60,7 +60,7 @@ def _mark_done(kafka: KafkaSettings, did: str) -> None:
 def _enqueued(kafka: KafkaSettings) -> list[str]:
     conf = kafka.consumer_config("discover-test-reader")
     return [parse_work_value(m.key(), m.value())
-            for m in kafka_util.read_to_end(conf, TopicMap(kafka.topic_prefix).dids)]
+            for m in kafka_util.read_to_end(conf, TopicMap(kafka.topic_prefix).dids, settle=30)]
 
 
 def test_discover_enqueues_referenced_authors_not_yet_done(pg_url: str, kafka: KafkaSettings) -> None:
