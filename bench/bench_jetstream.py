@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
+from producers.jetstream.position import JetstreamPosition  # noqa: E402
 from producers.jetstream.source import JetstreamOptions, JetstreamSource  # noqa: E402
 from producers.job import JobOptions, JobRunner  # noqa: E402
-from producers.source import StreamPosition  # noqa: E402
 from runtime.broker import free_port, port_open  # noqa: E402
 from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped  # noqa: E402
 from runtime.kafka import admin, ensure_topics  # noqa: E402
@@ -112,7 +112,7 @@ def ours(url: str, bootstrap: str, n: int) -> float:
 
     def make(_prev: object) -> JetstreamSource:
         return JetstreamSource(JetstreamOptions(instances=[url], start_us=START, job="bench"),
-                               StreamPosition(rewind=1_000_000))
+                               JetstreamPosition(1_000_000))
 
     t0 = time.perf_counter()
     asyncio.run(runner.run(make))

@@ -32,10 +32,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from runtime import kafka as kafka_util
-from runtime.checkpoint import FINISHED, JobState, load_job
+from runtime.checkpoint import FINISHED, JobState, load_jobs
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, DecodeError, DropError, SinkUnavailableError
+from runtime.errors import CommitError, ConfigError, DecodeError, DropError, SinkUnavailableError
 from runtime.metrics import Health, Metrics, collection_label
 from runtime.nsid import CollectionFilter
 from runtime.offsets import list_ends
@@ -190,6 +190,7 @@ class GroupConsumer:
         self._proc = psutil.Process()
         self._job_target: dict[TP, int] | None = None
         self._last_job_check = 0.0
+        self._no_offsets_warned = False
         self._fatal: BaseException | None = None
 
     # ------------------------------------------------------------------ topics
@@ -495,7 +496,17 @@ class GroupConsumer:
             log.info("RSS %.0f MB: partitions resumed", rss_mb)
 
     def _job_done(self) -> bool:
-        """True once the until-done job is finished and every partition it wrote is consumed."""
+        """True once the until-done job is finished and every partition it wrote is consumed.
+
+        A finished job's checkpoint says where its data ends (``offsets``, for a sharded firehose
+        job the highest of its workers'). One that produced events but records no offsets is never
+        taken as consumed. A DID work topic (``backfill repos --from-topic``) has no such end: its
+        replicas record progress only, each goes idle on its own and more DIDs can come at any
+        time; waiting for one (``<job>`` or ``<job>@<replica>``) is refused.
+
+        Raises:
+            ConfigError: the job is a DID work topic or one of its replicas.
+        """
         if self.opts.until_offsets is not None:
             target_raw: dict[str, dict[str, int]] | None = self.opts.until_offsets
         else:
@@ -506,9 +517,24 @@ class GroupConsumer:
             if now - self._last_job_check < 1.0:
                 return False
             self._last_job_check = now
-            state: JobState | None = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
-                                              self.topics.control, job, settle=0)
+            jobs = load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
+                             settle=0, max_wait=self.kafka.control_timeout)
+            state: JobState | None = jobs.get(job)
+            replicas = sorted(name for name, st in jobs.items() if st.filters.get("mode") == "work-topic"
+                              and (name == job or (state is None and name.startswith(f"{job}@"))))
+            if replicas:
+                raise ConfigError(
+                    f"--until-done {job}: {', '.join(replicas)}: replica progress of a DID work topic (backfill "
+                    f"repos --from-topic), which records no end of its data and never finishes (more DIDs can be "
+                    f"enqueued at any time); use --idle-exit, or backfill status")
             if state is None or state.status != FINISHED:
+                return False
+            if not state.offsets and (state.counts.get("produced", 0) or state.counts.get("records", 0)):
+                if not self._no_offsets_warned:
+                    self._no_offsets_warned = True
+                    log.warning("job %s finished but its checkpoint records no offsets for the %d events it "
+                                "produced (written by an older version?): waiting, since it cannot tell when "
+                                "they are consumed", job, state.counts.get("produced", 0))
                 return False
             target_raw = state.offsets
         target = {(t, int(p)): o for t, parts in (target_raw or {}).items() for p, o in parts.items()

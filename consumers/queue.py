@@ -252,6 +252,8 @@ class QueueSink:
         queue = self._route(event)
         if queue is None:
             return
+        # The event's identity, the same through any replay: a Jetstream event served again by
+        # another instance (another time_us) is the same item.
         key = hashlib.blake2b(event_key(event).encode(), digest_size=16).digest()
         self._rows.append((queue, key, orjson.dumps(to_jetstream_json(event)).decode()))
 

@@ -42,7 +42,7 @@ from runtime import kafka as kafka_util
 from runtime.checkpoint import FINISHED, RUNNING, JobState, load_job
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, DeliveryError, DropError, FatalError, FencedError
+from runtime.errors import CommitError, DeliveryError, DropError, FatalError, FencedError, SourceError
 from runtime.metrics import Metrics, collection_label
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.settings import KafkaSettings
@@ -283,14 +283,25 @@ class JobRunner:
 
         Returns:
             the previous state of this job (None if it never ran).
+
+        Raises:
+            SourceError: the control topic was not read to its end within ``--control-timeout``:
+                whether the job has a checkpoint is unknown, so it does not start.
         """
         kafka_util.check_reachable(self._admin, self.kafka.bootstrap_servers)
         self._ensure([self.topics.control], config=CONTROL_TOPIC_CONFIG, partitions=1)
         self._ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
                       f"{self.kafka.topic_prefix}.account"])
         self._producer = self._make_producer()
-        self.previous = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
-                                 self.topics.control, self.opts.job)
+        try:
+            self.previous = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
+                                     self.topics.control, self.opts.job, max_wait=self.kafka.control_timeout,
+                                     must_exist=True)
+        except SourceError as e:
+            raise SourceError(
+                f"job {self.opts.job}: cannot tell whether it has a checkpoint ({e}); not starting without "
+                f"it (a resume would start over, a new run would number its checkpoints from 1): raise "
+                f"--control-timeout (now {self.kafka.control_timeout:g} s) or check the brokers") from e
         self._dead = DeadLetters(self._produce_raw, self.codec, self.metrics, f"producer:{self.opts.source}",
                                  wall=self.wall)
         return self.previous
@@ -442,16 +453,27 @@ class JobRunner:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @property
+    def run_number(self) -> int:
+        """The run of the job name this process is part of: its checkpoint's when resuming, else a
+        new one (the previous run's plus one). A new run starts wherever it is asked to: its
+        checkpoints continue the numbering, never the previous run's cursor (JobState.check_forward)."""
+        prev = self.previous
+        if prev is None:
+            return 1
+        return prev.run if self.opts.resume else prev.run + 1
+
     def _build_state(self, status: str) -> JobState:
         assert self._source is not None
         prev = self.state or self.previous
+        same_run = self.state or (self.previous if self.opts.resume else None)
         pos = self._source.position
         now_us = int(self.wall() * 1e6)
         return JobState(
             job=self.opts.job, source=self.opts.source, status=status, filters=self.opts.filters,
             start_cursor=self.opts.start_cursor, end_time_us=self.opts.end_time_us,
             position=pos.snapshot(), cursor=pos.cursor,
-            cursor_time_us=self.stats.latest_time_us or (prev.cursor_time_us if prev else None),
+            cursor_time_us=self.stats.latest_time_us or (same_run.cursor_time_us if same_run else None),
             counts=self._counts(prev), offsets={t: dict(p) for t, p in (prev.offsets if prev else {}).items()},
             started_at_us=(self.state.started_at_us if self.state else now_us),
             updated_at_us=now_us, finished_at_us=now_us if status != RUNNING else None,
@@ -459,6 +481,7 @@ class JobRunner:
             checkpoint=(prev.checkpoint + 1) if prev else 1,
             runs=(self.previous.runs + 1 if (self.previous and self.opts.resume) else 1)
             if self.state is None else self.state.runs,
+            run=self.run_number,
         )
 
     def _counts(self, prev: JobState | None) -> dict[str, int]:
@@ -711,8 +734,12 @@ class JobRunner:
         if self.opts.resume and self.previous is None:
             log.warning("job %s has no checkpoint to resume from; starting fresh", self.opts.job)
         if resume_from is not None:
-            log.info("job %s: resuming from cursor %s (checkpoint %d, status %s)", self.opts.job,
-                     resume_from.cursor, resume_from.checkpoint, resume_from.status)
+            log.info("job %s: resuming run %d from cursor %s (checkpoint %d, status %s)", self.opts.job,
+                     resume_from.run, resume_from.cursor, resume_from.checkpoint, resume_from.status)
+        elif self.previous is not None:
+            log.info("job %s: starting run %d anew; run %d (%s at cursor %s) is not continued "
+                     "(--resume continues a run)", self.opts.job, self.run_number, self.previous.run,
+                     self.previous.status, self.previous.cursor)
         source = make_source(resume_from)
         self._source = source
         if self.opts.end_time_us:

@@ -16,6 +16,9 @@ from typing import Any, Protocol
 
 from runtime.errors import CursorRegressionError
 from runtime.records import Event, IdentityEvent, RecordEvent, event_key
+from runtime.records import Source as Origin
+
+_JETSTREAM = Origin.JETSTREAM.value
 
 
 @dataclass(slots=True)
@@ -89,10 +92,18 @@ def fingerprint(event: Event) -> bytes:
 def _identity(event: Event) -> tuple[Any, ...]:
     """The fields of :func:`~runtime.records.event_key`, as a tuple: cheap to build and to hash."""
     if type(event) is RecordEvent:
+        if event.source == _JETSTREAM:
+            if event.rev:
+                return (_JETSTREAM, event.did, event.collection, event.rkey, event.rev)
+            return (_JETSTREAM, event.did, event.collection, event.rkey, event.operation, "", event.cid or "",
+                    event.time_us)
         return (event.source, event.did, event.collection, event.rkey, event.operation, event.rev or "",
                 event.cid or "", event.time_us)
     kind = "identity" if isinstance(event, IdentityEvent) else "account"
-    return (event.source, event.did, kind, getattr(event, "seq", None), event.time_us)
+    seq = getattr(event, "seq", None)
+    if event.source == _JETSTREAM and seq is not None:
+        return (_JETSTREAM, event.did, kind, seq)
+    return (event.source, event.did, kind, seq, event.time_us)
 
 
 def _fingerprint_of(identity: tuple[Any, ...]) -> bytes:
@@ -104,18 +115,18 @@ def _fingerprint_of(identity: tuple[Any, ...]) -> bytes:
 class StreamPosition:
     """Resume state of a cursor-ordered stream whose cursors may arrive slightly out of order.
 
-    Jetstream's ``time_us`` goes backwards by up to tens of milliseconds between adjacent events,
-    and a relay frame carries several events with one ``seq``. So the position keeps the highest
+    A relay frame carries several events with one ``seq``. So the position keeps the highest
     cursor delivered plus the identities of the events delivered within ``rewind`` below it. A
-    resume asks the source for events from ``cursor - rewind`` and drops those seen.
+    resume asks the source for events from ``cursor - rewind`` and drops those seen. (Jetstream,
+    whose cursor is each instance's own clock, has its own position:
+    :class:`~producers.jetstream.position.JetstreamPosition`.)
 
     In memory an event's identity is a tuple of its key fields (hashed by the set); the stable
     8-byte :func:`fingerprint` is computed only for the checkpoint (:meth:`snapshot`) and, after a
     :meth:`restore`, for the events at or below the restored cursor (the replayed overlap).
 
     Args:
-        rewind: how far below the highest cursor an undelivered event can still arrive
-            (Jetstream: the allowed lateness in microseconds; relay: 0).
+        rewind: how far below the highest cursor an undelivered event can still arrive (relay: 0).
     """
 
     rewind: int = 0

@@ -21,6 +21,7 @@ import orjson
 
 from runtime.errors import CursorRegressionError
 from runtime.kafka import read_to_end
+from runtime.settings import DEFAULT_CONTROL_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class JobState:
         cursor: the headline source cursor of ``position`` (Jetstream time_us, relay seq, DIDs done).
         offsets: topic -> partition (as a string) -> next offset after the last record written.
         checkpoint: increases by one with every write; a lower one is never written after a higher.
+        run: the run of the job name this state belongs to: 1 for the first, one more for each run
+            started without ``--resume`` (which starts anew wherever it is asked to); a resume
+            continues the run of its checkpoint.
+        runs: how many processes the run took (1, plus one per resume).
     """
 
     job: str
@@ -57,6 +62,7 @@ class JobState:
     stop_reason: str | None = None
     checkpoint: int = 0
     runs: int = 1
+    run: int = 1
 
     def to_bytes(self) -> bytes:
         """JSON encoding for the control topic."""
@@ -80,14 +86,22 @@ class JobState:
     def check_forward(self, previous: JobState | None) -> None:
         """Refuse to write a checkpoint that moves backwards.
 
+        Checkpoint numbers grow across the runs of a job name; the cursor only within one run (a
+        new run starts wherever it was asked to, an earlier start included).
+
         Raises:
-            CursorRegressionError: the cursor or the checkpoint number decreased.
+            CursorRegressionError: the checkpoint number, the run, or the cursor within the run
+                decreased.
         """
         if previous is None:
             return
         if self.checkpoint <= previous.checkpoint:
             raise CursorRegressionError(
                 f"job {self.job}: checkpoint {self.checkpoint} after {previous.checkpoint}")
+        if self.run < previous.run:
+            raise CursorRegressionError(f"job {self.job}: run {self.run} after run {previous.run}")
+        if self.run != previous.run:
+            return
         if previous.cursor is not None and self.cursor is not None and self.cursor < previous.cursor:
             raise CursorRegressionError(
                 f"job {self.job}: cursor {self.cursor} is behind the checkpointed {previous.cursor}")
@@ -99,20 +113,23 @@ RESUME_SETTLE: Final = 75.0
 
 
 def load_jobs(consumer_conf: dict[str, Any], control_topic: str, *, settle: float = RESUME_SETTLE,
-              ) -> dict[str, JobState]:
+              max_wait: float = DEFAULT_CONTROL_TIMEOUT, must_exist: bool = False) -> dict[str, JobState]:
     """The latest state of every job in the control topic: the last value of each key, as compaction keeps.
 
     ``settle``: see :func:`runtime.kafka.read_to_end`. A resume needs it: the control topic has one
     partition, and another job's transaction left open there (a producer killed mid-checkpoint)
     hides every checkpoint committed after it from read_committed readers until it ends. Readers
-    that look again soon (a consumer waiting for a job to finish) pass 0.
+    that look again soon (a consumer waiting for a job to finish) pass 0. ``max_wait``: seconds to
+    read to the end (``--control-timeout``). ``must_exist``: the caller made sure the topic exists,
+    so a broker that does not know it yet is asked again rather than the topic read as empty.
 
     Raises:
         SourceError: the control topic could not be read to its end (never a partial answer: a
             missing checkpoint would make ``--resume`` start over).
     """
     jobs: dict[str, JobState] = {}
-    for msg in read_to_end(consumer_conf, control_topic, settle=settle):
+    for msg in read_to_end(consumer_conf, control_topic, settle=settle, max_wait=max_wait,
+                           missing_ok=not must_exist):
         key = msg.key()
         value = msg.value()
         if key is None or value is None:
@@ -133,10 +150,11 @@ def load_jobs(consumer_conf: dict[str, Any], control_topic: str, *, settle: floa
 
 
 def load_job(consumer_conf: dict[str, Any], control_topic: str, job: str, *,
-             settle: float = RESUME_SETTLE) -> JobState | None:
-    """The latest state of ``job``, or None if it never checkpointed.
+             settle: float = RESUME_SETTLE, max_wait: float = DEFAULT_CONTROL_TIMEOUT,
+             must_exist: bool = False) -> JobState | None:
+    """The latest state of ``job``, or None if it never checkpointed (see :func:`load_jobs`).
 
     Raises:
         SourceError: the control topic could not be read to its end.
     """
-    return load_jobs(consumer_conf, control_topic, settle=settle).get(job)
+    return load_jobs(consumer_conf, control_topic, settle=settle, max_wait=max_wait, must_exist=must_exist).get(job)

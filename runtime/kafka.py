@@ -110,6 +110,7 @@ def read_to_end(
     *,
     max_wait: float = 30.0,
     settle: float = 0.0,
+    missing_ok: bool = True,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[Message]:
     """Yield every committed message of ``topic`` from its beginning up to its end when the read starts.
@@ -117,7 +118,8 @@ def read_to_end(
     The end of each partition is its last stable offset, listed up front (ListOffsets with
     read_committed isolation): everything committed before the call is read, and a transaction
     still open at the end (a running producer holds one) ends the read where it begins instead of
-    being waited for. Messages past the end are not yielded. A missing topic yields nothing.
+    being waited for. Messages past the end are not yielded. A missing topic yields nothing, unless
+    ``missing_ok`` is False.
 
     Args:
         conf: a consumer config (group.id is set to a throwaway value if absent; nothing is committed).
@@ -127,11 +129,15 @@ def read_to_end(
             before it, another producer's open transaction notwithstanding. A transaction ends within
             the broker's transaction timeout (a dead producer's is aborted then); a resume reads
             with ``settle`` above it.
+        missing_ok: False for a topic known to exist (the caller just made sure of it): a broker
+            that does not know it yet (its metadata lagging) is asked again until ``max_wait``
+            instead of the topic being read as empty.
 
     Raises:
         SourceError: the end was not reached within ``max_wait`` seconds, a transaction open at the
-            start did not end within ``settle`` seconds, or the broker refused the read. Never a
-            partial result: a caller that got no error saw everything.
+            start did not end within ``settle`` seconds, the topic does not exist and ``missing_ok``
+            is False, or the broker refused the read. Never a partial result: a caller that got no
+            error saw everything.
     """
     conf = {**conf, "enable.auto.commit": False, "isolation.level": "read_committed",
             "enable.partition.eof": False}
@@ -139,7 +145,7 @@ def read_to_end(
     deadline = clock() + max_wait
     consumer = Consumer(conf)
     try:
-        ends = _stable_ends(consumer, topic, deadline, clock, max_wait)
+        ends = _stable_ends(consumer, topic, deadline, clock, max_wait, missing_ok)
         if settle > 0 and ends:
             ends = _settled_ends(conf, consumer, topic, ends, settle, clock)
             deadline = max(deadline, clock() + max_wait)
@@ -174,24 +180,27 @@ def read_to_end(
 
 
 def _stable_ends(consumer: Consumer, topic: str, deadline: float, clock: Callable[[], float],
-                 max_wait: float) -> dict[int, tuple[int, int]]:
+                 max_wait: float, missing_ok: bool = True) -> dict[int, tuple[int, int]]:
     """partition -> (log start offset, last stable offset) of ``topic`` (empty when it does not exist).
 
     A read_committed consumer's ListOffsets gives the last stable offset as the high watermark.
 
     Raises:
-        SourceError: no answer from every partition's leader before ``deadline``.
+        SourceError: no answer from every partition's leader before ``deadline`` (or, unless
+            ``missing_ok``, no broker knew the topic).
     """
     last: object = None
     while True:
         remaining = deadline - clock()
         if remaining <= 0:
-            raise SourceError(f"reading {topic}: no end offsets within {max_wait:.0f} s ({last})")
+            raise SourceError(f"reading {topic}: no end offsets within {max_wait:g} s ({last})")
         try:
             md = consumer.list_topics(topic, timeout=min(remaining, 10.0)).topics.get(topic)
             if md is not None and md.error is not None and md.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                return {}
-            if md is None or md.error is not None or not md.partitions:
+                if missing_ok:
+                    return {}
+                last = f"{md.error}: the topic does not exist or this broker does not know it yet"
+            elif md is None or md.error is not None or not md.partitions:
                 last = md.error if md is not None else "no metadata"
             else:
                 ends = {}
@@ -252,4 +261,4 @@ def _unfinished(topic: str, consumer: Consumer, ends: dict[int, tuple[int, int]]
     at = {tp.partition: tp.offset for tp in consumer.position([TopicPartition(topic, p) for p in sorted(pending)])}
     parts = ", ".join(f"[{p}] at {at.get(p)} of {ends[p][1]}" for p in sorted(pending))
     tail = f"; last error: {last_error}" if last_error is not None else ""
-    return f"reading {topic}: the end was not reached within {max_wait:.0f} s ({parts}){tail}"
+    return f"reading {topic}: the end was not reached within {max_wait:g} s ({parts}){tail}"

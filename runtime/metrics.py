@@ -124,6 +124,11 @@ class Metrics:
         self.reconnects = ClosedCounter(Counter(
             f"{p}_producer_reconnects_total", "Reconnections to the source.",
             ["source"], registry=r), [SOURCES])
+        self.late_events = ClosedCounter(Counter(
+            f"{p}_producer_late_events_total",
+            "Events that arrived more than the allowed lateness behind newer ones from the same "
+            "instance and were not seen before: delivered (a late duplicate is a skip).",
+            ["source"], registry=r), [SOURCES])
         self.produce_latency = Histogram(
             f"{p}_producer_produce_latency_seconds", "Time from produce() to the delivery report.",
             ["source"], registry=r, buckets=LATENCY_BUCKETS)

@@ -114,10 +114,30 @@ def to_jetstream_json(event: Event) -> dict[str, Any]:
     return {"did": event.did, "time_us": event.time_us, "kind": "account", "account": account}
 
 
+_JETSTREAM = Source.JETSTREAM.value
+
+
 def event_key(event: Event) -> str:
-    """A string that identifies one event across replays (used to de-duplicate)."""
+    """A string that identifies one event across replays (used to de-duplicate).
+
+    A Jetstream event's ``time_us`` is the receive time on the clock of the instance that served it,
+    so another instance (or the same one after a restore) serves the same event with another
+    ``time_us``: its key leaves the clock out. A commit is the record's ``did``, ``collection``,
+    ``rkey`` and ``rev`` (a repository revision changes a record path once at most); an identity or
+    account event is the relay's ``seq``, which Jetstream passes on. Only an event lacking those
+    (no ``rev``, no ``seq``) falls back to its ``time_us``. The relay's and the repositories' events
+    keep ``time_us`` in their key: it is the relay's frame time (or the repository's), the same on
+    every replay.
+    """
     if isinstance(event, RecordEvent):
+        if event.source == _JETSTREAM:
+            if event.rev:
+                return f"{_JETSTREAM}|{event.did}|{event.collection}|{event.rkey}|{event.rev}"
+            return (f"{_JETSTREAM}|{event.did}|{event.collection}|{event.rkey}|{event.operation}||"
+                    f"{event.cid or ''}|{event.time_us}")
         return (f"{event.source}|{event.did}|{event.collection}|{event.rkey}|{event.operation}|"
                 f"{event.rev or ''}|{event.cid or ''}|{event.time_us}")
     kind = "identity" if isinstance(event, IdentityEvent) else "account"
+    if event.source == _JETSTREAM and event.seq is not None:
+        return f"{_JETSTREAM}|{event.did}|{kind}|{event.seq}"
     return f"{event.source}|{event.did}|{kind}|{event.seq}|{event.time_us}"

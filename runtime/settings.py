@@ -227,6 +227,9 @@ CLASSIC_ONLY: Final = {
     "partition.assignment.strategy": "group.remote.assignor (client) or group.consumer.assignors (broker)",
 }
 
+#: Seconds to read the control topic to its end (``--control-timeout``).
+DEFAULT_CONTROL_TIMEOUT: Final = 30.0
+
 KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--bootstrap-servers",), "bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS", "auto",
         "Kafka bootstrap servers; 'embedded' starts a local in-memory broker (Tansu); 'auto' uses "
@@ -256,11 +259,22 @@ KAFKA_OPTIONS: Final[tuple[Opt, ...]] = (
         "replicas): classic (the client sets the session timeout, cooperative-sticky assignment) or "
         "consumer (Kafka 4's KIP-848 protocol: the broker assigns partitions and sets the session "
         "timeout and heartbeat, group.consumer.* broker settings)", choices=GROUP_PROTOCOLS),
+    Opt(("--control-timeout",), "control_timeout", "BACKFILL_CONTROL_TIMEOUT", DEFAULT_CONTROL_TIMEOUT,
+        "seconds to read the control topic (job checkpoints) to its end: a producer's previous "
+        "checkpoint (--resume), an --until-done consumer's job, status; a read that cannot finish in "
+        "time fails loudly, never taken for 'no checkpoint'", type=float),
     Opt(("--kafka-config",), "kafka_config", "BACKFILL_KAFKA_CONFIG", [],
         "a librdkafka setting KEY=VALUE for every Kafka client of this process, over the defaults "
         "(repeatable; in the env, comma-separated), e.g. linger.ms=20 or debug=cgrp,fetch", type=None,
         action="append", metavar="KEY=VALUE", separator=r",(?=\s*[A-Za-z0-9_.]+=)"),
 )
+
+
+#: The transactional producers' ``transaction.timeout.ms`` unless ``--kafka-config`` sets it: the
+#: broker aborts a transaction open longer (a dead producer's, so its partitions do not stay blocked
+#: for read_committed readers). Resumes wait a little longer for open transactions
+#: (``runtime.checkpoint.RESUME_SETTLE``).
+TRANSACTION_TIMEOUT_MS: Final = 60000
 
 
 def parse_kafka_config(items: Sequence[str] | None) -> dict[str, str]:
@@ -294,6 +308,7 @@ class KafkaSettings:
     sasl_password: Secret | None = None
     ssl_ca_location: str | None = None
     group_protocol: str = "classic"
+    control_timeout: float = DEFAULT_CONTROL_TIMEOUT
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -301,8 +316,14 @@ class KafkaSettings:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> KafkaSettings:
-        """Build from a namespace parsed with :data:`KAFKA_OPTIONS`."""
+        """Build from a namespace parsed with :data:`KAFKA_OPTIONS`.
+
+        Raises:
+            ConfigError: a malformed value.
+        """
         values = {o.dest: getattr(ns, o.dest, o.default) for o in KAFKA_OPTIONS}
+        if not values["control_timeout"] > 0:
+            raise ConfigError(f"--control-timeout must be positive, not {values['control_timeout']}")
         items = values.pop("kafka_config")
         if items is None:  # the append option was not resolved by the caller: flag absent, env or default
             [opt] = [o for o in KAFKA_OPTIONS if o.dest == "kafka_config"]
@@ -351,9 +372,24 @@ class KafkaSettings:
         conf.update(self.extra)  # the operator's settings over these defaults
         if transactional_id:
             conf["transactional.id"] = transactional_id
-            conf.setdefault("transaction.timeout.ms", 60000)
+            conf.setdefault("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
         conf.update(overrides)
         return conf
+
+    def transaction_timeout(self) -> float:
+        """Seconds after which the broker aborts a transaction of this process's producers still open.
+
+        Raises:
+            ConfigError: ``transaction.timeout.ms`` (``--kafka-config``) is not a positive number.
+        """
+        raw = self.extra.get("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        try:
+            ms = float(raw)
+        except ValueError as e:
+            raise ConfigError(f"transaction.timeout.ms is not a number: {raw!r}") from e
+        if ms <= 0:
+            raise ConfigError(f"transaction.timeout.ms must be positive, not {raw!r}")
+        return ms / 1000
 
     def consumer_config(self, group_id: str, **overrides: Any) -> dict[str, Any]:
         """Settings for a consumer group member that stores offsets itself.

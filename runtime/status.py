@@ -49,7 +49,7 @@ from runtime.broker import port_open
 from runtime.checkpoint import FINISHED, RUNNING, JobState
 from runtime.errors import ConfigError, SourceError
 from runtime.offsets import Ends, list_ends
-from runtime.settings import KAFKA_OPTIONS, KafkaSettings, Opt, add_options, resolve_appends
+from runtime.settings import DEFAULT_CONTROL_TIMEOUT, KAFKA_OPTIONS, KafkaSettings, Opt, add_options, resolve_appends
 from runtime.topics import TopicMap
 
 log = logging.getLogger(__name__)
@@ -345,14 +345,15 @@ def remaining_for_job(state: JobState, committed: Mapping[TP, int], scans: Mappi
 # ------------------------------------------------------------------------------------------ Kafka
 
 
-def read_job_history(conf: dict[str, Any], control_topic: str, keep: int = 2) -> dict[str, list[JobState]]:
+def read_job_history(conf: dict[str, Any], control_topic: str, keep: int = 2, *,
+                     max_wait: float = DEFAULT_CONTROL_TIMEOUT) -> dict[str, list[JobState]]:
     """The newest ``keep`` checkpoints of every job, oldest first (last value per checkpoint wins).
 
     Like :func:`runtime.checkpoint.load_jobs`, but keeps the checkpoint before the newest so the
     current rate can be computed.
     """
     history: dict[str, list[JobState]] = {}
-    for msg in kafka_util.read_to_end(conf, control_topic):
+    for msg in kafka_util.read_to_end(conf, control_topic, max_wait=max_wait):
         value = msg.value()
         if msg.key() is None or value is None:
             continue
@@ -461,7 +462,8 @@ def collect(kafka: KafkaSettings, *, jobs: Iterable[str] = (), timeout: float = 
     except KafkaException as e:
         raise SourceError(f"cannot reach Kafka at {kafka.bootstrap_servers}: {e.args[0]}") from e
     conf = kafka.consumer_config("atproto-backfill-status")
-    history = read_job_history(conf, topics.control) if topics.control in existing else {}
+    history = (read_job_history(conf, topics.control, max_wait=kafka.control_timeout)
+               if topics.control in existing else {})
     wanted = set(jobs)
     if wanted:
         history = {j: h for j, h in history.items() if j in wanted}

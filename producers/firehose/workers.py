@@ -13,12 +13,23 @@ Marks. With each batch the coordinator sends every worker a mark "all frames up 
 dispatched"; a worker that has handled everything before the mark moves its position to S, so a
 worker whose accounts are quiet still advances its checkpoint.
 
-Resume. Each worker resumes from its own checkpoint. The coordinator connects at the smallest
-resume cursor over the workers (a worker that never checkpointed counts with the job's original
-start cursor, kept in the coordinator's own checkpoint under ``<job>``); a worker drops the
-replayed frames it had already delivered (seq below its cursor, or its fingerprints at the cursor).
-The coordinator's checkpoint also records that smallest cursor: the job's resume cursor. Resuming
-with a different ``--workers`` is refused (the DID shares would move).
+Start. The coordinator's own checkpoint (under ``<job>``) records the job's start cursor. A live
+start (no ``--start-cursor``, ``--days`` or start time) has none until the relay sends its first
+frame: the coordinator then records that frame's seq - 1 as the start, and only then hands the
+frame to a worker, so no worker can checkpoint past a frame before the job's start is known.
+
+Resume. Each worker resumes from its own checkpoint. A worker checkpoints only once it produced
+something (its final checkpoint always), so a worker may have none: it counts with the job's start
+cursor. The coordinator connects at the smallest of these cursors, so the resume never starts after
+a frame some worker has not committed; a worker drops the replayed frames it had already delivered
+(seq below its cursor, or its fingerprints at the cursor). A job whose start was never recorded and
+none of whose workers checkpointed produced nothing: it starts live again. The coordinator's
+checkpoint also records that smallest cursor: the job's resume cursor. Resuming with a different
+``--workers`` is refused (the DID shares would move).
+
+End. The coordinator's final checkpoint carries every worker's offsets (per partition the highest
+of the workers' next offsets) and the sum of their counts, so a consumer waiting for the job
+(``--until-done <job>``) knows where its data ends.
 
 Stops. The coordinator detects the end watermark and sends every worker an end; ``--max-time`` and
 signals end the workers the same way (status ``stopped``); ``-n`` applies per worker share
@@ -71,7 +82,7 @@ from runtime import kafka as kafka_util
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import FINISHED, JobState, load_jobs
 from runtime.codec import AvroCodec
-from runtime.errors import DropError, FatalError, FencedError
+from runtime.errors import ConfigError, DropError, FatalError, FencedError
 from runtime.logs import configure
 from runtime.metrics import Health, Metrics, MetricsServer
 from runtime.progress import print_statistics
@@ -319,6 +330,11 @@ class Coordinator:
         self._stop_event: asyncio.Event | None = None
         self.frames = 0
         self.end_us: int | None = None
+        #: The coordinator's checkpoint of this run (rewritten when a live start learns its start seq).
+        self._base: JobState | None = None
+        #: A live start: the first seq from the relay becomes the job's start (minus one), recorded
+        #: before any frame goes to a worker.
+        self._record_start = False
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -355,7 +371,48 @@ class Coordinator:
         kafka_util.ensure_topics(kafka_util.admin(self.kafka.client_config()), [self.topics.control],
                                  partitions=1, replication=self.kafka.topic_replication,
                                  config=CONTROL_TOPIC_CONFIG)
-        return load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control)
+        return load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
+                         max_wait=self.kafka.control_timeout, must_exist=True)
+
+    def _resume_cursor(self, states: dict[str, JobState], previous: JobState) -> int | None:
+        """Where a resume connects: the smallest resume cursor over the workers, a worker without a
+        checkpoint counting with the job's start (None: nothing was produced; a live start again).
+
+        Raises:
+            ConfigError: some workers have no checkpoint and the job's start was never recorded (a
+                live start by a version that did not record it): where their frames begin is unknown.
+        """
+        s = self.settings
+        cursors: list[int | None] = []
+        for i in range(s.workers):
+            st = states.get(worker_job(s.job, i))
+            cursors.append(FirehosePosition.restore(st.position).resume_cursor if st is not None else None)
+        start = previous.start_cursor
+        if start is not None:
+            return min(start if c is None else c for c in cursors)
+        known = [c for c in cursors if c is not None]
+        if not known:
+            return None
+        if len(known) < len(cursors):
+            missing = ", ".join(worker_job(s.job, i) for i, c in enumerate(cursors) if c is None)
+            raise ConfigError(f"job {s.job}: {missing} never checkpointed and the job's start seq was not recorded "
+                              f"(a live start by an older version), so a resume cannot tell where their frames "
+                              f"begin; start a new job (--start-cursor) instead")
+        return min(known)
+
+    async def _start_at(self, seq: int) -> None:
+        """A live start: record ``seq`` (the first frame's seq - 1) as the job's start cursor.
+
+        Called before the first frame goes to a worker: a resume then never connects after a frame
+        that a worker without a checkpoint has not committed.
+        """
+        base = self._base
+        assert base is not None
+        self._base = replace(base, start_cursor=seq, cursor=seq, position={**base.position, "cursor": seq},
+                             updated_at_us=int(time.time() * 1e6), checkpoint=base.checkpoint + 1)
+        await asyncio.to_thread(self._write_state, self._base)
+        self._record_start = False
+        log.info("job %s: live start at relay seq %d (recorded as the job's start cursor)", self.settings.job, seq)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -411,6 +468,8 @@ class Coordinator:
         hard_end = self.end_us + self.settings.lateness_us if self.end_us is not None else None
         async for raw in stream.frames():
             if isinstance(raw, Drop):
+                if self._record_start and raw.cursor is not None:
+                    await self._start_at(raw.cursor - 1)
                 w = workers[0]
                 w.records.append((_DROP, orjson.dumps({"reason": raw.reason, "detail": raw.detail,
                                                        "origin": raw.origin, "cursor": raw.cursor})))
@@ -427,10 +486,12 @@ class Coordinator:
                             return "end_cursor_reached"
                     except DropError:
                         pass  # the worker dead-letters the frame
+            seq = frame.seq if frame is not None else None
+            if self._record_start and seq is not None:
+                await self._start_at(seq - 1)
             w = workers[shard_of(frame.did if frame is not None else None, count)]
             w.records.append((_FRAME, raw.data))
             w.frames += 1
-            seq = frame.seq if frame is not None else None
             if seq is not None:
                 self._last_seq = seq
                 stream.done(seq)
@@ -463,23 +524,20 @@ class Coordinator:
             self.end_us = previous.end_time_us
         if resuming:
             assert previous is not None
-            cursors = []
-            for i in range(n):
-                st = states.get(worker_job(s.job, i))
-                rc = FirehosePosition.restore(st.position).resume_cursor if st is not None else None
-                cursors.append(rc if rc is not None else previous.start_cursor)
-            known = [c for c in cursors if c is not None]
-            cursor = min(known) if len(known) == n else None
+            cursor = self._resume_cursor(states, previous)
             start_cursor = previous.start_cursor
         else:
             cursor = await initial_cursor(s, FirehosePosition())
             start_cursor = cursor
+        self._record_start = cursor is None
         now_us = int(time.time() * 1e6)
-        base = JobState(job=s.job, source="firehose", filters=s.filters(), start_cursor=start_cursor,
-                        end_time_us=self.end_us, position={"workers": n, "cursor": cursor}, cursor=cursor,
-                        started_at_us=now_us, updated_at_us=now_us,
-                        checkpoint=(previous.checkpoint + 1) if previous else 1,
-                        runs=(previous.runs + 1) if resuming and previous else 1)
+        base = JobState(
+            job=s.job, source="firehose", filters=s.filters(), start_cursor=start_cursor, end_time_us=self.end_us,
+            position={"workers": n, "cursor": cursor}, cursor=cursor, started_at_us=now_us, updated_at_us=now_us,
+            checkpoint=(previous.checkpoint + 1) if previous else 1,
+            runs=(previous.runs + 1) if resuming and previous else 1,
+            offsets=_merge_offsets([previous]) if resuming and previous else {})
+        self._base = base
         self._write_state(base)
         log.info("job %s: %d workers, relay %s, cursor %s, end %s", s.job, n, s.relay_url, cursor, self.end_us)
         ctx = multiprocessing.get_context("spawn")
@@ -505,16 +563,20 @@ class Coordinator:
         final_states = self._load() if len(reported) < n else {}
         worker_states = [reported[i] if i in reported else final_states[worker_job(s.job, i)]
                          for i in range(n) if i in reported or worker_job(s.job, i) in final_states]
+        base = self._base  # with the start seq of a live start
+        assert base is not None
         resume_cursors = [FirehosePosition.restore(st.position).resume_cursor for st in worker_states]
         known = [c for c in resume_cursors if c is not None]
-        job_cursor = min(known) if len(known) == n else cursor
+        fallback = base.start_cursor if base.start_cursor is not None else cursor
+        job_cursor = min(known) if len(known) == n else fallback
         failed = [r for r in results if r is None]
         finished = not failed and all(r is not None and r["status"] == FINISHED for r in results)
+        # The workers' offsets and counts: where the job's data ends, for consumers waiting for it.
         end_state = replace(base, status=FINISHED if finished else STOPPED, stop_reason=reason,
-                            position={"workers": n, "cursor": job_cursor, "worker_cursors": resume_cursors},
+                            position={**base.position, "cursor": job_cursor, "worker_cursors": resume_cursors},
                             cursor=job_cursor, updated_at_us=int(time.time() * 1e6),
                             finished_at_us=int(time.time() * 1e6), checkpoint=base.checkpoint + 1,
-                            counts=_sum_counts(results))
+                            counts=_sum_counts(worker_states), offsets=_merge_offsets([base, *worker_states]))
         self._write_state(end_state)
         if failed:
             raise FatalError(f"job {s.job}: {len(failed)} of {n} workers failed; see their logs")
@@ -620,10 +682,25 @@ class Coordinator:
         }
 
 
-def _sum_counts(results: list[dict[str, Any] | None]) -> dict[str, int]:
-    ok = [r for r in results if r is not None]
-    return {"received": sum(r["received"] for r in ok), "produced": sum(r["events"] for r in ok),
-            "records": sum(r["records"] for r in ok)}
+def _sum_counts(states: list[JobState]) -> dict[str, int]:
+    """The workers' counts added up (each worker's counts cover all its runs)."""
+    out: dict[str, int] = {}
+    for st in states:
+        for k, v in st.counts.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _merge_offsets(states: list[JobState]) -> dict[str, dict[str, int]]:
+    """Per topic and partition the highest next offset of ``states``: the end of all their data."""
+    out: dict[str, dict[str, int]] = {}
+    for st in states:
+        for topic, parts in st.offsets.items():
+            merged = out.setdefault(topic, {})
+            for partition, offset in parts.items():
+                if offset > merged.get(partition, 0):
+                    merged[partition] = offset
+    return out
 
 
 def run_workers(settings: FirehoseSettings, *, metrics: Metrics | None = None,

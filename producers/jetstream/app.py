@@ -27,9 +27,9 @@ import httpx
 
 from consumers.base import ConsumerOptions, GroupConsumer, group_name
 from consumers.queue import QueueSink, default_queue_path
+from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
 from producers.job import JobOptions, JobRunner, JobStats
-from producers.source import StreamPosition
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import JobState
 from runtime.codec import AvroCodec
@@ -80,8 +80,8 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--num-records", "-n"), "num_records", "BACKFILL_NUM_RECORDS", 10000,
         "number of records to collect (0 = no limit)", type=int),
     Opt(("--instance", "-i"), "instance", "JETSTREAM_INSTANCE", None,
-        "Jetstream instance name (jetstream1.us-east) or ws(s):// URL; default: the public instances "
-        "in turn"),
+        "Jetstream instance name (jetstream1.us-east) or ws(s):// URL, or several comma-separated, "
+        "used in turn (the next on failure); default: the public instances in turn"),
     Opt(("--max-time", "-t"), "max_time", "BACKFILL_MAX_TIME", 900.0,
         "maximum time to run in seconds (0 = no limit)", type=float),
     Opt(("--queue-name",), "queue_name", "BACKFILL_QUEUE_NAME", "jetstream_sync", "name for the queue"),
@@ -97,6 +97,9 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--allowed-lateness",), "allowed_lateness", "BACKFILL_ALLOWED_LATENESS", 1.0,
         "seconds an event may arrive behind newer ones (Jetstream's time_us is not monotonic)",
         type=float),
+    Opt(("--failover-rewind",), "failover_rewind", "BACKFILL_FAILOVER_REWIND", 120.0,
+        "seconds a connection to another instance rewinds (each instance's time_us is its own "
+        "receive clock); replayed events are dropped by identity", type=float),
     Opt(("--max-message-size",), "max_message_size", "BACKFILL_MAX_MESSAGE_SIZE", 0,
         "maxMessageSizeBytes asked of the server (0 = no limit)", type=int),
     Opt(("--consumer",), "consumer", "BACKFILL_JETSTREAM_CONSUMER", "queue",
@@ -141,6 +144,7 @@ class JetstreamSettings:
     compress: bool
     zstd_dictionary: str | None
     lateness_us: int
+    failover_rewind_us: int
     max_message_size: int
     consumer: str
     transactions: str
@@ -181,11 +185,13 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
     start_us = start_cursor(ns.cursor, ns.start_timestamp, ns.days)
     if end_us is not None and start_us is not None and end_us <= start_us:
         raise ConfigError("--end-timestamp must be after the start")
-    instances = [instance_url(ns.instance)] if ns.instance else [instance_url(i) for i in PUBLIC_INSTANCES]
+    instances = [instance_url(i) for i in (split_csv(ns.instance) or PUBLIC_INSTANCES)]
     if ns.num_records < 0 or ns.max_time < 0:
         raise ConfigError("--num-records and --max-time must be >= 0")
     if ns.allowed_lateness < 0:
         raise ConfigError("--allowed-lateness must be >= 0")
+    if ns.failover_rewind < 0:
+        raise ConfigError("--failover-rewind must be >= 0")
     return JetstreamSettings(
         kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
         collections=collections, dids=parse_dids(ns.wanted_dids),
@@ -194,7 +200,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         instances=instances, max_time=ns.max_time, queue_name=ns.queue_name,
         queue_path=Path(ns.queue_path) if ns.queue_path else default_queue_path(),
         batch_size=max(1, ns.batch_size), compress=bool(ns.compress), zstd_dictionary=ns.zstd_dictionary,
-        lateness_us=int(ns.allowed_lateness * 1e6), max_message_size=ns.max_message_size,
+        lateness_us=int(ns.allowed_lateness * 1e6), failover_rewind_us=int(ns.failover_rewind * 1e6),
+        max_message_size=ns.max_message_size,
         consumer=ns.consumer, transactions=ns.transactions, checkpoint_events=max(1, ns.checkpoint_events),
         checkpoint_interval=ns.checkpoint_interval, stall_timeout=ns.stall_timeout, end_idle=ns.end_idle,
         progress=ns.progress,
@@ -248,8 +255,13 @@ class RunResult:
     state: JobState
 
 
-def seed_statistics(stats: JobStats, stored: int | None, queue_length: int | None) -> dict[str, Any]:
-    """Seed 001's statistics dict (every field), plus a few more."""
+def seed_statistics(stats: JobStats, stored: int | None, queue_length: int | None,
+                    late_events: int = 0) -> dict[str, Any]:
+    """Seed 001's statistics dict (every field), plus a few more.
+
+    ``late_events``: events that arrived more than the allowed lateness late, delivered (they are
+    in the produced counts too; a late event seen before counts as a ``duplicate`` skip).
+    """
     total = stats.elapsed
     records = stored if stored is not None else stats.records_produced
     return {
@@ -268,6 +280,7 @@ def seed_statistics(stats: JobStats, stored: int | None, queue_length: int | Non
         "stop_reason": stats.stop_reason,
         "skipped": dict(stats.skipped),
         "dropped": dict(stats.dropped),
+        "late_events": late_events,
     }
 
 
@@ -354,15 +367,21 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
         consumer_thread = threading.Thread(target=consume, name="queue-consumer", daemon=True)
         consumer_thread.start()
 
+    sources: list[JetstreamSource] = []
+
     def make_source(prev: JobState | None) -> JetstreamSource:
-        position = StreamPosition.restore(prev.position if prev else None, settings.lateness_us)
+        position = JetstreamPosition.restore(prev.position if prev else None, settings.lateness_us,
+                                             settings.failover_rewind_us)
         jopts = JetstreamOptions(
             instances=settings.instances, collections=settings.collections, dids=dids,
             start_us=settings.start_us, end_us=settings.end_us, lateness_us=settings.lateness_us,
-            compress=settings.compress, zstd_dictionary=dictionary, max_message_size=settings.max_message_size,
+            failover_rewind_us=settings.failover_rewind_us, compress=settings.compress,
+            zstd_dictionary=dictionary, max_message_size=settings.max_message_size,
             stall_timeout=settings.stall_timeout, end_idle=settings.end_idle, job=settings.job)
         source = JetstreamSource(jopts, position)
         source.on_reconnect = lambda: metrics.reconnects.inc("jetstream")
+        source.on_late = metrics.late_events.child("jetstream").inc
+        sources.append(source)
         return source
 
     try:
@@ -382,7 +401,7 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
         stored = sink.stored
         queue_length = sink.queue_length()
         sink.close()
-    stats = seed_statistics(runner.stats, stored, queue_length)
+    stats = seed_statistics(runner.stats, stored, queue_length, sum(s.position.late for s in sources))
     if print_table:
         progress.close()
         print_statistics(stats, title=f"Backfill statistics (job {settings.job})")

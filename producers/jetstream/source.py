@@ -3,9 +3,12 @@
 Server-side filters are used where the server accepts them (at most 100 collection patterns and
 10,000 DIDs, sent in an ``options_update`` after connecting when the URL would be too long); the
 client always applies the same filters itself, so a larger filter is enforced locally, never
-silently narrowed. Reconnects back off with jitter and resume from the position's
-``resume_from`` (the highest delivered ``time_us`` minus the allowed lateness); the position drops
-the duplicates that overlap brings.
+silently narrowed. Reconnects back off with jitter and start where the position says
+(:meth:`~producers.jetstream.position.JetstreamPosition.connected`): on the same instance, the
+newest ``time_us`` received from it minus the allowed lateness; on another instance (a failover),
+minus the wider ``failover_rewind``, since each instance's ``time_us`` is its own receive clock. The
+position drops what the overlap repeats by the events' clock-independent identities, and counts the
+events arriving more than the lateness late (delivered unless seen).
 
 The end watermark is an event-time watermark: Jetstream's ``time_us`` is not monotonic (about a
 quarter of adjacent events go backwards, by up to ~32 ms), so events at or past the end are
@@ -31,7 +34,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, PayloadTooBig
 
 from producers.jetstream.decode import Decompressor, decode_message
-from producers.source import Drop, End, Skip, SourceItem, StreamPosition
+from producers.jetstream.position import DUPLICATE, FAILOVER_REWIND_US, LATE, JetstreamPosition
+from producers.source import Drop, End, Skip, SourceItem
 from runtime.errors import ConfigError, DropError
 from runtime.nsid import CollectionFilter
 from runtime.records import RecordEvent
@@ -81,7 +85,8 @@ class JetstreamOptions:
         dids: DIDs; empty = all.
         start_us: first cursor (None = live).
         end_us: the end watermark (None = none).
-        lateness_us: allowed lateness of the watermark and resume rewind.
+        lateness_us: allowed lateness of the watermark and of a reconnect to the same instance.
+        failover_rewind_us: how far a connection to another instance rewinds (its clock differs).
         compress: ask for zstd-compressed messages (needs ``zstd_dictionary``).
         max_message_size: ``maxMessageSizeBytes`` for the server (0 = no limit) and the client's cap.
         stall_timeout: reconnect when no message arrived for this long.
@@ -97,6 +102,7 @@ class JetstreamOptions:
     start_us: int | None = None
     end_us: int | None = None
     lateness_us: int = 1_000_000
+    failover_rewind_us: int = FAILOVER_REWIND_US
     compress: bool = False
     zstd_dictionary: bytes | None = None
     max_message_size: int = 0
@@ -159,8 +165,8 @@ class JetstreamSource:
 
     Args:
         opts: the options.
-        position: resume state (see :class:`~producers.source.StreamPosition`); its rewind is the
-            allowed lateness.
+        position: resume state (see :class:`~producers.jetstream.position.JetstreamPosition`); a
+            resume starts on the instance it was checkpointed on when that one is in the list.
         rng: jitter source (inject a seeded one in tests).
         sleep: the backoff sleep (inject a no-wait one in tests).
         connector: ``websockets.asyncio.client.connect`` or a stand-in.
@@ -168,7 +174,7 @@ class JetstreamSource:
 
     name = "jetstream"
 
-    def __init__(self, opts: JetstreamOptions, position: StreamPosition | None = None, *,
+    def __init__(self, opts: JetstreamOptions, position: JetstreamPosition | None = None, *,
                  rng: random.Random | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  connector: Connector = connect,
@@ -179,7 +185,7 @@ class JetstreamSource:
         if opts.compress and not opts.zstd_dictionary:
             raise ConfigError("--compress needs Jetstream's zstd dictionary")
         self.opts = opts
-        self._position = position or StreamPosition(rewind=opts.lateness_us)
+        self._position = position or JetstreamPosition(opts.lateness_us, opts.failover_rewind_us)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._sleep = sleep
         self._connector = connector
@@ -191,15 +197,19 @@ class JetstreamSource:
         self._decompressor = Decompressor(opts.zstd_dictionary) if opts.compress and opts.zstd_dictionary else None
         self._ws: ClientConnection | None = None
         self._instance = 0
+        if self._position.instance in opts.instances:
+            self._instance = opts.instances.index(self._position.instance)
         self.connects = 0
         self.reconnects = 0
         self.messages = 0
         self._oversize_at: tuple[int | None, int] = (None, 0)
         self.on_reconnect: Callable[[], None] | None = None
+        #: Called for each late event delivered (more than the lateness behind, not seen before).
+        self.on_late: Callable[[], None] | None = None
         self._last_message = 0.0
 
     @property
-    def position(self) -> StreamPosition:
+    def position(self) -> JetstreamPosition:
         """What was yielded so far."""
         return self._position
 
@@ -222,10 +232,9 @@ class JetstreamSource:
                 await ws.send(options_update(self.opts).decode())
 
     def _cursor(self) -> int | None:
-        resume = self._position.resume_from
-        if resume is not None:
-            return max(resume, 0)
-        return self.opts.start_us
+        """The cursor for a connection to the current instance (see JetstreamPosition.connected)."""
+        resume = self._position.connected(self.url)
+        return resume if resume is not None else self.opts.start_us
 
     def _backoff(self, attempt: int) -> float:
         base = min(self.opts.backoff_max, self.opts.backoff_initial * (2 ** min(attempt, 16)))
@@ -287,9 +296,13 @@ class JetstreamSource:
                                     and not coll_filter(event.collection):
                                 yield Skip("collection_filter")
                                 continue
-                            if position.seen(event):
-                                yield Skip("duplicate")
-                                continue
+                            verdict = position.check(event)
+                            if verdict:
+                                if verdict == DUPLICATE:
+                                    yield Skip("duplicate")
+                                    continue
+                                if verdict == LATE and self.on_late is not None:
+                                    self.on_late()
                             t = event.time_us
                             if start is not None and t < start:
                                 yield Skip("before_start")

@@ -176,6 +176,13 @@ REPOS_OPTIONS: Final[tuple[Opt, ...]] = (
         "--from-topic: work items held per partition", type=int),
     Opt(("--txn-max-dids",), "txn_max_dids", "BACKFILL_TXN_MAX_DIDS", 100,
         "--from-topic: DIDs per transaction at most", type=int),
+    Opt(("--txn-max-records",), "txn_max_records", "BACKFILL_TXN_MAX_RECORDS", 200_000,
+        "--from-topic: records per transaction at most (a repository counts with its tree's entries and "
+        "joins a transaction only if it fits; a larger repository commits alone)", type=int),
+    Opt(("--txn-max-seconds",), "txn_max_seconds", "BACKFILL_TXN_MAX_SECONDS", 20.0,
+        "--from-topic: a transaction takes no further DID once open this long; below the transaction "
+        "timeout (transaction.timeout.ms, 60 s), which must also cover the slowest single repository",
+        type=float),
     Opt(("--idle-exit",), "idle_exit", "BACKFILL_IDLE_EXIT", 0.0,
         "--from-topic: exit once the work topic is drained and this replica had no work for this many "
         "seconds (0 = never)", type=float),
@@ -221,6 +228,8 @@ class ReposSettings:
     replica: str
     prefetch: int
     txn_max_dids: int
+    txn_max_records: int
+    txn_max_seconds: float
     idle_exit: float
     redo: bool
     progress: str
@@ -247,16 +256,22 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
     if not ns.from_topic and not listed:
         raise ConfigError("no DIDs: give --dids, --dids-file, -u, --from-relay, --from-pds, or --from-topic")
     for name in ("concurrency", "rate", "burst", "per_host_concurrency", "global_concurrency", "attempts",
-                 "request_attempts", "prefetch", "txn_max_dids", "max_car_bytes"):
+                 "request_attempts", "prefetch", "txn_max_dids", "txn_max_records", "txn_max_seconds",
+                 "max_car_bytes"):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if ns.batch_size < 0 or ns.limit < 0 or ns.max_time < 0 or ns.idle_exit < 0 or ns.retry_backoff < 0:
         raise ConfigError("--batch-size, --limit, --max-time, --idle-exit and --retry-backoff must be >= 0")
+    kafka = KafkaSettings.from_namespace(ns)
+    txn_timeout = kafka.transaction_timeout()
+    if ns.from_topic and ns.txn_max_seconds >= txn_timeout:
+        raise ConfigError(f"--txn-max-seconds {ns.txn_max_seconds:g} must be below the transaction timeout "
+                          f"({txn_timeout:g} s, transaction.timeout.ms): the broker aborts a transaction open longer")
     limits = PdsLimits(rate=ns.rate, burst=ns.burst, per_host_concurrency=ns.per_host_concurrency,
                        global_concurrency=ns.global_concurrency, attempts=ns.request_attempts,
                        max_car_bytes=ns.max_car_bytes, read_timeout=ns.read_timeout)
     return ReposSettings(
-        kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
+        kafka=kafka, obs=ObservabilitySettings.from_namespace(ns),
         dids=[check_did(d, ATPROTO_METHODS) for d in split_csv(ns.dids)],
         dids_file=Path(ns.dids_file) if ns.dids_file else None,
         handles=split_csv(ns.handles), handle_resolver=ns.handle_resolver, from_relay=bool(ns.from_relay),
@@ -267,7 +282,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
         did_web_scheme=ns.did_web_scheme, verify=bool(ns.verify), job=ns.job, resume=bool(ns.resume),
         transactions=ns.transactions, checkpoint_interval=ns.checkpoint_interval, max_time=ns.max_time,
         workdir=Path(ns.workdir) if ns.workdir else None, replica=ns.replica_id or _default_replica(),
-        prefetch=ns.prefetch, txn_max_dids=ns.txn_max_dids, idle_exit=ns.idle_exit, redo=bool(ns.redo),
+        prefetch=ns.prefetch, txn_max_dids=ns.txn_max_dids, txn_max_records=ns.txn_max_records,
+        txn_max_seconds=ns.txn_max_seconds, idle_exit=ns.idle_exit, redo=bool(ns.redo),
         progress=ns.progress,
     )
 
@@ -457,8 +473,9 @@ async def _run_topic(settings: ReposSettings, kafka: KafkaSettings, metrics: Met
                      progress: Progress, ctx: _Context) -> ReposRun:
     codec = AvroCodec.from_config(kafka.registry_config())
     opts = WorkOptions(job=settings.job, replica=settings.replica, concurrency=settings.concurrency,
-                       prefetch=settings.prefetch, txn_max_dids=settings.txn_max_dids, idle_exit=settings.idle_exit,
-                       max_time=settings.max_time, skip_done=not settings.redo)
+                       prefetch=settings.prefetch, txn_max_dids=settings.txn_max_dids,
+                       txn_max_records=settings.txn_max_records, txn_max_seconds=settings.txn_max_seconds,
+                       idle_exit=settings.idle_exit, max_time=settings.max_time, skip_done=not settings.redo)
     results: list[RepoResult] = []
     started = time.monotonic()
     records = 0

@@ -73,6 +73,8 @@ class Fetched:
 
     ``outcome``: ``ok`` (``car`` is open), ``not_found``/``deactivated``/``takendown``, or
     ``failed`` (``reason`` is a drop reason, ``payload`` what the dead letter keeps).
+    ``opened``: the CAR's checked repository (a ``RepoDecoder``) or why it cannot be used (a
+    ``RepoDecodeError``), once :class:`RepoProcessor` opened it.
     """
 
     did: str
@@ -88,9 +90,11 @@ class Fetched:
     reason: str | None = None
     detail: str | None = None
     payload: bytes = b""
+    opened: RepoDecoder | RepoDecodeError | None = None
 
     def close(self) -> None:
         """Close and delete the downloaded CAR."""
+        self.opened = None
         if isinstance(self.car, CarFile):
             self.car.close()
         self.car = None
@@ -308,22 +312,42 @@ class RepoProcessor:
         finally:
             result.duration_ms = int((self._clock() - fetched.started) * 1000)
 
+    def records_bound(self, fetched: Fetched) -> int:
+        """At most how many records :meth:`items` yields for ``fetched``, known before any is produced.
+
+        The repository is opened here (its commit read, its whole tree walked and checked, as
+        :meth:`items` would first do, and only once): the bound is the number of entries of its tree.
+        0 for a DID without a usable repository.
+        """
+        if fetched.outcome != "ok" or fetched.car is None:
+            return 0
+        opened = self._open(fetched)
+        return opened.summary.entries if isinstance(opened, RepoDecoder) else 0
+
+    def _open(self, fetched: Fetched) -> RepoDecoder | RepoDecodeError:
+        if fetched.opened is None:
+            assert fetched.car is not None
+            key: str | None = None
+            if self.verify:
+                key = fetched.identity.signing_key if fetched.identity is not None else None
+                if key is None:
+                    fetched.opened = _NoSigningKeyError(
+                        "bad_signature", f"--verify: the DID document of {fetched.did} has no #atproto signing key")
+                    return fetched.opened
+            try:
+                fetched.opened = RepoDecoder(fetched.car, fetched.did, self.flt, job=self.job, cursor=fetched.cursor,
+                                             signing_key=key)
+            except RepoDecodeError as e:
+                fetched.opened = e
+        return fetched.opened
+
     def _decode(self, fetched: Fetched, result: RepoResult) -> Iterator[RecordEvent | Drop | Skip]:
-        assert fetched.car is not None
-        key: str | None = None
-        if self.verify:
-            key = fetched.identity.signing_key if fetched.identity is not None else None
-            if key is None:
-                result.outcome, result.reason = "failed", "bad_signature"
-                result.detail = f"--verify: the DID document of {fetched.did} has no #atproto signing key"
-                yield self._failed_drop(fetched, result.reason, result.detail, b"")
-                return
-        try:
-            decoder = RepoDecoder(fetched.car, fetched.did, self.flt, job=self.job, cursor=fetched.cursor,
-                                  signing_key=key)
-        except RepoDecodeError as e:
+        decoder = self._open(fetched)
+        if isinstance(decoder, RepoDecodeError):
+            e = decoder
             result.outcome, result.reason, result.detail = "failed", e.reason, e.detail
-            yield self._failed_drop(fetched, e.reason, e.detail, _head(fetched.path) if fetched.path else b"")
+            payload = b"" if isinstance(e, _NoSigningKeyError) or not fetched.path else _head(fetched.path)
+            yield self._failed_drop(fetched, e.reason, e.detail, payload)
             return
         s = decoder.summary
         result.rev, result.commit_cid = s.rev, s.commit_cid
@@ -338,6 +362,10 @@ class RepoProcessor:
         pds = fetched.identity.pds_endpoint if fetched.identity is not None else None
         return Drop(reason, f"repository {fetched.did}: {detail}", payload[:DEAD_LETTER_PAYLOAD],
                     f"repo:{pds or 'unresolved'}/{fetched.did}", did=fetched.did, cursor=fetched.cursor)
+
+
+class _NoSigningKeyError(RepoDecodeError):
+    """``--verify`` and the DID document names no key to check the commit against."""
 
 
 def count_outcome(metrics: Metrics | None, result: RepoResult) -> None:

@@ -64,12 +64,18 @@ _PURGED: Final = frozenset((KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 
 class _TransactionAbortedError(Exception):
-    """A transaction failed with an abortable error (a rebalance moved the group on); redo its items."""
+    """A transaction failed with an abortable error (a rebalance moved the group on); redo its items.
 
-    def __init__(self, batch: int, dids: list[str], reason: str) -> None:
+    ``redo``: the items the transaction took (fetched again); ``kept``: the items after them that it
+    left for the next transaction (their downloads untouched).
+    """
+
+    def __init__(self, batch: int, redo: list[_Item], kept: list[_Item], reason: str) -> None:
         super().__init__(f"transaction {batch} aborted: {reason}")
         self.batch = batch
-        self.dids = dids
+        self.redo = redo
+        self.kept = kept
+        self.dids = [i.did for i in redo if i.did]
         self.reason = reason
 
 
@@ -238,6 +244,12 @@ class WorkOptions:
         concurrency: DIDs fetched at once.
         prefetch: work items held per partition before the partition is paused.
         txn_max_dids: DIDs per transaction at most.
+        txn_max_records: records per transaction at most. A repository counts with the entries of its
+            tree (an upper bound of its records, known before any is produced) and joins an open
+            transaction only if it fits; a repository larger than the bound commits alone.
+        txn_max_seconds: a transaction takes no further DID once it has been open this long. Each
+            repository commits whole, so one that takes longer keeps its transaction open longer:
+            the transaction timeout (``transaction.timeout.ms``) must cover the largest repository.
         idle_exit: exit once the whole work topic is drained (every partition's committed offset at
             its end) and this replica had no work for this many seconds (0 = run forever).
         max_time: stop after this many seconds (0 = no limit).
@@ -253,6 +265,8 @@ class WorkOptions:
     concurrency: int = 32
     prefetch: int = 64
     txn_max_dids: int = 200
+    txn_max_records: int = 200_000
+    txn_max_seconds: float = 20.0
     idle_exit: float = 0.0
     max_time: float = 0.0
     skip_done: bool = True
@@ -283,6 +297,12 @@ class WorkStats:
     aborted: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
+    #: Committed transactions that left ready DIDs for the next one, by the bound that ended them
+    #: (``records``, ``seconds``).
+    cut: dict[str, int] = field(default_factory=dict)
+    #: The most records one committed transaction carried, and the longest one was open (seconds).
+    txn_records_max: int = 0
+    txn_seconds_max: float = 0.0
 
 
 class WorkTopicRunner:
@@ -332,6 +352,9 @@ class WorkTopicRunner:
         self._m_produced: dict[str, Any] = {}
         self._work_offsets: dict[int, int] = {}
         self._started_us = int(wall() * 1e6)
+        self._txn_records = 0  # records (and dead-lettered record entries) in the open transaction
+        #: Seconds after which the broker aborts an open transaction of this replica.
+        self._txn_timeout = kafka.transaction_timeout()
 
     # ------------------------------------------------------------------ setup
 
@@ -471,6 +494,7 @@ class WorkTopicRunner:
         try:
             for it in self.processor.items(fetched, result):
                 if isinstance(it, RecordEvent):
+                    self._txn_records += 1
                     try:
                         self._emit_event(it)
                     except DropError as e:
@@ -491,8 +515,27 @@ class WorkTopicRunner:
                       self.codec.encode("repo_status", self.topics.repo_status, datum))
         return result
 
-    def _cycle(self, batch: list[_Item]) -> list[tuple[_Item, RepoResult | None]]:
-        """One transaction: the batch's records and statuses, and the offsets past them."""
+    def _records_bound(self, item: _Item) -> int:
+        """At most how many records ``item`` produces (0 for an item that is skipped or dead-lettered)."""
+        if item.skip is not None or item.task is None:
+            return 0
+        return self.processor.records_bound(item.task.result())
+
+    def _cut(self, item: _Item, records: int, began: float) -> str | None:
+        """Why the open transaction takes no further item (``item`` is the next), or None."""
+        if self.clock() - began >= self.opts.txn_max_seconds:
+            return "seconds"
+        if records + self._records_bound(item) > self.opts.txn_max_records:
+            return "records"
+        return None
+
+    def _cycle(self, batch: list[_Item]) -> tuple[list[tuple[_Item, RepoResult | None]], list[_Item]]:
+        """One transaction: the records and statuses of the batch's first items, and the offsets past them.
+
+        The transaction takes the batch's items in order while its bounds allow (the first always:
+        a repository's records, status and work offset commit together, whatever its size). Returns
+        the results, and the items left for the next transaction (their downloads untouched).
+        """
         producer = self._producer
         consumer = self._consumer
         assert producer is not None
@@ -500,10 +543,21 @@ class WorkTopicRunner:
         self._batch += 1
         out: list[tuple[_Item, RepoResult | None]] = []
         offsets: dict[int, int] = {}
+        kept: list[_Item] = []
+        cut: str | None = None
+        self._txn_records = 0
+        began = self.clock()
         try:
             producer.begin_transaction()
             try:
-                for item in batch:
+                for n, item in enumerate(batch):
+                    if out and (cut := self._cut(item, self._txn_records, began)) is not None:
+                        kept = batch[n:]
+                        break
+                    if not out and (bound := self._records_bound(item)) > self.opts.txn_max_records:
+                        log.info("replica %s: repository %s has up to %d records, over --txn-max-records %d: "
+                                 "it commits alone in transaction %d", self.opts.replica, item.did, bound,
+                                 self.opts.txn_max_records, self._batch)
                     out.append((item, self._process(item)))
                     offsets[item.partition] = item.offset + 1
             except BaseException:
@@ -523,15 +577,30 @@ class WorkTopicRunner:
             err = kafka_error_of(e)
             if err is None:
                 raise
-            raise self._failed(err, batch) from e
+            raise self._failed(err, batch[:len(batch) - len(kept)], kept, self.clock() - began) from e
         if self._errors:
             refused = "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in self._errors[:3])
             raise DeliveryError(f"Kafka refused data: {refused}")
-        return out
+        st = self.stats
+        if cut is not None:
+            st.cut[cut] = st.cut.get(cut, 0) + 1
+        st.txn_records_max = max(st.txn_records_max, self._txn_records)
+        open_for = self.clock() - began
+        st.txn_seconds_max = max(st.txn_seconds_max, open_for)
+        if open_for > self._txn_timeout / 2:
+            log.warning("replica %s: transaction %d was open %.1f s (%d DIDs, %d records), more than half the "
+                        "transaction timeout (%.0f s, transaction.timeout.ms)", self.opts.replica, self._batch,
+                        open_for, len(out), self._txn_records, self._txn_timeout)
+        return out, kept
 
-    def _failed(self, err: KafkaError, batch: list[_Item]) -> Exception:
+    def _failed(self, err: KafkaError, batch: list[_Item], kept: list[_Item] | None = None,
+                open_for: float = 0.0) -> Exception:
         """What a Kafka error of transaction ``self._batch`` means: redo it (a rebalance aborted it),
-        or stop (fenced by a newer instance of this replica id, or another failure)."""
+        or stop (fenced by a newer instance of this replica id, or another failure).
+
+        ``batch``: the items the transaction took; ``kept``: those it left for the next one;
+        ``open_for``: seconds the transaction was open.
+        """
         producer = self._producer
         assert producer is not None
         err, self._fatal = resolve_fatal(producer, err, self._fatal)
@@ -543,13 +612,22 @@ class WorkTopicRunner:
             if err.txn_requires_abort() or err.retriable():
                 # A rebalance moved the group's generation on (a replica joined or left) while this
                 # transaction was open: nothing of it counts; its work items are done again.
-                return _TransactionAbortedError(self._batch, [i.did for i in batch if i.did], err.str())
+                return _TransactionAbortedError(self._batch, batch, kept or [], err.str() + self._overtime(open_for))
         codes = {err.code(), *(r.code() for r, _ in self._errors)}
         if self._fatal is not None:
             codes.add(self._fatal.code())
-        if codes & FENCED_CODES:
+        if codes & FENCED_CODES and not self._overtime(open_for):
             return FencedError.of(f"replica {self.opts.replica}", "replica id", self._tid, err.str())
-        return CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed: {err.str()}")
+        return CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed: {err.str()}"
+                           f"{self._overtime(open_for)}")
+
+    def _overtime(self, open_for: float) -> str:
+        """What to say of a failed transaction that was open past the transaction timeout ('' if it was not)."""
+        if open_for < self._txn_timeout:
+            return ""
+        return (f" (it was open {open_for:.0f} s, past the transaction timeout of {self._txn_timeout:.0f} s, "
+                f"after which the broker aborts it; a repository that alone takes longer needs a longer one: "
+                f"--kafka-config transaction.timeout.ms=..., at most the broker's transaction.max.timeout.ms)")
 
     def _final_progress(self) -> None:
         """Record the replica's end in the control topic (best effort: losing it loses no data)."""
@@ -794,11 +872,13 @@ class WorkTopicRunner:
                 batch = self._ready()
                 if batch:
                     try:
-                        results = await loop.run_in_executor(None, self._cycle, batch)
+                        results, kept = await loop.run_in_executor(None, self._cycle, batch)
                     except _TransactionAbortedError as e:
-                        self._requeue(batch, e)
+                        self._put_back(e.kept)
+                        self._requeue(e.redo, e)
                         continue
                     self._aborts_in_a_row = 0
+                    self._put_back(kept)
                     self._after_commit(results)
                     last_work = self.clock()
                     continue
@@ -849,6 +929,15 @@ class WorkTopicRunner:
                 continue
             item.task = None  # its download was consumed by the aborted transaction: fetch it again
             items.appendleft(item)
+
+    def _put_back(self, items: list[_Item]) -> None:
+        """Put items a transaction left for the next one back at the head of their partitions, in order."""
+        for item in reversed(items):
+            part = self._parts.get(item.partition)
+            if part is None:
+                _close_item(item)  # revoked meanwhile: its next owner does it
+            else:
+                part.appendleft(item)
 
     def _after_commit(self, results: list[tuple[_Item, RepoResult | None]]) -> None:
         self.stats.transactions += 1

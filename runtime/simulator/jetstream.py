@@ -7,7 +7,10 @@ with ``time_us >= cursor``; no cursor = live tail only), ``compress`` (zstd with
 ignore the collection filter. After the stored events it can keep generating live ones.
 
 Faults on demand: disconnect after N messages, stall for S seconds, garbage frames, oversize
-frames. ``backfill simulate jetstream`` runs it; the demo and the tests use it in-process.
+frames. ``clock_offset_us`` makes another instance of the same stream: each instance stamps
+``time_us`` with its own receive clock, so a second simulator serving the same events with an
+offset is an instance behind (negative) or ahead (positive) of the first, for failover tests.
+``backfill simulate jetstream`` runs it; the demo and the tests use it in-process.
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ class Faults:
     garbage_every: int = 0
     oversize_every: int = 0
     oversize_bytes: int = 2 * 1024 * 1024
+
+
+def shift_clock(events: Iterable[StoredEvent], offset_us: int) -> list[StoredEvent]:
+    """The events as an instance whose receive clock is ``offset_us`` ahead (negative: behind) serves them."""
+    out: list[StoredEvent] = []
+    for e in events:
+        obj = orjson.loads(e.text)
+        obj["time_us"] = e.time_us + offset_us
+        out.append(StoredEvent(e.time_us + offset_us, e.did, e.collection, orjson.dumps(obj).decode()))
+    return out
 
 
 def load_events(lines: Iterable[str | bytes]) -> list[StoredEvent]:
@@ -124,12 +137,16 @@ class JetstreamSimulator:
         live_rate: after the stored events, generate this many live events per second (0 = none).
         faults: injected faults.
         rate_limit: cap on messages per second per connection (0 = as fast as possible).
+        clock_offset_us: this instance's receive clock minus the true time: every ``time_us`` it
+            serves (stored and live) and every cursor it is asked for are on that clock.
     """
 
     def __init__(self, events: list[StoredEvent], *, dictionary: bytes | None = None, live_rate: float = 0.0,
                  faults: Faults | None = None, rate_limit: float = 0.0, host: str = "127.0.0.1",
-                 port: int = 0, seed: int = 7, clock: Callable[[], float] = time.time) -> None:
-        self.events = events
+                 port: int = 0, seed: int = 7, clock: Callable[[], float] = time.time,
+                 clock_offset_us: int = 0) -> None:
+        self.clock_offset_us = clock_offset_us
+        self.events = shift_clock(events, clock_offset_us) if clock_offset_us else events
         self._dictionary = dictionary
         self.live_rate = live_rate
         self.faults = faults or Faults()
@@ -309,7 +326,8 @@ class JetstreamSimulator:
 
     async def _generate_live(self) -> None:
         assert self._live_cond is not None
-        start = int(self._clock() * 1e6)
+        offset = self.clock_offset_us
+        start = int(self._clock() * 1e6) + offset
         if self.events:
             start = max(start, self._running_max[-1] + 1)
         gen = Generator(seed=self._seed, start_us=start, rate=self.live_rate, real_cids=False)
@@ -325,7 +343,7 @@ class JetstreamSimulator:
             new = []
             for _ in range(k):
                 ev = gen.event()
-                ev["time_us"] = max(int(self._clock() * 1e6), ev["time_us"])
+                ev["time_us"] = max(int(self._clock() * 1e6) + offset, ev["time_us"])
                 new.extend(load_events([orjson.dumps(ev)]))
             async with self._live_cond:
                 self._live.extend(new)
@@ -379,9 +397,10 @@ class JetstreamSimulator:
         return self
 
     def stop_thread(self) -> None:
-        """Stop a simulator started with :meth:`start_in_thread`."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Stop a simulator started with :meth:`start_in_thread` (again: nothing more)."""
+        if self._loop is not None and self._thread is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile by another thread's stop
+                self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
 

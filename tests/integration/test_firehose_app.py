@@ -7,18 +7,25 @@
 * ``--workers 2``: the same events, per-worker checkpoints, a resume that refuses another worker
   count, and a kill -9 of the whole process group mid-transaction followed by a resume: every
   event exactly once.
+* ``--workers 2`` and ``backfill consume queue --until-done`` (started before the job, and after
+  it): the job's final checkpoint holds its workers' offsets, so each consumer ends with every event.
+* ``--workers 2`` started live, killed -9 while one worker has no checkpoint yet, then resumed: the
+  resume starts at the job's recorded start, and every event of the range is committed once.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ import pytest
 
 from producers.firehose import app
 from producers.firehose.decode import decode_frame
+from producers.firehose.workers import shard_of
 from runtime import kafka as kafka_util
 from runtime.atproto.crypto import KeyPair
 from runtime.checkpoint import JobState, load_job, load_jobs
@@ -288,3 +296,135 @@ def test_a_cursor_the_relay_never_had_stops_with_status_1(kafka: KafkaSettings) 
         sim.stop_thread()
     assert code == 1
     assert sim.cursors == [5000]
+
+
+def _wait(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _queue_consumer(kafka: KafkaSettings, path: Path, group: str, job: str, log: Path) -> subprocess.Popen[bytes]:
+    """``backfill consume queue --until-done job`` in its own process."""
+    args = [sys.executable, "-m", "runtime.cli", "consume", "queue", "--queue-path", str(path), "--queue-name", "q",
+            "--group", group, "--until-done", job, "--linger", "0.1", "--bootstrap-servers",
+            kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+    with log.open("wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+
+
+def _queued(path: Path) -> tuple[int, set[bytes]]:
+    """How many items the queue holds, and the event keys it has seen (blake2b, as the sink stores them)."""
+    with closing(sqlite3.connect(path)) as conn:
+        items: int = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+        seen = {bytes(k) for (k,) in conn.execute("SELECT key FROM seen")}
+    return items, seen
+
+
+@pytest.mark.slow
+def test_until_done_consumers_of_a_sharded_job_end_with_every_event(kafka: KafkaSettings, tmp_path: Path) -> None:
+    gen = RelayGenerator(seed=37, accounts=12, start_us=1_760_000_000_000_000, rate=50)
+    frames = gen.frames(450)
+    end = frames[400].time_us
+    expected = expected_events(frames, end)
+    want = {hashlib.blake2b(event_key(e).encode(), digest_size=16).digest() for e in expected}
+    assert len(want) == len(expected)
+    sim = RelaySimulator(frames, rate_limit=150).start_in_thread()
+    # one consumer waits for the job from before it starts, another starts once it is over
+    early = _queue_consumer(kafka, tmp_path / "early.sqlite", f"{kafka.topic_prefix}-early", "done",
+                            tmp_path / "early.log")
+    consumers = [early]
+    try:
+        result = app.run(settings(kafka, "--relay-url", sim.url, "--start-cursor", "0", "--end-timestamp",
+                                  us_to_iso(end), "--allowed-lateness", "0.2", "--job", "done", "--workers", "2",
+                                  "--batch-size", "20"), print_table=False)
+        final = result.state
+        assert final is not None
+        assert (final.status, final.stop_reason) == ("finished", "end_cursor_reached")
+        late = _queue_consumer(kafka, tmp_path / "late.sqlite", f"{kafka.topic_prefix}-late", "done",
+                               tmp_path / "late.log")
+        consumers.append(late)
+        for proc in consumers:
+            proc.wait(60)
+    finally:
+        sim.stop_thread()
+        for proc in consumers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    # Each consumer ran until it had read all of the job's data, not merely until the job finished ...
+    for name in ("early", "late"):
+        log = (tmp_path / f"{name}.log").read_text()
+        items, seen = _queued(tmp_path / f"{name}.sqlite")
+        assert (items, seen == want) == (len(expected), True), (name, log[-3000:])
+        assert "until_done" in log, log[-3000:]
+    assert [proc.returncode for proc in consumers] == [0, 0]
+    # ... since the job's checkpoint says where its workers' data ends.
+    merged: dict[str, dict[str, int]] = {}
+    for st in result.states:
+        for topic, parts in st.offsets.items():
+            for p, o in parts.items():
+                merged.setdefault(topic, {})[p] = max(o, merged.get(topic, {}).get(p, 0))
+    assert final.offsets == merged != {}
+    assert final.counts["produced"] == len(expected)
+
+
+@pytest.mark.slow
+def test_a_live_sharded_start_killed_before_a_worker_checkpointed_resumes_at_the_jobs_start(
+        kafka: KafkaSettings, tmp_path: Path) -> None:
+    gen = RelayGenerator(seed=38, accounts=8, start_us=1_760_000_000_000_000, rate=50)
+    history = gen.frames(20)  # before the live start: never part of the job
+    # The first frames after the start belong to worker 0's accounts only: worker 1 gets none, so
+    # it has no checkpoint when the job is killed.
+    first: list[StoredFrame] = []
+    while len(first) < 600:
+        frame = gen.frame()
+        if shard_of(frame.did, 2) == 0:
+            first.append(frame)
+    rest = gen.frames(200)
+    end = rest[120].time_us
+    expected = expected_events([*first, *rest], end)
+    assert {shard_of(e.did, 2) for e in expected_events(rest, end)} == {0, 1}
+    # 50 frames/s: worker 0 is busy for 12 s, and its records reach the broker at once (linger 5 ms),
+    # so however loaded the machine a moment with its data in an open transaction comes up.
+    sim = RelaySimulator(history, rate_limit=50).start_in_thread()
+    control = TopicMap(kafka.topic_prefix).control
+    args = ["--relay-url", sim.url, "--end-timestamp", us_to_iso(end), "--allowed-lateness", "0.2", "--job", "live",
+            "--workers", "2", "--batch-size", "20", "--bootstrap-servers", kafka.bootstrap_servers,
+            "--topic-prefix", kafka.topic_prefix, "--topic-partitions", "3", "--progress", "none",
+            "--checkpoint-interval", "0.5", "--checkpoint-every", "40", "--kafka-config", "linger.ms=5"]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with (tmp_path / "first.log").open("wb") as out:
+            procs.append(subprocess.Popen(_command(*args), stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                                          start_new_session=True))
+        _wait("the live connection", lambda: sim.cursors == [None])  # no cursor: live, at the head
+        sim.call(lambda: sim.append(first))
+        # killed with worker 0's data in an open transaction, after its first checkpoint
+        held = kill_in_transaction(procs[0], kafka, group=True, ready=lambda: "live.w0" in _jobs_so_far(kafka, control))
+        assert procs[0].returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+        assert held
+        states = load_jobs(kafka.consumer_config("t"), control, settle=0)
+        assert "live.w1" not in states  # worker 1 never checkpointed
+        assert states["live.w0"].position["resume_cursor"] > history[-1].seq
+        with (tmp_path / "resumed.log").open("wb") as out:
+            procs.append(subprocess.Popen(_command(*args, "--resume"), stdout=out, stderr=subprocess.STDOUT,
+                                          env=_env(), cwd=ROOT, start_new_session=True))
+        _wait("the resume's connection", lambda: len(sim.cursors) == 2 or procs[1].poll() is not None)
+        sim.call(lambda: sim.append(rest))
+        procs[1].wait(60)
+        assert procs[1].returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    finally:
+        sim.stop_thread()
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+    # Every event of the range exactly once: worker 1's share of the frames before the kill too.
+    assert committed_event_keys(kafka) == keys(expected), (tmp_path / "resumed.log").read_text()[-3000:]
+    # The first run recorded its start (the first frame's seq - 1), and the resume connected there.
+    job = load_job(kafka.consumer_config("t"), control, "live")
+    assert job is not None
+    assert (job.status, job.start_cursor, job.runs) == ("finished", history[-1].seq, 2)
+    assert sim.cursors == [None, history[-1].seq]

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,11 +31,12 @@ from runtime.checkpoint import load_job
 from runtime.cli import main
 from runtime.codec import AvroCodec
 from runtime.nsid import CollectionFilter
-from runtime.records import event_key
+from runtime.records import Event, RecordEvent, event_key
 from runtime.settings import KafkaSettings
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
 from runtime.timeparse import us_to_iso
-from tests.integration.eos import committed_event_keys, kill_in_transaction
+from runtime.typed import event_from_datum
+from tests.integration.eos import committed, committed_event_keys, event_topics, kill_in_transaction
 
 START = 1_700_000_000_000_000
 EVENTS = synthetic_events(6000, seed=21, accounts=80, start_us=START, rate=1000, real_cids=False)
@@ -203,6 +205,74 @@ def test_a_second_instance_of_a_running_job_fences_the_first(kafka: KafkaSetting
     assert committed_event_keys(kafka) == expected_keys(collections, "twin")
     state = load_job(kafka.consumer_config("t-reader"), control, "twin")
     assert state is not None and (state.status, state.stop_reason, state.runs) == ("finished", "end_cursor_reached", 2)
+
+
+def identity_of(event: Event) -> tuple[str, ...]:
+    """What makes an event the same through every instance (the instance's time_us is not part of it)."""
+    if isinstance(event, RecordEvent):
+        return (event.did, event.collection, event.rkey, event.rev or "")
+    return (event.did, type(event).__name__, str(event.seq))
+
+
+def _stop_when(sim: JetstreamSimulator, sent: int) -> threading.Thread:
+    """Stop ``sim`` (its server and every connection) once it sent ``sent`` messages."""
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while sim.messages_sent < sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sim.stop_thread()
+
+    thread = threading.Thread(target=watch, name="stop-first-instance", daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("offset_first", "offset_second"), [(-1_500_000, 1_500_000), (1_500_000, -1_500_000)],
+                         ids=["to-an-instance-ahead", "to-an-instance-behind"])
+def test_failover_between_instances_with_other_clocks_is_exactly_once(
+        kafka: KafkaSettings, tmp_path: Path, offset_first: int, offset_second: int) -> None:
+    """Two Jetstream instances of one stream whose receive clocks differ by 3 s (the lateness is
+    0.1 s). The first goes away in the middle of the stream; the job fails over to the second, whose
+    replay of the failover rewind repeats what was delivered. The topics hold every event exactly
+    once (read_committed), and so does the queue filled by the job's queue consumer."""
+    first = JetstreamSimulator(EVENTS, clock_offset_us=offset_first, rate_limit=1500).start_in_thread()
+    second = JetstreamSimulator(EVENTS, clock_offset_us=offset_second).start_in_thread()
+    queue = tmp_path / "q.sqlite"
+    collections = ["app.bsky.feed.like", "app.bsky.graph.*"]
+    args = ["jetstream", "--instance", f"{first.url},{second.url}", "--cursor", str(START + offset_first),
+            "--end-timestamp", us_to_iso(START + 3600 * 10**6), "--end-idle", "1", "--allowed-lateness", "0.1",
+            "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
+            "--topic-partitions", "3", "--job", "failover", "--queue-path", str(queue), "--queue-name", "fq",
+            "--progress", "none", "--checkpoint-interval", "0.3", "-n", "0", "-t", "120",
+            *(a for c in collections for a in ("-c", c))]
+    watcher = _stop_when(first, 2000)
+    try:
+        assert main(args) == 0
+    finally:
+        watcher.join(30)
+        first.stop_thread()
+        second.stop_thread()
+    assert first.messages_sent >= 2000 and second.connections == 1, "the job did not fail over"
+    f = CollectionFilter(collections)
+    events = [decode_message(e.text) for e in EVENTS]
+    want = Counter(identity_of(e) for e in events if not isinstance(e, RecordEvent) or f(e.collection))
+    got = Counter(identity_of(event_from_datum(name, datum))
+                  for _, name, datum in committed(kafka, event_topics(kafka)))
+    assert got == want
+    # The queue (the job's queue consumer takes records only): each once.
+    queued_items = Counter(identity_of(decode_message(orjson.dumps(i))) for i in _queue_payloads(queue, "fq"))
+    assert queued_items == Counter(identity_of(e) for e in events if isinstance(e, RecordEvent) and f(e.collection))
+    state = load_job(kafka.consumer_config("t-reader"), f"{kafka.topic_prefix}.control.jobs", "failover")
+    assert state is not None and (state.status, state.stop_reason) == ("finished", "end_cursor_reached")
+    assert state.position["instance"] == second.url
+
+
+def _queue_payloads(path: Path, name: str) -> list[Any]:
+    q = Queue(name, path=path)
+    try:
+        return [i.payload for i in q.peek(10**7)]
+    finally:
+        q.close()
 
 
 @pytest.mark.tansu_smoke

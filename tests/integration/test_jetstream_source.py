@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,50 @@ async def test_moves_to_the_next_instance_on_failure() -> None:
         got = await collect(source)
     assert source.url == sim.url
     assert_exactly(got, expected(EVENTS[:500], end=EVENTS[250].time_us))
+
+
+def identity_of(event: RecordEvent | IdentityEvent | AccountEvent) -> tuple[str, ...]:
+    """What makes an event the same on every instance (the instance's time_us is not part of it)."""
+    if isinstance(event, RecordEvent):
+        return (event.did, event.collection, event.rkey, event.rev or "")
+    return (event.did, type(event).__name__, str(event.seq))
+
+
+@pytest.mark.parametrize(("offset_a", "offset_b"), [(-600_000, 600_000), (600_000, -600_000)],
+                         ids=["to-an-instance-ahead", "to-an-instance-behind"])
+async def test_failover_to_an_instance_with_another_clock_neither_duplicates_nor_drops(
+        offset_a: int, offset_b: int) -> None:
+    """Two instances of one stream whose receive clocks differ by 1.2 s (far more than the 0.1 s
+    lateness); the first stops in the middle of the stream and the source fails over to the other.
+    Every event is delivered exactly once; the other instance's replay of what was delivered is
+    dropped as duplicates; nothing is taken for late."""
+    from producers.jetstream.decode import decode_message
+
+    async with JetstreamSimulator(EVENTS, clock_offset_us=offset_a, rate_limit=4000) as first, \
+            JetstreamSimulator(EVENTS, clock_offset_us=offset_b) as second:
+        source = source_for([first.url, second.url], start_us=START + offset_a, end_us=START + 3600 * 10**6,
+                            end_idle=0.5)
+        got: list[RecordEvent | IdentityEvent | AccountEvent] = []
+        skips: list[str] = []
+
+        async def run() -> None:
+            async for item in source.items():
+                if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent)):
+                    got.append(item)
+                    source.position.advance(item)
+                    if len(got) == 1500:
+                        await first.stop()  # the first instance goes away mid-stream
+                elif isinstance(item, Skip):
+                    skips.append(item.reason)
+                elif isinstance(item, End):
+                    return
+
+        await asyncio.wait_for(run(), 60)
+        assert source.url == second.url and second.connections == 1
+    want = Counter(identity_of(decode_message(e.text)) for e in EVENTS)
+    assert Counter(identity_of(e) for e in got) == want
+    assert skips.count("duplicate") >= 1000, "the other instance's replay of what was delivered is dropped"
+    assert source.position.late == 0
 
 
 def test_event_keys_are_unique_in_the_synthetic_log() -> None:

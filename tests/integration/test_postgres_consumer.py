@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg import sql
 
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
@@ -403,3 +403,93 @@ def test_database_connections_dropped_mid_run_lose_nothing(
     assert metrics.registry.get_sample_value("atproto_backfill_consumer_sink_retries_total",
                                              {"sink": "postgres"}) >= 1
     assert_tables_equal(snapshot(pg_url, schema), expected(events))
+
+
+def _visitor_holding(kafka: KafkaSettings, group: str, topics: list[str], release: threading.Event,
+                     took: list[tuple[str, int]], left: threading.Event) -> None:
+    """A second member of ``group``: takes its share of the partitions, reads nothing of them (its
+    position is never stored anywhere), holds them until ``release``, then leaves the group."""
+    def on_assign(c: Consumer, parts: list[TopicPartition]) -> None:
+        took.extend((p.topic, p.partition) for p in parts)
+        c.incremental_assign(parts)
+        c.pause(parts)
+
+    visitor = Consumer(kafka.consumer_config(group))
+    visitor.subscribe(topics, on_assign=on_assign)
+    try:
+        while not release.is_set():
+            visitor.poll(0.1)
+    finally:
+        visitor.unsubscribe()
+        deadline = time.monotonic() + 30
+        while visitor.assignment() and time.monotonic() < deadline:
+            visitor.poll(0.1)
+        visitor.close()
+        left.set()
+
+
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_a_partition_revoked_while_paused_is_consumed_when_it_comes_back(
+        kafka: KafkaSettings, pg_url: str, schema: str, protocol: str) -> None:
+    """librdkafka keeps a partition's pause across its revocation. The memory guard pauses every
+    partition; a second member joins and takes some of them (revoked while paused); memory comes back
+    under the limit while they are away (only the current assignment is resumed); the second member
+    leaves and they come back. They must be consumed to the end: exact tables and stored offsets."""
+    kafka = replace(kafka, group_protocol=protocol)
+    events = make_events(1500, seed=18, job="away")
+    offsets = produce(kafka, events, "away")
+    metrics = Metrics()
+    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
+    group = f"g-{schema}"
+    opts = ConsumerOptions(group=group, batch_size=50, linger=0.05, until_offsets=offsets,
+                           max_memory_mb=1)  # over the limit from the start: every partition pauses
+    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
+    paused = metrics.registry.get_sample_value
+    thread = threading.Thread(target=consumer.run)
+    release, left = threading.Event(), threading.Event()
+    took: list[tuple[str, int]] = []
+    visitor: threading.Thread | None = None
+
+    def wait_for(condition: Any, what: str, timeout: float = 45) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert thread.is_alive(), f"the consumer stopped: {consumer.stats}"
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    thread.start()
+    try:
+        topics = consumer.wanted_topics()
+        every = sum(n for t, n in kafka_util.list_topics(consumer._admin).items() if t in topics)
+        wait_for(lambda: len(consumer._consumer.assignment()) == every, "the consumer never got every partition")
+        wait_for(lambda: paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 1, "never paused")
+        visitor = threading.Thread(target=_visitor_holding,
+                                   args=(kafka, group, topics, release, took, left))
+        visitor.start()
+        # The second member's share is revoked from the consumer while paused.
+        wait_for(lambda: bool(took) and len(consumer._consumer.assignment()) == every - len(took),
+                 "the second member got no partition")
+        assert consumer.stats.consumed == 0
+        opts.max_memory_mb = 1_000_000  # memory is back: the consumer resumes what it holds now
+        wait_for(lambda: paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 0, "never resumed")
+        release.set()  # the second member leaves: its partitions go back to the consumer
+        wait_for(left.is_set, "the second member did not leave")
+        thread.join(60)
+        stored = stored_offsets(pg_url, schema, group)
+        back = {(t, p): (stored.get(t, {}).get(str(p)), offsets.get(t, {}).get(str(p))) for t, p in took
+                if stored.get(t, {}).get(str(p)) != offsets.get(t, {}).get(str(p))}
+        assert not thread.is_alive(), (f"partitions taken away while paused and assigned back were not consumed "
+                                       f"(partition: stored offset, end): {back}")
+    finally:
+        release.set()
+        consumer.stop_event.set()
+        thread.join(30)
+        if visitor is not None:
+            visitor.join(30)
+        sink.close()
+    assert consumer.stats.stop_reason == "until_done"
+    assert consumer.stats.consumed == len(events)
+    assert_tables_equal(snapshot(pg_url, schema), expected(events))
+    topic_map = TopicMap(kafka.topic_prefix)
+    assert stored_offsets(pg_url, schema, group) == {t: parts for t, parts in offsets.items()
+                                                     if topic_map.collection_of(t) is not None}

@@ -163,13 +163,15 @@ def test_kill_9_mid_transaction_then_resume_gives_every_record_once(kafka: Kafka
         dids = network.dids_in_state("active")
         dids_file = tmp_path / "dids.txt"
         dids_file.write_text("\n".join(dids) + "\n")
-        # 2 requests/s per host (2 requests per DID): the job runs for several seconds and checkpoints
-        # (between DIDs) many times before the kill.
+        # 2 requests/s per host (2 requests per DID): the job runs for about 20 s and checkpoints
+        # (between DIDs) several times before the kill. A transaction stays open 1.5 s and its records
+        # reach the broker at once (linger 5 ms): most of the time the broker holds data of an open
+        # transaction, so a loaded machine still finds such a moment before the job ends.
         args = [sys.executable, "-m", "producers.repos", "--dids-file", str(dids_file), "--job", "killed",
                 "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
                 "--topic-partitions", "3", "--plc-url", network.plc_url, "--allow-private-network",
-                "--rate", "2", "--burst", "1", "--retry-backoff", "0.05", "--checkpoint-interval", "0.3",
-                "--progress", "none"]
+                "--rate", "2", "--burst", "1", "--retry-backoff", "0.05", "--checkpoint-interval", "1.5",
+                "--kafka-config", "linger.ms=5", "--progress", "none"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "KAFKA_"))}
         log = tmp_path / "killed.log"
         with log.open("wb") as sink:

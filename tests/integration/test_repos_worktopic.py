@@ -522,14 +522,14 @@ def test_each_transaction_moves_the_group_offsets_to_the_ones_it_carried(kafka: 
         real_cycle = runner._cycle
         seen: list[tuple[dict[int, int], dict[int, int]]] = []
 
-        def cycle(batch: list[Any]) -> list[Any]:
-            out = real_cycle(batch)
-            carried = {i.partition: i.offset + 1 for i in batch}
+        def cycle(batch: list[Any]) -> tuple[list[Any], list[Any]]:
+            out, kept = real_cycle(batch)
+            carried = {i.partition: i.offset + 1 for i, _ in out}
             assert runner._consumer is not None
             got = runner._consumer.committed([TopicPartition(runner.topics.dids, p) for p in sorted(carried)],
                                              timeout=30)
             seen.append((carried, {tp.partition: tp.offset for tp in got}))
-            return out
+            return out, kept
 
         runner._cycle = cycle  # type: ignore[method-assign]
         asyncio.run(replica.run())
@@ -540,3 +540,79 @@ def test_each_transaction_moves_the_group_offsets_to_the_ones_it_carried(kafka: 
         statuses = read_back(kafka).status_by_did()
         assert set(statuses) == set(network.dids)
         assert all(len(s) == 1 for s in statuses.values())
+
+
+class _SlowProcessor(RepoProcessor):
+    """Each repository takes ``seconds`` on the replica's clock (``skew`` moves it on; no real wait)."""
+
+    def __init__(self, skew: list[float], seconds: float) -> None:
+        super().__init__(RecordFilter(), job="repos")
+        self.skew = skew
+        self.seconds = seconds
+
+    def items(self, fetched: Fetched, result: RepoResult) -> Iterator[RecordEvent | Drop | Skip]:
+        yield from super().items(fetched, result)
+        self.skew[0] += self.seconds
+
+
+def test_transactions_are_bounded_by_records_and_time(kafka: KafkaSettings, tmp_path: Path) -> None:
+    """A transaction takes DIDs while its records (counted with each repository's tree entries, before
+    any is produced) stay within --txn-max-records and it has been open less than --txn-max-seconds; a
+    repository larger than the record bound commits alone, whole. The result is exact."""
+    network = PdsNetwork(accounts=40, hosts=2, seed=19, records_mean=8, big_every=9, big_records=120,
+                         inactive={"deactivated": 0.05}).start_in_thread()
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 40
+        skew = [0.0]
+        replica = _InProcess(kafka, network, tmp_path,
+                             WorkOptions(job="repos", replica="b1", idle_exit=1.0, max_time=120, concurrency=64,
+                                         txn_max_dids=200, txn_max_records=50, txn_max_seconds=1.0),
+                             processor=_SlowProcessor(skew, 0.3), rate=100, burst=20)
+        runner = replica.runner
+        runner.clock = lambda: time.monotonic() + skew[0]
+        runner.prepare()
+        # Every repository is fetched before the first transaction, so the bounds alone cut them.
+        runner.fetcher = _Prefetched(runner.fetcher, len(network.dids))  # type: ignore[assignment]
+        asyncio.run(replica.run())
+        assert runner.stats.stop_reason == "idle"
+        out = read_back(kafka)
+        _check_exact(out, network, kafka=kafka)
+        by_batch: dict[int, list[dict[str, Any]]] = {}
+        for status in out.statuses:
+            by_batch.setdefault(status["batch"], []).append(status)
+        big = {d for d, a in network.accounts.items() if a.state == "active" and len(a.record_cids) > 50}
+        assert big, "no repository larger than the record bound"
+        for batch, statuses in sorted(by_batch.items()):
+            records = sum(s["records"] for s in statuses)
+            dids = [s["did"] for s in statuses]
+            # 0.3 s per repository: one starts at 0, 0.3, 0.6 and 0.9 s at the latest, none at 1.2 s
+            assert len(dids) <= 4, f"transaction {batch} took DIDs after 1 s: {len(dids)} DIDs"
+            if set(dids) & big:
+                assert len(dids) == 1, f"transaction {batch}: a repository over the bound shared it: {dids}"
+                assert records == len(network.accounts[dids[0]].record_cids) > 50
+            else:
+                assert records <= 50, f"transaction {batch} carried {records} records: {dids}"
+        assert runner.stats.cut.get("records", 0) > 0 and runner.stats.cut.get("seconds", 0) > 0, runner.stats.cut
+        assert runner.stats.txn_records_max == max(len(network.accounts[d].record_cids) for d in big)
+    finally:
+        network.stop_thread()
+
+
+class _Prefetched:
+    """The replica's fetcher, holding every fetch back until ``n`` of them are done."""
+
+    def __init__(self, fetcher: RepoFetcher, n: int) -> None:
+        self._fetcher = fetcher
+        self._n = n
+        self._done = 0
+        self._all: asyncio.Event | None = None
+
+    async def fetch(self, did: str, cursor: int) -> Fetched:
+        if self._all is None:
+            self._all = asyncio.Event()
+        fetched = await self._fetcher.fetch(did, cursor)
+        self._done += 1
+        if self._done >= self._n:
+            self._all.set()
+        await self._all.wait()
+        return fetched

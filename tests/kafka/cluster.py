@@ -145,8 +145,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding.
+
+    Never one that starts with ``-``: the storage tool would read ``-t -abc...`` as an option.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 @dataclass
@@ -158,6 +164,8 @@ class Node:
     controller_port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    #: The port of the node's EXTERNAL listener, when it has one (see ``KafkaCluster.external``).
+    external_port: int | None = None
 
     @property
     def log(self) -> Path:
@@ -174,7 +182,14 @@ class Node:
 
 @dataclass
 class KafkaCluster:
-    """``nodes`` Apache Kafka nodes in KRaft mode on loopback, their data under ``workdir``."""
+    """``nodes`` Apache Kafka nodes in KRaft mode on loopback, their data under ``workdir``.
+
+    ``external``: node id -> an address (``host:port``) that node advertises on a second listener,
+    EXTERNAL, besides its own PLAINTEXT one: a client that connects to the EXTERNAL listener learns
+    that address for the node from the metadata, so all its requests go there (a proxy in front of
+    the listener, say, that forwards to ``Node.external_port``). Brokers talk to each other, and
+    clients of :attr:`bootstrap` to them, on PLAINTEXT.
+    """
 
     workdir: Path
     nodes: int = 1
@@ -183,11 +198,17 @@ class KafkaCluster:
     lib: Path = LIB
     cluster_id: str = field(default_factory=new_cluster_id)
     members: list[Node] = field(default_factory=list)
+    external: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
         """Bootstrap servers of every node."""
         return ",".join(f"127.0.0.1:{n.port}" for n in self.members)
+
+    @property
+    def external_bootstrap(self) -> str:
+        """The advertised EXTERNAL addresses (see ``external``)."""
+        return ",".join(self.external[n.node_id] for n in self.members if n.node_id in self.external)
 
     def node(self, node_id: int) -> Node:
         return next(n for n in self.members if n.node_id == node_id)
@@ -196,15 +217,22 @@ class KafkaCluster:
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.members)
         replicas = str(min(self.nodes, 3))
         min_isr = str(min(self.nodes, 2) if self.nodes > 1 else 1)
+        listeners = f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}"
+        advertised = f"PLAINTEXT://127.0.0.1:{node.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if node.external_port is not None:
+            listeners += f",EXTERNAL://127.0.0.1:{node.external_port}"
+            advertised += f",EXTERNAL://{self.external[node.node_id]}"
+            protocols += ",EXTERNAL:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(node.directory / "data"),
             "default.replication.factor": replicas,
             "min.insync.replicas": min_isr,
@@ -230,7 +258,9 @@ class KafkaCluster:
         """
         ensure_jars(self.lib)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.members = [Node(i, free_port(), free_port(), self.workdir / f"node-{i}") for i in range(1, self.nodes + 1)]
+        self.members = [Node(i, free_port(), free_port(), self.workdir / f"node-{i}",
+                             external_port=free_port() if i in self.external else None)
+                        for i in range(1, self.nodes + 1)]
         formats = []
         for node in self.members:
             node.directory.mkdir(parents=True, exist_ok=True)
