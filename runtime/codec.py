@@ -249,11 +249,24 @@ class AvroCodec:
             return hit
         if self._registry is None:
             raise DecodeError("decode_avro", f"registry-framed value (schema id {schema_id}) but no registry")
-        registered = self._registry.get_schema(schema_id)
-        writer_raw = json.loads(registered.schema_str)
-        writer = fastavro.parse_schema(writer_raw)
-        full = (f"{writer_raw.get('namespace')}.{writer_raw['name']}"
-                if writer_raw.get("namespace") else writer_raw["name"])
+        from confluent_kafka.schema_registry.error import SchemaRegistryError  # noqa: PLC0415 - optional path
+
+        try:
+            registered = self._registry.get_schema(schema_id)
+        except SchemaRegistryError as e:
+            if e.http_status_code == 404:  # an id nobody registered: the bytes are not one of our values
+                raise DecodeError("decode_avro", f"schema id {schema_id} is not in the registry") from e
+            raise  # the registry itself failed: not the message's fault
+        if (registered.schema_type or "AVRO") != "AVRO":
+            raise DecodeError("decode_avro", f"registry schema {schema_id} is a {registered.schema_type} schema")
+        try:
+            writer_raw = json.loads(registered.schema_str)
+            writer = fastavro.parse_schema(writer_raw)
+            full = (f"{writer_raw.get('namespace')}.{writer_raw['name']}"
+                    if writer_raw.get("namespace") else writer_raw["name"])
+        except (ValueError, TypeError, KeyError, AttributeError, fastavro.schema.SchemaParseException) as e:
+            # another tool's schema under our topic (a primitive, a union, an unnamed type...)
+            raise DecodeError("decode_avro", f"registry schema {schema_id} is not a named Avro schema: {e}") from e
         s = self._by_full.get(full)
         if s is None:
             raise DecodeError("decode_avro", f"registry schema {schema_id} is {full}, not a shipped schema")

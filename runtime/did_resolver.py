@@ -284,11 +284,24 @@ class DidResolver:
         except httpx.TransportError as e:
             self._count(host_class, "error")
             raise _TransientError(f"{type(e).__name__}: {e}", "connection") from e
-        try:
-            doc: Any = orjson.loads(bytes(body))
-        except orjson.JSONDecodeError as e:
-            raise DidResolutionError(did, "invalid_document", f"not JSON: {e}") from e
-        try:
-            return parse_did_document(doc, expected_did=did)
-        except IdentityError as e:
-            raise DidResolutionError(did, "invalid_document", str(e)) from e
+        return parse_document_body(did, bytes(body))
+
+
+def parse_document_body(did: str, body: bytes) -> Identity:
+    """The identity in a DID document response body (PLC directory or did:web), pure.
+
+    Args:
+        did: the DID that was asked for (the document's ``id`` must be it).
+        body: the response body, at most :data:`MAX_DOCUMENT_BYTES` (the caller enforces the cap).
+
+    Raises:
+        DidResolutionError: reason ``invalid_document`` (not JSON, or not a DID document of ``did``).
+    """
+    try:
+        doc: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise DidResolutionError(did, "invalid_document", f"not JSON: {e}") from e
+    try:
+        return parse_did_document(doc, expected_did=did)
+    except IdentityError as e:
+        raise DidResolutionError(did, "invalid_document", str(e)) from e

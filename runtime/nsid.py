@@ -12,6 +12,29 @@ _NSID_RE: Final = re.compile(
     r"^[a-zA-Z](?:[a-zA-Z0-9-]{0,62})?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62})?)+(?:\.\*)?$"
 )
 
+#: A collection NSID: letters, digits and hyphens in dot-separated segments (every character is legal
+#: in a Kafka topic name, which a collection becomes part of).
+_COLLECTION_RE: Final = re.compile(r"[a-zA-Z](?:[a-zA-Z0-9-]{0,62})?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62})?)+")
+#: The atproto NSID length limit.
+MAX_NSID_LEN: Final = 317
+_valid_collections: set[str] = set()
+
+
+def is_collection(name: object) -> bool:
+    """Whether ``name`` is a syntactically valid collection NSID (``app.bsky.feed.post``).
+
+    Decoders check every upstream collection with it: one that is not an NSID cannot name a topic.
+    """
+    if type(name) is not str:
+        return False
+    if name in _valid_collections:  # the hot path: a handful of collections make up the stream
+        return True
+    if len(name) > MAX_NSID_LEN or _COLLECTION_RE.fullmatch(name) is None:
+        return False
+    if len(_valid_collections) < 4096:
+        _valid_collections.add(name)
+    return True
+
 
 def validate_pattern(pattern: str) -> str:
     """Return ``pattern`` if it is an NSID or an NSID prefix ending in ``.*``; else ConfigError."""

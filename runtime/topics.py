@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from runtime.errors import InvalidRecordError
 from runtime.records import AccountEvent, Event, IdentityEvent
 
 #: Collections with their own typed schema; every other collection uses ``generic``.
@@ -32,6 +33,9 @@ CONTROL_TOPIC_CONFIG: Final[dict[str, str]] = {
     "cleanup.policy": "compact",
     "segment.ms": str(3600 * 1000),
 }
+
+#: The longest data topic name: Kafka's limit of 249 characters, less the consumers' ``.dlq`` suffix.
+MAX_DATA_TOPIC_LEN: Final = 249 - len(".dlq")
 
 IDENTITY: Final = "identity"
 ACCOUNT: Final = "account"
@@ -63,10 +67,20 @@ class TopicMap:
         self._cache: dict[str, str] = {}
 
     def for_collection(self, collection: str) -> str:
-        """``<prefix>.<collection>``."""
+        """``<prefix>.<collection>``.
+
+        Raises:
+            InvalidRecordError: the topic would be longer than Kafka allows (with room for the
+                consumers' ``.dlq`` suffix): a record of that collection is dead-lettered.
+        """
         topic = self._cache.get(collection)
         if topic is None:
-            topic = self._cache[collection] = f"{self.prefix}.{collection}"
+            topic = f"{self.prefix}.{collection}"
+            if len(topic) > MAX_DATA_TOPIC_LEN:
+                raise InvalidRecordError(f"collection {collection[:100]!r}... makes a topic name of {len(topic)} "
+                                         f"characters (Kafka allows {MAX_DATA_TOPIC_LEN} before '.dlq')")
+            if len(self._cache) < 4096:
+                self._cache[collection] = topic
         return topic
 
     def for_event(self, event: Event) -> str:

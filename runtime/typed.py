@@ -95,9 +95,15 @@ _EMBED_KINDS: Final = {
 }
 
 
+def _embed_kind(embed: dict[str, Any]) -> str:
+    """The kind of an embed by its ``$type`` (``other`` for an unknown one, or one that is not a string)."""
+    etype = embed.get("$type")
+    return _EMBED_KINDS.get(etype, "other") if type(etype) is str else "other"
+
+
 def _media(embed: dict[str, Any], field: str) -> tuple[list[str], str | None, str | None]:
     """(image CIDs, video CID, external URI) of a media embed."""
-    kind = _EMBED_KINDS.get(embed.get("$type", ""), "other")
+    kind = _embed_kind(embed)
     cids: list[str] = []
     if kind == "images":
         for img in _list(embed.get("images"), field + ".images"):
@@ -154,7 +160,7 @@ def _post(rec: dict[str, Any]) -> tuple[Any, ...]:
     image_cids: list[str] = []
     embed = _dict(rec.get("embed"), "embed")
     if embed is not None:
-        kind = _EMBED_KINDS.get(embed.get("$type", ""), "other")
+        kind = _embed_kind(embed)
         if kind == "record":
             record_uri, record_cid = _strong_ref(embed.get("record"), "embed.record")
         elif kind == "recordWithMedia":
@@ -310,12 +316,21 @@ def datum_for(event: Event, record_json: str | None = None) -> Datum:
     return account_datum(event)
 
 
+#: The event times a sink can store: those of a datetime (years 1 to 9999), in unix microseconds.
+MIN_TIME_US: Final = -62_135_596_800_000_000
+MAX_TIME_US: Final = 253_402_300_799_999_999
+
+
 def event_from_datum(schema_name: str, datum: Datum) -> Event:
     """Rebuild the event from a decoded Avro datum (the consumers' side of the contract).
 
     Raises:
-        InvalidRecordError: ``record_json`` does not parse.
+        InvalidRecordError: ``record_json`` does not parse, or ``time_us`` is not a time a sink can
+            store (another tool wrote the value: ours are never outside it).
     """
+    time_us = datum["time_us"]
+    if type(time_us) is not int or not MIN_TIME_US <= time_us <= MAX_TIME_US:
+        raise InvalidRecordError(f"time_us {str(time_us)[:40]} is not a storable event time")
     if schema_name == "identity":
         return IdentityEvent(did=datum["did"], handle=datum.get("handle"), seq=datum.get("seq"),
                              time=datum.get("time"), source=datum["source"], cursor=datum["cursor"],

@@ -29,11 +29,12 @@ from typing import Any, Final
 
 import libipld
 
-from runtime.atproto.car import read_car
+from runtime.atproto.car import Car, read_car
 from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import record_json_form
 from runtime.atproto.errors import AtprotoFormatError
 from runtime.errors import DecodeError
+from runtime.nsid import is_collection
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, Source
 
 #: Message types of ``subscribeRepos`` that this decoder understands.
@@ -61,6 +62,8 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 #: Binary CIDv1 of a sha2-256 DAG-CBOR block: the only kind a record block has in practice.
 _DAG_CBOR_SHA256: Final = b"\x01\x71\x12\x20"
 _CID_LEN: Final = 36
+#: Integers travel as Avro longs (signed 64-bit); DAG-CBOR holds up to 2**64 - 1.
+_LONG_END: Final = 1 << 63
 
 
 @dataclass(slots=True)
@@ -191,8 +194,8 @@ def parse_time_us(value: Any) -> int:
 
 def _int(body: dict[str, Any], key: str, what: str) -> int:
     value = body.get(key)
-    if type(value) is not int or value < 0:
-        raise _malformed(f"{what}.{key} is {type(value).__name__}, expected a non-negative integer")
+    if type(value) is not int or not 0 <= value < _LONG_END:
+        raise _malformed(f"{what}.{key} is {type(value).__name__}, expected a non-negative 64-bit integer")
     return value
 
 
@@ -239,46 +242,84 @@ def find_block(blocks: bytes, cid_raw: bytes) -> bytes | None:
     for the CID bytes, read the section length that precedes them, and accept the slice only if it
     hashes to the CID. A link to the same CID inside another block is preceded by the ``0x00``
     multibase byte, never by a section length, and any false candidate fails the hash. Only
-    sha2-256 DAG-CBOR CIDs take this path; None sends the caller to the authoritative CAR reader.
+    sha2-256 DAG-CBOR CIDs take this path; None sends the caller to the authoritative CAR reader,
+    and so does a slice whose false candidates would take more than :func:`hash_budget` bytes of
+    hashing (a hostile slice repeating the CID before long fake lengths).
     """
+    return _find_block(blocks, cid_raw, hash_budget(blocks))[0]
+
+
+def hash_budget(blocks: bytes) -> int:
+    """How many bytes the fast path may hash in one slice: twice the slice, plus 1 MiB."""
+    return 2 * len(blocks) + (1 << 20)
+
+
+def _find_block(blocks: bytes, cid_raw: bytes, budget: int) -> tuple[bytes | None, int]:
+    """:func:`find_block` hashing at most ``budget`` bytes: ``(block or None, bytes hashed)``."""
     if len(cid_raw) != _CID_LEN or cid_raw[:4] != _DAG_CBOR_SHA256:
-        return None
+        return None, 0
     digest = cid_raw[4:]
     size = len(blocks)
+    spent = 0
     start = blocks.find(cid_raw)
     while start >= 0:
         for length in _section_lengths(blocks, start):
             block_end = start + length
             if length > _CID_LEN and block_end <= size:
+                spent += length
+                if spent > budget:
+                    return None, spent
                 block = blocks[start + _CID_LEN:block_end]
                 if hashlib.sha256(block).digest() == digest:
-                    return block
+                    return block, spent
         start = blocks.find(cid_raw, start + 1)
-    return None
+    return None, spent
 
 
-def _record_block(blocks: bytes, cid_raw: bytes, path: str) -> bytes | None:
-    """The record block for an op, or None when the slice does not hold it.
+class _Slice:
+    """The record blocks of one commit's CAR slice, for all of its ops.
 
-    Raises:
-        DecodeError: ``malformed_car`` (the slice does not parse), ``bad_cid`` (a block stored
-            under the CID does not hash to it).
+    Blocks are found by hash (:func:`find_block`) while the slice's hashing budget lasts; the first
+    op the fast path cannot serve reads the CAR once, and every later op is looked up in it (each
+    block checked against its CID once). A frame's work stays linear in its size whatever its ops.
     """
-    block = find_block(blocks, cid_raw)
-    if block is not None:
-        return block
-    # Slow path: parse the slice to tell a missing block from a corrupt one or a broken CAR.
-    try:
-        car = read_car(blocks, verify=False)
-        cid = CID.from_bytes(cid_raw)
-    except AtprotoFormatError as e:
-        raise DecodeError(e.reason, f"commit blocks: {e}") from e
-    found = car.get(cid)
-    if found is None:
-        return None
-    if not cid.matches(found):
-        raise DecodeError("bad_cid", f"record block of {path} does not hash to {cid}")
-    return found
+
+    __slots__ = ("_budget", "_car", "_checked", "blocks")
+
+    def __init__(self, blocks: bytes) -> None:
+        self.blocks = blocks
+        self._budget = hash_budget(blocks)
+        self._car: Car | None = None
+        self._checked: set[bytes] = set()
+
+    def record(self, cid_raw: bytes, path: str) -> bytes | None:
+        """The record block for an op, or None when the slice does not hold it.
+
+        Raises:
+            DecodeError: ``malformed_car`` (the slice does not parse), ``bad_cid`` (a block stored
+                under the CID does not hash to it, or the CID does not parse).
+        """
+        car = self._car
+        if car is None and self._budget > 0:
+            block, spent = _find_block(self.blocks, cid_raw, self._budget)
+            self._budget -= spent
+            if block is not None:
+                return block
+        # Slow path: parse the slice to tell a missing block from a corrupt one or a broken CAR.
+        try:
+            if car is None:
+                car = self._car = read_car(self.blocks, verify=False)
+            cid = CID.from_bytes(cid_raw)
+        except AtprotoFormatError as e:
+            raise DecodeError(e.reason, f"commit blocks: {e}") from e
+        found = car.get(cid)
+        if found is None:
+            return None
+        if cid_raw not in self._checked:
+            if not cid.matches(found):
+                raise DecodeError("bad_cid", f"record block of {path[:100]} does not hash to {cid}")
+            self._checked.add(cid_raw)
+        return found
 
 
 def _commit(frame: Frame, job: str, collections: Callable[[str], bool] | None) -> Decoded:
@@ -296,6 +337,7 @@ def _commit(frame: Frame, job: str, collections: Callable[[str], bool] | None) -
     if type(blocks) is not bytes:
         raise _malformed("#commit.blocks is not bytes")
     too_big_flag = body.get("tooBig") is True
+    records = _Slice(blocks)
     out = Decoded(KIND_COMMIT, frame, seq=seq, did=did, time_us=time_us, type=COMMIT)
     events = out.events
     for op in ops:
@@ -303,12 +345,12 @@ def _commit(frame: Frame, job: str, collections: Callable[[str], bool] | None) -
             raise _malformed("#commit op is not a map")
         action = op.get("action")
         path = op.get("path")
-        if action not in _ACTIONS:
-            raise _malformed(f"#commit op action is {action!r}")
+        if type(action) is not str or action not in _ACTIONS:
+            raise _malformed(f"#commit op action is {str(action)[:100]!r}")
         if type(path) is not str:
             raise _malformed("#commit op path is not a string")
         collection, sep, rkey = path.partition("/")
-        if not sep or not collection or not rkey:
+        if not sep or not rkey or not is_collection(collection):
             raise _malformed(f"#commit op path {path[:100]!r} is not collection/rkey")
         if collections is not None and not collections(collection):
             out.filtered += 1
@@ -319,7 +361,7 @@ def _commit(frame: Frame, job: str, collections: Callable[[str], bool] | None) -
         cid_raw = op.get("cid")
         if type(cid_raw) is not bytes:
             raise _malformed(f"#commit {action} of {path[:100]} has no CID link")
-        block = _record_block(blocks, cid_raw, path)
+        block = records.record(cid_raw, path)
         if block is None:
             if too_big_flag:
                 out.too_big += 1
@@ -404,6 +446,7 @@ __all__ = [
     "decode",
     "decode_frame",
     "find_block",
+    "hash_budget",
     "parse_frame",
     "parse_time_us",
 ]

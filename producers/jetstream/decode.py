@@ -12,13 +12,17 @@ import orjson
 import zstandard
 
 from runtime.errors import DecodeError, InvalidRecordError
+from runtime.nsid import is_collection
 from runtime.records import AccountEvent, Event, IdentityEvent, Operation, RecordEvent, Source
+from runtime.typed import MAX_TIME_US
 
 _OPERATIONS: Final = frozenset(("create", "update", "delete"))
 _JETSTREAM: Final = Source.JETSTREAM.value
 _DELETE: Final = Operation.DELETE.value
 #: Upper bound of one decompressed message (Jetstream's own frames are far smaller).
 MAX_DECOMPRESSED: Final = 16 * 1024 * 1024
+#: Integers travel as Avro longs (signed 64-bit).
+_LONG_END: Final = 1 << 63
 
 
 class Decompressor:
@@ -36,9 +40,14 @@ class Decompressor:
         """Decompress one message.
 
         Raises:
-            DecodeError: reason ``decompress_failed``.
+            DecodeError: reason ``decompress_failed``, or ``oversize`` when the frame declares more
+                than :data:`MAX_DECOMPRESSED` bytes (zstd would allocate what the header says).
         """
         try:
+            declared = zstandard.frame_content_size(data)
+            if declared > MAX_DECOMPRESSED:
+                raise DecodeError("oversize", f"message declares {declared} decompressed bytes "
+                                              f"(cap {MAX_DECOMPRESSED})")
             out: bytes = self._dctx.decompress(data, max_output_size=MAX_DECOMPRESSED)
             return out
         except zstandard.ZstdError as e:
@@ -52,6 +61,11 @@ def _require(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise InvalidRecordError(f"{where}.{key} is {type(value).__name__}, expected {kind.__name__}")
     return value
+
+
+def _opt_long(value: Any) -> int | None:
+    """An optional integer field: None unless it is an integer an Avro long holds."""
+    return value if type(value) is int and -_LONG_END <= value < _LONG_END else None
 
 
 def decode_event(obj: Any, *, job: str = "") -> Event:
@@ -70,6 +84,8 @@ def decode_event(obj: Any, *, job: str = "") -> Event:
     time_us = obj.get("time_us")
     if type(time_us) is not int:
         time_us = _require(obj, "time_us", int, "event")
+    if not 0 <= time_us <= MAX_TIME_US:  # a time a sink can store, and an Avro long
+        raise InvalidRecordError(f"event.time_us {time_us} is out of range")
     kind = obj.get("kind")
     src = _JETSTREAM
     if kind == "commit":
@@ -77,11 +93,13 @@ def decode_event(obj: Any, *, job: str = "") -> Event:
         if type(commit) is not dict:
             commit = _require(obj, "commit", dict, "event")
         op = commit.get("operation")
-        if op not in _OPERATIONS:
-            raise InvalidRecordError(f"commit.operation is {op!r}")
+        if type(op) is not str or op not in _OPERATIONS:
+            raise InvalidRecordError(f"commit.operation is {str(op)[:100]!r}")
         collection = commit.get("collection")
         if type(collection) is not str:
             collection = _require(commit, "collection", str, "commit")
+        if not is_collection(collection):
+            raise InvalidRecordError(f"commit.collection {collection[:100]!r} is not an NSID")
         rkey = commit.get("rkey")
         if type(rkey) is not str:
             rkey = _require(commit, "rkey", str, "commit")
@@ -108,7 +126,7 @@ def decode_event(obj: Any, *, job: str = "") -> Event:
         seq = ident.get("seq")
         when = ident.get("time")
         return IdentityEvent(did=did, handle=handle if isinstance(handle, str) else None,
-                             seq=seq if isinstance(seq, int) else None,
+                             seq=_opt_long(seq),
                              time=when if isinstance(when, str) else None,
                              source=src, cursor=time_us, time_us=time_us, job=job)
     if kind == "account":
@@ -122,7 +140,7 @@ def decode_event(obj: Any, *, job: str = "") -> Event:
         seq = acct.get("seq")
         when = acct.get("time")
         return AccountEvent(did=did, active=active, status=status if isinstance(status, str) else None,
-                            seq=seq if isinstance(seq, int) else None,
+                            seq=_opt_long(seq),
                             time=when if isinstance(when, str) else None,
                             source=src, cursor=time_us, time_us=time_us, job=job)
     raise DecodeError("unknown_event", f"unknown event kind {kind!r}")

@@ -35,7 +35,7 @@ from runtime.atproto.repo import read_commit
 from runtime.atproto.tid import tid_to_time_us
 from runtime.created_at import Outcome, TimestampPolicy
 from runtime.errors import ConfigError, DropError
-from runtime.nsid import CollectionFilter
+from runtime.nsid import CollectionFilter, is_collection
 from runtime.records import Operation, RecordEvent, Source
 
 #: Seed 002's record types and the collection each lives in (a reply is a post with ``reply``).
@@ -234,6 +234,9 @@ class RepoDecoder:
             collection, _, rkey = key.partition("/")
             if not every and not flt.wants_collection(collection):
                 skipped["collection_filter"] += 1
+                continue
+            if not is_collection(collection):  # an MST key admits characters no topic name does
+                yield self._drop("invalid_record", f"record {key[:200]}: the collection is not an NSID", b"", key)
                 continue
             block = get(raw)
             if block is None:

@@ -93,8 +93,12 @@ def _pds_endpoint(doc: Mapping[str, Any], did: str) -> str | None:
         endpoint = service.get("serviceEndpoint")
         if type(endpoint) is not str:
             raise IdentityError("#atproto_pds serviceEndpoint is not a string")
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
+        try:
+            parts = urlsplit(endpoint)
+            hostname = parts.hostname
+        except ValueError as e:  # e.g. an unbalanced "[" (an IPv6 literal that is not one)
+            raise IdentityError(f"#atproto_pds serviceEndpoint {endpoint[:200]!r} is not a URL: {e}") from e
+        if parts.scheme not in ("https", "http") or not hostname:
             raise IdentityError(f"#atproto_pds serviceEndpoint {endpoint[:200]!r} is not an http(s) URL")
         if parts.query or parts.fragment or parts.path not in ("", "/"):
             raise IdentityError(f"#atproto_pds serviceEndpoint {endpoint[:200]!r} has a path or query")

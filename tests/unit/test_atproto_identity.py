@@ -125,3 +125,12 @@ def test_malformed_documents_raise(doc: Any) -> None:
 def test_expected_did_must_match() -> None:
     with pytest.raises(IdentityError):
         parse_did_document(_doc(), expected_did="did:plc:someoneelse")
+
+
+@pytest.mark.parametrize("endpoint", ["http://[", "https://[::1", "https://[not-ipv6]/"])
+def test_fuzz_an_endpoint_that_does_not_split_is_invalid(endpoint: str) -> None:
+    # found by tests/fuzz: urlsplit raised ValueError ("Invalid IPv6 URL") out of the parser
+    doc = _doc()
+    doc["service"][0]["serviceEndpoint"] = endpoint
+    with pytest.raises(IdentityError):
+        parse_did_document(doc)

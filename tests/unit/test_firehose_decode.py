@@ -243,3 +243,67 @@ def test_parse_time_us() -> None:
         parse_time_us("2024-01-01T00:00:00")  # no zone
     with pytest.raises(DecodeError):
         parse_time_us(12)
+
+
+# Regressions found by the fuzz targets (tests/fuzz).
+
+
+def _frame_with(ops: list[dict[str, Any]] | None = None, **body: Any) -> bytes:
+    base = {"seq": 7, "rebase": False, "tooBig": False, "repo": "did:plc:abc", "commit": CID.for_dag_cbor(b"\xa0"),
+            "rev": "3kabcdefghij2", "since": None, "blocks": write_car([CID.for_dag_cbor(b"\xa0")], []),
+            "ops": ops if ops is not None else [], "blobs": [], "time": "2024-01-02T03:04:05.678Z"}
+    base.update(body)
+    return encode_frame({"op": 1, "t": "#commit"}, base)
+
+
+def test_fuzz_an_unhashable_op_action_is_malformed() -> None:
+    # an action of ["app.bsky.richtext.facet#mention", None] raised TypeError (unhashable 'list')
+    data = _frame_with([{"action": ["app.bsky.richtext.facet#mention", None], "path": "app.bsky.feed.like/3k",
+                         "cid": None}])
+    with pytest.raises(DecodeError) as info:
+        decode_frame(data)
+    assert info.value.reason == "malformed_frame"
+
+
+def test_fuzz_a_seq_beyond_an_avro_long_is_malformed() -> None:
+    # seq 2**64 - 1 decoded, then crashed the producer's Avro encoder with OverflowError
+    with pytest.raises(DecodeError) as info:
+        decode_frame(_frame_with(seq=(1 << 64) - 1))
+    assert info.value.reason == "malformed_frame"
+    identity = encode_frame({"op": 1, "t": "#identity"},
+                            {"seq": 1 << 63, "did": "did:plc:abc", "time": "2024-01-02T03:04:05.678Z"})
+    with pytest.raises(DecodeError):
+        decode_frame(identity)
+
+
+@pytest.mark.parametrize("collection", ["#account", "a:b.c", "app~bsky.feed.like", "x" * 400])
+def test_fuzz_an_op_collection_that_is_not_an_nsid_is_malformed(collection: str) -> None:
+    # it would have become the illegal Kafka topic "atproto.<collection>"
+    data = _frame_with([{"action": "delete", "path": f"{collection}/3k", "cid": None}])
+    with pytest.raises(DecodeError) as info:
+        decode_frame(data)
+    assert info.value.reason == "malformed_frame"
+
+
+@pytest.mark.timeout(30)
+def test_fuzz_a_slice_repeating_the_cid_before_long_lengths_stays_linear() -> None:
+    # Every copy of the CID preceded by ff ff 7f offered a 2 MB candidate to hash: 80,000 copies
+    # (3 MB) took 70 s of sha256, an 8 MB frame hours. The fast path now stops at its hash budget.
+    cid = CID.for_dag_cbor(b"\xa1arb")
+    blocks = (b"\xff\xff\x7f" + cid.raw) * 80_000
+    assert find_block(blocks, cid.raw) is None
+    data = _frame_with([{"action": "create", "path": "app.bsky.feed.like/3k", "cid": cid}], blocks=blocks,
+                       tooBig=True)
+    with pytest.raises(DecodeError) as info:
+        decode_frame(data)
+    assert info.value.reason == "malformed_car"
+
+
+def test_fuzz_many_ops_on_one_block_all_find_it() -> None:
+    # the fast path and the slice share one hashing budget per frame: ops of one block still all decode
+    record = encode(from_json_form({"$type": "app.bsky.feed.like", "createdAt": "2024-01-01T00:00:00Z"}))
+    cid = CID.for_dag_cbor(record)
+    blocks = write_car([cid], [(cid, record)])
+    ops = [{"action": "create", "path": f"app.bsky.feed.like/3k{i}", "cid": cid} for i in range(2000)]
+    decoded = decode_frame(_frame_with(ops, blocks=blocks))
+    assert len(decoded.events) == 2000

@@ -131,3 +131,56 @@ def test_jetstream_real_dictionary(fixtures_dir: Path) -> None:
     compressed = cctx.compress(raw)
     assert len(compressed) < len(raw)
     assert decode_message(compressed, decompressor=dec) == decode_message(raw)
+
+
+# Regressions found by the fuzz targets (tests/fuzz): each input once crashed the producer.
+
+
+def _commit(**changes: object) -> dict[str, object]:
+    event = orjson.loads(orjson.dumps(LIKE))
+    event["commit"].update(changes)
+    return event
+
+
+def test_fuzz_time_us_beyond_an_avro_long_is_invalid() -> None:
+    # 2**64 - 1 decoded, then crashed the Avro encoder with OverflowError
+    raw = orjson.dumps({**LIKE, "time_us": 18446744073709551615})
+    with pytest.raises(InvalidRecordError):
+        decode_message(raw)
+    with pytest.raises(InvalidRecordError):
+        decode_message(orjson.dumps({**LIKE, "time_us": -1}))
+    with pytest.raises(InvalidRecordError):  # past year 9999: no sink could store it
+        decode_message(orjson.dumps({**LIKE, "time_us": 253_402_300_800_000_000}))
+
+
+def test_fuzz_identity_seq_beyond_an_avro_long_is_dropped_to_none() -> None:
+    raw = orjson.dumps({"did": "did:plc:a", "time_us": 5, "kind": "identity",
+                        "identity": {"seq": 18446744073709551615, "handle": "a.test"}})
+    ev = decode_message(raw)
+    assert isinstance(ev, IdentityEvent)
+    assert ev.seq is None
+
+
+def test_fuzz_unhashable_operation_is_invalid() -> None:
+    # {"operation": {...}} raised TypeError (unhashable type: 'dict') from the set lookup
+    with pytest.raises(InvalidRecordError):
+        decode_message(orjson.dumps(_commit(operation={"at://did:plc:x/app.bsky.feed.post/3k": {"$bytes": "AAEC"}})))
+    with pytest.raises(InvalidRecordError):
+        decode_message(orjson.dumps(_commit(operation=["create"])))
+
+
+@pytest.mark.parametrize("collection", ["#account", "}tat.bsky.actor.declaration", "a b.c", "app.bsky.feed.like/x",
+                                        "", "x" * 400])
+def test_fuzz_a_collection_that_is_not_an_nsid_is_invalid(collection: str) -> None:
+    # it decoded, and the producer then asked Kafka for the illegal topic "atproto.#account"
+    with pytest.raises(InvalidRecordError):
+        decode_message(orjson.dumps(_commit(collection=collection)))
+
+
+def test_fuzz_a_frame_declaring_a_huge_size_is_oversize() -> None:
+    # zstd allocates the content size a frame header declares: 2**62 bytes raised MemoryError
+    dec = Decompressor(train_dictionary(synthetic_events(50, seed=2, real_cids=False), size=8 * 1024))
+    header = b"\x28\xb5\x2f\xfd" + b"\xc0" + b"\x00" + (1 << 62).to_bytes(8, "little")
+    with pytest.raises(DecodeError) as info:
+        decode_message(header + b"\x01\x00\x00", decompressor=dec)
+    assert info.value.reason == "oversize"

@@ -217,3 +217,15 @@ def test_huge_trees_are_walked_twice_with_the_same_result() -> None:
     assert dec._entries is None  # nothing kept beyond the cap
     walked = [(e.collection, e.rkey, e.cid) for e in _events(list(dec.items()))]
     assert walked == cached
+
+
+
+def test_fuzz_an_mst_key_whose_collection_is_not_an_nsid_is_dropped() -> None:
+    # an MST key admits ":" and "~"; such a record would have gone to an illegal Kafka topic
+    records = {"app.bsky.feed.like:x/3kaaaaaaaaaa2": {"$type": "app.bsky.feed.like"},
+               "app.bsky.feed.like/3kaaaaaaaaaa2": {"$type": "app.bsky.feed.like"}}
+    car, _ = _car(records)
+    items = list(RepoDecoder(car, DID, RecordFilter()).items())
+    drops = [i for i in items if isinstance(i, Drop)]
+    assert [d.reason for d in drops] == ["invalid_record"]
+    assert [e.collection for e in _events(items)] == ["app.bsky.feed.like"]

@@ -12,7 +12,7 @@ from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibi
 
 import schemas
 from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped
-from runtime.errors import DecodeError
+from runtime.errors import DecodeError, InvalidRecordError
 from runtime.records import AccountEvent, IdentityEvent, RecordEvent
 from runtime.simulator.synthetic import Generator
 from runtime.topics import TYPED_COLLECTIONS, TopicMap, schema_name_for
@@ -122,3 +122,30 @@ def test_the_compatibility_check_catches_a_breaking_change() -> None:
 def test_fingerprints_are_distinct() -> None:
     fps = [s.fingerprint for s in shipped().values()]
     assert len(set(fps)) == len(fps)
+
+
+
+def test_fuzz_a_registry_id_nobody_registered_is_a_decode_error() -> None:
+    # found by tests/fuzz: the registry's 404 (SchemaRegistryError) escaped the consumer's decode
+    codec = AvroCodec.from_config({"url": "mock://schemas-test-fuzz"})
+    with pytest.raises(DecodeError) as info:
+        codec.decode(b"\x00\x00\x00\x22\x00\x07@did:plc:a")
+    assert info.value.reason == "decode_avro"
+
+
+def test_fuzz_a_registry_schema_of_another_kind_is_a_decode_error() -> None:
+    from confluent_kafka.schema_registry import Schema
+
+    codec = AvroCodec.from_config({"url": "mock://schemas-test-fuzz-2"})
+    registry = codec._registry
+    primitive = registry.register_schema("other-value", Schema('"string"', "AVRO"))
+    with pytest.raises(DecodeError):
+        codec.decode(b"\x00" + int(primitive).to_bytes(4, "big") + b"\x02a")
+
+
+def test_fuzz_a_collection_too_long_for_a_topic_name_is_invalid() -> None:
+    topics = TopicMap("atproto")
+    longest = "a." + "b" * 235  # "atproto." + it + ".dlq" is Kafka's 249 characters
+    assert topics.for_collection(longest) == f"atproto.{longest}"
+    with pytest.raises(InvalidRecordError):
+        topics.for_collection(longest + "b")

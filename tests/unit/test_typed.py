@@ -138,3 +138,27 @@ def test_every_typed_field_is_in_every_datum() -> None:
         seen.add((event.collection, event.operation))
     assert {("app.bsky.feed.post", "create"), ("app.bsky.feed.post", "delete"),
             ("app.bsky.feed.like", "create")} <= seen
+
+
+@pytest.mark.parametrize("etype", [{"a": 1}, ["app.bsky.embed.images"], 7, None])
+def test_fuzz_an_embed_type_that_is_not_a_string_is_other(etype: Any) -> None:
+    # found by tests/fuzz: an unhashable embed $type raised TypeError in the typed extractor
+    post = {"$type": "app.bsky.feed.post", "text": "x", "embed": {"$type": etype, "images": []}}
+    datum = datum_for(ev("app.bsky.feed.post", post))
+    assert datum["embed_kind"] == "other"
+    quote = {"$type": "app.bsky.feed.post", "text": "x",
+             "embed": {"$type": "app.bsky.embed.recordWithMedia", "media": {"$type": etype}}}
+    assert datum_for(ev("app.bsky.feed.post", quote))["embed_image_cids"] == []
+
+
+@pytest.mark.parametrize("time_us", [2**62, -(2**62), 253_402_300_800_000_000])
+def test_fuzz_an_event_time_no_sink_can_store_is_invalid(time_us: int) -> None:
+    # found by tests/fuzz: another tool's value with time_us 2**62 decoded, and the PostgreSQL sink's
+    # flush then failed on datetime.fromtimestamp (ValueError: year 148108 is out of range)
+    datum = datum_for(IdentityEvent(did="did:plc:a", handle="a.test", seq=1, time=None, source="jetstream",
+                                    cursor=1, time_us=1, job="x"))
+    datum["time_us"] = time_us
+    with pytest.raises(InvalidRecordError):
+        event_from_datum("identity", datum)
+    datum["time_us"] = 253_402_300_799_999_999
+    assert event_from_datum("identity", datum).time_us == 253_402_300_799_999_999
