@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,6 +54,7 @@ from producers.source import End, SourceItem, StreamPosition
 from runtime import kafka as kafka_util
 from runtime.codec import AvroCodec
 from runtime.metrics import Metrics
+from runtime.offsets import Origin, StoredOffset
 from runtime.records import Event
 from runtime.settings import KafkaSettings, Secret
 from runtime.simulator.jetstream import synthetic_events
@@ -135,8 +136,11 @@ class TimedSink:
         self.first: float | None = None
         self.messages = 0
 
-    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, StoredOffset]:
         return self.inner.load_offsets(group, partitions)
+
+    def forget_offsets(self, group: str, partitions: list[TP]) -> None:
+        self.inner.forget_offsets(group, partitions)
 
     def add(self, item: Consumed) -> None:
         if self.first is None:
@@ -144,8 +148,8 @@ class TimedSink:
         self.messages += 1
         self.inner.add(item)
 
-    def flush(self, group: str, offsets: dict[TP, int]) -> int:
-        return self.inner.flush(group, offsets)
+    def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
+        return self.inner.flush(group, offsets, origins)
 
     def discard(self) -> None:
         self.inner.discard()

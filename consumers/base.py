@@ -14,6 +14,12 @@ sink keeps "last message + 1": seeking to either reads the same messages.
 Exactly once: on assignment the consumer seeks every partition to the offset the sink stored, so a
 kill -9, a rebalance or a replayed topic neither loses nor duplicates a row. Dead letters are
 flushed before the batch whose offsets pass them.
+
+Stored offsets are trusted only for what they count: each is stored with its topic's origin (the
+cluster id and the topic id), and on assignment an offset of another origin, or one past its
+partition's end, is not sought to (a cluster or topic created anew while the sink's database was
+kept): the partition is read from its beginning, which the sinks' de-duplication makes safe, or the
+consumer refuses to start (``offset_mismatch``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import psutil
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -35,10 +41,18 @@ from runtime import kafka as kafka_util
 from runtime.checkpoint import FINISHED, JobState, load_jobs
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, ConfigError, DecodeError, DropError, SinkUnavailableError
+from runtime.errors import (
+    CommitError,
+    ConfigError,
+    DecodeError,
+    DropError,
+    OffsetMismatchError,
+    SinkUnavailableError,
+    SourceError,
+)
 from runtime.metrics import Health, Metrics, collection_label
 from runtime.nsid import CollectionFilter
-from runtime.offsets import list_ends
+from runtime.offsets import UNKNOWN, Origin, StoredOffset, list_ends, mismatch, topic_origins
 from runtime.records import Event, RecordEvent
 from runtime.settings import KafkaSettings
 from runtime.topics import TopicMap
@@ -47,6 +61,9 @@ from runtime.typed import event_from_datum
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+
+#: ``--offset-mismatch``: what a consumer does with stored offsets of another cluster or topic.
+OFFSET_MISMATCH_POLICIES: Final = ("restart", "refuse")
 
 
 @dataclass(slots=True)
@@ -68,8 +85,13 @@ class Sink(Protocol):
 
     name: str
 
-    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
-        """The next offset stored for each partition (absent: never written)."""
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, StoredOffset]:
+        """The next offset stored for each partition, with the origin it was stored for (absent:
+        never written)."""
+
+    def forget_offsets(self, group: str, partitions: list[TP]) -> None:
+        """Delete the stored offsets of ``partitions`` (they count records of another cluster or
+        topic incarnation): the partitions are read from their beginning and stored afresh."""
 
     def add(self, item: Consumed) -> None:
         """Transform and buffer one message.
@@ -78,8 +100,10 @@ class Sink(Protocol):
             DropError: the message cannot be transformed (it is dead-lettered by the caller).
         """
 
-    def flush(self, group: str, offsets: dict[TP, int]) -> int:
+    def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
         """Write the buffered rows and ``offsets`` in one transaction; return rows written.
+
+        ``origins``: per topic, the cluster and topic ids the offsets count (stored with them).
 
         Raises:
             SinkUnavailableError: transient failure; the buffer is kept and the call retried.
@@ -107,6 +131,10 @@ class ConsumerOptions:
         batch_delay: pause between batches (seed 004's gentle mode).
         max_memory_mb: pause the partitions while RSS is above this (0 = no limit).
         idle_exit: exit after this many seconds without messages (0 = never; for tests/demos).
+        offset_mismatch: what to do with stored offsets that are not from this cluster and topic
+            incarnation, or past a partition's end: ``restart`` reads those partitions from their
+            beginning (a warning names both identities), ``refuse`` stops with
+            :class:`~runtime.errors.OffsetMismatchError`.
     """
 
     group: str
@@ -122,6 +150,7 @@ class ConsumerOptions:
     idle_exit: float = 0.0
     topic_refresh: float = 5.0
     dlq: bool = True
+    offset_mismatch: str = "restart"
     #: Seconds an until-done consumer reads on to its partitions' ends so its positions pass the
     #: trailing transaction markers before it commits them and exits.
     settle: float = 2.0
@@ -191,7 +220,13 @@ class GroupConsumer:
         self._job_target: dict[TP, int] | None = None
         self._last_job_check = 0.0
         self._no_offsets_warned = False
+        self._beyond_warned = False
         self._fatal: BaseException | None = None
+        #: Per assigned topic, the cluster and topic ids its offsets are stored with.
+        self._origins: dict[str, Origin] = {}
+        if options.offset_mismatch not in OFFSET_MISMATCH_POLICIES:
+            raise ConfigError(f"offset_mismatch must be one of {', '.join(OFFSET_MISMATCH_POLICIES)}, "
+                              f"not {options.offset_mismatch!r}")
 
     # ------------------------------------------------------------------ topics
 
@@ -221,11 +256,11 @@ class GroupConsumer:
     # ------------------------------------------------------------------ rebalance
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        stored: dict[TP, int] = {}
         try:
-            stored = self.sink.load_offsets(self.opts.group, [(p.topic, p.partition) for p in partitions])
+            stored = self._trusted_offsets([(p.topic, p.partition) for p in partitions])
         except Exception as e:  # noqa: BLE001 - must not escape into librdkafka's callback
             self._fatal = e
-            stored = {}
         for p in partitions:
             nxt = stored.get((p.topic, p.partition))
             p.offset = nxt if nxt is not None else OFFSET_BEGINNING
@@ -241,6 +276,64 @@ class GroupConsumer:
             self._check_memory()
         self.health.set_ready(True)
         log.info("assigned %d partitions (%d with stored offsets)", len(partitions), len(stored))
+
+    def _trusted_offsets(self, partitions: list[TP]) -> dict[TP, int]:
+        """The stored next offsets of ``partitions`` that count records of these very partitions.
+
+        Each assigned topic's origin (cluster id, topic id) is looked up afresh; a stored offset
+        of another origin, or past its partition's end, is a mismatch: forgotten (the partition
+        reads from its beginning; the sink de-duplicates what it already holds) with one warning
+        naming both identities, or refused (``offset_mismatch="refuse"``).
+
+        Raises:
+            OffsetMismatchError: a mismatch under ``refuse``.
+            SourceError: the topics' origins could not be read (nothing can be verified).
+        """
+        self._origins.update(self._describe({t for t, _ in partitions}))
+        stored = self.sink.load_offsets(self.opts.group, partitions)
+        if not stored:
+            return {}
+        ends = list_ends(self._admin, stored, timeout=15)
+        bad: dict[TP, str] = {}
+        for tp, s in stored.items():
+            why = mismatch(s, self._origins.get(tp[0], UNKNOWN), ends.get(tp))
+            if why is not None:
+                bad[tp] = why
+        if bad:
+            by_topic: dict[str, list[int]] = {}
+            for t, p in sorted(bad):
+                by_topic.setdefault(t, []).append(p)
+            lines = "; ".join(
+                f"{t} {parts}: {bad[(t, parts[0])]} (stored for {stored[(t, parts[0])].origin}, now "
+                f"{self._origins.get(t, UNKNOWN)})" for t, parts in list(by_topic.items())[:5])
+            more = f"; and {len(by_topic) - 5} more topics" if len(by_topic) > 5 else ""
+            self.metrics.consumer_offset_mismatches.inc(self.sink.name, amount=len(bad))
+            if self.opts.offset_mismatch == "refuse":
+                raise OffsetMismatchError(
+                    f"group {self.opts.group}: {len(bad)} stored offsets are not from this cluster and topic "
+                    f"(a cluster or topic created anew while the sink's database was kept): {lines}{more}. "
+                    f"Not starting (--offset-mismatch refuse); --offset-mismatch restart reads those "
+                    f"partitions from their beginning")
+            log.warning("group %s: %d stored offsets are not from this cluster and topic, so not used: %s%s; "
+                        "those partitions are read from their beginning", self.opts.group, len(bad), lines, more)
+            self.sink.forget_offsets(self.opts.group, sorted(bad))
+        return {tp: s.offset for tp, s in stored.items() if tp not in bad}
+
+    def _describe(self, topics: set[str]) -> dict[str, Origin]:
+        """The current origin of ``topics``; a few tries (a broker busy with a rebalance).
+
+        Raises:
+            SourceError: no answer.
+        """
+        last: Exception | None = None
+        for attempt in range(4):
+            try:
+                return topic_origins(self._admin, topics, timeout=10)
+            except (KafkaException, TimeoutError) as e:
+                last = e
+                time.sleep(0.5 * 2 ** attempt)
+        raise SourceError(f"cannot read the cluster and topic ids of {len(topics)} topics, so stored offsets "
+                          f"cannot be verified: {last}") from last
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
@@ -370,14 +463,23 @@ class GroupConsumer:
         if self._dlq_producer is not None and self._dlq_producer.flush(30):
             raise CommitError("dead letters not delivered within 30 s; not storing offsets past them")
         rows = 0
-        for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError),
-                                wait=wait_exponential_jitter(multiplier=0.2, max=10),
-                                stop=stop_after_attempt(30), reraise=True):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.metrics.db_retries.inc(self.sink.name)
-                    self.health.beat()
-                rows = self.sink.flush(self.opts.group, offsets)
+        try:
+            for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError),
+                                    wait=wait_exponential_jitter(multiplier=0.2, max=10),
+                                    stop=stop_after_attempt(30), reraise=True):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        self.metrics.db_retries.inc(self.sink.name)
+                        self.health.beat()
+                    rows = self.sink.flush(self.opts.group, offsets, self._origins)
+        except BaseException:
+            # The batch is not stored and the run stops: forget it, so that leaving the group
+            # (which flushes what revoked partitions hold) does not try it again. The next owner of
+            # those partitions reads it again from the stored offsets.
+            self.sink.discard()
+            self._pending.clear()
+            self._pending_offsets.clear()
+            raise
         elapsed = self.clock() - t0
         n = len(self._pending)
         self.stats.written_rows += rows
@@ -541,8 +643,26 @@ class GroupConsumer:
                   if t in self._subscribed or self._wanted(t)}
         if not target:
             return True
+        ends = list_ends(self._admin, target, timeout=10)
+        beyond = {tp: (off, ends[tp].high) for tp, off in target.items() if tp in ends and off > ends[tp].high}
+        if beyond:
+            # The job's offsets count records these partitions do not have (a topic created anew
+            # since): not waited for; their current end is the target.
+            if not self._beyond_warned:
+                self._beyond_warned = True
+                log.warning("job %s: its checkpoint's offsets are past the end of %d partitions (%s), whose "
+                            "topics were created anew since: waiting for their current end instead",
+                            self.opts.until_done, len(beyond),
+                            ", ".join(f"{t}[{p}] {o} > {h}" for (t, p), (o, h) in sorted(beyond.items())[:5]))
+            target.update({tp: high for tp, (_, high) in beyond.items()})
+        unknown = {t for t, _ in target if t not in self._origins}
+        if unknown:
+            self._origins.update(self._describe(unknown))
         stored = self.sink.load_offsets(self.opts.group, list(target))
-        return all(stored.get(tp, 0) >= off for tp, off in target.items())
+        # only offsets of these very topics count (not a stale row a new assignment will replace)
+        done = {tp: s.offset for tp, s in stored.items()
+                if mismatch(s, self._origins.get(tp[0], UNKNOWN), None) is None}
+        return all(done.get(tp, 0) >= off for tp, off in target.items())
 
     def _wanted(self, topic: str) -> bool:
         coll = self.topics.collection_of(topic)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer, Sink
+from consumers.base import OFFSET_MISMATCH_POLICIES, ConsumerOptions, ConsumerStats, GroupConsumer, Sink
 from runtime.broker import resolve_bootstrap
 from runtime.cgroup import default_memory_guard_mb
 from runtime.codec import AvroCodec
@@ -57,6 +57,10 @@ CONSUMER_OPTIONS: Final[tuple[Opt, ...]] = (
         "exit after this many seconds without messages (0 = never)", type=float),
     Opt(("--no-account-events",), "no_account_events", "BACKFILL_NO_ACCOUNT_EVENTS", False,
         "do not consume the identity and account topics", action="store_true"),
+    Opt(("--offset-mismatch",), "offset_mismatch", "BACKFILL_OFFSET_MISMATCH", "restart",
+        "stored offsets of another Kafka cluster or topic incarnation, or past a partition's end (a "
+        "cluster or topic created anew while the sink's database was kept): restart reads those "
+        "partitions from their beginning (with a warning), refuse stops", choices=OFFSET_MISMATCH_POLICIES),
 )
 
 
@@ -94,7 +98,7 @@ def consumer_settings(ns: argparse.Namespace, *, default_group: str, default_bat
         include_account_events=not ns.no_account_events, batch_size=batch, linger=ns.linger,
         end_time_us=end_us, until_done=ns.until_done, batch_delay=ns.batch_delay_ms / 1000.0,
         max_memory_mb=ns.max_memory_mb if ns.max_memory_mb is not None else default_memory_guard_mb(),
-        idle_exit=ns.idle_exit)
+        idle_exit=ns.idle_exit, offset_mismatch=ns.offset_mismatch)
     return ConsumerSettings(kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
                             options=options, max_concurrent=max(1, ns.max_concurrent))
 

@@ -5,6 +5,11 @@ Every queue is a named FIFO of JSON payloads (the Jetstream-shaped event) in one
 for several queues, its de-duplication keys and the consumer group's next offsets commit in one
 transaction: exactly once, even when the broker re-delivers.
 
+A full disk (``SQLITE_FULL``) stops the consumer loudly with :class:`QueueFullError`: the batch's
+transaction is rolled back whole (SQLite rolls it back itself; nothing of it, items or offsets, is
+kept), the command exits with status 1 and one line naming the file, and a restart once there is
+room resumes after the last stored batch.
+
 Seed API::
 
     from consumers.queue import Queue
@@ -22,7 +27,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -33,6 +38,7 @@ from consumers.base import TP, Consumed
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
 from runtime.errors import BackfillError, CommitError, SinkUnavailableError
 from runtime.metrics import Metrics
+from runtime.offsets import UNKNOWN, Origin, StoredOffset
 from runtime.records import Event, RecordEvent, event_key, to_jetstream_json
 from runtime.settings import Opt, add_options
 
@@ -61,6 +67,8 @@ CREATE TABLE IF NOT EXISTS kafka_offsets (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL,
+    cluster_id TEXT,
+    topic_id TEXT,
     PRIMARY KEY (group_id, topic, partition)
 ) WITHOUT ROWID;
 """
@@ -71,6 +79,59 @@ RECORD_TYPES: Final = ("post", "reply", "like", "follow", "repost", "block")
 
 class QueueNotFoundError(BackfillError, LookupError):
     """``Queue(..., create_new_queue=False)`` named a queue that does not exist."""
+
+
+class QueueFullError(CommitError):
+    """The disk under the queue's SQLite file is full: a batch was not stored (nor its offsets).
+
+    An operational condition, not a bug: the message names the file and says what to do, so the
+    command logs it in one line, without a traceback.
+    """
+
+
+def _primary_code(e: sqlite3.Error) -> int | None:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def disk_full(e: sqlite3.Error) -> bool:
+    """True for ``SQLITE_FULL`` ("database or disk is full")."""
+    return _primary_code(e) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
+
+
+def _busy(e: sqlite3.Error) -> bool:
+    return _primary_code(e) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(e) or "busy" in str(e)
+
+
+def write_failure(path: Path, what: str, e: sqlite3.Error) -> BackfillError:
+    """The project error for a failed write of ``what`` into the queue database at ``path``.
+
+    Busy or locked: :class:`SinkUnavailableError` (retried). A full disk: :class:`QueueFullError`.
+    Anything else: :class:`CommitError`.
+    """
+    if disk_full(e):
+        return QueueFullError(f"the disk under the queue database {path} is full ({e}): {what} was not stored; "
+                              f"free some space and start again, it resumes after the last stored batch")
+    if _busy(e):
+        return SinkUnavailableError(f"queue database {path} busy: {e}")
+    return CommitError(f"queue database {path}: {what} failed: {e}")
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any.
+
+    SQLite ends a transaction itself on some errors (``SQLITE_FULL`` among them): a ROLLBACK then
+    would fail and hide the error that ended it.
+
+    Raises:
+        CommitError: the rollback itself failed (the connection cannot be trusted any more).
+    """
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise CommitError(f"queue database: rollback failed: {e}") from e
 
 
 def default_queue_path() -> Path:
@@ -91,6 +152,10 @@ def connect(path: Path | str | None = None) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(_SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(kafka_offsets)")}
+    for column in ("cluster_id", "topic_id"):  # a database made before offsets carried their origin
+        if column not in columns:
+            conn.execute(f"ALTER TABLE kafka_offsets ADD COLUMN {column} TEXT")
     return conn
 
 
@@ -139,7 +204,7 @@ class Queue:
                                            rows[start:start + step])
                     self._conn.execute("COMMIT")
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    rollback(self._conn)
                     raise
         return len(rows)
 
@@ -156,7 +221,7 @@ class Queue:
                         "DELETE FROM items WHERE queue = ? AND id <= ?", (self.queue_name, rows[-1][0]))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                rollback(self._conn)
                 raise
         return [QueueItem(r[0], orjson.loads(r[1]), orjson.loads(r[2]) if r[2] else None, r[3]) for r in rows]
 
@@ -222,29 +287,55 @@ class QueueSink:
         self.queue_name = queue_name
         self._metrics = metrics
         self.path = Path(path) if path is not None else default_queue_path()
-        self._conn = connect(self.path)
         self._route = route or (lambda _e: queue_name)
         self._rows: list[tuple[str, bytes, str]] = []
+        #: Queues known to be in the ``queues`` table (committed).
         self._queues: set[str] = set()
         self.stored = 0
-        self._ensure_queue(queue_name)
-
-    def _ensure_queue(self, name: str) -> None:
-        if name not in self._queues:
-            self._conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (name,))
-            self._queues.add(name)
-
-    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
-        """Stored next offsets of ``group``."""
-        out: dict[TP, int] = {}
+        #: Set once a batch failed for good (not busy): no later batch is stored.
+        self._failed: BackfillError | None = None
         try:
-            for topic, partition, nxt in self._conn.execute(
-                    "SELECT topic, partition, next_offset FROM kafka_offsets WHERE group_id = ?", (group,)):
-                if (topic, partition) in partitions:
-                    out[(topic, partition)] = nxt
+            self._conn = connect(self.path)
+        except sqlite3.Error as e:
+            if disk_full(e):
+                raise write_failure(self.path, "the queue database's schema", e) from e
+            raise
+        try:
+            self._conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue_name,))
+        except sqlite3.Error as e:
+            self._conn.close()
+            if disk_full(e):
+                raise write_failure(self.path, f"queue {queue_name!r}", e) from e
+            raise
+        self._queues.add(queue_name)
+
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, StoredOffset]:
+        """Stored next offsets of ``group``, with their origins."""
+        out: dict[TP, StoredOffset] = {}
+        wanted = set(partitions)
+        try:
+            for topic, partition, nxt, cluster_id, topic_id in self._conn.execute(
+                    "SELECT topic, partition, next_offset, cluster_id, topic_id FROM kafka_offsets "
+                    "WHERE group_id = ?", (group,)):
+                if (topic, partition) in wanted:
+                    out[(topic, partition)] = StoredOffset(nxt, Origin(cluster_id, topic_id))
         except sqlite3.OperationalError as e:
             raise SinkUnavailableError(f"queue database: {e}") from e
         return out
+
+    def forget_offsets(self, group: str, partitions: list[TP]) -> None:
+        """Delete the stored offsets of ``partitions`` (see :class:`~consumers.base.Sink`).
+
+        Raises:
+            SinkUnavailableError: the database is busy.
+            CommitError: it refused the change.
+        """
+        try:
+            self._conn.executemany("DELETE FROM kafka_offsets WHERE group_id = ? AND topic = ? AND partition = ?",
+                                   [(group, t, p) for t, p in partitions])
+        except sqlite3.Error as e:
+            rollback(self._conn)
+            raise write_failure(self.path, f"forgetting {len(partitions)} stored offsets", e) from e
 
     def add(self, item: Consumed) -> None:
         """Buffer the event's Jetstream-shaped payload for its queue."""
@@ -257,37 +348,62 @@ class QueueSink:
         key = hashlib.blake2b(event_key(event).encode(), digest_size=16).digest()
         self._rows.append((queue, key, orjson.dumps(to_jetstream_json(event)).decode()))
 
-    def flush(self, group: str, offsets: dict[TP, int]) -> int:
-        """Write buffered items (skipping already-seen ones) and ``offsets`` in one transaction."""
+    def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
+        """Write buffered items (skipping already-seen ones) and ``offsets`` in one transaction.
+
+        ``origins``: per topic, the cluster and topic ids the offsets count (stored with them).
+
+        Raises:
+            SinkUnavailableError: the database is busy (nothing was stored; the buffer is kept).
+            QueueFullError: the disk is full (nothing was stored; this sink stores nothing more).
+            CommitError: any other failure, or an earlier one (nothing was stored; this sink stores
+                nothing more).
+        """
+        if self._failed is not None:
+            raise CommitError(f"queue database {self.path}: an earlier batch failed, so no later one is stored "
+                              f"({self._failed})") from self._failed
         conn = self._conn
         stored = 0
         per_queue: dict[str, int] = {}
+        new_queues: set[str] = set()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for queue, key, payload in self._rows:
-                    if queue not in self._queues:
-                        self._ensure_queue(queue)
+                    if queue not in self._queues and queue not in new_queues:
+                        conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+                        new_queues.add(queue)
                     cur = conn.execute("INSERT OR IGNORE INTO seen (queue, key) VALUES (?, ?)", (queue, key))
                     if cur.rowcount:
                         conn.execute("INSERT INTO items (queue, payload) VALUES (?, ?)", (queue, payload))
                         stored += 1
                         per_queue[queue] = per_queue.get(queue, 0) + 1
+                known = origins or {}
                 conn.executemany(
-                    "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
-                    "next_offset = max(next_offset, excluded.next_offset)",
-                    [(group, t, p, o) for (t, p), o in offsets.items()])
+                    "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, cluster_id, topic_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
+                    # an offset of another origin replaces the row; within one origin offsets only grow
+                    "next_offset = CASE WHEN (excluded.cluster_id IS NOT NULL AND cluster_id IS NOT "
+                    "excluded.cluster_id) OR (excluded.topic_id IS NOT NULL AND topic_id IS NOT excluded.topic_id) "
+                    "THEN excluded.next_offset ELSE max(next_offset, excluded.next_offset) END, "
+                    "cluster_id = coalesce(excluded.cluster_id, cluster_id), "
+                    "topic_id = coalesce(excluded.topic_id, topic_id)",
+                    [(group, t, p, o, known.get(t, UNKNOWN).cluster_id, known.get(t, UNKNOWN).topic_id)
+                     for (t, p), o in offsets.items()])
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise SinkUnavailableError(f"queue database busy: {e}") from e
-            raise CommitError(f"queue database write failed: {e}") from e
-        except sqlite3.DatabaseError as e:
-            raise CommitError(f"queue database write failed: {e}") from e
+        except sqlite3.Error as e:
+            failure = write_failure(self.path, f"a batch of {len(self._rows)} items and its offsets", e)
+            if not isinstance(failure, SinkUnavailableError):
+                # Fatal: this sink stores nothing more. A later flush (the consumer flushes what is
+                # pending when its partitions are revoked on the way out) must not store the offsets
+                # of this batch, or of any later one, without its items.
+                self._failed = failure
+                self._rows.clear()
+            raise failure from e
+        self._queues |= new_queues
         self._rows.clear()
         self.stored += stored
         if self._metrics is not None:
@@ -334,7 +450,12 @@ def main(ns: argparse.Namespace) -> int:
     path = Path(ns.queue_path) if ns.queue_path else default_queue_path()
     route = by_type_router(ns.queue_name) if ns.split_by_type else None
     metrics = Metrics()
-    run_consumer(settings, lambda: QueueSink(ns.queue_name, path, route=route, metrics=metrics), metrics=metrics)
+    try:
+        run_consumer(settings, lambda: QueueSink(ns.queue_name, path, route=route, metrics=metrics),
+                     metrics=metrics)
+    except QueueFullError as e:
+        log.critical("stopping: %s", e)  # the message says it all: no traceback
+        return 1
     return 0
 
 

@@ -4,6 +4,7 @@
 
     BackfillError                      root of everything this project raises on purpose
     ├── ConfigError                    bad flags/environment; a usage error, reported before connecting
+    │   └── OffsetMismatchError        stored offsets of another cluster/topic incarnation, refused
     ├── SourceError                    an upstream (Jetstream, relay, PDS, PLC) failed in a way we retry or report
     │   └── HandleResolutionError      a handle that does not resolve to a DID
     ├── SinkUnavailableError           the sink (database, queue file) is briefly unreachable: retry the batch
@@ -53,6 +54,11 @@ class BackfillError(Exception):
 
 class ConfigError(BackfillError):
     """Invalid flags or environment: a usage error, raised before anything connects."""
+
+
+class OffsetMismatchError(ConfigError):
+    """Stored offsets count another cluster or another incarnation of a topic, and the consumer was
+    told to refuse them (``--offset-mismatch refuse``)."""
 
 
 class SourceError(BackfillError):

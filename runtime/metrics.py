@@ -207,6 +207,11 @@ class Metrics:
             f"{p}_consumer_created_at_records_total",
             "Records by the outcome of the createdAt range policy (seed 002).",
             ["sink", "outcome"], registry=r), [SINKS, CREATED_AT_OUTCOMES])
+        self.consumer_offset_mismatches = ClosedCounter(Counter(
+            f"{p}_consumer_offset_mismatches_total",
+            "Stored offsets not used: stored for another cluster or topic incarnation, or past the "
+            "partition's end (the partition is read from its beginning, or the consumer refuses).",
+            ["sink"], registry=r), [SINKS])
         self.db_retries = ClosedCounter(Counter(
             f"{p}_consumer_sink_retries_total", "Sink transactions retried after a transient failure.",
             ["sink"], registry=r), [SINKS])

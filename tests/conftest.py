@@ -8,6 +8,7 @@
   trust auth; ``TEST_DATABASE_URL`` overrides the server), dropped at the end. The server is
   started if it is down.
 * ``prefix``: a unique topic prefix per test, so tests never see each other's topics.
+* ``schema``: a fresh PostgreSQL schema per test in that database, dropped afterwards.
 * ``fixtures_dir``: ../shared/fixtures (tests using it skip cleanly when it is absent).
 """
 
@@ -164,6 +165,18 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(pg_server_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def schema(pg_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL schema per test, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="session")

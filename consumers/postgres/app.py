@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import threading
 from typing import Final
 
 from consumers.base import group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
 from consumers.postgres.rows import TransformOptions
-from consumers.postgres.sink import PostgresSettings, PostgresSink
+from consumers.postgres.sink import DatabaseUnreachableError, PostgresSettings, PostgresSink, StartStoppedError
 from runtime.created_at import OutOfRange, TimestampPolicy
 from runtime.errors import ConfigError, SinkUnavailableError
 from runtime.metrics import Metrics
@@ -32,6 +33,9 @@ POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--database-url",), "database_url", "DATABASE_URL", None,
         "PostgreSQL connection URL (postgresql://user:password@host:5432/db); never logged",
         type=parse_secret, metavar="URL"),
+    Opt(("--db-wait",), "db_wait", "BACKFILL_DB_WAIT", 60.0,
+        "seconds to wait at start for an unreachable database, trying again with backoff, before "
+        "exiting with status 1 (0 = exit at once)", type=float, metavar="SECONDS"),
     Opt(("--db-schema",), "db_schema", "BACKFILL_DB_SCHEMA", "public",
         "PostgreSQL schema of every table (created if missing)"),
     Opt(("--deletes",), "deletes", "BACKFILL_DELETES", "delete",
@@ -75,12 +79,14 @@ def postgres_settings(ns: argparse.Namespace, max_concurrent: int) -> PostgresSe
         end=parse_timestamp(ns.created_at_end) if ns.created_at_end else None,
         out_of_range=OutOfRange(ns.out_of_range))
     statuses = frozenset(s.strip() for s in (ns.removal_statuses or "").split(",") if s.strip())
+    if ns.db_wait < 0:
+        raise ConfigError("--db-wait must be >= 0 seconds")
     if ns.account_removal == "purge" and not statuses:
         raise ConfigError("--account-removal purge needs at least one --removal-statuses value")
     transform = TransformOptions(policy=policy,
                                  removal_statuses=statuses if ns.account_removal == "purge" else frozenset())
     return PostgresSettings(database_url=url, db_schema=ns.db_schema, deletes=ns.deletes, transform=transform,
-                            max_concurrent=max_concurrent)
+                            max_concurrent=max_concurrent, connect_wait=ns.db_wait)
 
 
 def tune_gc() -> None:
@@ -103,15 +109,24 @@ def main(ns: argparse.Namespace) -> int:
                                  default_batch=DEFAULT_BATCH)
     pg = postgres_settings(ns, settings.max_concurrent)
     metrics = Metrics()
+    # Set by SIGTERM/SIGINT (run_consumer's handlers): also ends a wait for the database at start.
+    stop = threading.Event()
     try:
         if ns.migrate_only:
-            PostgresSink(pg, metrics).close()
+            PostgresSink(pg, metrics, stop=stop).close()
             log.info("schema %s is up to date", pg.db_schema)
             return 0
         tune_gc()
-        run_consumer(settings, lambda: PostgresSink(pg, metrics), metrics=metrics)
+        run_consumer(settings, lambda: PostgresSink(pg, metrics, stop=stop), metrics=metrics, stop_event=stop)
+    except StartStoppedError as e:
+        log.info("%s", e)
+        return 0
+    except DatabaseUnreachableError as e:
+        log.critical("%s", e)  # one line: host:port, the wait, the last error
+        return 1
     except SinkUnavailableError as e:
-        # Retried with backoff already (start-up, offset loading): give up loudly, nothing was lost.
-        log.critical("PostgreSQL stayed unreachable: %s", e)
+        # Retried with backoff already (batches, offset loading): give up loudly in one line;
+        # nothing was lost (no offset past an unwritten row was stored).
+        log.critical("PostgreSQL stayed unreachable: %s", " ".join(str(e).split()))
         return 1
     return 0

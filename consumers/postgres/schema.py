@@ -160,6 +160,9 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     updated_at TIMESTAMP DEFAULT NOW() NOT NULL
 )""",
     )),
+    Migration(2, "kafka_offsets: the cluster and topic ids each offset was taken from", (
+        "ALTER TABLE {s}.kafka_offsets ADD COLUMN cluster_id TEXT, ADD COLUMN topic_id TEXT",
+    )),
 )
 
 #: The schema version this code writes.

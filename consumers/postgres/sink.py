@@ -28,8 +28,9 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,6 +59,7 @@ from consumers.postgres.schema import migrate
 from runtime.created_at import Outcome
 from runtime.errors import CommitError, ConfigError, SinkUnavailableError
 from runtime.metrics import Metrics
+from runtime.offsets import UNKNOWN, Origin, StoredOffset
 from runtime.settings import Secret
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ SINK: Final = "postgres"
 KNOWN_ACTORS_MAX: Final = 1_000_000
 #: GIL switch interval (seconds) while a background writer runs.
 SWITCH_INTERVAL: Final = 0.0005
+#: Waits between connection attempts while the database is unreachable at start: doubling from
+#: the first, capped (a database coming back is noticed within this many seconds).
+START_BACKOFF_FIRST: Final = 0.5
+START_BACKOFF_MAX: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class PostgresSettings:
         max_concurrent: batches in progress at once (see the module docstring).
         connect_timeout: seconds to wait for a connection.
         retries: attempts of a background batch before giving up (fatal).
+        connect_wait: seconds to wait at start for an unreachable database, trying again with
+            backoff (0: one attempt).
     """
 
     database_url: Secret
@@ -90,10 +98,13 @@ class PostgresSettings:
     max_concurrent: int = 1
     connect_timeout: float = 10.0
     retries: int = 30
+    connect_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if self.deletes not in ("delete", "flag"):
             raise ConfigError(f"deletes must be 'delete' or 'flag', not {self.deletes!r}")
+        if self.connect_wait < 0:
+            raise ConfigError("the database wait must be >= 0 seconds")
         if self.max_concurrent < 1:
             raise ConfigError("max_concurrent must be >= 1")
         if not self.db_schema or len(self.db_schema) > 63:
@@ -127,6 +138,35 @@ def describe_dsn(dsn: str) -> str:
     host = str(parts.get("host") or "localhost")
     port = f":{parts['port']}" if parts.get("port") else ""
     return f"{user + '@' if user else ''}{host}{port}/{parts.get('dbname') or ''}"
+
+
+def describe_error(e: BaseException, secret: Secret | None = None) -> str:
+    """``e`` as one line (libpq's messages span several), the secret's value masked if it occurs."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    if secret is not None and secret.get():
+        text = text.replace(secret.get(), str(secret))
+        password = conninfo_password(secret.get())
+        if password:
+            text = text.replace(password, str(secret))
+    return text
+
+
+def conninfo_password(dsn: str) -> str | None:
+    """The password of a libpq URL or key=value DSN (None: none, or unparseable)."""
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        return None
+    return str(password) if password else None
+
+
+class DatabaseUnreachableError(SinkUnavailableError):
+    """The database stayed unreachable through the wait at start; the message is one line naming
+    user@host:port/dbname and the last connection error (never the password)."""
+
+
+class StartStoppedError(SinkUnavailableError):
+    """The process was told to stop (SIGTERM, SIGINT) while it waited for the database at start."""
 
 
 def transient(e: BaseException) -> bool:
@@ -230,14 +270,24 @@ class Statements:
             "FROM unnest(%s::text[], %s::bigint[]) AS r(did, t_us) "
             "WHERE a.did = r.did AND (a.removed_time_us IS NULL OR a.removed_time_us < r.t_us)").format(s=s)
         self.offsets = sql.SQL(
-            "INSERT INTO {s}.kafka_offsets AS o (group_id, topic, partition, next_offset) "
-            "SELECT %s, u.topic, u.partition, u.next_offset "
-            "FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(topic, partition, next_offset) "
+            "INSERT INTO {s}.kafka_offsets AS o (group_id, topic, partition, next_offset, cluster_id, topic_id) "
+            "SELECT %s, u.topic, u.partition, u.next_offset, u.cluster_id, u.topic_id "
+            "FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::text[], %s::text[]) "
+            "AS u(topic, partition, next_offset, cluster_id, topic_id) "
             "ORDER BY u.topic, u.partition "
             "ON CONFLICT (group_id, topic, partition) DO UPDATE SET "
-            "next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()").format(s=s)
+            # an offset of another origin replaces the row; within one origin offsets only grow
+            "next_offset = CASE WHEN (EXCLUDED.cluster_id IS NOT NULL AND o.cluster_id IS DISTINCT FROM "
+            "EXCLUDED.cluster_id) OR (EXCLUDED.topic_id IS NOT NULL AND o.topic_id IS DISTINCT FROM "
+            "EXCLUDED.topic_id) THEN EXCLUDED.next_offset ELSE greatest(o.next_offset, EXCLUDED.next_offset) END, "
+            "cluster_id = coalesce(EXCLUDED.cluster_id, o.cluster_id), "
+            "topic_id = coalesce(EXCLUDED.topic_id, o.topic_id), updated_at = now()").format(s=s)
         self.load_offsets = sql.SQL(
-            "SELECT topic, partition, next_offset FROM {s}.kafka_offsets WHERE group_id = %s").format(s=s)
+            "SELECT topic, partition, next_offset, cluster_id, topic_id FROM {s}.kafka_offsets "
+            "WHERE group_id = %s").format(s=s)
+        self.forget_offsets = sql.SQL(
+            "DELETE FROM {s}.kafka_offsets AS o USING unnest(%s::text[], %s::int[]) AS u(topic, partition) "
+            "WHERE o.group_id = %s AND o.topic = u.topic AND o.partition = u.partition").format(s=s)
         self.cursor = sql.SQL(
             "INSERT INTO {s}.firehose_cursor AS f (service, cursor, last_event_time, updated_at) "
             "SELECT u.service, u.cursor, u.t, now() AT TIME ZONE 'UTC' "
@@ -407,7 +457,7 @@ class Writer:
             except psycopg.Error as e:  # closing a broken connection may fail again
                 log.debug("closing a broken connection: %s", e)
 
-    def write(self, prepared: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+    def write(self, prepared: Prepared, group: str, offsets: dict[TP, StoredOffset]) -> WriteResult:
         """Write ``prepared`` and ``offsets`` in one transaction.
 
         Raises:
@@ -435,7 +485,7 @@ class Writer:
         with cur.copy(self.sql.copy[name]) as copy:
             copy.write(data)
 
-    def _write(self, conn: psycopg.Connection[Any], p: Prepared, group: str, offsets: dict[TP, int],
+    def _write(self, conn: psycopg.Connection[Any], p: Prepared, group: str, offsets: dict[TP, StoredOffset],
                new_actors: list[str]) -> WriteResult:
         st = self.sql
         result = WriteResult()
@@ -476,7 +526,9 @@ class Writer:
                 rows[f"{name}_events"] = max(0, cur.rowcount)
         if offsets:
             tps = sorted(offsets)
-            cur.execute(st.offsets, (group, [t for t, _ in tps], [p for _, p in tps], [offsets[tp] for tp in tps]))
+            cur.execute(st.offsets, (group, [t for t, _ in tps], [p for _, p in tps],
+                                     [offsets[tp].offset for tp in tps], [offsets[tp].origin.cluster_id for tp in tps],
+                                     [offsets[tp].origin.topic_id for tp in tps]))
         if p.progress is not None:
             cur.execute(st.cursor, p.progress)
         return result
@@ -497,9 +549,16 @@ class PostgresSink:
         on_commit: called (on the writer thread) after every committed batch.
         migrate_schema: create/upgrade the schema on start (every replica may; it is locked).
         wall: unix seconds (the commit time given to ``on_commit``).
+        clock: monotonic seconds (the start wait's deadline).
+        sleep: waits the given seconds between connection attempts at start; returns True when the
+            process was told to stop meanwhile (default: ``stop.wait``).
+        stop: set by SIGTERM/SIGINT; ends the start wait.
 
     Raises:
-        SinkUnavailableError: the database stayed unreachable through the start-up retries.
+        DatabaseUnreachableError: the database stayed unreachable through the start wait
+            (``connect_wait``).
+        SinkUnavailableError: it failed through the retries of the schema migration.
+        StartStoppedError: ``stop`` was set during the start wait.
         ConfigError: the database is not UTF8, or was migrated by a newer version of this tool.
     """
 
@@ -510,18 +569,24 @@ class PostgresSink:
                  retry_wait: wait_base | None = None,
                  on_commit: Callable[[Committed], None] | None = None,
                  migrate_schema: bool = True,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], bool] | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self._connect = connect
         self._wait = retry_wait if retry_wait is not None else wait_exponential_jitter(multiplier=0.2, max=10)
         self._on_commit = on_commit
         self._wall = wall
+        self._clock = clock
+        self._sleep = sleep if sleep is not None else (stop or threading.Event()).wait
         opts = settings.transform
         self.sql = Statements(settings.db_schema, flag_deletes=settings.deletes == "flag",
                               purge=bool(opts.removal_statuses))
         self._control: psycopg.Connection[Any] | None = None
         try:
+            self._wait_for_database()
             if migrate_schema:
                 self._with_control(self._migrate)
             # Formatting COPY rows needs only a cursor's adaptation context, never its connection.
@@ -560,6 +625,50 @@ class PostgresSink:
         self._control = conn
         return conn
 
+    def _wait_for_database(self) -> None:
+        """Open the control connection, waiting up to ``connect_wait`` seconds with backoff.
+
+        One line says the database is unreachable and for how long it is waited for; one more that
+        it answered. Neither names more than user@host:port/dbname (never the password).
+
+        Raises:
+            DatabaseUnreachableError: still unreachable when the wait ran out.
+            StartStoppedError: told to stop meanwhile.
+        """
+        secret = self.settings.database_url
+        where = describe_dsn(secret.get())
+        wait = self.settings.connect_wait
+        started = self._clock()
+        deadline = started + wait
+        delay = START_BACKOFF_FIRST
+        waiting = False
+        while True:
+            try:
+                self._control_conn()
+            except SinkUnavailableError as e:
+                reason = describe_error(e.__cause__ or e, secret)
+                left = deadline - self._clock()
+                if left <= 0:
+                    if wait <= 0:
+                        raise DatabaseUnreachableError(f"PostgreSQL at {where} is unreachable ({reason}); not "
+                                                       f"waiting for it (--db-wait 0)") from e
+                    raise DatabaseUnreachableError(
+                        f"PostgreSQL at {where} is still unreachable after waiting {wait:g} s ({reason}); "
+                        f"giving up (--db-wait / BACKFILL_DB_WAIT)") from e
+                if not waiting:
+                    waiting = True
+                    log.warning("PostgreSQL at %s is unreachable (%s); waiting up to %g s for it "
+                                "(--db-wait / BACKFILL_DB_WAIT)", where, reason, wait)
+                else:
+                    log.debug("PostgreSQL at %s still unreachable: %s", where, reason)
+                if self._sleep(min(delay, left)):
+                    raise StartStoppedError(f"stopped while waiting for PostgreSQL at {where}") from e
+                delay = min(delay * 2, START_BACKOFF_MAX)
+                continue
+            if waiting:
+                log.info("PostgreSQL at %s reachable after %.1f s", where, self._clock() - started)
+            return
+
     def _with_control(self, fn: Callable[[psycopg.Connection[Any]], Any]) -> Any:
         """Run ``fn`` on the control connection, retrying transient failures."""
         for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError), wait=self._wait,
@@ -592,20 +701,28 @@ class PostgresSink:
 
     # ------------------------------------------------------------------ Sink protocol
 
-    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
-        """The stored next offset of each partition (after this process's own batches committed)."""
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, StoredOffset]:
+        """The stored next offset of each partition, with its origin (after this process's own
+        batches committed)."""
         self._drain()
         wanted = set(partitions)
 
-        def load(conn: psycopg.Connection[Any]) -> dict[TP, int]:
-            out: dict[TP, int] = {}
-            for topic, partition, nxt in conn.execute(self.sql.load_offsets, (group,)):
+        def load(conn: psycopg.Connection[Any]) -> dict[TP, StoredOffset]:
+            out: dict[TP, StoredOffset] = {}
+            for topic, partition, nxt, cluster_id, topic_id in conn.execute(self.sql.load_offsets, (group,)):
                 if (topic, partition) in wanted:
-                    out[(topic, partition)] = int(nxt)
+                    out[(topic, partition)] = StoredOffset(int(nxt), Origin(cluster_id, topic_id))
             return out
 
-        result: dict[TP, int] = self._with_control(load)
+        result: dict[TP, StoredOffset] = self._with_control(load)
         return result
+
+    def forget_offsets(self, group: str, partitions: list[TP]) -> None:
+        """Delete the stored offsets of ``partitions`` (see :class:`~consumers.base.Sink`)."""
+        self._drain()
+        tps = sorted(partitions)
+        self._with_control(lambda conn: conn.execute(
+            self.sql.forget_offsets, ([t for t, _ in tps], [p for _, p in tps], group)))
 
     def add(self, item: Consumed) -> None:
         """Transform one message into the current batch.
@@ -615,8 +732,10 @@ class PostgresSink:
         """
         add_event(self._batch, item.event, self.settings.transform, item.datum, item.schema)
 
-    def flush(self, group: str, offsets: dict[TP, int]) -> int:
+    def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
         """Write the batch and ``offsets`` in one transaction; return the changes written or submitted.
+
+        ``origins``: per topic, the cluster and topic ids the offsets count (stored with them).
 
         Raises:
             SinkUnavailableError: (synchronous mode) transient failure; the batch is kept for the retry.
@@ -624,12 +743,13 @@ class PostgresSink:
         """
         if self._failed is not None:
             raise CommitError("a background batch failed; stopping") from self._failed
+        stamped = {tp: StoredOffset(o, (origins or {}).get(tp[0], UNKNOWN)) for tp, o in offsets.items()}
         if self.settings.max_concurrent == 1:
             # Kept across a SinkUnavailableError: GroupConsumer retries with the same batch.
             prepared = self._prepared
             if prepared is None:
                 prepared = self._prepared = self._prepare()
-            result = self._writer.write(prepared, group, offsets)
+            result = self._writer.write(prepared, group, stamped)
             self._batch = Batch()
             self._prepared = None
             self._committed(prepared, result)
@@ -643,7 +763,7 @@ class PostgresSink:
             # round trip waits out the consumer thread's switch interval (5 ms by default).
             sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
             pool = self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-writer")
-        self._inflight.append(pool.submit(self._write_retrying, prepared, group, dict(offsets)))
+        self._inflight.append(pool.submit(self._write_retrying, prepared, group, stamped))
         return prepared.changes
 
     def discard(self) -> None:
@@ -691,7 +811,7 @@ class PostgresSink:
         if self._on_commit is not None:
             self._on_commit(Committed(batch.changes, result.total, batch.event_times, self._wall()))
 
-    def _write_retrying(self, batch: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+    def _write_retrying(self, batch: Prepared, group: str, offsets: dict[TP, StoredOffset]) -> WriteResult:
         if self._failed is not None:
             raise CommitError("an earlier batch failed; not writing later ones") from self._failed
         try:
@@ -700,7 +820,7 @@ class PostgresSink:
             self._failed = e
             raise
 
-    def _write_with_retries(self, batch: Prepared, group: str, offsets: dict[TP, int]) -> WriteResult:
+    def _write_with_retries(self, batch: Prepared, group: str, offsets: dict[TP, StoredOffset]) -> WriteResult:
         logged = False
         for attempt in Retrying(retry=retry_if_exception_type(SinkUnavailableError), wait=self._wait,
                                 stop=stop_after_attempt(self.settings.retries), reraise=True):

@@ -29,10 +29,13 @@ Bounds (ARCHITECTURE: every piece of state is bounded):
   reaches that far back), and at most :data:`MAX_IDENTITIES` of them (about 70 bytes each): past
   that the oldest set goes first, and a failover to an instance far ahead may then repeat events
   older than what is held (logged once; the sinks de-duplicate by the same identity).
-* A checkpoint holds 8-byte hashes in base64: every identity within the lateness of the clock
-  (what a resume on the same instance replays; the same bound as before) and, newest sets first,
-  held identities up to :data:`CHECKPOINT_IDENTITIES` in all (what a resume on another instance
-  can recognise of its wider replay): at most about 44 KB beyond the lateness window.
+* A checkpoint holds 8-byte hashes in base64: the identities within the lateness of the clock
+  (what a resume on the same instance replays), the newest :data:`WINDOW_IDENTITIES` of them at
+  most, and, newest sets first, held identities up to :data:`CHECKPOINT_IDENTITIES` in all (what a
+  resume on another instance can recognise of its wider replay): at most about 470 KB, whatever
+  the event density, so a checkpoint always fits a Kafka message (1 MB by default). When more
+  events than that share the lateness window (a burst, a replay), a resume may produce the oldest
+  of them again (logged once; the sinks de-duplicate by the same identity); none is skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ log = logging.getLogger(__name__)
 
 #: Hashes a checkpoint holds beyond the lateness window's (8 bytes each, base64: about 44 KB).
 CHECKPOINT_IDENTITIES: Final = 4096
+#: Hashes of the lateness window a checkpoint (and memory) holds at most: the newest (base64:
+#: about 430 KB). Bluesky's full rate is about 2,000 events/s, 2,000 in the default 1 s window.
+WINDOW_IDENTITIES: Final = 40_000
 #: Hashes held in memory at most (about 70 bytes each: about 35 MB). At Bluesky's full rate (about
 #: 2,000 events/s) the default hold of 240 s of event time needs about 480,000.
 MAX_IDENTITIES: Final = 500_000
@@ -112,11 +118,13 @@ class JetstreamPosition:
             lateness); identities are held for twice that.
         max_identities: the cap of identities held in memory.
         checkpoint_identities: identities a checkpoint holds beyond the lateness window.
+        window_identities: identities of the lateness window held for a checkpoint (the newest).
     """
 
     def __init__(self, lateness: int = 1_000_000, failover_rewind: int = FAILOVER_REWIND_US, *,
                  max_identities: int = MAX_IDENTITIES,
-                 checkpoint_identities: int = CHECKPOINT_IDENTITIES) -> None:
+                 checkpoint_identities: int = CHECKPOINT_IDENTITIES,
+                 window_identities: int = WINDOW_IDENTITIES) -> None:
         self.lateness = max(0, lateness)
         self.failover_rewind = max(failover_rewind, self.lateness)
         self.hold = 2 * self.failover_rewind
@@ -140,8 +148,11 @@ class JetstreamPosition:
         self._sealed: deque[tuple[int, set[int]]] = deque()
         self._count = 0
         self._capped = False
-        # (cursor, identity) delivered within the lateness of ``clock``, oldest first.
-        self._window: deque[tuple[int, int]] = deque()
+        # (cursor, identity) delivered within the lateness of ``clock``, oldest first; the newest
+        # ``window_identities`` at most.
+        self.window_identities = max(1, window_identities)
+        self._window: deque[tuple[int, int]] = deque(maxlen=self.window_identities)
+        self._window_full_logged = False
         # The restored checkpoint's lateness window, all at cursor _restored_at (persisted again
         # while still within the lateness), and a checkpoint of the earlier format's fingerprints.
         self._restored: list[int] = []
@@ -250,8 +261,14 @@ class JetstreamPosition:
             self._count += 1
         clock = self.clock if self.clock is not None else c
         window = self._window
-        window.append((c, fp))
         floor = clock - self.lateness
+        cap = self.window_identities
+        if len(window) == cap and window[0][0] >= floor and not self._window_full_logged:
+            self._window_full_logged = True
+            log.warning("more than %d events within the allowed lateness (%.1f s of time_us): checkpoints "
+                        "keep the newest %d identities, so a resume may produce older ones of that window "
+                        "again (the sinks de-duplicate them)", cap, self.lateness / 1e6, cap)
+        window.append((c, fp))
         while window and window[0][0] < floor:
             window.popleft()
         if self._restored and self._restored_at < floor:
@@ -285,7 +302,10 @@ class JetstreamPosition:
     def snapshot(self) -> dict[str, Any]:
         """JSON state: the cursors, the instance, and identities as base64 8-byte hashes."""
         window = {fp for _, fp in self._window}
-        window.update(self._restored)
+        for fp in reversed(self._restored):  # the restored window's newest first, within the cap
+            if len(window) >= self.window_identities:
+                break
+            window.add(fp)
         held: list[int] = []
         room = self.checkpoint_identities
         if room:
@@ -324,7 +344,7 @@ class JetstreamPosition:
         clock = state.get("clock")
         pos.clock = int(clock) if clock is not None else cursor
         pos.instance = state.get("instance")
-        pos._restored = _unpack(state.get("window"))
+        pos._restored = _unpack(state.get("window"))[-pos.window_identities:]
         pos._restored_at = pos.clock
         ids = set(pos._restored)
         ids.update(_unpack(state.get("held")))

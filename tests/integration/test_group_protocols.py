@@ -32,7 +32,6 @@ from tests.integration.test_postgres_consumer import (
     expected,
     make_events,
     produce,
-    schema,
     snapshot,
     stored_offsets,
 )
@@ -42,7 +41,6 @@ from tests.integration.test_repos_worktopic import _check_exact, _network, _run_
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-__all__ = ["schema"]  # the fixture, shared with test_postgres_consumer.py
 
 PROTOCOLS = ["classic", "consumer"]
 GROUP_TYPE = {"classic": ConsumerGroupType.CLASSIC, "consumer": ConsumerGroupType.CONSUMER}

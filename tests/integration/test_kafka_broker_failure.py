@@ -33,7 +33,7 @@ from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 from runtime.timeparse import us_to_iso
 from runtime.topics import TopicMap
 from tests.integration.eos import committed_event_keys
-from tests.integration.test_postgres_consumer import assert_tables_equal, expected, schema, snapshot, stored_offsets
+from tests.integration.test_postgres_consumer import assert_tables_equal, expected, snapshot, stored_offsets
 from tests.integration.test_postgres_kill import Replicas, command, data_offsets
 from tests.kafka.cluster import KafkaCluster
 
@@ -43,8 +43,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("BACKFILL_TEST_BROKER", "kafka").strip().lower() == "tansu",
                        reason="starts its own Apache Kafka cluster"),
 ]
-
-__all__ = ["schema"]  # the fixture, shared with test_postgres_consumer.py
 
 ROOT = Path(__file__).resolve().parents[2]
 START = 1_700_000_000_000_000

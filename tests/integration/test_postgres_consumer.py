@@ -11,8 +11,7 @@ import asyncio
 import random
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -192,14 +191,6 @@ def stored_offsets(pg_url: str, schema: str, group: str) -> dict[str, dict[str, 
     for topic, partition, nxt in rows:
         out.setdefault(topic, {})[str(partition)] = nxt
     return out
-
-
-@pytest.fixture
-def schema(pg_url: str) -> Iterator[str]:
-    name = f"e_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 def consume(kafka: KafkaSettings, pg_url: str, schema: str, *, metrics: Metrics | None = None,

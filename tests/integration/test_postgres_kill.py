@@ -22,14 +22,12 @@ from tests.integration.test_postgres_consumer import (
     make_events,
     produce,
     replayed,
-    schema,
     snapshot,
     stored_offsets,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-__all__ = ["schema"]  # the fixture, shared with test_postgres_consumer.py
 
 ROOT = Path(__file__).resolve().parents[2]
 

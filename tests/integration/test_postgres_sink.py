@@ -5,8 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +21,7 @@ from consumers.postgres.sink import Committed, PostgresSettings, PostgresSink
 from runtime.created_at import OutOfRange, TimestampPolicy
 from runtime.errors import CommitError, ConfigError, SinkUnavailableError
 from runtime.metrics import Metrics
+from runtime.offsets import StoredOffset
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
 from runtime.settings import Secret
 
@@ -31,15 +31,6 @@ A = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"
 B = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"
 CID = "bafyreidc6sydkkbchcyg62v77wbhzvb2mvytlmsychqgwf2xojjtirmzj4"
 POST = "app.bsky.feed.post"
-
-
-@pytest.fixture
-def schema(pg_url: str) -> Iterator[str]:
-    """A fresh schema per test, dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
 def sink_for(pg_url: str, schema: str, **kw: Any) -> PostgresSink:
@@ -169,9 +160,9 @@ def test_offsets_and_cursor_move_only_forward(pg_url: str, schema: str) -> None:
     topic = "t.app.bsky.feed.post"
     write(sink, [post("3k001", "a", rkey="a", cursor=1_700_000_000_000_000)], 0)
     write(sink, [post("3k002", "b", rkey="b", cursor=1_700_000_000_500_000)], 10)
-    assert sink.load_offsets("g", [(topic, 0), (topic, 1)]) == {(topic, 0): 11}
+    assert sink.load_offsets("g", [(topic, 0), (topic, 1)]) == {(topic, 0): StoredOffset(11)}
     write(sink, [post("3k000", "z", rkey="z", cursor=1_600_000_000_000_000)], 3)  # a replayed, older batch
-    assert sink.load_offsets("g", [(topic, 0)]) == {(topic, 0): 11}
+    assert sink.load_offsets("g", [(topic, 0)]) == {(topic, 0): StoredOffset(11)}
     assert sink.load_offsets("other", [(topic, 0)]) == {}
     rows = query(pg_url, "SELECT service, cursor, last_event_time FROM firehose_cursor", schema)
     assert rows == [("j1", "1700000000500000", datetime(2023, 11, 14, 22, 13, 20, 500000))]
@@ -240,10 +231,10 @@ def test_lost_connection_is_retried_with_the_batch_kept(pg_url: str, schema: str
     sink.add(Consumed("t.app.bsky.feed.post", 0, 1, "x", post("3k002", "b", rkey="b"), 0))
     with pytest.raises(SinkUnavailableError):
         sink.flush("g", {("t.app.bsky.feed.post", 0): 2})
-    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): 1}
+    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): StoredOffset(1)}
     assert sink.flush("g", {("t.app.bsky.feed.post", 0): 2}) >= 1  # GroupConsumer's retry: same batch
     assert set(posts(pg_url, schema)) == {"a", "b"}
-    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): 2}
+    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): StoredOffset(2)}
     sink.close()
 
 
@@ -261,7 +252,7 @@ def test_background_writer_retries_and_commits_in_order(pg_url: str, schema: str
     assert [c.event_times_us for c in committed] == [[1], [2], [3], [4], [5], [6]]
     assert metrics.registry.get_sample_value("atproto_backfill_consumer_sink_retries_total", {"sink": "postgres"}) >= 1
     check = sink_for(pg_url, schema)
-    assert check.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): 6}
+    assert check.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): StoredOffset(6)}
     check.close()
 
 
@@ -300,7 +291,7 @@ def test_a_refused_batch_is_fatal_and_stores_no_later_offsets(pg_url: str, schem
 
     with pytest.raises(CommitError):
         keep_writing()
-    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): 1}
+    assert sink.load_offsets("g", [("t.app.bsky.feed.post", 0)]) == {("t.app.bsky.feed.post", 0): StoredOffset(1)}
     with pytest.raises(CommitError):
         sink.flush("g", {("t.app.bsky.feed.post", 0): 9})
     sink.close()

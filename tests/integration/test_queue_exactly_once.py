@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer
 from consumers.queue import RECORD_TYPES, QueueSink, by_type_router, connect, record_type
 from runtime.codec import AvroCodec
 from runtime.metrics import Metrics
+from runtime.offsets import Origin, StoredOffset
 from runtime.records import RecordEvent, event_key, to_jetstream_json
 from runtime.settings import KafkaSettings
 from tests.integration.test_postgres_consumer import make_events, produce, replayed
@@ -46,17 +48,20 @@ class CrashingSink:
         self.crash_at = crash_at
         self.flushes = 0
 
-    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+    def load_offsets(self, group: str, partitions: list[TP]) -> dict[TP, StoredOffset]:
         return self.inner.load_offsets(group, partitions)
+
+    def forget_offsets(self, group: str, partitions: list[TP]) -> None:
+        self.inner.forget_offsets(group, partitions)
 
     def add(self, item: Consumed) -> None:
         self.inner.add(item)
 
-    def flush(self, group: str, offsets: dict[TP, int]) -> int:
+    def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
         self.flushes += 1
         if self.flushes == self.crash_at:
             raise Crash
-        return self.inner.flush(group, offsets)
+        return self.inner.flush(group, offsets, origins)
 
     def discard(self) -> None:
         self.inner.discard()
