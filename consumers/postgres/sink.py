@@ -183,7 +183,16 @@ class Statements:
 
     def __init__(self, schema: str, *, flag_deletes: bool, purge: bool) -> None:
         self.schema = schema
+        self.purge_mode = purge
         s = sql.Identifier(schema)
+        # Purge mode: a transaction first locks the actor row of every DID whose rows it writes or
+        # purges, in DID order (no deadlock between replicas). A purge and a write of the same
+        # DID's older record then run one after the other, whichever topic and replica each came
+        # from: the write waits for the purge's commit and its guard sees the removal, or the
+        # purge waits for the write's commit and its DELETE sees the row. FOR NO KEY UPDATE leaves
+        # the foreign keys' KEY SHARE checks unblocked.
+        self.lock_actors = sql.SQL(
+            "SELECT 1 FROM {s}.actors WHERE did = ANY(%s::text[]) ORDER BY did FOR NO KEY UPDATE").format(s=s)
         self.stage_ddl: list[sql.Composed] = []
         self.copy: dict[str, sql.Composed] = {}
         self.upsert: dict[str, sql.Composed] = {}
@@ -353,6 +362,9 @@ class Prepared:
     actors: list[str] = field(default_factory=list)
     actor_updates: tuple[list[Any], ...] | None = None
     removals: tuple[list[str], list[int]] | None = None
+    #: Purge mode: the DIDs whose rows the batch writes or purges, sorted (their actor rows are
+    #: locked first; see Statements.lock_actors).
+    locked: list[str] = field(default_factory=list)
     progress: tuple[list[str], list[str], list[datetime]] | None = None
     changes: int = 0
     superseded: int = 0
@@ -395,6 +407,9 @@ def prepare(batch: Batch, cursor: psycopg.Cursor[Any], statements: Statements) -
     if batch.accounts:
         copy("account", batch.accounts.values())
     out.actors = sorted(batch.actors)
+    if statements.purge_mode:
+        # with the actor rows the batch updates, so that every row lock is taken in DID order
+        out.locked = sorted({did for did, _, _ in batch.changes} | set(batch.removals) | set(batch.actor_updates))
     if batch.actor_updates:
         dids = sorted(batch.actor_updates)
         ups = [batch.actor_updates[d] for d in dids]
@@ -494,6 +509,8 @@ class Writer:
         if new_actors:
             cur.execute(st.actors, (new_actors,))
             rows["actors"] = max(0, cur.rowcount)
+        if p.locked:
+            cur.execute(st.lock_actors, (p.locked,))
         if p.actor_updates is not None:
             cur.execute(st.actor_updates, p.actor_updates)
         if p.removals is not None:

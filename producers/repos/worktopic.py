@@ -11,8 +11,10 @@ the work-topic offsets just past them, and commits them atomically. So:
   ``--replica-id`` and fences it), and the partition resumes from the last committed offset;
 * a restart, or a DID enqueued twice, skips DIDs already done: at start (and on every new
   partition assignment) the replica reads the repo_status topic (read_committed: statuses of
-  aborted transactions are never seen) into a done-set, and a DID with a terminal status is
-  skipped (``--redo`` backfills it again);
+  aborted transactions are never seen) into a done-set, and a DID whose latest status is terminal
+  (``ok``, ``not_found``) is skipped (``--redo`` backfills it again). ``deactivated`` and
+  ``takendown`` are reversible (an account can be reactivated, a takedown reversed): such a DID,
+  enqueued again, is fetched again;
 * a DID that keeps failing is retried with backoff, then dead-lettered with its reason and its
   offset committed (status ``failed``; enqueue it again to retry).
 
@@ -53,7 +55,9 @@ log = logging.getLogger(__name__)
 
 STOPPED: Final = "stopped"
 #: Outcomes after which a DID needs no more work.
-TERMINAL: Final = frozenset({"ok", "not_found", "deactivated", "takendown"})
+TERMINAL: Final = frozenset({"ok", "not_found"})
+#: Outcomes an account can come back from (reactivation, a reversed takedown): not done.
+REVERSIBLE: Final = frozenset({"deactivated", "takendown"})
 #: Aborted transactions in a row (each redone) before the replica gives up loudly.
 MAX_ABORTS_IN_A_ROW: Final = 5
 #: How long close() serves the revocation of this replica's partitions before closing anyway.
@@ -165,7 +169,7 @@ class DoneSet:
         self._done.add(_did_hash(did))
 
     def discard(self, did: str) -> None:
-        """Forget ``did`` (its latest status is a failure)."""
+        """Forget ``did`` (its latest status is a failure, or a state it can come back from)."""
         self._done.discard(_did_hash(did))
 
     def is_done(self, did: str) -> bool:
@@ -176,9 +180,10 @@ class DoneSet:
         """Fold one repo_status datum in (records of other jobs are ignored)."""
         if datum.get("job") != self.job:
             return
-        if datum.get("outcome") in TERMINAL:
+        outcome = datum.get("outcome")
+        if outcome in TERMINAL:
             self.add(datum["did"])
-        elif datum.get("outcome") == "failed":
+        elif outcome == "failed" or outcome in REVERSIBLE:
             self.discard(datum["did"])
 
     def catch_up(self, conf: dict[str, Any], topic: str, *, max_wait: float = 120.0,
@@ -950,6 +955,8 @@ class WorkTopicRunner:
             self.stats.outcomes[result.outcome] = self.stats.outcomes.get(result.outcome, 0) + 1
             if result.outcome in TERMINAL:
                 self.done.add(item.did)
+            elif result.outcome in REVERSIBLE:
+                self.done.discard(item.did)
             if self.on_result is not None:
                 self.on_result(result)
 

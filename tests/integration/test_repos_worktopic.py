@@ -616,3 +616,31 @@ class _Prefetched:
             self._all.set()
         await self._all.wait()
         return fetched
+
+
+def test_a_reactivated_account_enqueued_again_is_fetched_again(kafka: KafkaSettings, tmp_path: Path) -> None:
+    """Issue 17 #4: ``deactivated`` and ``takendown`` are reversible; a DID enqueued again after its
+    account came back is fetched again (``ok`` and ``not_found`` stay done)."""
+    network = PdsNetwork(accounts=24, hosts=1, seed=23, records_mean=4,
+                         inactive={"deactivated": 0.25, "takendown": 0.25}).start_in_thread()
+    try:
+        assert enqueue_dids(kafka, network.dids, origin="test") == 24
+        first = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="r1", idle_exit=1.0))
+        asyncio.run(first.run())
+        reversible = sorted(network.dids_in_state("deactivated") + network.dids_in_state("takendown"))
+        done = sorted(network.dids_in_state("active"))
+        assert reversible and done
+        for did in reversible:
+            network.accounts[did].state = "active"  # reactivated, takedown reversed
+        assert enqueue_dids(kafka, reversible + done, origin="test") == len(reversible) + len(done)
+        second = _InProcess(kafka, network, tmp_path, WorkOptions(job="repos", replica="r1", idle_exit=1.0))
+        asyncio.run(second.run())
+        statuses = read_back(kafka).status_by_did()
+        for did in reversible:
+            outcomes = [s["outcome"] for s in statuses[did]]
+            assert outcomes[0] in ("deactivated", "takendown") and outcomes[-1] == "ok", (did, outcomes)
+            assert statuses[did][-1]["records"] == len(network.accounts[did].record_cids)
+        assert all(len(statuses[did]) == 1 for did in done)  # done DIDs are not fetched again
+        assert second.runner.stats.skipped == len(done)
+    finally:
+        network.stop_thread()

@@ -1,0 +1,86 @@
+"""Issue 17 #1: an account purge and an older record of the same DID, written by two replicas
+(the account topic and a collection topic) at the same time, never leave the record behind.
+
+Replica B's purge transaction is held open just before its commit (a third connection holds the
+row lock B's offsets need); replica A then writes an older post of the removed account. Under READ
+COMMITTED, A's guard cannot see B's uncommitted removal and B's DELETE ran before A's row existed:
+without a lock between them, the deleted account keeps that post for good.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from consumers.postgres.rows import TransformOptions
+from runtime.records import AccountEvent
+from tests.integration.test_postgres_sink import A, B, post, posts, query, sink_for, write
+
+pytestmark = pytest.mark.integration
+
+PURGE = TransformOptions(removal_statuses=frozenset({"deleted"}))
+
+
+def _waiting_on_lock(pg_url: str, statement: str) -> bool:
+    """Whether a session of this database waits for a lock in a statement on ``statement``."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock' AND query LIKE %s", (f"%{statement}%",)).fetchone()
+    return bool(row and row[0])
+
+
+def _until(what: str, predicate: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_purge_and_an_older_record_of_the_same_did_from_two_replicas(pg_url: str, schema: str) -> None:
+    replica_b = sink_for(pg_url, schema, transform=PURGE)
+    replica_a = sink_for(pg_url, schema, transform=PURGE)
+    # A's account has a post, and so has another account; replica B's offsets row of the account
+    # topic exists (so that it can be held).
+    write(replica_a, [post("3k001", "a1", rkey="a1", cursor=10), post("3k002", "b1", rkey="b1", did=B, cursor=11)],
+          0, group="ga")
+    active = AccountEvent(did=B, active=True, status=None, seq=1, time="t", source="jetstream", cursor=20,
+                          time_us=20, job="j1")
+    write(replica_b, [active], 0, group="gb", topic="t.account")
+    gone = AccountEvent(did=A, active=False, status="deleted", seq=2, time="t", source="jetstream", cursor=50,
+                        time_us=50, job="j1")
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                errors.append(e)
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    with psycopg.connect(pg_url) as holder:
+        holder.execute(sql.SQL("SELECT 1 FROM {}.kafka_offsets WHERE group_id = 'gb' FOR UPDATE").format(
+            sql.Identifier(schema)))
+        # B: the purge of A's account, held open just before its offsets (and commit)
+        purge = run(lambda: write(replica_b, [gone], 1, group="gb", topic="t.account"))
+        _until("replica B to hold its purge open", lambda: _waiting_on_lock(pg_url, "kafka_offsets") or errors)
+        assert not errors, errors
+        # A: an older post of the removed account, from the posts topic
+        older = run(lambda: write(replica_a, [post("3k000", "a0", rkey="a0", cursor=5)], 2, group="ga"))
+        # A either commits at once (the race) or waits for B's lock on A's actor row
+        _until("replica A to commit or wait", lambda: not older.is_alive() or _waiting_on_lock(pg_url, "actors"))
+        holder.rollback()  # B goes on and commits
+    purge.join(30)
+    older.join(30)
+    assert not errors, errors
+    assert set(posts(pg_url, schema)) == {"b1"}  # nothing of the removed account is left
+    assert query(pg_url, "SELECT removed_time_us FROM actors WHERE did = %s", schema, A) == [(50,)]
+    replica_a.close()
+    replica_b.close()
