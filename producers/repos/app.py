@@ -138,6 +138,9 @@ REPOS_OPTIONS: Final[tuple[Opt, ...]] = (
         "requests in flight over all hosts", type=int),
     Opt(("--max-car-bytes",), "max_car_bytes", "BACKFILL_MAX_CAR_BYTES", 1 << 30,
         "refuse repositories larger than this many bytes", type=int),
+    Opt(("--max-car-blocks",), "max_car_blocks", "BACKFILL_MAX_CAR_BLOCKS", 4_000_000,
+        "dead-letter repositories of more blocks than this (the index of a repository's blocks, about "
+        "150 bytes each, is the memory it takes while decoded)", type=int),
     Opt(("--max-record-bytes",), "max_record_bytes", "BACKFILL_MAX_RECORD_BYTES", 1 << 20,
         "dead-letter records larger than this", type=int),
     Opt(("--max-cbor-depth",), "max_cbor_depth", "BACKFILL_MAX_CBOR_DEPTH", 64,
@@ -257,7 +260,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
         raise ConfigError("no DIDs: give --dids, --dids-file, -u, --from-relay, --from-pds, or --from-topic")
     for name in ("concurrency", "rate", "burst", "per_host_concurrency", "global_concurrency", "attempts",
                  "request_attempts", "prefetch", "txn_max_dids", "txn_max_records", "txn_max_seconds",
-                 "max_car_bytes"):
+                 "max_car_bytes", "max_car_blocks"):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if ns.batch_size < 0 or ns.limit < 0 or ns.max_time < 0 or ns.idle_exit < 0 or ns.retry_backoff < 0:
@@ -269,7 +272,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
                           f"({txn_timeout:g} s, transaction.timeout.ms): the broker aborts a transaction open longer")
     limits = PdsLimits(rate=ns.rate, burst=ns.burst, per_host_concurrency=ns.per_host_concurrency,
                        global_concurrency=ns.global_concurrency, attempts=ns.request_attempts,
-                       max_car_bytes=ns.max_car_bytes, read_timeout=ns.read_timeout)
+                       max_car_bytes=ns.max_car_bytes, max_car_blocks=ns.max_car_blocks,
+                       read_timeout=ns.read_timeout)
     return ReposSettings(
         kafka=kafka, obs=ObservabilitySettings.from_namespace(ns),
         dids=[check_did(d, ATPROTO_METHODS) for d in split_csv(ns.dids)],

@@ -136,6 +136,8 @@ class PdsLimits:
         max_rate_limit_waits: 429s one request may wait out before giving up.
         max_pause: longest pause a server can impose by one header (longer ones are capped).
         max_car_bytes: refuse a repository CAR larger than this.
+        max_car_blocks: refuse a repository CAR of more blocks than this (its index is the memory a
+            repository holds while it is decoded: about 150 bytes per block).
         connect_timeout, read_timeout: seconds (read: inactivity between body chunks).
         page_size: ``limit`` of listRepos pages.
     """
@@ -148,6 +150,7 @@ class PdsLimits:
     max_rate_limit_waits: int = 20
     max_pause: float = 900.0
     max_car_bytes: int = 1 << 30
+    max_car_blocks: int = 4_000_000
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     page_size: int = 1000

@@ -41,7 +41,7 @@ from producers.repos.decode import RecordFilter, RepoDecodeError, RepoDecoder
 from producers.repos.pds import PdsClient, PdsError, RepoUnavailableError
 from producers.source import Drop, End, Skip, SourceItem
 from runtime.atproto.car import Car, CarFile, open_car, read_car
-from runtime.atproto.errors import AtprotoFormatError
+from runtime.atproto.errors import AtprotoFormatError, CarTooLargeError
 from runtime.atproto.identity import Identity
 from runtime.did_resolver import DidResolutionError, DidResolver
 from runtime.errors import FatalError
@@ -237,8 +237,10 @@ class RepoFetcher:
             out.outcome, out.reason, out.detail, out.payload = "failed", e.reason, e.detail, e.body
             return
         out.path, out.size = car.path, car.size
-        opener: Callable[[Path], Car | CarFile] = _read_small if car.size <= self.in_memory_bytes else \
-            functools.partial(open_car, max_bytes=self.max_car_bytes, verify=False)
+        max_blocks = self.pds.limits.max_car_blocks
+        opener: Callable[[Path], Car | CarFile] = \
+            functools.partial(_read_small, max_blocks=max_blocks) if car.size <= self.in_memory_bytes else \
+            functools.partial(open_car, max_bytes=self.max_car_bytes, verify=False, max_blocks=max_blocks)
         indexing: asyncio.Future[Car | CarFile] = asyncio.get_running_loop().run_in_executor(None, opener, car.path)
         try:
             out.car = await asyncio.shield(indexing)
@@ -246,6 +248,13 @@ class RepoFetcher:
             # The indexing thread cannot be interrupted: close what it opens once it finishes.
             indexing.add_done_callback(_close_indexed)
             raise
+        except CarTooLargeError as e:
+            # over a cap, whichever time it is fetched: dead-lettered at once, not fetched again
+            out.outcome, out.reason, out.payload = "failed", e.reason, _head(car.path)
+            out.detail = f"repository CAR of {did} from {identity.pds_endpoint}: {e}"
+            car.path.unlink(missing_ok=True)
+            out.path = None
+            return
         except (AtprotoFormatError, OSError) as e:
             payload = _head(car.path)
             car.path.unlink(missing_ok=True)
@@ -257,9 +266,9 @@ class RepoFetcher:
         out.outcome = "ok"
 
 
-def _read_small(path: Path) -> Car:
+def _read_small(path: Path, *, max_blocks: int | None = None) -> Car:
     """A small CAR read whole into memory (faster than block-by-block reads from disk)."""
-    return read_car(path.read_bytes(), verify=False)
+    return read_car(path.read_bytes(), verify=False, max_blocks=max_blocks)
 
 
 def _close_indexed(fut: asyncio.Future[Car | CarFile]) -> None:

@@ -22,7 +22,7 @@ from runtime.atproto import native
 from runtime.atproto._varint import VarintError, encode_uvarint, read_uvarint
 from runtime.atproto.cid import CID, parse_cid_at
 from runtime.atproto.dagcbor import encode
-from runtime.atproto.errors import AtprotoFormatError, BlockMismatchError, CarError
+from runtime.atproto.errors import AtprotoFormatError, BlockMismatchError, CarError, CarTooLargeError
 
 __all__ = ["BlockStore", "Car", "CarFile", "CarWriter", "open_car", "raw_lookup", "read_car", "write_car"]
 
@@ -36,6 +36,10 @@ _CHUNK: Final = 1 << 20
 
 def _fail(message: str, cause: BaseException | None = None) -> NoReturn:
     raise CarError(message) from cause
+
+
+def _too_large(message: str) -> NoReturn:
+    raise CarTooLargeError(message)
 
 
 class BlockStore(Protocol):
@@ -159,7 +163,8 @@ def read_car(data: bytes, *, verify: bool = True, max_blocks: int | None = None)
         The roots and blocks.
 
     Raises:
-        CarError: empty, truncated (the message says where), bad header, too many blocks.
+        CarTooLargeError: more than ``max_blocks`` blocks (reason ``oversize``).
+        CarError: empty, truncated (the message says where), bad header.
         BlockMismatchError: with ``verify``, a block whose bytes do not match its CID.
     """
     if not isinstance(data, bytes):
@@ -204,7 +209,7 @@ def read_car(data: bytes, *, verify: bool = True, max_blocks: int | None = None)
         pos = section_end
         count += 1
         if max_blocks is not None and count > max_blocks:
-            _fail(f"CAR holds more than {max_blocks} blocks")
+            _too_large(f"CAR holds more than {max_blocks} blocks")
     return Car(roots=roots, blocks=blocks)
 
 
@@ -300,22 +305,23 @@ class CarFile:
     :func:`open_car` to construct; close it (or use ``with``) when done.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int | None = None, verify: bool = True):
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int | None = None, verify: bool = True,
+                 max_blocks: int | None = None):
         """Open and index ``path``; see :func:`open_car` for the arguments and errors."""
         self.path = Path(path)
         self._file: IO[bytes] | None = open(self.path, "rb")  # noqa: SIM115 - closed by close()
         try:
             size = os.fstat(self._file.fileno()).st_size
             if max_bytes is not None and size > max_bytes:
-                _fail(f"CAR of {size} bytes exceeds the cap of {max_bytes} bytes")
+                _too_large(f"CAR of {size} bytes exceeds the cap of {max_bytes} bytes")
             self.size = size
             self._index: dict[bytes, int] = {}
-            self._roots = self._build_index(verify)
+            self._roots = self._build_index(verify, max_blocks)
         except BaseException:
             self.close()
             raise
 
-    def _build_index(self, verify: bool) -> list[CID]:
+    def _build_index(self, verify: bool, max_blocks: int | None) -> list[CID]:
         assert self._file is not None
         if self.size == 0:
             _fail("empty CAR")
@@ -343,6 +349,8 @@ class CarFile:
             else:
                 reader.skip(block_len, f"block at offset {section_start}")
             index.setdefault(cid.raw, (block_start << _LEN_BITS) | block_len)
+            if max_blocks is not None and len(index) > max_blocks:
+                _too_large(f"CAR holds more than {max_blocks} blocks (its index would too)")
         return roots
 
     @property
@@ -407,20 +415,24 @@ class CarFile:
         self.close()
 
 
-def open_car(path: str | os.PathLike[str], *, max_bytes: int | None = None, verify: bool = True) -> CarFile:
+def open_car(path: str | os.PathLike[str], *, max_bytes: int | None = None, verify: bool = True,
+             max_blocks: int | None = None) -> CarFile:
     """Index a CAR file on disk for on-demand block reads.
 
     Args:
         path: the file.
         max_bytes: refuse files larger than this.
         verify: hash every block against its CID during the indexing pass.
+        max_blocks: refuse files of more distinct blocks than this (the index is the memory a
+            CarFile holds: about 150 bytes per block).
 
     Raises:
-        CarError: over ``max_bytes``, empty, truncated, or malformed.
+        CarTooLargeError: over ``max_bytes`` or ``max_blocks`` (reason ``oversize``).
+        CarError: empty, truncated, or malformed.
         BlockMismatchError: with ``verify``, a block that does not match its CID.
         OSError: the file cannot be opened.
     """
-    return CarFile(path, max_bytes=max_bytes, verify=verify)
+    return CarFile(path, max_bytes=max_bytes, verify=verify, max_blocks=max_blocks)
 
 
 def _header_bytes(roots: Iterable[CID]) -> bytes:

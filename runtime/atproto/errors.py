@@ -8,6 +8,7 @@ into a dead-letter entry without a lookup table::
     ├── CIDError                         a CID that does not parse (bad varint, version, digest length)
     ├── CBORError                        bytes that are not strict DAG-CBOR, or a value that cannot be encoded
     ├── CarError                         a CAR that is truncated, has a bad header or exceeds a size cap
+    │   ├── CarTooLargeError             over the caller's cap on bytes or blocks (reason "oversize")
     │   └── BlockMismatchError           a block whose bytes do not hash to its CID
     ├── MissingBlockError                a block needed to go on is absent (partial CAR / store)
     ├── MSTError                         an MST node that breaks the repository spec (order, depth, shape)
@@ -29,6 +30,7 @@ __all__ = [
     "CBORError",
     "CIDError",
     "CarError",
+    "CarTooLargeError",
     "CommitFormatError",
     "IdentityError",
     "InversionError",
@@ -63,6 +65,12 @@ class CarError(AtprotoFormatError):
     """A CAR file that is truncated, malformed, or larger than the caller's cap."""
 
     reason: ClassVar[str] = "malformed_car"
+
+
+class CarTooLargeError(CarError):
+    """A CAR over the caller's cap on bytes or blocks: a hostile or runaway size, not a transit error."""
+
+    reason: ClassVar[str] = "oversize"
 
 
 class BlockMismatchError(CarError):

@@ -206,3 +206,28 @@ def test_kill_9_mid_transaction_then_resume_gives_every_record_once(kafka: Kafka
         assert state is not None and (state.status, state.runs) == ("finished", 2)
     finally:
         network.stop_thread()
+
+
+def test_a_repository_of_more_blocks_than_the_cap_is_dead_lettered_once(kafka: KafkaSettings) -> None:
+    """--max-car-blocks: a repository whose CAR holds more blocks than the cap (its index is the memory
+    a repository takes while decoded) is dead-lettered as ``oversize`` after one fetch, not retried;
+    the others are backfilled. (The on-disk and in-memory readers' caps: tests/unit/test_atproto_car.py.)"""
+    network = PdsNetwork(accounts=12, hosts=1, seed=29, records_mean=3, big_every=4,
+                         big_records=150).start_in_thread()
+    try:
+        big = sorted(d for d, a in network.accounts.items() if len(a.record_cids) >= 150)
+        small = sorted(set(network.dids) - set(big))
+        assert big and small
+        result = run_batched_backfill(network.dids, batch_size=0, max_car_blocks=100, job="cap",
+                                      **{**_common(kafka, network), "did_web_scheme": "https"})
+        users = result["users"]
+        for did in big:
+            assert (users[did]["outcome"], users[did]["reason"]) == ("failed", "oversize"), users[did]
+        assert all(users[did]["outcome"] == "ok" for did in small)
+        # each repository fetched once: the oversize ones were not fetched again
+        assert network.hosts[0].stats.endpoints["/xrpc/com.atproto.sync.getRepo"] == len(network.dids)
+        out = read_back(kafka)
+        assert {d["did"] for d in out.dead if d["reason"] == "oversize"} == set(big)
+        assert {e.did for e in out.events} == set(small)
+    finally:
+        network.stop_thread()

@@ -12,7 +12,7 @@ from runtime.atproto._varint import encode_uvarint, read_uvarint
 from runtime.atproto.car import CarWriter, open_car, read_car, write_car
 from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import encode
-from runtime.atproto.errors import BlockMismatchError, CarError
+from runtime.atproto.errors import BlockMismatchError, CarError, CarTooLargeError
 
 from .test_atproto_corpus import commit_bodies, fixture_path, repo_car_bytes
 
@@ -187,3 +187,21 @@ def test_open_car_caps_and_errors(tmp_path: Path) -> None:
     path.write_bytes(b"")
     with pytest.raises(CarError, match="empty"):
         open_car(path)
+
+
+def test_block_caps_are_oversize_just_over_them(tmp_path: Path) -> None:
+    blocks = _blocks(30)
+    data = write_car([blocks[0][0]], blocks)
+    path = tmp_path / "repo.car"
+    path.write_bytes(data)
+    assert len(read_car(data, max_blocks=30).blocks) == 30
+    with open_car(path, max_blocks=30) as car:
+        assert len(car) == 30
+    with pytest.raises(CarTooLargeError, match="more than 29 blocks") as info:
+        read_car(data, max_blocks=29)
+    assert info.value.reason == "oversize"
+    with pytest.raises(CarTooLargeError, match="more than 29 blocks") as info:
+        open_car(path, max_blocks=29)
+    assert info.value.reason == "oversize"
+    with pytest.raises(CarTooLargeError, match="exceeds the cap"):
+        open_car(path, max_bytes=len(data) - 1)

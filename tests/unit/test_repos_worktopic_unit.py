@@ -30,14 +30,19 @@ def _status(did: str, outcome: str, job: str = "repos", p: int | None = 0, o: in
 def test_done_set() -> None:
     done = DoneSet("repos", AvroCodec())
     done.apply(_status("did:plc:a", "ok", p=0, o=10))
-    done.apply(_status("did:plc:b", "takendown", p=None, o=None))  # a list job under the same name
+    done.apply(_status("did:plc:b", "not_found", p=None, o=None))  # a list job under the same name
     done.apply(_status("did:plc:c", "ok", job="other"))  # another job: ignored
     done.apply(_status("did:plc:d", "ok"))
     done.apply(_status("did:plc:d", "failed"))  # the latest status is a failure: not done
+    done.apply(_status("did:plc:e", "ok"))
+    done.apply(_status("did:plc:e", "takendown"))  # reversible: fetched again when enqueued again
+    done.apply(_status("did:plc:f", "deactivated"))
     assert done.is_done("did:plc:a")
     assert done.is_done("did:plc:b")
     assert not done.is_done("did:plc:c")
     assert not done.is_done("did:plc:d")
+    assert not done.is_done("did:plc:e")
+    assert not done.is_done("did:plc:f")
     assert len(done) == 2
     done.apply(_status("did:plc:d", "ok"))  # done again later
     assert done.is_done("did:plc:d")
