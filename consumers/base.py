@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 
+#: Seconds an assignment waits for the topics' ids (leaders moving after a broker failure).
+DESCRIBE_PATIENCE: Final = 120.0
 #: ``--offset-mismatch``: what a consumer does with stored offsets of another cluster or topic.
 OFFSET_MISMATCH_POLICIES: Final = ("restart", "refuse")
 
@@ -320,20 +322,22 @@ class GroupConsumer:
         return {tp: s.offset for tp, s in stored.items() if tp not in bad}
 
     def _describe(self, topics: set[str]) -> dict[str, Origin]:
-        """The current origin of ``topics``; a few tries (a broker busy with a rebalance).
+        """The current origin of ``topics``, asked again for up to :data:`DESCRIBE_PATIENCE` seconds.
 
         Raises:
             SourceError: no answer.
         """
         last: Exception | None = None
-        for attempt in range(4):
+        deadline = self.clock() + DESCRIBE_PATIENCE
+        while True:
             try:
                 return topic_origins(self._admin, topics, timeout=10)
             except (KafkaException, TimeoutError) as e:
                 last = e
-                time.sleep(0.5 * 2 ** attempt)
-        raise SourceError(f"cannot read the cluster and topic ids of {len(topics)} topics, so stored offsets "
-                          f"cannot be verified: {last}") from last
+            if self.clock() >= deadline:
+                raise SourceError(f"cannot read the cluster and topic ids of {len(topics)} topics within "
+                                  f"{DESCRIBE_PATIENCE:g} s, so stored offsets cannot be verified: {last}") from last
+            time.sleep(1.0)  # a broker failing over: leaders move within seconds
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
@@ -657,7 +661,12 @@ class GroupConsumer:
             target.update({tp: high for tp, (_, high) in beyond.items()})
         unknown = {t for t, _ in target if t not in self._origins}
         if unknown:
-            self._origins.update(self._describe(unknown))
+            try:
+                self._origins.update(topic_origins(self._admin, unknown, timeout=10))
+            except (KafkaException, TimeoutError) as e:
+                # a broker failing over: asked again at the next check
+                log.info("job %s: topic ids not readable now (%s); checking again", self.opts.until_done, e)
+                return False
         stored = self.sink.load_offsets(self.opts.group, list(target))
         # only offsets of these very topics count (not a stale row a new assignment will replace)
         done = {tp: s.offset for tp, s in stored.items()

@@ -109,15 +109,18 @@ class StoredOffset:
 def topic_origins(admin: AdminClient, topics: Iterable[str], timeout: float) -> dict[str, Origin]:
     """The current origin of each of ``topics`` (a topic the broker does not describe is left out).
 
+    The cluster id comes from a Metadata response, which any broker answers (DescribeCluster needs
+    the controller, which is away while a killed controller fails over); the topic ids from
+    DescribeTopics, also served from metadata.
+
     Raises:
-        KafkaException: the cluster could not be described (its id is what every check needs).
+        KafkaException: no broker answered for the cluster id (what every check needs).
     """
     names = sorted(set(topics))
-    cluster = admin.describe_cluster(request_timeout=timeout).result(timeout=timeout + 5)
-    cluster_id = cluster.cluster_id or None
     out: dict[str, Origin] = {}
     if not names:
         return out
+    cluster_id = admin.list_topics(topic=names[0], timeout=timeout).cluster_id or None
     futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
     for name, future in futures.items():
         try:
