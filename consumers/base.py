@@ -226,6 +226,7 @@ class GroupConsumer:
         self._fatal: BaseException | None = None
         #: Per assigned topic, the cluster and topic ids its offsets are stored with.
         self._origins: dict[str, Origin] = {}
+        self._stamp_retry_at = 0.0
         if options.offset_mismatch not in OFFSET_MISMATCH_POLICIES:
             raise ConfigError(f"offset_mismatch must be one of {', '.join(OFFSET_MISMATCH_POLICIES)}, "
                               f"not {options.offset_mismatch!r}")
@@ -291,10 +292,12 @@ class GroupConsumer:
             OffsetMismatchError: a mismatch under ``refuse``.
             SourceError: the topics' origins could not be read (nothing can be verified).
         """
-        self._origins.update(self._describe({t for t, _ in partitions}))
         stored = self.sink.load_offsets(self.opts.group, partitions)
+        for topic in {t for t, _ in partitions} - {t for t, _ in stored}:
+            self._origins.pop(topic, None)  # looked up afresh when its first offsets are stored
         if not stored:
             return {}
+        self._origins.update(self._describe({t for t, _ in stored}))
         ends = list_ends(self._admin, stored, timeout=15)
         bad: dict[TP, str] = {}
         for tp, s in stored.items():
@@ -320,6 +323,16 @@ class GroupConsumer:
                         "those partitions are read from their beginning", self.opts.group, len(bad), lines, more)
             self.sink.forget_offsets(self.opts.group, sorted(bad))
         return {tp: s.offset for tp, s in stored.items() if tp not in bad}
+
+    def _stamp(self, topics: set[str]) -> None:
+        """Look up the origin of ``topics`` to store with their offsets; offsets stored without one
+        (no answer now) are checked against their partition's end only."""
+        try:
+            self._origins.update(topic_origins(self._admin, topics, timeout=10))
+        except (KafkaException, TimeoutError) as e:
+            self._stamp_retry_at = self.clock() + 30.0  # not on every batch while the brokers recover
+            log.warning("topic ids of %s not readable now (%s): their offsets are stored without them",
+                        ", ".join(sorted(topics)[:3]), e)
 
     def _describe(self, topics: set[str]) -> dict[str, Origin]:
         """The current origin of ``topics``, asked again for up to :data:`DESCRIBE_PATIENCE` seconds.
@@ -463,6 +476,9 @@ class GroupConsumer:
         if not self._pending_offsets:
             return
         offsets = dict(self._pending_offsets)
+        unstamped = {t for t, _ in offsets if t not in self._origins}
+        if unstamped and self.clock() >= self._stamp_retry_at:
+            self._stamp(unstamped)
         t0 = self.clock()
         if self._dlq_producer is not None and self._dlq_producer.flush(30):
             raise CommitError("dead letters not delivered within 30 s; not storing offsets past them")
