@@ -17,7 +17,9 @@ Tables (one per typed collection, ``records`` for every other collection)::
     records   collection (part of the key)
 
 Every row also carries the envelope: did, rkey, rev, cid, the lossless record JSON, the createdAt
-chosen by the timestamp policy, source, source cursor, event time and producer job.
+chosen by the timestamp policy, source, source cursor, event time, producer job, and ``asof_us``:
+the version's as-of time, which an account removal is compared with (``runtime.order`` rules 3-4).
+Status changes are ordered by their status time (rule 2), never by a receive clock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import orjson
 
 from runtime.created_at import Outcome, TimestampPolicy
 from runtime.errors import DropError, InvalidRecordError
+from runtime.order import asof_us, newer_version, removes, status_time_us
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
 from runtime.typed import record_datum
 
@@ -46,7 +49,7 @@ MAX_KEY_BYTES: Final = 2600
 COMMON_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("did", "text"), ("rkey", "text"), ("rev", "text"), ("cid", "text"), ("record", "jsonb"),
     ("created_at", "timestamptz"), ("source", "text"), ("cursor", "bigint"), ("time_us", "bigint"),
-    ("job", "text"),
+    ("job", "text"), ("asof_us", "bigint"),
 )
 
 #: Columns of a delete (the tombstones table and its staging table).
@@ -241,8 +244,10 @@ class Batch:
         identities, accounts: event-log rows by their primary key.
         actors: every DID seen as author or referenced as subject.
         actor_updates: DIDs whose handle or account status changes.
-        removals: DID -> event time of an account deletion/takedown to purge (purge mode only).
-        progress: producer job -> (newest source cursor, its event time in microseconds).
+        removals: DID -> status time of the newest account removal to purge (purge mode only;
+            runtime.order rule 3).
+        progress: (producer job, topic, partition) -> (newest source cursor, its event time in
+            microseconds); the job's ``firehose_cursor`` is the low watermark over its partitions.
         event_times: event time of every event in the batch (for the latency hook).
         superseded: changes replaced within the batch by a newer revision of the same key.
         outcomes: createdAt policy outcomes of the records added (counted into metrics per batch).
@@ -254,10 +259,12 @@ class Batch:
     actors: set[str] = field(default_factory=set)
     actor_updates: dict[str, ActorUpdate] = field(default_factory=dict)
     removals: dict[str, int] = field(default_factory=dict)
-    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    progress: dict[tuple[str, str, int], tuple[int, int]] = field(default_factory=dict)
     event_times: list[int] = field(default_factory=list)
     superseded: int = 0
     outcomes: dict[Outcome, int] = field(default_factory=dict)
+    _last_service: str = ""
+    _last_position: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.changes) + len(self.identities) + len(self.accounts)
@@ -285,18 +292,27 @@ class Batch:
         return {c.table.name for c in self.changes.values() if c.tomb is not None}
 
     def _note_progress(self, job: str, source: str, cursor: int, time_us: int) -> None:
-        service = job or source
-        current = self.progress.get(service)
-        if current is None or cursor > current[0]:
-            self.progress[service] = (cursor, time_us)
+        self._last_service = job or source
+        self._last_position = (cursor, time_us)
         self.event_times.append(time_us)
+
+    def note_partition(self, topic: str, partition: int) -> None:
+        """Record the position of the event just added as read from ``topic``/``partition``."""
+        if self._last_position is None:
+            return
+        key = (self._last_service, topic, partition)
+        current = self.progress.get(key)
+        if current is None or self._last_position[0] > current[0]:
+            self.progress[key] = self._last_position
+        self._last_position = None
 
     def _put(self, key: tuple[str, str, str], change: Change) -> None:
         old = self.changes.get(key)
         if old is not None:
-            # Keep the newer revision; an equal one is the same change delivered twice.
+            # runtime.order rule 1: the newer revision wins, a delete wins a tie; an equal change
+            # is the same one delivered twice.
             self.superseded += 1
-            if old.rev >= change.rev:
+            if not newer_version(change.rev, change.row is None, old.rev, old.row is None):
                 return
         self.changes[key] = change
 
@@ -347,20 +363,22 @@ def add_event(batch: Batch, event: Event, options: TransformOptions, datum: dict
         batch.identities[key] = (event.did, event.source, event.cursor, event.time_us, event.seq, event.time,
                                  event.handle, event.job)
         upd = batch.actor_updates.setdefault(event.did, ActorUpdate())
-        if upd.handle_time_us is None or event.time_us > upd.handle_time_us:
-            upd.handle, upd.handle_time_us = event.handle, event.time_us
+        when = status_time_us(event)
+        if upd.handle_time_us is None or when > upd.handle_time_us:
+            upd.handle, upd.handle_time_us = event.handle, when
     else:
         assert isinstance(event, AccountEvent)
         _check_storable(event.status or "", "status")
         batch.accounts[key] = (event.did, event.source, event.cursor, event.time_us, event.seq, event.time,
                                event.active, event.status, event.job)
         upd = batch.actor_updates.setdefault(event.did, ActorUpdate())
-        if upd.status_time_us is None or event.time_us > upd.status_time_us:
-            upd.active, upd.status, upd.status_time_us = event.active, event.status, event.time_us
-        if not event.active and event.status in options.removal_statuses:
+        when = status_time_us(event)
+        if upd.status_time_us is None or when > upd.status_time_us:
+            upd.active, upd.status, upd.status_time_us = event.active, event.status, when
+        if removes(event, options.removal_statuses):
             prev = batch.removals.get(event.did)
-            if prev is None or event.time_us > prev:
-                batch.removals[event.did] = event.time_us
+            if prev is None or when > prev:
+                batch.removals[event.did] = when
     batch.actors.add(event.did)
     batch._note_progress(event.job, event.source, event.cursor, event.time_us)
     return None
@@ -407,10 +425,10 @@ def _add_record(batch: Batch, event: RecordEvent, options: TransformOptions, dat
     refs: list[str | None] = []
     if typed is not None:
         row = (event.did, event.rkey, rev, event.cid, text, created_at, event.source, event.cursor,
-               event.time_us, event.job, *_TYPED[table.name](record, typed, refs))
+               event.time_us, event.job, asof_us(event), *_TYPED[table.name](record, typed, refs))
     else:
         row = (event.did, collection, event.rkey, rev, event.cid, text, created_at, event.source,
-               event.cursor, event.time_us, event.job)
+               event.cursor, event.time_us, event.job, asof_us(event))
     batch._put(key, Change(table, rev, row, None))
     actors = batch.actors
     actors.add(event.did)

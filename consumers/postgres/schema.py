@@ -163,6 +163,19 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(2, "kafka_offsets: the cluster and topic ids each offset was taken from", (
         "ALTER TABLE {s}.kafka_offsets ADD COLUMN cluster_id TEXT, ADD COLUMN topic_id TEXT",
     )),
+    Migration(3, "record as-of times (the ordering rule); per-partition job positions (low watermark)", (
+        *(f"ALTER TABLE {{s}}.{t} ADD COLUMN asof_us BIGINT"
+          for t in ("posts", "likes", "reposts", "follows", "blocks", "profiles", "records")),
+        """CREATE TABLE {s}.job_partitions (
+    service VARCHAR(255) NOT NULL,
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    cursor BIGINT NOT NULL,
+    last_event_time TIMESTAMP,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (service, topic, partition)
+)""",
+    )),
 )
 
 #: The schema version this code writes.

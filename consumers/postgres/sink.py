@@ -4,8 +4,9 @@ A batch is written as: new actors (sorted, ``ON CONFLICT DO NOTHING``, so replic
 same DID wait for each other instead of failing the foreign key), actor handle/status updates,
 account purges, deletes (tombstones first, then the rows), one ``COPY`` into a temporary staging
 table and one ``INSERT ... ON CONFLICT ... WHERE rev < EXCLUDED.rev`` per record table, the
-identity/account event logs, each partition's next offset, and last the ``firehose_cursor`` row of
-every producer job in the batch. A row is replaced only by a newer revision, and never resurrected
+identity/account event logs, each partition's next offset, each partition's newest job position,
+and last the ``firehose_cursor`` row of every producer job in the batch: the low watermark over the
+job's partitions. A row is replaced only by a newer revision, and never resurrected
 by a change older than its tombstone, so replays, rebalances and out-of-order duplicates are no-ops.
 
 Concurrency (``BACKFILL_MAX_CONCURRENT``): with 1, :meth:`PostgresSink.flush` returns once the
@@ -228,16 +229,18 @@ class Statements:
                     "UPDATE {s}.{t} AS t SET deleted = true, rev = d.rev, source = d.source, "
                     "cursor = d.cursor, time_us = d.time_us, job = d.job, updated_at = now() "
                     "FROM pg_temp._stage_deletes AS d "
-                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey AND t.rev < d.rev").format(
+                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey "
+                    "AND (t.rev < d.rev OR (t.rev = d.rev AND NOT t.deleted))").format(
                         s=s, t=sql.Identifier(table.name), match=match)
             else:
                 self.delete[table.name] = sql.SQL(
                     "DELETE FROM {s}.{t} AS t USING pg_temp._stage_deletes AS d "
-                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey AND t.rev < d.rev").format(
-                        s=s, t=sql.Identifier(table.name), match=match)
+                    "WHERE {match} AND t.did = d.did AND t.rkey = d.rkey AND t.rev <= d.rev").format(
+                        s=s, t=sql.Identifier(table.name), match=match)  # a delete wins a tie
             self.purge[table.name] = sql.SQL(
                 "DELETE FROM {s}.{t} AS t USING unnest(%s::text[], %s::bigint[]) AS r(did, t_us) "
-                "WHERE t.did = r.did AND t.time_us <= r.t_us").format(s=s, t=sql.Identifier(table.name))
+                "WHERE t.did = r.did AND coalesce(t.asof_us, t.time_us) <= r.t_us").format(
+                    s=s, t=sql.Identifier(table.name))
 
         stage("deletes", DELETE_COLUMNS)
         delete_cols = _columns(DELETE_COLUMNS)
@@ -297,14 +300,25 @@ class Statements:
         self.forget_offsets = sql.SQL(
             "DELETE FROM {s}.kafka_offsets AS o USING unnest(%s::text[], %s::int[]) AS u(topic, partition) "
             "WHERE o.group_id = %s AND o.topic = u.topic AND o.partition = u.partition").format(s=s)
+        # Each partition's newest job position, then the job's firehose_cursor as the low
+        # watermark over its partitions: resuming a source from it skips nothing that a lagging
+        # partition (or replica) has not committed. It may move back when a partition delivers its
+        # first event of the job. A replica reading the other partitions' rows before their
+        # concurrent commits computes a lower value, never a higher one.
+        self.partitions = sql.SQL(
+            "INSERT INTO {s}.job_partitions AS j (service, topic, partition, cursor, last_event_time) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::int[], %s::bigint[], %s::timestamp[]) "
+            "AS u(service, topic, partition, cursor, t) ORDER BY 1, 2, 3 "
+            "ON CONFLICT (service, topic, partition) DO UPDATE SET cursor = EXCLUDED.cursor, "
+            "last_event_time = EXCLUDED.last_event_time, updated_at = now() "
+            "WHERE j.cursor < EXCLUDED.cursor").format(s=s)
         self.cursor = sql.SQL(
             "INSERT INTO {s}.firehose_cursor AS f (service, cursor, last_event_time, updated_at) "
-            "SELECT u.service, u.cursor, u.t, now() AT TIME ZONE 'UTC' "
-            "FROM unnest(%s::text[], %s::text[], %s::timestamp[]) AS u(service, cursor, t) ORDER BY u.service "
+            "SELECT j.service, min(j.cursor)::text, (array_agg(j.last_event_time ORDER BY j.cursor))[1], "
+            "now() AT TIME ZONE 'UTC' FROM {s}.job_partitions AS j WHERE j.service = ANY(%s::text[]) "
+            "GROUP BY j.service ORDER BY j.service "
             "ON CONFLICT (service) DO UPDATE SET cursor = EXCLUDED.cursor, "
-            "last_event_time = EXCLUDED.last_event_time, updated_at = EXCLUDED.updated_at "
-            "WHERE f.cursor IS NULL OR f.cursor !~ '^-?[0-9]+$' "
-            "OR f.cursor::numeric < EXCLUDED.cursor::numeric").format(s=s)
+            "last_event_time = EXCLUDED.last_event_time, updated_at = EXCLUDED.updated_at").format(s=s)
 
     @staticmethod
     def _upsert(s: sql.Identifier, table: Table, st: sql.Identifier, purge: bool) -> sql.Composed:
@@ -320,7 +334,7 @@ class Statements:
         if purge:
             guards.append(sql.SQL(
                 "NOT EXISTS (SELECT 1 FROM {s}.actors AS a WHERE a.did = x.did "
-                "AND a.removed_time_us >= x.time_us)").format(s=s))
+                "AND a.removed_time_us >= x.asof_us)").format(s=s))
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols if c not in key)
         return sql.SQL(
@@ -365,7 +379,8 @@ class Prepared:
     #: Purge mode: the DIDs whose rows the batch writes or purges, sorted (their actor rows are
     #: locked first; see Statements.lock_actors).
     locked: list[str] = field(default_factory=list)
-    progress: tuple[list[str], list[str], list[datetime]] | None = None
+    #: (services, topics, partitions, cursors, event times) of the partitions' newest positions.
+    progress: tuple[list[str], list[str], list[int], list[int], list[datetime]] | None = None
     changes: int = 0
     superseded: int = 0
     event_times: list[int] = field(default_factory=list)
@@ -419,9 +434,9 @@ def prepare(batch: Batch, cursor: psycopg.Cursor[Any], statements: Statements) -
         dids = sorted(batch.removals)
         out.removals = (dids, [batch.removals[d] for d in dids])
     if batch.progress:
-        services = sorted(batch.progress)
-        out.progress = ([s[:255] for s in services], [str(batch.progress[s][0]) for s in services],
-                        [naive_utc(batch.progress[s][1]) for s in services])
+        keys = sorted(batch.progress)
+        out.progress = ([k[0][:255] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                        [batch.progress[k][0] for k in keys], [naive_utc(batch.progress[k][1]) for k in keys])
     return out
 
 
@@ -547,7 +562,8 @@ class Writer:
                                      [offsets[tp].offset for tp in tps], [offsets[tp].origin.cluster_id for tp in tps],
                                      [offsets[tp].origin.topic_id for tp in tps]))
         if p.progress is not None:
-            cur.execute(st.cursor, p.progress)
+            cur.execute(st.partitions, p.progress)
+            cur.execute(st.cursor, (sorted(set(p.progress[0])),))
         return result
 
     def close(self) -> None:
@@ -748,6 +764,7 @@ class PostgresSink:
             DropError: the record cannot be stored (dead-lettered by the caller).
         """
         add_event(self._batch, item.event, self.settings.transform, item.datum, item.schema)
+        self._batch.note_partition(item.topic, item.partition)
 
     def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
         """Write the batch and ``offsets`` in one transaction; return the changes written or submitted.

@@ -7,7 +7,9 @@ fails before any of its records is produced, then :meth:`RepoDecoder.items` walk
 ``collection/rkey``, checks each record block against its CID and yields:
 
 * :class:`~runtime.records.RecordEvent` (operation ``create``, ``rev`` = the commit's rev,
-  ``source`` = ``repo``, ``time_us`` = the rev TID's timestamp, ``cursor`` = the caller's);
+  ``source`` = ``repo``, ``time_us`` = when the repository was requested (the caller's
+  ``observed_us``: the records' as-of time, ``runtime.order`` rule 4), else the rev TID's
+  timestamp, ``cursor`` = the caller's);
 * :class:`~producers.source.Drop` for a record that is missing, oversize, not DAG-CBOR or does not
   match its CID (the rest of the repository goes on);
 * :class:`~producers.source.Skip` totals for records filtered out (collection/record type, the
@@ -146,6 +148,8 @@ class RepoDecoder:
         signing_key: when given (``did:key``), the commit signature must verify against it.
         max_cached_entries: keep up to this many ``(key, CID)`` entries of the first walk (about
             130 bytes each) so the second pass needs no MST parsing; larger trees are walked twice.
+        observed_us: when the repository was requested (unix microseconds): the events' ``time_us``
+            (None: the rev TID's timestamp).
 
     Raises:
         RepoDecodeError: no/invalid commit (``malformed_car``/``malformed_cbor``), a commit for
@@ -154,7 +158,8 @@ class RepoDecoder:
     """
 
     def __init__(self, car: BlockStore, did: str, flt: RecordFilter, *, job: str = "", cursor: int = 0,
-                 signing_key: str | None = None, max_cached_entries: int = MAX_CACHED_ENTRIES) -> None:
+                 signing_key: str | None = None, max_cached_entries: int = MAX_CACHED_ENTRIES,
+                 observed_us: int | None = None) -> None:
         self.car = car
         self.did = did
         self.flt = flt
@@ -171,7 +176,7 @@ class RepoDecoder:
         if commit.did != did:
             raise RepoDecodeError("invalid_record", f"the repository fetched for {did} is signed for {commit.did}")
         self.commit: Commit = commit
-        self.time_us = tid_to_time_us(commit.rev)
+        self.time_us = observed_us if observed_us is not None else tid_to_time_us(commit.rev)
         self.summary = RepoSummary(did=did, rev=commit.rev, commit_cid=str(car.roots[0]))
         # First pass: the whole tree (nodes only) must be present and valid before anything is
         # produced, so a broken repository is never half-produced. Its entries are kept for the

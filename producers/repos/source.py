@@ -86,6 +86,9 @@ class Fetched:
     size: int = 0
     attempts: int = 0
     fetch_seconds: float = 0.0
+    #: Unix microseconds when the repository was requested: its records' as-of time
+    #: (``runtime.order`` rule 4; None before a successful request).
+    observed_us: int | None = None
     outcome: str = "ok"
     reason: str | None = None
     detail: str | None = None
@@ -173,6 +176,7 @@ class RepoFetcher:
             requests inside the PDS client).
         wait, sleep: backoff between tries (injected in tests).
         clock: monotonic seconds.
+        wall: unix seconds (when a repository was requested: the as-of time of its records).
         max_car_bytes: refuse larger repositories.
         in_memory_bytes: CARs up to this size are read into memory whole; larger ones are indexed on
             disk and read block by block (memory bounded by the index, not the CAR).
@@ -181,7 +185,7 @@ class RepoFetcher:
     def __init__(self, resolver: DidResolver, pds: PdsClient, workdir: Path, *, attempts: int = 3,
                  wait: wait_base | None = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.monotonic, max_car_bytes: int | None = None,
-                 in_memory_bytes: int = IN_MEMORY_CAR_BYTES) -> None:
+                 in_memory_bytes: int = IN_MEMORY_CAR_BYTES, wall: Callable[[], float] = time.time) -> None:
         self.resolver = resolver
         self.pds = pds
         self.workdir = workdir
@@ -189,6 +193,7 @@ class RepoFetcher:
         self._wait = wait if wait is not None else wait_exponential_jitter(multiplier=2.0, max=60.0)
         self._sleep = sleep
         self._clock = clock
+        self._wall = wall
         self.max_car_bytes = max_car_bytes if max_car_bytes is not None else pds.limits.max_car_bytes
         self.in_memory_bytes = in_memory_bytes
 
@@ -224,6 +229,7 @@ class RepoFetcher:
         if identity.pds_endpoint is None:
             out.outcome, out.reason, out.detail = "failed", "invalid_record", f"the DID document of {did} names no PDS"
             return
+        requested = int(self._wall() * 1_000_000)
         try:
             car = await self.pds.get_repo(identity.pds_endpoint, did, self.workdir)
         except RepoUnavailableError as e:
@@ -236,7 +242,7 @@ class RepoFetcher:
                 raise _RetryFetchError(e.reason, e.detail, e.body) from e
             out.outcome, out.reason, out.detail, out.payload = "failed", e.reason, e.detail, e.body
             return
-        out.path, out.size = car.path, car.size
+        out.path, out.size, out.observed_us = car.path, car.size, requested
         max_blocks = self.pds.limits.max_car_blocks
         opener: Callable[[Path], Car | CarFile] = \
             functools.partial(_read_small, max_blocks=max_blocks) if car.size <= self.in_memory_bytes else \
@@ -345,7 +351,7 @@ class RepoProcessor:
                     return fetched.opened
             try:
                 fetched.opened = RepoDecoder(fetched.car, fetched.did, self.flt, job=self.job, cursor=fetched.cursor,
-                                             signing_key=key)
+                                             signing_key=key, observed_us=fetched.observed_us)
             except RepoDecodeError as e:
                 fetched.opened = e
         return fetched.opened

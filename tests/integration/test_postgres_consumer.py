@@ -160,7 +160,14 @@ def snapshot(pg_url: str, schema: str) -> Tables:
         out.accounts = set(conn.execute(sql.SQL(
             "SELECT did, source, cursor, time_us FROM {}.account_events").format(s)).fetchall())
         out.actors = {r[0] for r in conn.execute(sql.SQL("SELECT did FROM {}.actors").format(s))}
-        out.cursors = dict(conn.execute(sql.SQL("SELECT service, cursor FROM {}.firehose_cursor").format(s)).fetchall())
+        # firehose_cursor is the low watermark over the job's partitions; compare the high mark
+        # (the newest position committed anywhere) with the events, and the low one with the rows.
+        marks = conn.execute(sql.SQL(
+            "SELECT service, min(cursor)::text, max(cursor)::text FROM {}.job_partitions GROUP BY service").format(
+                s)).fetchall()
+        low = dict(conn.execute(sql.SQL("SELECT service, cursor FROM {}.firehose_cursor").format(s)).fetchall())
+        assert low == {service: lo for service, lo, _ in marks}
+        out.cursors = {service: hi for service, _, hi in marks}
     return out
 
 

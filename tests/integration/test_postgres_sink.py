@@ -343,3 +343,77 @@ def test_cli_migrate_only_never_prints_the_password(pg_url: str, schema: str) ->
     assert "sekret-pw" not in done.stdout + done.stderr
     assert "PostgreSQL sink on postgres@" in done.stderr  # the connection is described, not printed
     assert query(pg_url, "SELECT max(version) FROM schema_migrations", schema) == [(CURRENT_VERSION,)]
+
+
+def test_firehose_cursor_is_a_low_watermark_over_partitions_and_replicas(pg_url: str, schema: str) -> None:
+    """Issue 17 #5: a lagging partition (another replica's) holds the job's cursor back."""
+    fast, slow = sink_for(pg_url, schema), sink_for(pg_url, schema)
+    topic = "t.app.bsky.feed.post"
+    for i, cursor in enumerate((100, 200, 300)):
+        fast.add(Consumed(topic, 0, i, "x", post(f"3k00{i}", "a", rkey=f"a{i}", cursor=cursor), 0))
+    fast.flush("g", {(topic, 0): 3})
+    slow.add(Consumed(topic, 1, 0, "x", post("3k009", "b", rkey="b", did=B, cursor=150), 0))
+    slow.flush("g", {(topic, 1): 1})
+    assert query(pg_url, "SELECT service, cursor FROM firehose_cursor", schema) == [("j1", "150")]
+    fast.add(Consumed(topic, 0, 3, "x", post("3k004", "a", rkey="a4", cursor=400), 0))
+    fast.flush("g", {(topic, 0): 4})
+    assert query(pg_url, "SELECT cursor FROM firehose_cursor", schema) == [("150",)]  # still the slow partition
+    slow.add(Consumed(topic, 1, 1, "x", post("3k010", "b", rkey="b2", did=B, cursor=350), 0))
+    slow.flush("g", {(topic, 1): 2})
+    assert query(pg_url, "SELECT cursor FROM firehose_cursor", schema) == [("350",)]
+    assert query(pg_url, "SELECT partition, cursor FROM job_partitions ORDER BY partition", schema) == [
+        (0, 400), (1, 350)]
+    fast.close()
+    slow.close()
+
+
+def test_a_delete_wins_a_tie_with_a_snapshot_row_of_its_rev(pg_url: str, schema: str) -> None:
+    sink = sink_for(pg_url, schema)
+    write(sink, [post("3k005", "x")], 0)
+    write(sink, [post("3k005", "", op="delete", cursor=2)], 1)  # the same rev: the delete wins
+    assert posts(pg_url, schema) == {}
+    sink.close()
+
+
+def _relay_time(second: int) -> str:
+    return f"2024-01-01T00:00:{second:02d}Z"
+
+
+def _us(second: int) -> int:
+    return 1_704_067_200_000_000 + second * 1_000_000
+
+
+def test_removals_compare_relay_and_revision_times_never_receive_clocks(pg_url: str, schema: str) -> None:
+    """Issue 17 #3: the purge compares the relay's status time with the rows' as-of times.
+
+    Jetstream's time_us is its own receive clock (here: far in the future for the account event,
+    far in the past for the records): comparing them would purge a record written after the
+    deletion, and keep one written before it.
+    """
+    from runtime.atproto.tid import make_tid
+
+    sink = sink_for(pg_url, schema, transform=TransformOptions(removal_statuses=frozenset({"takendown"})))
+    before = RecordEvent(did=A, collection=POST, rkey="old", operation="create", rev=make_tid(_us(5)), cid=CID,
+                         record={"$type": POST, "text": "old", "createdAt": "2024-01-01T00:00:05Z"},
+                         source="jetstream", cursor=_us(50), time_us=_us(50), job="j1")
+    after = RecordEvent(did=A, collection=POST, rkey="new", operation="create", rev=make_tid(_us(30)), cid=CID,
+                        record={"$type": POST, "text": "new", "createdAt": "2024-01-01T00:00:30Z"},
+                        source="jetstream", cursor=_us(1), time_us=_us(1), job="j1")
+    takedown = AccountEvent(did=A, active=False, status="takendown", seq=7, time=_relay_time(10),
+                            source="jetstream", cursor=_us(40), time_us=_us(40), job="j1")
+    reversal = AccountEvent(did=A, active=True, status=None, seq=8, time=_relay_time(20),
+                            source="jetstream", cursor=_us(2), time_us=_us(2), job="j1")
+    write(sink, [reversal], 0, topic="t.account")            # the reversal arrives first
+    write(sink, [after, before], 0)
+    write(sink, [takedown], 1, topic="t.account")
+    assert set(posts(pg_url, schema)) == {"new"}             # written after the takedown: kept
+    assert query(pg_url, "SELECT active, status, removed_time_us FROM actors WHERE did = %s", schema, A) == [
+        (True, None, _us(10))]                               # the reversal is the newer status
+    # A getRepo snapshot requested after the reversal (its head commit older than the takedown)
+    # shows the repository as it is now: its rows come back.
+    snapshot = RecordEvent(did=A, collection=POST, rkey="old", operation="create", rev=make_tid(_us(5)),
+                           cid=CID, record={"$type": POST, "text": "old", "createdAt": "2024-01-01T00:00:05Z"},
+                           source="repo", cursor=1, time_us=_us(25), job="r1")
+    write(sink, [snapshot], 2)
+    assert set(posts(pg_url, schema)) == {"new", "old"}
+    sink.close()

@@ -240,15 +240,17 @@ def test_identity_and_account_events() -> None:
     assert b.actor_updates[B].active is False
     assert b.actor_updates[B].status == "deleted"
     assert b.removals == {B: 15}  # takendown is not a removal status here
-    assert b.progress == {"j": (20, 20)}
+    assert b.progress == {}  # positions are noted per partition, by the sink (Batch.note_partition)
 
 
-def test_progress_is_the_newest_cursor_per_job() -> None:
+def test_progress_is_the_newest_cursor_per_job_and_partition() -> None:
     b = Batch()
-    for cursor, job in ((5, "a"), (9, "a"), (7, "a"), (3, "b"), (4, "")):
+    for cursor, job, part in ((5, "a", 0), (9, "a", 0), (7, "a", 0), (6, "a", 1), (3, "b", 0), (4, "", 0)):
         add_event(b, rec_event("app.bsky.feed.post", post(), rkey=str(cursor), cursor=cursor, job=job), OPTS)
-    assert b.progress == {"a": (9, 9), "b": (3, 3), "jetstream": (4, 4)}
-    assert sorted(b.event_times) == [3, 4, 5, 7, 9]
+        b.note_partition("t.posts", part)
+    assert b.progress == {("a", "t.posts", 0): (9, 9), ("a", "t.posts", 1): (6, 6), ("b", "t.posts", 0): (3, 3),
+                          ("jetstream", "t.posts", 0): (4, 4)}
+    assert sorted(b.event_times) == [3, 4, 5, 6, 7, 9]
 
 
 def test_helpers() -> None:
@@ -260,3 +262,23 @@ def test_helpers() -> None:
     assert POSTS.key == ("did", "rkey")
     assert RECORDS.key == ("did", "collection", "rkey")
     assert RECORDS.column_names[:3] == ("did", "collection", "rkey")
+
+
+def test_job_positions_are_noted_per_partition_and_status_times_come_from_the_relay() -> None:
+    b = Batch()
+    opts = TransformOptions(removal_statuses=frozenset({"deleted"}))
+    # Jetstream's time_us is its own receive clock; the relay's `time` orders status changes.
+    late_clock = AccountEvent(did=A, active=False, status="deleted", seq=9, time="2024-01-01T00:00:02Z",
+                              source="jetstream", cursor=10, time_us=10, job="j")
+    add_event(b, late_clock, opts)
+    b.note_partition("t.account", 0)
+    early_clock = AccountEvent(did=A, active=True, status=None, seq=8, time="2024-01-01T00:00:01Z",
+                               source="jetstream", cursor=99, time_us=99, job="j")
+    add_event(b, early_clock, opts)
+    b.note_partition("t.account", 1)
+    assert b.actor_updates[A].active is False  # the relay's newer status wins, whatever time_us says
+    assert b.actor_updates[A].status_time_us == 1_704_067_202_000_000
+    assert b.removals == {A: 1_704_067_202_000_000}
+    assert b.progress == {("j", "t.account", 0): (10, 10), ("j", "t.account", 1): (99, 99)}
+    b.note_partition("t.account", 0)  # nothing added since: no change
+    assert b.progress[("j", "t.account", 0)] == (10, 10)

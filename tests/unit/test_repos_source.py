@@ -209,3 +209,16 @@ def test_source_batches_and_resume(tmp_path: Path) -> None:
     assert [r.did for r in done] == list(dict.fromkeys(order))
     assert not [i for i in items if isinstance(i, Skip)]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_snapshot_rows_are_as_of_the_request_time(tmp_path: Path) -> None:
+    """runtime.order rule 4: a snapshot's rows carry the time it was requested, not its head rev's."""
+    resolver, pds = FakeResolver(), FakePds({})
+    f = RepoFetcher(resolver, pds, tmp_path, attempts=1, wait=wait_none(), sleep=_nosleep,  # type: ignore[arg-type]
+                    wall=lambda: 1_800_000_000.25)
+    fetched = asyncio.run(f.fetch(did_of(1), 5))
+    assert fetched.observed_us == 1_800_000_000_250_000
+    items = list(RepoProcessor(RecordFilter(), job="j").items(fetched, RepoResult(did_of(1), 5, "failed")))
+    events = [i for i in items if isinstance(i, RecordEvent)]
+    assert events and {e.time_us for e in events} == {1_800_000_000_250_000}
+    fetched.close()
