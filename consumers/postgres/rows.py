@@ -222,6 +222,9 @@ class Change:
     rev: str
     row: Row | None
     tomb: Row | None
+    #: The version's as-of time (``runtime.order`` rule 4): of two writes of one rev (a commit and a
+    #: snapshot row), the later-observed one is kept.
+    asof: int = 0
 
 
 @dataclass(slots=True)
@@ -312,7 +315,9 @@ class Batch:
             # runtime.order rule 1: the newer revision wins, a delete wins a tie; an equal change
             # is the same one delivered twice.
             self.superseded += 1
-            if not newer_version(change.rev, change.row is None, old.rev, old.row is None):
+            if not newer_version(change.rev, change.row is None, old.rev, old.row is None) and not (
+                    change.rev == old.rev and change.row is not None and old.row is not None
+                    and change.asof > old.asof):
                 return
         self.changes[key] = change
 
@@ -423,13 +428,14 @@ def _add_record(batch: Batch, event: RecordEvent, options: TransformOptions, dat
     if outcome is Outcome.DROPPED:
         return outcome
     refs: list[str | None] = []
+    asof = asof_us(event)
     if typed is not None:
         row = (event.did, event.rkey, rev, event.cid, text, created_at, event.source, event.cursor,
-               event.time_us, event.job, asof_us(event), *_TYPED[table.name](record, typed, refs))
+               event.time_us, event.job, asof, *_TYPED[table.name](record, typed, refs))
     else:
         row = (event.did, collection, event.rkey, rev, event.cid, text, created_at, event.source,
-               event.cursor, event.time_us, event.job, asof_us(event))
-    batch._put(key, Change(table, rev, row, None))
+               event.cursor, event.time_us, event.job, asof)
+    batch._put(key, Change(table, rev, row, None, asof))
     actors = batch.actors
     actors.add(event.did)
     for ref in refs:

@@ -340,7 +340,10 @@ class Statements:
         return sql.SQL(
             "INSERT INTO {s}.{t} AS t ({cols}) SELECT {xcols} FROM pg_temp.{st} AS x WHERE {guards} "
             "ON CONFLICT ({key}) DO UPDATE SET {updates}, deleted = false, updated_at = now() "
-            "WHERE t.rev < EXCLUDED.rev").format(
+            # runtime.order rule 1; of two writes of one rev (a commit, a snapshot row) the
+            # later-observed one, whose as-of time a removal is compared with (rule 4)
+            "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND NOT t.deleted "
+            "AND coalesce(t.asof_us, t.time_us) < EXCLUDED.asof_us)").format(
                 s=s, t=sql.Identifier(table.name), cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
                 xcols=sql.SQL(", ").join(
                     sql.SQL("{}::jsonb").format(sql.Identifier("x", c)) if t == "jsonb" else sql.Identifier("x", c)
