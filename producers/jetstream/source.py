@@ -268,7 +268,14 @@ class JetstreamSource:
                     log.info("connected to %s (cursor %s)", self.url, cursor)
                     # The read loop is inline (not a nested generator): it runs once per event.
                     position = self._position
-                    start = self.opts.start_us if position.cursor is None else None
+                    # A resume or reconnect rewinds (by the lateness, or --failover-rewind on
+                    # another instance), possibly to before the start: those events were skipped,
+                    # never delivered, so the duplicate check would let them through. On the
+                    # instance the position's clock is on, the start is exact; on another, events
+                    # within the allowed clock drift below it may be after it on the first clock.
+                    start = self.opts.start_us
+                    if start is not None and position.instance not in (None, self.url):
+                        start -= self.opts.failover_rewind_us - self.opts.lateness_us
                     end = self.opts.end_us
                     hard_end = end + self.opts.lateness_us if end is not None else None
                     decompressor = self._decompressor

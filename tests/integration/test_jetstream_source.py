@@ -235,6 +235,37 @@ async def test_failover_to_an_instance_with_another_clock_neither_duplicates_nor
     assert source.position.late == 0
 
 
+async def test_a_resume_that_rewinds_before_the_start_delivers_nothing_before_it() -> None:
+    """A resume rewinds by the lateness; within the lateness of the start that reaches events
+    before it, which were skipped (never delivered): they must be skipped again, not let through
+    as "not seen" (the kill storm found them in the topics)."""
+    from producers.jetstream.position import JetstreamPosition
+
+    start = START + 300_000
+    async with JetstreamSimulator(EVENTS) as sim:
+        first = JetstreamSource(JetstreamOptions(instances=[sim.url], start_us=start, end_us=END,
+                                                 lateness_us=500_000, backoff_initial=0.01), sleep=no_wait)
+        got: list[RecordEvent | IdentityEvent | AccountEvent] = []
+
+        async def some() -> None:
+            async for item in first.items():
+                if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent)):
+                    got.append(item)
+                    first.position.advance(item)
+                    if len(got) == 50:
+                        return
+
+        await asyncio.wait_for(some(), 30)
+        state = first.position.snapshot()
+        assert first.position.cursor is not None and first.position.cursor - 500_000 < start
+        resumed = JetstreamSource(JetstreamOptions(instances=[sim.url], start_us=start, end_us=END,
+                                                   lateness_us=500_000, backoff_initial=0.01),
+                                  JetstreamPosition.restore(state, 500_000), sleep=no_wait)
+        rest = await collect(resumed)
+    assert_exactly({"events": got + rest["events"], "end": rest["end"]}, expected(EVENTS, start=start))
+    assert Counter(s.reason for s in rest["skips"])["before_start"] > 0
+
+
 def test_event_keys_are_unique_in_the_synthetic_log() -> None:
     from producers.jetstream.decode import decode_message
 
