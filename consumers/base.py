@@ -64,6 +64,9 @@ TP = tuple[str, int]
 
 #: Seconds an assignment waits for the topics' ids (leaders moving after a broker failure).
 DESCRIBE_PATIENCE: Final = 120.0
+#: Seconds an ``--until-done`` consumer goes on asking for its job's checkpoint while the control
+#: topic cannot be read (a broker restarting); past them the failure stops it.
+CONTROL_PATIENCE: Final = 300.0
 #: ``--offset-mismatch``: what a consumer does with stored offsets of another cluster or topic.
 OFFSET_MISMATCH_POLICIES: Final = ("restart", "refuse")
 
@@ -221,6 +224,7 @@ class GroupConsumer:
         self._proc = psutil.Process()
         self._job_target: dict[TP, int] | None = None
         self._last_job_check = 0.0
+        self._control_unreadable_since: float | None = None
         self._no_offsets_warned = False
         self._beyond_warned = False
         self._fatal: BaseException | None = None
@@ -249,7 +253,12 @@ class GroupConsumer:
         return sorted(out)
 
     def _refresh_subscription(self) -> None:
-        wanted = self.wanted_topics()
+        try:
+            wanted = self.wanted_topics()
+        except KafkaException as e:
+            # No broker answers (one restarting): the subscription stays, librdkafka reconnects.
+            log.info("topics not listed now (%s); the subscription stays as it is", e.args[0] if e.args else e)
+            return
         if wanted and wanted != self._subscribed:
             log.info("subscribing %s to %d topics (%s group protocol)", self.opts.group, len(wanted), self._protocol)
             self._consumer.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -628,6 +637,7 @@ class GroupConsumer:
 
         Raises:
             ConfigError: the job is a DID work topic or one of its replicas.
+            SourceError: the control topic could not be read for :data:`CONTROL_PATIENCE` seconds.
         """
         if self.opts.until_offsets is not None:
             target_raw: dict[str, dict[str, int]] | None = self.opts.until_offsets
@@ -639,8 +649,21 @@ class GroupConsumer:
             if now - self._last_job_check < 1.0:
                 return False
             self._last_job_check = now
-            jobs = load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
-                             settle=0, max_wait=self.kafka.control_timeout)
+            try:
+                jobs = load_jobs(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
+                                 settle=0, max_wait=self.kafka.control_timeout)
+            except SourceError as e:
+                # A broker restarting: whether the job is done is not known now; asked again at the
+                # next check, for up to CONTROL_PATIENCE seconds.
+                since = self._control_unreadable_since
+                if since is None:
+                    since = self._control_unreadable_since = now
+                if self.clock() - since >= CONTROL_PATIENCE:
+                    raise
+                log.warning("job %s: its checkpoint is not readable now (%s); checking again", job, e)
+                self._last_job_check = self.clock()
+                return False
+            self._control_unreadable_since = None
             state: JobState | None = jobs.get(job)
             replicas = sorted(name for name, st in jobs.items() if st.filters.get("mode") == "work-topic"
                               and (name == job or (state is None and name.startswith(f"{job}@"))))

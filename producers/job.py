@@ -17,6 +17,18 @@ fences the first when it starts (and aborts the first one's open transaction). T
 from its next produce, poll or commit, stops with :class:`FencedError` (exit status 1, no traceback)
 and writes nothing more: the second resumes from the last checkpoint the first committed.
 
+Outages (a broker restarting): a checkpoint waits for the brokers and retries its commit for up
+to ``COMMIT_PATIENCE`` seconds. The open transaction's messages are kept (up to ``REDO_MAX_MESSAGES``
+and ``REDO_MAX_BYTES``), so a transaction the outage broke (messages undelivered within
+``transaction.timeout.ms``) is aborted and redone: its messages sent again in a new one. When Kafka
+itself aborted it (open past its timeout), this producer is fenced: a new one with the same
+transactional id takes over, but only when the control topic's last checkpoint of the job is this
+instance's own (else another instance took over, and this one stops as fenced).
+
+Bounded state: events of more than ``max_collections`` distinct collections (``--max-collections``),
+or of a new collection when the topic prefix already has that many collection topics, are dead-lettered
+(reason ``too_many_collections``): a source cannot make the job keep or create without bound.
+
 Stops: the source's own end (watermark reached, bounded source exhausted), ``num_records``
 record events produced (exactly), ``max_time`` seconds, or SIGINT/SIGTERM. Every stop flushes and
 writes a final checkpoint recording the next offset of every partition the job wrote.
@@ -29,7 +41,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -42,12 +54,20 @@ from runtime import kafka as kafka_util
 from runtime.checkpoint import FINISHED, RUNNING, JobState, load_job
 from runtime.codec import AvroCodec
 from runtime.deadletter import DeadLetters
-from runtime.errors import CommitError, DeliveryError, DropError, FatalError, FencedError, SourceError
+from runtime.errors import (
+    CommitError,
+    ConfigError,
+    DeliveryError,
+    DropError,
+    FatalError,
+    FencedError,
+    SourceError,
+)
 from runtime.metrics import Metrics, collection_label
 from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
-from runtime.settings import KafkaSettings
+from runtime.settings import KafkaSettings, Opt
 from runtime.timeparse import us_to_date
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap, schema_name_for_collection
+from runtime.topics import ACCOUNT, CONTROL_TOPIC_CONFIG, IDENTITY, TopicMap, schema_name_for_collection
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +77,41 @@ LATENCY_SAMPLE_EVERY = 64
 _DAY_US = 86_400_000_000
 #: Messages held while a checkpoint commits in the background; at this many the loop waits for it.
 MAX_PENDING = 100_000
+#: A transaction Kafka aborts (one of its messages undelivered within ``transaction.timeout.ms``: a
+#: broker away that long) is redone: its messages are sent again in a new one. The job keeps the open
+#: transaction's messages for that, up to this many and REDO_MAX_BYTES of values; a larger
+#: transaction is not kept, and its abort stops the job (a resume redoes it).
+REDO_MAX_MESSAGES: Final = 100_000
+REDO_MAX_BYTES: Final = 64 * 2**20
+#: Seconds a checkpoint goes on flushing, committing and redoing its transaction while the brokers
+#: are away before it fails.
+COMMIT_PATIENCE: Final = 300.0
+#: ``--max-collections``: the distinct collections a job produces to, and the collection topics of
+#: its prefix it lets exist (it creates a topic for a new collection only while fewer do).
+DEFAULT_MAX_COLLECTIONS: Final = 1000
+MAX_COLLECTIONS_OPTION: Final = Opt(
+    ("--max-collections",), "max_collections", "BACKFILL_MAX_COLLECTIONS", DEFAULT_MAX_COLLECTIONS,
+    "the most distinct collections a job produces to, one topic each; it creates a topic for a new "
+    "collection only while the topic prefix has fewer collection topics. Past it, events of further "
+    "collections are dead-lettered (reason too_many_collections)", type=int)
 #: Error codes by which Kafka tells a transactional producer that a newer instance with its
 #: transactional id took over: librdkafka's fatal ``_FENCED``, the broker's ``PRODUCER_FENCED``, and
 #: ``INVALID_PRODUCER_EPOCH`` in the delivery reports of the fenced instance's last messages.
 FENCED_CODES: Final = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+
+
+#: Delivery failures of a transaction's messages that pass: the brokers away (timeouts, lost
+#: connections), or the transaction aborted meanwhile (purged, an epoch bumped). A transaction that
+#: failed only of these is redone; any other failure (a refusal) stops the job.
+_TRANSIENT_FAILURES: Final = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TIMED_OUT_QUEUE, KafkaError._TRANSPORT,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
+    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.TRANSACTION_ABORTABLE,
+})
+
+
+def _transient_failure(err: KafkaError) -> bool:
+    return not err.fatal() and (err.code() in _TRANSIENT_FAILURES or err.retriable())
 
 
 def kafka_error_of(exc: BaseException | None) -> KafkaError | None:
@@ -90,6 +141,8 @@ class JobOptions:
         num_records: stop after exactly this many record events (0 = no limit).
         max_time: stop after this many seconds (0 = no limit).
         transactions: ``auto`` (use them when the broker supports them), ``on``, ``off``.
+        max_collections: the most distinct collections the job produces to, and the most collection
+            topics of its prefix it creates topics up to (``--max-collections``).
     """
 
     job: str
@@ -103,6 +156,7 @@ class JobOptions:
     checkpoint_events: int = 5000
     checkpoint_interval: float = 2.0
     transactions: str = "auto"
+    max_collections: int = DEFAULT_MAX_COLLECTIONS
 
 
 @dataclass
@@ -171,6 +225,8 @@ class JobRunner:
                  on_date_change: Callable[[str], None] | None = None,
                  on_progress: Callable[[JobStats], None] | None = None,
                  health: Any | None = None) -> None:
+        if options.max_collections < 1:
+            raise ConfigError(f"--max-collections must be positive, not {options.max_collections}")
         self.kafka = kafka
         self.opts = options
         self.metrics = metrics
@@ -186,6 +242,9 @@ class JobRunner:
         self.previous: JobState | None = None
         self._admin = kafka_util.admin(kafka.client_config())
         self._known_topics: set[str] = set()
+        # The collection topics of the prefix known to exist, and those routed to be created: a topic
+        # for a new collection is created only while there are fewer than max_collections.
+        self._collection_topics: set[str] = set()
         self._producer: Producer | None = None
         self._transactional = False
         self._in_txn = False
@@ -212,13 +271,20 @@ class JobRunner:
         self._n_produced: dict[str, int] = {}
         self._n_received = 0
         self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
+        # collection -> (topic, value encoder, metric label): at most max_collections of them.
         self._routes: dict[str, tuple[str, Callable[[RecordEvent], bytes], str]] = {}
+        self._m_collections = metrics.producer_collections.labels(src)
         # The checkpoint committing on the checkpoint thread, its state, and what the loop produced
         # meanwhile (topic, key, value), sent once it is done.
         self._committing: Future[float] | None = None
         self._committing_state: JobState | None = None
         self._pending: list[tuple[str, bytes | None, bytes]] = []
         self._executor: ThreadPoolExecutor | None = None
+        # The open transaction's messages, to send again if Kafka aborts it (None: too many to keep,
+        # or no transactions), and the bytes of their values.
+        self._txn_log: list[tuple[str, bytes | None, bytes]] | None = None
+        self._txn_bytes = 0
+        self._txn_started: float | None = None  # when the open transaction began (clock)
 
     # ------------------------------------------------------------------ setup
 
@@ -234,13 +300,20 @@ class JobRunner:
             return
         # One metadata request learns every existing topic, so the first event of each collection
         # that already has its topic costs nothing more.
-        self._known_topics.update(kafka_util.existing_topics(self._admin))
+        self._learn(kafka_util.existing_topics(self._admin))
         missing = [t for t in missing if t not in self._known_topics]
         if not missing:
             return
         kafka_util.ensure_topics(self._admin, missing, partitions=partitions or self.kafka.topic_partitions,
                                  replication=self.kafka.topic_replication, config=config)
-        self._known_topics.update(missing)
+        self._learn(missing)
+
+    def _learn(self, topics: Iterable[str]) -> None:
+        """Record ``topics`` as existing (and count the collection topics of the prefix among them)."""
+        topics = list(topics)
+        self._known_topics.update(topics)
+        collection_of = self.topics.collection_of
+        self._collection_topics.update(t for t in topics if collection_of(t) not in (None, IDENTITY, ACCOUNT))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -268,6 +341,7 @@ class JobRunner:
             # checkpoint read next is the last committed one.
             producer.init_transactions(30)
             self._transactional = True
+            self._txn_log = []
             log.info("job %s: Kafka transactions enabled (data and checkpoint commit atomically)",
                      self.opts.job)
             return producer
@@ -328,6 +402,12 @@ class JobRunner:
         while True:
             try:
                 producer.produce(topic, value, key)
+                txn_log = self._txn_log
+                if txn_log is not None:
+                    txn_log.append((topic, key, value))
+                    self._txn_bytes += len(value)
+                    if len(txn_log) > REDO_MAX_MESSAGES or self._txn_bytes > REDO_MAX_BYTES:
+                        self._txn_log = None  # too large to keep: an abort of it stops the job
                 return
             except BufferError:
                 # local queue full: serve delivery reports until there is room
@@ -342,6 +422,7 @@ class JobRunner:
             with self._kafka_call("beginning a transaction"):
                 self._producer.begin_transaction()
             self._in_txn = True
+            self._txn_started = self.clock()
 
     def _poll(self, timeout: float) -> None:
         """Serve delivery reports (a fatal producer error raises as FatalError)."""
@@ -387,11 +468,37 @@ class JobRunner:
         return "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in refused[:3])
 
     def _route(self, collection: str) -> tuple[str, Callable[[RecordEvent], bytes], str]:
-        """(topic, value encoder, metric label) of a collection, worked out once per collection."""
+        """(topic, value encoder, metric label) of a collection, worked out once per collection.
+
+        A hostile or broken source can send events of any number of distinct valid collections;
+        each would cost a route, its codec entries, its place in the statistics and the checkpoint's
+        offsets, and a topic. So the job produces to ``max_collections`` collections at most, and
+        creates a topic for a new one only while its prefix has fewer collection topics (so that
+        runs after runs, and jobs sharing the prefix, do not add up to more). Refused events are
+        dead-lettered; nothing about their collection is kept.
+
+        Raises:
+            DropError: ``too_many_collections``: the job is at its cap of collections, or the
+                collection has no topic and the prefix is at the cap of collection topics.
+            InvalidRecordError: the collection makes a topic name longer than Kafka allows.
+        """
+        limit = self.opts.max_collections
+        if len(self._routes) >= limit:
+            raise DropError("too_many_collections",
+                            f"collection {collection[:300]!r}: the job already produces to {limit} collections "
+                            f"(--max-collections {limit}); events of further collections are dead-lettered")
         topic = self.topics.for_collection(collection)
+        if topic not in self._known_topics and topic not in self._collection_topics:
+            if len(self._collection_topics) >= limit:
+                raise DropError("too_many_collections",
+                                f"collection {collection[:300]!r} has no topic this job knows of, and the topic prefix "
+                                f"{self.kafka.topic_prefix!r} already has {len(self._collection_topics)} collection "
+                                f"topics (--max-collections {limit}); none more is created")
+            self._collection_topics.add(topic)  # created by its first send
         route = (topic, self.codec.record_encoder_for(schema_name_for_collection(collection), topic),
                  collection_label(collection))
         self._routes[collection] = route
+        self._m_collections.set(len(self._routes))
         self.stats.collections.add(collection)
         return route
 
@@ -574,27 +681,211 @@ class JobRunner:
 
         Runs on the checkpoint thread for a background checkpoint; the loop sends nothing to the
         producer meanwhile, so every delivery report it serves belongs to this checkpoint.
+
+        While the brokers are away (one restarting) it keeps flushing and committing, for up to
+        :data:`COMMIT_PATIENCE` seconds. A transaction that failed meanwhile (a message of it not
+        delivered within the transaction timeout) is aborted and redone: its messages are sent
+        again in a new transaction, which this checkpoint then commits. When Kafka itself aborted it
+        (open past ``transaction.timeout.ms``), this producer is fenced or fails fatally on it: a
+        new one takes over, once the control topic shows that no other instance of the job
+        committed meanwhile.
         """
+        deadline = self.clock() + COMMIT_PATIENCE
+        while True:
+            try:
+                if self._commit_once(state, deadline):
+                    return
+            except CommitError as e:
+                # Fenced, or another fatal error (INVALID_TXN_STATE when the abort came after Kafka's)
+                unusable = isinstance(e, FencedError) or self._fatal is not None
+                if not (unusable and self._timed_out_by_kafka(deadline)):
+                    raise
+                self._reincarnate(deadline)
+                self._resend()
+
+    def _commit_once(self, state: JobState, deadline: float) -> bool:
+        """One try of :meth:`_commit`: True once committed, False after a redone transaction."""
         producer = self._producer
         assert producer is not None
         with self._kafka_call("flushing", DeliveryError):
             remaining = producer.flush(60)
         if self._failed_reports:
-            raise self._refused_error("Kafka refused data")
+            if not self._redoable(deadline):
+                raise self._refused_error("Kafka refused data")
+            self._redo(f"{len(self._failed_reports)} messages not delivered: {self._refusals()}", deadline)
+            return False
         if remaining:
+            if self._transactional and self.clock() < deadline:
+                log.warning("job %s: %d messages still undelivered after 60 s; waiting for the brokers",
+                            self.opts.job, remaining)
+                return False
             raise DeliveryError(f"{remaining} messages still undelivered after 60 s")
         state.merge_offsets(self._written)
         state.check_forward(self.state or self.previous)
         self._send(self.topics.control, self.opts.job.encode(), state.to_bytes())
-        if self._transactional:
-            with self._kafka_call("committing the transaction"):
-                producer.commit_transaction(60)
-            self._in_txn = False
-        else:
+        if not self._transactional:
             with self._kafka_call("flushing the checkpoint", DeliveryError):
                 remaining = producer.flush(60)
             if remaining or self._failed_reports:
                 raise self._refused_error(f"checkpoint of job {self.opts.job} not delivered")
+            return True
+        err = self._commit_transaction(deadline)
+        if err is None:
+            self._in_txn = False
+            self._txn_started = None
+            self._txn_log = []
+            self._txn_bytes = 0
+            return True
+        if err.txn_requires_abort() and self._redoable(deadline):
+            self._redo(err.str(), deadline)
+            return False
+        raise self._meaning(err, "committing the transaction")
+
+    def _commit_transaction(self, deadline: float) -> KafkaError | None:
+        """Commit the open transaction, again while the error says to retry (until ``deadline``);
+        None when committed, else the error that stopped it."""
+        producer = self._producer
+        assert producer is not None
+        while True:
+            try:
+                producer.commit_transaction(60)
+                return None
+            except Exception as e:
+                err = kafka_error_of(e)
+                if err is None:
+                    raise
+            if not (err.retriable() and not err.fatal() and self.clock() < deadline):
+                return err
+            log.warning("job %s: committing the transaction: %s; trying again", self.opts.job, err.str())
+
+    def _redoable(self, deadline: float) -> bool:
+        """True when the open transaction failed for a passing reason and can be redone: every
+        message of it kept, every failed delivery a timeout or another transient error, time left."""
+        if not self._transactional or self._txn_log is None or self.clock() >= deadline:
+            return False
+        return all(_transient_failure(err) for err, _ in self._failed_reports)
+
+    def _timed_out_by_kafka(self, deadline: float) -> bool:
+        """True when a fence may be Kafka's own abort of the open transaction (open longer than
+        ``transaction.timeout.ms``, the brokers away meanwhile) and it can be redone."""
+        started = self._txn_started
+        return (self._transactional and self._txn_log is not None and started is not None
+                and self.clock() - started >= self.kafka.transaction_timeout() and self.clock() < deadline)
+
+    def _redo(self, why: str, deadline: float) -> None:
+        """Abort the open transaction and send its messages again in a new one.
+
+        Raises:
+            FencedError: the producer was fenced (by a newer instance, or by Kafka's own abort of a
+                transaction open too long).
+            CommitError: the abort failed.
+        """
+        producer = self._producer
+        assert producer is not None
+        assert self._txn_log is not None
+        log.warning("job %s: the transaction failed (%s); aborting it and sending its %d messages again",
+                    self.opts.job, why, len(self._txn_log))
+        while True:
+            try:
+                producer.abort_transaction(60)
+                break
+            except Exception as e:
+                err = kafka_error_of(e)
+                if err is None:
+                    raise
+            if not (err.retriable() and not err.fatal() and self.clock() < deadline):
+                raise self._meaning(err, "aborting a failed transaction")
+            log.warning("job %s: aborting the transaction: %s; trying again", self.opts.job, err.str())
+        self._in_txn = False
+        self._txn_started = None
+        self._forget_failures(producer)
+        self._resend()
+
+    def _forget_failures(self, producer: Producer) -> None:
+        """Serve the reports of what an abort purged, then forget every failed delivery of the
+        aborted transaction (none of its data is in a partition's committed part). Messages sent
+        right after an abort may be purged too (librdkafka bumps the producer's epoch): their
+        failures make the next flush redo the transaction once more."""
+        with contextlib.suppress(Exception):
+            producer.flush(10)  # nothing is queued after an abort: this serves the purge reports
+        self._refusals()  # counted in the delivery-errors metric
+        self._failed_reports.clear()
+        self._refusals_counted = 0
+
+    def _resend(self) -> None:
+        """Send the aborted transaction's messages again (in a new transaction, begun by the first);
+        the checkpoint's own message is not among them: the caller sends the state again."""
+        messages = self._txn_log
+        assert messages is not None
+        self.metrics.transactions_redone.inc(self.opts.source)
+        self._txn_log, self._txn_bytes = [], 0
+        control = self.topics.control
+        send = self._send
+        try:
+            for topic, key, value in messages:
+                if topic != control:
+                    send(topic, key, value)
+        except BaseException:
+            self._txn_log = messages  # the new transaction failed too: all of them are still to redo
+            raise
+
+    def _reincarnate(self, deadline: float) -> None:
+        """Replace the producer Kafka fenced when it aborted the open transaction by its timeout.
+
+        When the control topic's last checkpoint of the job is not this instance's last, a newer
+        instance took over and committed: this one stops as fenced, and starts no producer (which
+        would fence the newer one). Else the new producer's ``init_transactions`` fences every other
+        producer of the job's transactional id, after which the control topic is read once more: what
+        it holds of the job is then final.
+
+        Raises:
+            FencedError: another instance of the job committed a checkpoint.
+            CommitError: the new producer could not start its transactions.
+            SourceError: the control topic could not be read.
+        """
+        old = self._producer
+        age = self.clock() - (self._txn_started or self.clock())
+        log.warning("job %s: Kafka aborted the transaction open for %.0f s (past transaction.timeout.ms, the brokers "
+                    "away) and fenced this producer; a new one takes over and redoes it", self.opts.job, age)
+        self._check_not_superseded()
+        self._producer = None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.purge()
+            self._forget_failures(old)
+        self._fatal = None
+        self._in_txn = False
+        self._txn_started = None
+        producer = Producer(self.kafka.producer_config(transactional_id=self.transactional_id,
+                                                       on_delivery=self._on_delivery))
+        while True:
+            try:
+                producer.init_transactions(30)
+                break
+            except KafkaException as e:
+                err = kafka_error_of(e)
+                if err is None or err.fatal() or not err.retriable() or self.clock() >= deadline:
+                    raise CommitError(f"job {self.opts.job}: a new producer could not start its transactions: "
+                                      f"{e}") from e
+        self._producer = producer
+        self._check_not_superseded()
+
+    def _check_not_superseded(self) -> None:
+        """Raise FencedError when the job's last checkpoint in the control topic is not this
+        instance's last (another instance committed one).
+
+        Raises:
+            FencedError: another instance of the job committed a checkpoint.
+            SourceError: the control topic could not be read.
+        """
+        latest = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
+                          self.opts.job, max_wait=self.kafka.control_timeout, must_exist=True)
+        mine = self.state or self.previous
+        if (latest and (latest.run, latest.checkpoint)) != (mine and (mine.run, mine.checkpoint)):
+            self._fatal = KafkaError(KafkaError._FENCED)  # nothing more is written (close() aborts nothing)
+            raise FencedError.of(f"job {self.opts.job}", "job name", self.transactional_id,
+                                 f"its checkpoint {latest.checkpoint if latest else None} of run "
+                                 f"{latest.run if latest else None} is not this instance's")
 
     def _refused_error(self, what: str) -> FatalError:
         """The error for failed delivery reports: FencedError when they say this job was fenced."""

@@ -45,6 +45,7 @@ DROP_REASONS: Final[tuple[str, ...]] = (
     "repo_unavailable",
     "retries_exhausted",
     "unsafe_endpoint",
+    "too_many_collections",
 )
 
 

@@ -161,7 +161,17 @@ class Metrics:
             f"{p}_producer_commits_verified_total",
             "Commits whose signature and MST proof verified (--verify); failures are drops.",
             ["source"], registry=r), [SOURCES])
+        self.transactions_redone = ClosedCounter(Counter(
+            f"{p}_producer_transactions_redone_total",
+            "Transactions aborted (a message undelivered within the transaction timeout: the brokers "
+            "away that long) whose messages the job sent again in a new one.",
+            ["source"], registry=r), [SOURCES])
+        self.producer_collections = Gauge(
+            f"{p}_producer_collections",
+            "Distinct collections the job produces to (at most --max-collections; events of further "
+            "collections are dropped with reason too_many_collections).", ["source"], registry=r)
         for s in SOURCES:
+            self.producer_collections.labels(s)
             self.produce_latency.labels(s)
             self.flush_duration.labels(s)
             self.source_cursor.labels(s)

@@ -39,7 +39,7 @@ from producers.firehose.source import (
     seek_time,
 )
 from producers.firehose.verify import CommitVerifier, DictResolver, IdentityResolver
-from producers.job import JobOptions, JobRunner, JobStats
+from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobRunner, JobStats
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import JobState
 from runtime.codec import AvroCodec
@@ -121,6 +121,7 @@ FIREHOSE_OPTIONS: Final[tuple[Opt, ...]] = (
         "checkpoint at least this often (seconds)", type=float),
     Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
         choices=("auto", "rich", "log", "none")),
+    MAX_COLLECTIONS_OPTION,
 )
 
 
@@ -157,6 +158,7 @@ class FirehoseSettings:
     checkpoint_interval: float
     progress: str
     started_us: int = 0
+    max_collections: int = DEFAULT_MAX_COLLECTIONS
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -215,6 +217,8 @@ def settings_from_namespace(ns: argparse.Namespace, now: Callable[[], float] = t
         raise ConfigError("--num-records and --max-time must be >= 0")
     if ns.allowed_lateness < 0:
         raise ConfigError("--allowed-lateness must be >= 0")
+    if ns.max_collections < 1:
+        raise ConfigError("--max-collections must be positive")
     if ns.did_docs and not Path(ns.did_docs).is_file():
         raise ConfigError(f"--did-docs {ns.did_docs}: no such file")
     return FirehoseSettings(
@@ -227,7 +231,7 @@ def settings_from_namespace(ns: argparse.Namespace, now: Callable[[], float] = t
         lateness_us=int(ns.allowed_lateness * 1e6), max_frame_size=ns.max_frame_size,
         stall_timeout=ns.stall_timeout, max_reconnects=ns.max_reconnects, transactions=ns.transactions,
         checkpoint_events=max(1, ns.checkpoint_events), checkpoint_interval=ns.checkpoint_interval,
-        progress=ns.progress, started_us=now_us,
+        progress=ns.progress, started_us=now_us, max_collections=ns.max_collections,
     )
 
 
@@ -319,7 +323,8 @@ def job_options(settings: FirehoseSettings, job: str, num_records: int) -> JobOp
     return JobOptions(job=job, source="firehose", filters=settings.filters(), num_records=num_records,
                       max_time=settings.max_time, resume=settings.resume, start_cursor=settings.start_cursor,
                       end_time_us=settings.default_end_us, checkpoint_events=settings.checkpoint_events,
-                      checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions)
+                      checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions,
+                      max_collections=settings.max_collections)
 
 
 def check_resume(settings: FirehoseSettings, previous: JobState | None) -> None:

@@ -29,7 +29,7 @@ from consumers.base import ConsumerOptions, GroupConsumer, group_name
 from consumers.queue import QueueSink, default_queue_path
 from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
-from producers.job import JobOptions, JobRunner, JobStats
+from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobRunner, JobStats
 from runtime.broker import resolve_bootstrap
 from runtime.checkpoint import JobState
 from runtime.codec import AvroCodec
@@ -118,6 +118,7 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
         type=float),
     Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
         choices=("auto", "rich", "log", "none")),
+    MAX_COLLECTIONS_OPTION,
 )
 
 
@@ -153,6 +154,7 @@ class JetstreamSettings:
     stall_timeout: float
     end_idle: float
     progress: str
+    max_collections: int = DEFAULT_MAX_COLLECTIONS
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,6 +194,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         raise ConfigError("--allowed-lateness must be >= 0")
     if ns.failover_rewind < 0:
         raise ConfigError("--failover-rewind must be >= 0")
+    if ns.max_collections < 1:
+        raise ConfigError("--max-collections must be positive")
     return JetstreamSettings(
         kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
         collections=collections, dids=parse_dids(ns.wanted_dids),
@@ -204,7 +208,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         max_message_size=ns.max_message_size,
         consumer=ns.consumer, transactions=ns.transactions, checkpoint_events=max(1, ns.checkpoint_events),
         checkpoint_interval=ns.checkpoint_interval, stall_timeout=ns.stall_timeout, end_idle=ns.end_idle,
-        progress=ns.progress,
+        progress=ns.progress, max_collections=ns.max_collections,
     )
 
 
@@ -330,7 +334,8 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
                          num_records=settings.num_records, max_time=settings.max_time, resume=settings.resume,
                          start_cursor=settings.start_us, end_time_us=settings.end_us,
                          checkpoint_events=settings.checkpoint_events,
-                         checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions)
+                         checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions,
+                         max_collections=settings.max_collections)
     sink: QueueSink | None = None
     consumer: GroupConsumer | None = None
     consumer_thread: threading.Thread | None = None
@@ -374,7 +379,9 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
                                              settings.failover_rewind_us)
         jopts = JetstreamOptions(
             instances=settings.instances, collections=settings.collections, dids=dids,
-            start_us=settings.start_us, end_us=settings.end_us, lateness_us=settings.lateness_us,
+            # a resume without --cursor/-s keeps the start the job was checkpointed with
+            start_us=settings.start_us if settings.start_us is not None else (prev.start_cursor if prev else None),
+            end_us=settings.end_us, lateness_us=settings.lateness_us,
             failover_rewind_us=settings.failover_rewind_us, compress=settings.compress,
             zstd_dictionary=dictionary, max_message_size=settings.max_message_size,
             stall_timeout=settings.stall_timeout, end_idle=settings.end_idle, job=settings.job)

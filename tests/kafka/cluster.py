@@ -327,6 +327,19 @@ class KafkaCluster:
             node.process.kill()
             node.process.wait()
 
+    def terminate(self, node_id: int, grace: float = 30.0) -> None:
+        """SIGTERM one node (a controlled shutdown, as an operator's restart does); SIGKILL it if it
+        has not exited after ``grace`` seconds. :meth:`restart` starts it again on its ports and data."""
+        node = self.node(node_id)
+        if node.process is None or node.process.poll() is not None:
+            return
+        node.process.terminate()
+        try:
+            node.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+
     def restart(self, node_id: int, timeout: float = 90.0) -> None:
         """Start a stopped or killed node again on its ports and data, and wait until it is registered."""
         node = self.node(node_id)
