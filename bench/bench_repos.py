@@ -2,7 +2,9 @@
 
 1. CPU: records/s from CAR bytes to typed events (``RepoDecoder``) and to Avro values ready for
    Kafka (+ ``AvroCodec.encode_event``), against the atproto SDK's ``CAR.from_bytes`` on
-   the same CARs (which only decodes blocks: no MST walk, no CID checks, no typing).
+   the same CARs (which only decodes blocks: no MST walk, no CID checks, no typing); and the same
+   to Avro with ``--verify`` (each signed commit checked against its account's key, every key new
+   as in a backfill), against the unverified rate (issue 16's target: >= 0.8 of it).
 2. To Kafka: the same CARs decoded, encoded and produced to a real broker (Apache Kafka by default,
    ``--broker tansu`` for the embedded one), flushed.
 3. End to end: accounts on 4 simulated PDS hosts backfilled through the DID work topic by 1 and by
@@ -36,7 +38,7 @@ from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
 from producers.repos.worktopic import enqueue_dids  # noqa: E402
 from runtime import kafka as kafka_util  # noqa: E402
-from runtime.atproto import native  # noqa: E402
+from runtime.atproto import crypto, native  # noqa: E402
 from runtime.atproto.car import read_car  # noqa: E402
 from runtime.codec import AvroCodec  # noqa: E402
 from runtime.records import RecordEvent  # noqa: E402
@@ -44,8 +46,11 @@ from runtime.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.pds import HostFaults, PdsNetwork  # noqa: E402
 from runtime.topics import TopicMap  # noqa: E402
 
+#: Issue 16's target: ``backfill repos --verify`` at this fraction of the unverified rate, or more.
+VERIFY_TARGET_RATIO = 0.8
 
-def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]:
+
+def cpu_section(cars: list[tuple[str, bytes]], repeats: int, keys: dict[str, str]) -> dict[str, float]:
     from atproto import CAR  # noqa: PLC0415 - the baseline only
 
     codec = AvroCodec()
@@ -75,6 +80,25 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
                     n += 1
         return n
 
+    def verified(libsecp256k1: bool = True) -> int:
+        # A backfill meets every account (and so every key) once: the verifier cache starts cold.
+        saved, crypto.LIBSECP256K1 = crypto.LIBSECP256K1, libsecp256k1
+        crypto.clear_verifier_cache()
+        try:
+            n = 0
+            for did, data in cars:
+                for item in RepoDecoder(read_car(data, verify=False), did, flt, signing_key=keys[did]).items():
+                    if isinstance(item, RecordEvent):
+                        codec.encode_event(item, topics.for_event(item))
+                        n += 1
+            return n
+        finally:
+            crypto.LIBSECP256K1 = saved
+            crypto.clear_verifier_cache()
+
+    def verified_openssl() -> int:
+        return verified(libsecp256k1=False)
+
     def pure_python() -> int:
         saved, native.NATIVE = native.NATIVE, None
         try:
@@ -84,12 +108,15 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
 
     # The paths take turns in every round, so a slow spell of this noisy machine falls on all
     # of them; each ratio is the median of the rounds' own ratios.
-    rounds: dict[str, list[float]] = {"sdk": [], "decode": [], "encode": [], "python": []}
+    rounds: dict[str, list[float]] = {"sdk": [], "decode": [], "encode": [], "python": [], "verify": [],
+                                      "verify_openssl": []}
     n_base = n_dec = 0
-    for _ in range(repeats):
-        paths = [("sdk", sdk), ("decode", decode), ("encode", encode)]
+    for r in range(repeats):
+        paths = [("sdk", sdk), ("decode", decode), ("encode", encode), ("verify", verified),
+                 ("verify_openssl", verified_openssl)]
         if native.NATIVE is not None:
             paths.append(("python", pure_python))
+        paths = paths[r % len(paths):] + paths[:r % len(paths)]  # no path always runs first
         for name, fn in paths:
             t0 = time.perf_counter()
             n = fn()
@@ -110,11 +137,17 @@ def cpu_section(cars: list[tuple[str, bytes]], repeats: int) -> dict[str, float]
     print(f"  baseline SDK CAR.from_bytes (blocks only)  {base:12,.0f} records/s  ({n_base} record blocks)")
     print(f"  ours: CAR -> typed events (MST walk, CIDs) {dec:12,.0f} records/s  ratio {ratio('decode'):.2f}")
     print(f"  ours: CAR -> Avro values for Kafka         {enc:12,.0f} records/s  ratio {ratio('encode'):.2f}")
+    ver = statistics.median(rounds["verify"])
+    ver_ratio = statistics.median(a / b for a, b in zip(rounds["verify"], rounds["encode"], strict=True))
+    old_ratio = statistics.median(a / b for a, b in zip(rounds["verify_openssl"], rounds["encode"], strict=True))
+    print(f"  ours: CAR -> Avro values with --verify     {ver:12,.0f} records/s  ratio {ver_ratio:.2f} of unverified "
+          f"(target >= {VERIFY_TARGET_RATIO}: {'met' if ver_ratio >= VERIFY_TARGET_RATIO else 'NOT met'}; "
+          f"secp256k1 through OpenSSL instead: {old_ratio:.2f})")
     if native.NATIVE is not None:
         speedup = statistics.median(a / b for a, b in zip(rounds["decode"], rounds["python"], strict=True))
         print(f"  ours, pure-Python path: CAR -> typed events {py:11,.0f} records/s  ratio {ratio('python'):.2f}"
               f"  (native / Python: {speedup:.2f})")
-    return {"sdk": base, "decode": dec, "encode": enc}
+    return {"sdk": base, "decode": dec, "encode": enc, "verify": ver}
 
 
 def kafka_section(cars: list[tuple[str, bytes]], bootstrap: str, repeats: int, base: float | None,
@@ -361,9 +394,10 @@ def main() -> None:
     net = PdsNetwork(accounts=ns.accounts, hosts=1, records_mean=ns.records_mean, seed=5)
     net.build()
     cars: list[tuple[str, Any]] = [(d, a.car) for d, a in net.accounts.items()]
+    keys = {d: a.key.did_key() for d, a in net.accounts.items()}
     base = None
     if "cpu" not in ns.skip:
-        base = cpu_section(cars, ns.repeats)["sdk"]
+        base = cpu_section(cars, ns.repeats, keys)["sdk"]
     with tempfile.TemporaryDirectory(prefix="bench-repos-") as tmp:
         if {"kafka", "e2e"} - set(ns.skip):
             print(f"\nbroker: {describe(ns)}", flush=True)

@@ -4,7 +4,8 @@ For a ``#commit`` frame (Sync 1.1): the CAR slice parses and every block hashes 
 commit block is the slice's root, for the frame's ``repo`` and ``rev``; its signature verifies
 against the ``#atproto`` key of the author's current DID document; every created/updated record is
 in the slice; and undoing the ops on the new tree (operation inversion) yields ``prevData``. The
-checks themselves are :func:`runtime.atproto.repo.verify_commit_event`; this module adds the
+checks themselves are :func:`runtime.atproto.repo.check_commit_event` (the native fast path where
+it applies, :func:`~runtime.atproto.repo.verify_commit_event` for every verdict); this module adds the
 identity side: resolving the key (cached by the resolver), dropping the cached document on an
 ``#identity`` frame, and re-resolving once when a signature fails (the key may have rotated before
 the ``#identity`` frame reached us).
@@ -31,7 +32,7 @@ from runtime.atproto.car import read_car
 from runtime.atproto.commit import verify_commit
 from runtime.atproto.errors import AtprotoFormatError, IdentityError, SignatureError
 from runtime.atproto.identity import Identity, parse_did_document
-from runtime.atproto.repo import verify_commit_event
+from runtime.atproto.repo import check_commit_event
 from runtime.errors import DecodeError, SourceError
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class CommitVerifier:
     def _verify(self, decoded: Decoded, key: str) -> None:
         body = decoded.frame.body
         if decoded.kind == KIND_COMMIT:
-            verify_commit_event(body, signing_key=key, invert=self.invert)
+            check_commit_event(body, signing_key=key, invert=self.invert)
             return
         blocks = body.get("blocks")
         if type(blocks) is not bytes:

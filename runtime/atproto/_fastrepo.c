@@ -15,12 +15,15 @@
  *   mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid bytes)] | int | None
  *   record_form(block, cid, max_depth) -> (cid str, JSON-form dict, JSON bytes | None) | False | None
  *   cid_str(cid bytes) -> str | None
+ *   mst_invert(root, lookup, ops, verify) -> root cid bytes | None
+ *   commit_event(blocks, commit, ops, invert) -> (did, rev, unsigned, sig, inverted root | None) | None
  *
  * sha2-256 comes from OpenSSL's libcrypto (the same library CPython's hashlib uses).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <openssl/evp.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -32,6 +35,7 @@ typedef enum { OK = 0, BAIL = 1, FAIL = -1 } status;
 
 static PyObject *S_LINK;  /* "$link" */
 static PyObject *S_BYTES; /* "$bytes" */
+static PyObject *S_ACTION, *S_PATH, *S_CID, *S_PREV; /* the keys of a firehose op */
 
 /* ------------------------------------------------------------------------------------- helpers */
 
@@ -260,9 +264,14 @@ typedef struct {
     int have_last;
 } walker_t;
 
-static int key_char(uint8_t c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '~' ||
-           c == '.' || c == ':' || c == '-';
+/* Characters of a key segment ([A-Za-z0-9_~.:-]); '/' is 2. */
+static uint8_t KEY_CHARS[256];
+
+static void init_key_chars(void) {
+    for (int c = 0; c < 256; c++)
+        KEY_CHARS[c] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                       c == '~' || c == '.' || c == ':' || c == '-';
+    KEY_CHARS['/'] = 2;
 }
 
 static int dots(const uint8_t *s, Py_ssize_t n) {
@@ -274,12 +283,10 @@ static int valid_key(const uint8_t *k, Py_ssize_t n) {
     if (n <= 0 || n > MAX_KEY_LEN) return 0;
     Py_ssize_t slash = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (k[i] == '/') {
-            if (slash >= 0) return 0;
-            slash = i;
-        } else if (!key_char(k[i])) {
-            return 0;
-        }
+        uint8_t c = KEY_CHARS[k[i]];
+        if (c == 1) continue;
+        if (c == 0 || slash >= 0) return 0;
+        slash = i;
     }
     if (slash <= 0 || slash == n - 1) return 0;
     return !dots(k, slash) && !dots(k + slash + 1, n - slash - 1);
@@ -750,6 +757,942 @@ done:
     return result;
 }
 
+/* ----------------------------------------------------------------------------------- mst_invert */
+
+/* Sync 1.1 operation inversion (mst.invert_ops) on a commit's CAR slice: the same algorithms as
+ * mst.MST (get, add with split, update, delete with merge, then encoding the changed nodes), step
+ * for step, so the result is the root the Python path computes. Any refusal of the Python path
+ * (an op that disagrees with the tree, a repeated path, a missing or malformed node, a bad key)
+ * is a bail, and so is anything this code does not take (a non-ASCII path, a CID of another form,
+ * a lookup that is not a dict). All memory of one call lives in an arena freed at its end. */
+
+#define ROOT_LAYER (-1000) /* mst._Loader.load(expected_layer=None) */
+#define MAX_INVERT_OPS 4096
+#define MAX_INVERT_LAYER 256
+
+typedef struct inode inode_t;
+
+typedef struct {
+    inode_t *node;      /* a loaded or built node, or NULL */
+    const uint8_t *cid; /* the node's CID (36 bytes) while not loaded, or NULL; both NULL: no subtree */
+} ref_t;
+
+typedef struct {
+    const char *key;
+    Py_ssize_t klen;
+    const uint8_t *val; /* 36 bytes */
+    ref_t right;
+} ient_t;
+
+struct inode {
+    int layer;
+    ref_t left;
+    Py_ssize_t n, cap;
+    ient_t *e;
+    int has_cid; /* unchanged since loaded or encoded: cid is its CID (mst._Node.cid) */
+    uint8_t cid[CID_LEN];
+};
+
+#define ARENA_CHUNK 16384
+#define ARENA_STACK 8192 /* the first memory of a call: enough for a usual commit without malloc */
+#define SMALL_INDEX 64   /* slots of a slice index kept on the stack */
+
+typedef struct arena_block {
+    struct arena_block *next;
+    max_align_t data[];
+} arena_block_t;
+
+/* A CAR slice indexed in place: the sections' CIDs and blocks point into the caller's bytes. */
+typedef struct {
+    const uint8_t *cid;
+    const uint8_t *block;
+    Py_ssize_t len;
+} slot_t;
+
+typedef struct {
+    slot_t *slots; /* open addressing on the digest's first bytes; cid NULL = free */
+    size_t mask;
+} car_idx_t;
+
+typedef struct {
+    PyObject *lookup; /* dict {cid bytes: block bytes}, or NULL with idx */
+    car_idx_t *idx;
+    PyObject *held;   /* list: the dict's blocks whose bytes nodes point into */
+    arena_block_t *blocks;
+    char *free_at; /* bump allocation inside the newest chunk */
+    size_t free_left;
+    int verify;
+    int depth; /* recursion depth guard */
+} inv_t;
+
+static const ref_t NO_REF = {NULL, NULL};
+
+static inline int ref_empty(ref_t r) { return r.node == NULL && r.cid == NULL; }
+
+static inline ref_t node_ref(inode_t *n) {
+    ref_t r = {n, NULL};
+    return r;
+}
+
+/* Memory that lives until the call ends: bumped from 16 KiB chunks (larger requests get their own). */
+static void *inv_alloc(inv_t *t, size_t n) {
+    n = (n + sizeof(max_align_t) - 1) & ~(sizeof(max_align_t) - 1);
+    if (n <= t->free_left) {
+        void *p = t->free_at;
+        t->free_at += n;
+        t->free_left -= n;
+        return p;
+    }
+    size_t size = n > ARENA_CHUNK / 4 ? n : ARENA_CHUNK;
+    arena_block_t *b = PyMem_Malloc(sizeof(arena_block_t) + size);
+    if (b == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    b->next = t->blocks;
+    t->blocks = b;
+    if (size == ARENA_CHUNK) {
+        t->free_at = (char *)b->data + n;
+        t->free_left = size - n;
+    }
+    return b->data;
+}
+
+static void inv_free(inv_t *t) {
+    while (t->blocks != NULL) {
+        arena_block_t *next = t->blocks->next;
+        PyMem_Free(t->blocks);
+        t->blocks = next;
+    }
+}
+
+static inode_t *new_inode(inv_t *t, int layer, ref_t left, Py_ssize_t cap) {
+    inode_t *nd = inv_alloc(t, sizeof(inode_t));
+    if (nd == NULL) return NULL;
+    if (cap < 4) cap = 4;
+    nd->e = inv_alloc(t, sizeof(ient_t) * (size_t)cap);
+    if (nd->e == NULL) return NULL;
+    nd->layer = layer;
+    nd->left = left;
+    nd->n = 0;
+    nd->cap = cap;
+    nd->has_cid = 0;
+    return nd;
+}
+
+static int reserve(inv_t *t, inode_t *nd, Py_ssize_t need) {
+    if (need <= nd->cap) return 0;
+    Py_ssize_t cap = nd->cap * 2;
+    if (cap < need) cap = need;
+    ient_t *grown = inv_alloc(t, sizeof(ient_t) * (size_t)cap);
+    if (grown == NULL) return -1;
+    if (nd->n) memcpy(grown, nd->e, sizeof(ient_t) * (size_t)nd->n);
+    nd->e = grown; /* the old array stays in the arena until the call ends */
+    nd->cap = cap;
+    return 0;
+}
+
+static inline ref_t *gap_of(inode_t *nd, Py_ssize_t g) { return g == 0 ? &nd->left : &nd->e[g - 1].right; }
+
+static inline int key_cmp(const char *a, Py_ssize_t an, const char *b, Py_ssize_t bn) {
+    Py_ssize_t m = an < bn ? an : bn;
+    int c = memcmp(a, b, (size_t)m);
+    if (c) return c;
+    return an < bn ? -1 : an > bn;
+}
+
+/* bisect_left over the node's keys; *found when the key is there. */
+static Py_ssize_t bisect(const inode_t *nd, const char *key, Py_ssize_t klen, int *found) {
+    Py_ssize_t lo = 0, hi = nd->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (key_cmp(nd->e[mid].key, nd->e[mid].klen, key, klen) < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    *found = lo < nd->n && key_cmp(nd->e[lo].key, nd->e[lo].klen, key, klen) == 0;
+    return lo;
+}
+
+/* mst._Loader.load + mst._parse_node; expected_layer ROOT_LAYER for the root. */
+static inline size_t idx_hash(const uint8_t *cid) {
+    size_t h;
+    memcpy(&h, cid + 4, sizeof h);
+    return h;
+}
+
+/* The first block stored under cid (a CAR keeps the first of duplicates), or NULL. */
+static const slot_t *idx_find(const car_idx_t *idx, const uint8_t *cid) {
+    for (size_t i = idx_hash(cid) & idx->mask;; i = (i + 1) & idx->mask) {
+        const slot_t *s = &idx->slots[i];
+        if (s->cid == NULL) return NULL;
+        if (memcmp(s->cid, cid, CID_LEN) == 0) return s;
+    }
+}
+
+/* The block of a node CID: OK with *d and *len, BAIL when absent (or not bytes), FAIL on an error. */
+static status inv_get(inv_t *t, const uint8_t *cid, const uint8_t **d, Py_ssize_t *len) {
+    if (t->idx != NULL) {
+        const slot_t *s = idx_find(t->idx, cid);
+        if (s == NULL) return BAIL;
+        *d = s->block;
+        *len = s->len;
+        return OK;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)cid, CID_LEN);
+    if (key == NULL) return FAIL;
+    PyObject *obj = PyDict_GetItemWithError(t->lookup, key);
+    Py_DECREF(key);
+    if (obj == NULL) return PyErr_Occurred() ? FAIL : BAIL;
+    if (!PyBytes_Check(obj)) return BAIL;
+    if (PyList_Append(t->held, obj) < 0) return FAIL;
+    *d = (const uint8_t *)PyBytes_AS_STRING(obj);
+    *len = PyBytes_GET_SIZE(obj);
+    return OK;
+}
+
+static status inv_load(inv_t *t, const uint8_t *cid, int expected_layer, inode_t **out) {
+    if (expected_layer != ROOT_LAYER && expected_layer < 0) return BAIL;
+    const uint8_t *d;
+    Py_ssize_t end, pos = 0;
+    status got = inv_get(t, cid, &d, &end);
+    if (got != OK) return got;
+    int major;
+    uint64_t n;
+    if (t->verify && digest_matches(d, end, cid) != 1) return BAIL;
+    if (end < 4 || d[0] != 0xA2 || d[1] != 0x61 || d[2] != 'e') return BAIL;
+    pos = 3;
+    if (read_head(d, end, &pos, &major, &n) < 0 || major != 4 || n > (uint64_t)(end / 8)) return BAIL;
+    Py_ssize_t count = (Py_ssize_t)n;
+    inode_t *nd = new_inode(t, 0, NO_REF, count);
+    if (nd == NULL) return FAIL;
+    /* every key is at most its suffix plus the previous key: the node's size bounds them all */
+    size_t room = 0;
+    char *keys = NULL;
+    const char *prev = NULL;
+    Py_ssize_t prev_len = 0;
+    int layer = expected_layer == ROOT_LAYER ? -1 : expected_layer;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        ient_t *e = &nd->e[i];
+        uint64_t klen, p;
+        if (pos + 3 > end || d[pos] != 0xA4 || d[pos + 1] != 0x61 || d[pos + 2] != 'k') return BAIL;
+        pos += 3;
+        if (read_head(d, end, &pos, &major, &klen) < 0 || major != 2 || klen > (uint64_t)(end - pos)) return BAIL;
+        const uint8_t *suffix = d + pos;
+        pos += (Py_ssize_t)klen;
+        if (pos + 2 > end || d[pos] != 0x61 || d[pos + 1] != 'p') return BAIL;
+        pos += 2;
+        if (read_head(d, end, &pos, &major, &p) < 0 || major != 0) return BAIL;
+        if (p > (uint64_t)prev_len || (i == 0 && p != 0)) return BAIL;
+        Py_ssize_t full = (Py_ssize_t)p + (Py_ssize_t)klen;
+        if (full > MAX_KEY_LEN || full == 0) return BAIL;
+        if (room < (size_t)full) {
+            room = (size_t)full + (size_t)MAX_KEY_LEN * 4;
+            keys = inv_alloc(t, room);
+            if (keys == NULL) return FAIL;
+        }
+        char *kb = keys;
+        if (p) memcpy(kb, prev, (size_t)p);
+        memcpy(kb + p, suffix, (size_t)klen);
+        if (prev != NULL && key_cmp(kb, full, prev, prev_len) <= 0) return BAIL;
+        if (!valid_key((const uint8_t *)kb, full)) return BAIL;
+        int depth = key_depth((const uint8_t *)kb, full);
+        if (depth < 0) return BAIL;
+        if (layer == -1) layer = depth;
+        else if (depth != layer) return BAIL;
+        if (pos + 2 > end || d[pos] != 0x61 || d[pos + 1] != 't') return BAIL;
+        pos += 2;
+        e->right = NO_REF;
+        if (pos < end && d[pos] == 0xF6) pos++;
+        else if (read_link(d, end, &pos, &e->right.cid) < 0) return BAIL;
+        if (pos + 2 > end || d[pos] != 0x61 || d[pos + 1] != 'v') return BAIL;
+        pos += 2;
+        if (read_link(d, end, &pos, &e->val) < 0) return BAIL;
+        e->key = kb;
+        e->klen = full;
+        prev = kb;
+        prev_len = full;
+        keys += full;
+        room -= (size_t)full;
+    }
+    nd->n = count;
+    if (pos + 2 > end || d[pos] != 0x61 || d[pos + 1] != 'l') return BAIL;
+    pos += 2;
+    if (pos < end && d[pos] == 0xF6) pos++;
+    else if (read_link(d, end, &pos, &nd->left.cid) < 0) return BAIL;
+    if (pos != end) return BAIL;
+    if (layer == -1) { /* a root without entries: only the empty tree */
+        if (!ref_empty(nd->left)) return BAIL;
+        layer = 0;
+    } else {
+        if (count == 0 && ref_empty(nd->left)) return BAIL;
+        if (layer == 0) {
+            if (!ref_empty(nd->left)) return BAIL;
+            for (Py_ssize_t i = 0; i < count; i++)
+                if (!ref_empty(nd->e[i].right)) return BAIL;
+        }
+    }
+    if (layer > MAX_INVERT_LAYER) return BAIL;
+    nd->layer = layer;
+    nd->has_cid = 1;
+    memcpy(nd->cid, cid, CID_LEN);
+    *out = nd;
+    return OK;
+}
+
+/* MST._child: the subtree in slot g, loaded and kept in the node; *out NULL when there is none. */
+static status inv_child(inv_t *t, inode_t *nd, Py_ssize_t g, inode_t **out) {
+    ref_t *r = gap_of(nd, g);
+    if (r->node != NULL || r->cid == NULL) {
+        *out = r->node;
+        return OK;
+    }
+    status st = inv_load(t, r->cid, nd->layer - 1, out);
+    if (st != OK) return st;
+    r->node = *out;
+    r->cid = NULL;
+    return OK;
+}
+
+/* mst._resolve_with (ref not empty). */
+static status inv_resolve(inv_t *t, ref_t r, int layer, inode_t **out) {
+    if (r.node != NULL) {
+        *out = r.node;
+        return OK;
+    }
+    return inv_load(t, r.cid, layer, out);
+}
+
+static inline inode_t *prune(inode_t *nd) { return nd->n == 0 && ref_empty(nd->left) ? NULL : nd; }
+
+/* mst._wrap */
+static status wrap(inv_t *t, inode_t *nd, int layer, int to_layer, inode_t **out) {
+    while (nd != NULL && layer < to_layer) {
+        layer++;
+        nd = new_inode(t, layer, node_ref(nd), 0);
+        if (nd == NULL) return FAIL;
+    }
+    *out = nd;
+    return OK;
+}
+
+static inode_t *leaf(inv_t *t, int layer, const char *key, Py_ssize_t klen, const uint8_t *val) {
+    inode_t *nd = new_inode(t, layer, NO_REF, 1);
+    if (nd == NULL) return NULL;
+    nd->e[0].key = key;
+    nd->e[0].klen = klen;
+    nd->e[0].val = val;
+    nd->e[0].right = NO_REF;
+    nd->n = 1;
+    return nd;
+}
+
+#define DEEPER(t)                                                                                                  \
+    do {                                                                                                           \
+        if (++(t)->depth > 4 * MAX_INVERT_LAYER) return BAIL;                                                     \
+    } while (0)
+
+/* MST._split: the subtree's keys below and above `key` (which it must not hold). */
+static status split(inv_t *t, ref_t ref, int layer, const char *key, Py_ssize_t klen, inode_t **lo, inode_t **hi) {
+    inode_t *nd;
+    status st = inv_resolve(t, ref, layer, &nd);
+    if (st != OK) return st;
+    int found;
+    Py_ssize_t i = bisect(nd, key, klen, &found);
+    if (found) return BAIL;
+    ref_t gap = *gap_of(nd, i);
+    inode_t *gl = NULL, *gr = NULL;
+    if (!ref_empty(gap)) {
+        DEEPER(t);
+        st = split(t, gap, layer - 1, key, klen, &gl, &gr);
+        t->depth--;
+        if (st != OK) return st;
+    }
+    inode_t *left = new_inode(t, layer, nd->left, i);
+    inode_t *right = new_inode(t, layer, node_ref(gr), nd->n - i);
+    if (left == NULL || right == NULL) return FAIL;
+    if (i) memcpy(left->e, nd->e, sizeof(ient_t) * (size_t)i);
+    left->n = i;
+    *gap_of(left, i) = node_ref(gl);
+    if (nd->n - i) memcpy(right->e, nd->e + i, sizeof(ient_t) * (size_t)(nd->n - i));
+    right->n = nd->n - i;
+    *lo = prune(left);
+    *hi = prune(right);
+    return OK;
+}
+
+/* MST._insert */
+static status insert(inv_t *t, inode_t *nd, int layer, const char *key, Py_ssize_t klen, const uint8_t *val,
+                     int depth, inode_t **out) {
+    int found;
+    Py_ssize_t i = bisect(nd, key, klen, &found);
+    if (found) return BAIL;
+    status st;
+    if (depth == layer) {
+        ref_t gap = *gap_of(nd, i);
+        inode_t *lo = NULL, *hi = NULL;
+        if (!ref_empty(gap) && (st = split(t, gap, layer - 1, key, klen, &lo, &hi)) != OK) return st;
+        *gap_of(nd, i) = node_ref(lo);
+        if (reserve(t, nd, nd->n + 1) < 0) return FAIL;
+        memmove(nd->e + i + 1, nd->e + i, sizeof(ient_t) * (size_t)(nd->n - i));
+        nd->e[i].key = key;
+        nd->e[i].klen = klen;
+        nd->e[i].val = val;
+        nd->e[i].right = node_ref(hi);
+        nd->n++;
+    } else {
+        inode_t *child;
+        if ((st = inv_child(t, nd, i, &child)) != OK) return st;
+        if (child == NULL) {
+            inode_t *lf = leaf(t, depth, key, klen, val), *wrapped;
+            if (lf == NULL) return FAIL;
+            if ((st = wrap(t, lf, depth, layer - 1, &wrapped)) != OK) return st;
+            *gap_of(nd, i) = node_ref(wrapped);
+        } else {
+            inode_t *sub;
+            DEEPER(t);
+            st = insert(t, child, layer - 1, key, klen, val, depth, &sub);
+            t->depth--;
+            if (st != OK) return st;
+            *gap_of(nd, i) = node_ref(sub);
+        }
+    }
+    nd->has_cid = 0;
+    *out = nd;
+    return OK;
+}
+
+/* MST._update */
+static status update(inv_t *t, inode_t *nd, const char *key, Py_ssize_t klen, const uint8_t *val) {
+    int found;
+    Py_ssize_t i = bisect(nd, key, klen, &found);
+    status st;
+    if (found) {
+        nd->e[i].val = val;
+    } else {
+        inode_t *child;
+        if ((st = inv_child(t, nd, i, &child)) != OK) return st;
+        if (child == NULL) return BAIL; /* not present */
+        DEEPER(t);
+        st = update(t, child, key, klen, val);
+        t->depth--;
+        if (st != OK) return st;
+        *gap_of(nd, i) = node_ref(child);
+    }
+    nd->has_cid = 0;
+    return OK;
+}
+
+/* MST._merge: two adjacent subtrees of one layer (all keys of a below those of b). */
+static status merge(inv_t *t, ref_t a, ref_t b, int layer, ref_t *out) {
+    if (ref_empty(a)) {
+        *out = b;
+        return OK;
+    }
+    if (ref_empty(b)) {
+        *out = a;
+        return OK;
+    }
+    inode_t *na, *nb;
+    status st;
+    if ((st = inv_resolve(t, a, layer, &na)) != OK || (st = inv_resolve(t, b, layer, &nb)) != OK) return st;
+    Py_ssize_t last = na->n;
+    ref_t m;
+    DEEPER(t);
+    st = merge(t, *gap_of(na, last), nb->left, layer - 1, &m);
+    t->depth--;
+    if (st != OK) return st;
+    *gap_of(na, last) = m;
+    if (reserve(t, na, na->n + nb->n) < 0) return FAIL;
+    if (nb->n) memcpy(na->e + na->n, nb->e, sizeof(ient_t) * (size_t)nb->n);
+    na->n += nb->n;
+    na->has_cid = 0;
+    *out = node_ref(na);
+    return OK;
+}
+
+/* MST._delete */
+static status delete_key(inv_t *t, inode_t *nd, int layer, const char *key, Py_ssize_t klen, inode_t **out) {
+    int found;
+    Py_ssize_t i = bisect(nd, key, klen, &found);
+    status st;
+    if (found) {
+        ref_t merged;
+        if ((st = merge(t, *gap_of(nd, i), nd->e[i].right, layer - 1, &merged)) != OK) return st;
+        memmove(nd->e + i, nd->e + i + 1, sizeof(ient_t) * (size_t)(nd->n - i - 1));
+        nd->n--;
+        *gap_of(nd, i) = merged;
+    } else {
+        inode_t *child, *sub;
+        if ((st = inv_child(t, nd, i, &child)) != OK) return st;
+        if (child == NULL) return BAIL; /* not present */
+        DEEPER(t);
+        st = delete_key(t, child, layer - 1, key, klen, &sub);
+        t->depth--;
+        if (st != OK) return st;
+        *gap_of(nd, i) = node_ref(sub);
+    }
+    nd->has_cid = 0;
+    *out = prune(nd);
+    return OK;
+}
+
+static inline void put_head(uint8_t **o, int major, uint64_t n) {
+    uint8_t *p = *o;
+    if (n < 24) {
+        *p++ = (uint8_t)(major | n);
+    } else if (n < 0x100) {
+        *p++ = (uint8_t)(major | 24);
+        *p++ = (uint8_t)n;
+    } else if (n < 0x10000) {
+        *p++ = (uint8_t)(major | 25);
+        *p++ = (uint8_t)(n >> 8);
+        *p++ = (uint8_t)n;
+    } else {
+        *p++ = (uint8_t)(major | 26);
+        *p++ = (uint8_t)(n >> 24);
+        *p++ = (uint8_t)(n >> 16);
+        *p++ = (uint8_t)(n >> 8);
+        *p++ = (uint8_t)n;
+    }
+    *o = p;
+}
+
+static inline void put_link(uint8_t **o, const uint8_t *cid) {
+    uint8_t *p = *o;
+    if (cid == NULL) {
+        *p++ = 0xF6;
+    } else {
+        *p++ = 0xD8;
+        *p++ = 0x2A;
+        *p++ = 0x58;
+        *p++ = CID_LEN + 1;
+        *p++ = 0;
+        memcpy(p, cid, CID_LEN);
+        p += CID_LEN;
+    }
+    *o = p;
+}
+
+/* mst._serialize + mst.encode_node: the node's CID, encoding it and every changed descendant. */
+static status serialize(inv_t *t, inode_t *nd) {
+    if (nd->has_cid) return OK;
+    status st;
+    const uint8_t *left = nd->left.cid;
+    if (nd->left.node != NULL) {
+        DEEPER(t);
+        st = serialize(t, nd->left.node);
+        t->depth--;
+        if (st != OK) return st;
+        left = nd->left.node->cid;
+    }
+    size_t size = 3 + 9 + 3 + 1 + 4 + CID_LEN;
+    for (Py_ssize_t i = 0; i < nd->n; i++) {
+        ient_t *e = &nd->e[i];
+        size += 3 + 9 + (size_t)e->klen + 2 + 9 + 2 + 5 + CID_LEN + 2 + 5 + CID_LEN;
+        if (e->right.node != NULL) {
+            DEEPER(t);
+            st = serialize(t, e->right.node);
+            t->depth--;
+            if (st != OK) return st;
+        }
+    }
+    uint8_t *buf = PyMem_Malloc(size), *o = buf;
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        return FAIL;
+    }
+    *o++ = 0xA2;
+    *o++ = 0x61;
+    *o++ = 'e';
+    put_head(&o, 0x80, (uint64_t)nd->n);
+    const char *prev = NULL;
+    Py_ssize_t prev_len = 0;
+    for (Py_ssize_t i = 0; i < nd->n; i++) {
+        ient_t *e = &nd->e[i];
+        Py_ssize_t p = 0, m = e->klen < prev_len ? e->klen : prev_len;
+        while (p < m && e->key[p] == prev[p]) p++;
+        *o++ = 0xA4;
+        *o++ = 0x61;
+        *o++ = 'k';
+        put_head(&o, 0x40, (uint64_t)(e->klen - p));
+        memcpy(o, e->key + p, (size_t)(e->klen - p));
+        o += e->klen - p;
+        *o++ = 0x61;
+        *o++ = 'p';
+        put_head(&o, 0x00, (uint64_t)p);
+        *o++ = 0x61;
+        *o++ = 't';
+        put_link(&o, e->right.node != NULL ? e->right.node->cid : e->right.cid);
+        *o++ = 0x61;
+        *o++ = 'v';
+        put_link(&o, e->val);
+        prev = e->key;
+        prev_len = e->klen;
+    }
+    *o++ = 0x61;
+    *o++ = 'l';
+    put_link(&o, left);
+    nd->cid[0] = 0x01;
+    nd->cid[1] = 0x71;
+    nd->cid[2] = 0x12;
+    nd->cid[3] = 0x20;
+    int ok = sha256(buf, (size_t)(o - buf), nd->cid + 4);
+    PyMem_Free(buf);
+    if (!ok) return BAIL;
+    nd->has_cid = 1;
+    return OK;
+}
+
+typedef struct {
+    int action; /* 0 create, 1 update, 2 delete */
+    const char *path;
+    Py_ssize_t plen;
+    const uint8_t *cid;  /* NULL: None */
+    const uint8_t *prev; /* NULL: None */
+} iop_t;
+
+/* An op's link: None -> NULL; a 36-byte fast CID -> its bytes; anything else -> -1 (bail). */
+static int op_link(PyObject *v, const uint8_t **out) {
+    if (v == Py_None) {
+        *out = NULL;
+        return 0;
+    }
+    if (!PyBytes_Check(v) || PyBytes_GET_SIZE(v) != CID_LEN || !fast_cid((const uint8_t *)PyBytes_AS_STRING(v)))
+        return -1;
+    *out = (const uint8_t *)PyBytes_AS_STRING(v);
+    return 0;
+}
+
+static status invert(inv_t *t, const uint8_t *root, iop_t *ops, Py_ssize_t n, uint8_t *out) {
+    if (n == 0) { /* the tree is not even loaded (mst.MST.root_cid of an untouched tree) */
+        memcpy(out, root, CID_LEN);
+        return OK;
+    }
+    inode_t *top;
+    status st = inv_load(t, root, ROOT_LAYER, &top);
+    if (st != OK) return st;
+    for (Py_ssize_t k = n - 1; k >= 0; k--) {
+        iop_t *op = &ops[k];
+        for (Py_ssize_t j = k + 1; j < n; j++) /* a path twice in one commit */
+            if (ops[j].plen == op->plen && memcmp(ops[j].path, op->path, (size_t)op->plen) == 0) return BAIL;
+        /* MST.get */
+        const uint8_t *current = NULL;
+        inode_t *nd = top;
+        while (nd != NULL) {
+            int found;
+            Py_ssize_t i = bisect(nd, op->path, op->plen, &found);
+            if (found) {
+                current = nd->e[i].val;
+                break;
+            }
+            if ((st = inv_child(t, nd, i, &nd)) != OK) return st;
+        }
+        if (op->action == 0) { /* undo a create: delete */
+            if (op->cid == NULL || current == NULL || memcmp(current, op->cid, CID_LEN) != 0) return BAIL;
+            inode_t *fresh;
+            if ((st = delete_key(t, top, top->layer, op->path, op->plen, &fresh)) != OK) return st;
+            while (fresh != NULL && fresh->n == 0 && !ref_empty(fresh->left)) {
+                if ((st = inv_resolve(t, fresh->left, fresh->layer - 1, &fresh)) != OK) return st;
+            }
+            if (fresh == NULL && (fresh = new_inode(t, 0, NO_REF, 0)) == NULL) return FAIL;
+            top = fresh;
+        } else if (op->action == 1) { /* undo an update: restore prev */
+            if (op->cid == NULL || current == NULL || memcmp(current, op->cid, CID_LEN) != 0) return BAIL;
+            if (op->prev == NULL) return BAIL;
+            if ((st = update(t, top, op->path, op->plen, op->prev)) != OK) return st;
+        } else { /* undo a delete: add prev back */
+            if (current != NULL || op->prev == NULL) return BAIL;
+            if (!valid_key((const uint8_t *)op->path, op->plen)) return BAIL;
+            int depth = key_depth((const uint8_t *)op->path, op->plen);
+            if (depth < 0) return BAIL;
+            if (top->n == 0 && ref_empty(top->left)) {
+                if ((top = leaf(t, depth, op->path, op->plen, op->prev)) == NULL) return FAIL;
+            } else if (depth > top->layer) {
+                inode_t *lo, *hi, *wlo, *whi;
+                if ((st = split(t, node_ref(top), top->layer, op->path, op->plen, &lo, &hi)) != OK) return st;
+                if ((st = wrap(t, lo, top->layer, depth - 1, &wlo)) != OK) return st;
+                if ((st = wrap(t, hi, top->layer, depth - 1, &whi)) != OK) return st;
+                inode_t *grown = leaf(t, depth, op->path, op->plen, op->prev);
+                if (grown == NULL) return FAIL;
+                grown->left = node_ref(wlo);
+                grown->e[0].right = node_ref(whi);
+                top = grown;
+            } else {
+                if ((st = insert(t, top, top->layer, op->path, op->plen, op->prev, depth, &top)) != OK) return st;
+            }
+        }
+    }
+    if ((st = serialize(t, top)) != OK) return st;
+    memcpy(out, top->cid, CID_LEN);
+    return OK;
+}
+
+static PyObject *mst_invert(PyObject *self, PyObject *args) {
+    Py_buffer root;
+    PyObject *lookup, *ops_obj;
+    int verify;
+    if (!PyArg_ParseTuple(args, "y*OOp", &root, &lookup, &ops_obj, &verify)) return NULL;
+    PyObject *result = NULL, *ops_fast = NULL;
+    iop_t *ops = NULL;
+    max_align_t stack_arena[ARENA_STACK / sizeof(max_align_t)];
+    inv_t t;
+    memset(&t, 0, sizeof t);
+    t.free_at = (char *)stack_arena;
+    t.free_left = sizeof stack_arena;
+    t.lookup = lookup;
+    t.verify = verify;
+    if (root.len != CID_LEN || !fast_cid(root.buf) || !PyDict_CheckExact(lookup)) goto bail;
+    ops_fast = PySequence_Fast(ops_obj, "ops must be a sequence");
+    if (ops_fast == NULL) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(ops_fast);
+    if (n > MAX_INVERT_OPS) goto bail;
+    ops = PyMem_Malloc(sizeof(iop_t) * (size_t)(n ? n : 1));
+    if (ops == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *op = PySequence_Fast_GET_ITEM(ops_fast, k);
+        if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) != 4) goto bail;
+        PyObject *action = PyTuple_GET_ITEM(op, 0), *path = PyTuple_GET_ITEM(op, 1);
+        if (!PyUnicode_Check(action) || !PyUnicode_Check(path) || !PyUnicode_IS_ASCII(path)) goto bail;
+        if (PyUnicode_CompareWithASCIIString(action, "create") == 0) ops[k].action = 0;
+        else if (PyUnicode_CompareWithASCIIString(action, "update") == 0) ops[k].action = 1;
+        else if (PyUnicode_CompareWithASCIIString(action, "delete") == 0) ops[k].action = 2;
+        else goto bail;
+        ops[k].path = (const char *)PyUnicode_1BYTE_DATA(path);
+        ops[k].plen = PyUnicode_GET_LENGTH(path);
+        if (op_link(PyTuple_GET_ITEM(op, 2), &ops[k].cid) < 0 || op_link(PyTuple_GET_ITEM(op, 3), &ops[k].prev) < 0)
+            goto bail;
+    }
+    t.held = PyList_New(0);
+    if (t.held == NULL) goto done;
+    uint8_t out[CID_LEN];
+    status st = invert(&t, root.buf, ops, n, out);
+    if (st == FAIL) goto done;
+    if (st == BAIL) goto bail;
+    result = PyBytes_FromStringAndSize((const char *)out, CID_LEN);
+    goto done;
+bail:
+    result = Py_NewRef(Py_None);
+done:
+    inv_free(&t);
+    Py_XDECREF(t.held);
+    PyMem_Free(ops);
+    Py_XDECREF(ops_fast);
+    PyBuffer_Release(&root);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------- commit_event */
+
+/* Index a CAR slice whose header is the canonical {roots: [commit, ...], version: 1}, checking every
+ * block against its CID; BAIL for anything else (the Python reader then says what is wrong). */
+static status index_slice(const uint8_t *d, Py_ssize_t end, const uint8_t *commit, car_idx_t *idx, slot_t **mem) {
+    Py_ssize_t pos = 0;
+    uint64_t header_len, len, nroots;
+    int major;
+    if (read_varint(d, end, &pos, &header_len) < 0 || header_len == 0 || header_len > MAX_HEADER_LEN ||
+        (Py_ssize_t)header_len > end - pos)
+        return BAIL;
+    Py_ssize_t hend = pos + (Py_ssize_t)header_len, hp = pos;
+    if (hend - hp < 7 || memcmp(d + hp, "\xa2\x65roots", 7) != 0) return BAIL;
+    hp += 7;
+    if (read_head(d, hend, &hp, &major, &nroots) < 0 || major != 4 || nroots == 0) return BAIL;
+    for (uint64_t i = 0; i < nroots; i++) {
+        const uint8_t *root;
+        if (read_link(d, hend, &hp, &root) < 0) return BAIL;
+        if (i == 0 && memcmp(root, commit, CID_LEN) != 0) return BAIL;
+    }
+    if (hend - hp != 9 || memcmp(d + hp, "\x67version\x01", 9) != 0) return BAIL;
+    pos = hend;
+    /* First pass: the sections' shape, and their count for the table's size. */
+    Py_ssize_t first = pos, count = 0;
+    while (pos < end) {
+        if (read_varint(d, end, &pos, &len) < 0 || len < CID_LEN || len > (uint64_t)(end - pos)) return BAIL;
+        if (!fast_cid(d + pos)) return BAIL;
+        pos += (Py_ssize_t)len;
+        count++;
+    }
+    size_t cap = 8;
+    while (cap < (size_t)count * 2) cap *= 2;
+    slot_t *slots = idx->slots; /* the caller's SMALL_INDEX slots, or memory of our own */
+    if (cap > SMALL_INDEX) {
+        slots = PyMem_Calloc(cap, sizeof(slot_t));
+        if (slots == NULL) {
+            PyErr_NoMemory();
+            return FAIL;
+        }
+        *mem = slots;
+    } else {
+        memset(slots, 0, cap * sizeof(slot_t));
+    }
+    idx->slots = slots;
+    idx->mask = cap - 1;
+    for (pos = first; pos < end;) {
+        read_varint(d, end, &pos, &len); /* checked above */
+        const uint8_t *cid = d + pos;
+        const uint8_t *block = cid + CID_LEN;
+        Py_ssize_t block_len = (Py_ssize_t)len - CID_LEN;
+        if (digest_matches(block, block_len, cid) != 1) return BAIL;
+        size_t i = idx_hash(cid) & idx->mask;
+        while (slots[i].cid != NULL && memcmp(slots[i].cid, cid, CID_LEN) != 0) i = (i + 1) & idx->mask;
+        if (slots[i].cid == NULL) { /* a duplicate keeps the first */
+            slots[i].cid = cid;
+            slots[i].block = block;
+            slots[i].len = block_len;
+        }
+        pos += (Py_ssize_t)len;
+    }
+    return OK;
+}
+
+/* A text string at *pos as a new str (NULL with no error set: not canonical or not UTF-8). */
+static PyObject *read_text(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos) {
+    int major;
+    uint64_t n;
+    Py_ssize_t p = *pos;
+    if (read_head(d, end, &p, &major, &n) < 0 || major != 3 || n > (uint64_t)(end - p)) return NULL;
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)d + p, (Py_ssize_t)n, "strict");
+    if (s == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
+        return NULL;
+    }
+    *pos = p + (Py_ssize_t)n;
+    return s;
+}
+
+/* The canonical signed commit {did, rev, sig, data, prev, version: 3} (keys in DAG-CBOR order):
+ * (did, rev, data, unsigned bytes, sig), the unsigned bytes being the block without its sig entry
+ * (what commit.UnsignedCommit.signing_bytes encodes). NULL: an error, or a bail (no error set). */
+static PyObject *parse_signed_commit(const uint8_t *d, Py_ssize_t end, const uint8_t **data) {
+    Py_ssize_t pos = 0, sig_start, sig_end;
+    int major;
+    uint64_t n;
+    PyObject *did = NULL, *rev = NULL, *unsigned_bytes = NULL, *sig = NULL, *result = NULL;
+    const uint8_t *prev;
+    if (end < 5 || memcmp(d, "\xa6\x63" "did", 5) != 0) return NULL;
+    pos = 5;
+    if ((did = read_text(d, end, &pos)) == NULL) goto done;
+    if (end - pos < 4 || memcmp(d + pos, "\x63rev", 4) != 0) goto done;
+    pos += 4;
+    if ((rev = read_text(d, end, &pos)) == NULL) goto done;
+    sig_start = pos;
+    if (end - pos < 4 || memcmp(d + pos, "\x63sig", 4) != 0) goto done;
+    pos += 4;
+    if (read_head(d, end, &pos, &major, &n) < 0 || major != 2 || n > (uint64_t)(end - pos)) goto done;
+    sig = PyBytes_FromStringAndSize((const char *)d + pos, (Py_ssize_t)n);
+    if (sig == NULL) goto done;
+    pos += (Py_ssize_t)n;
+    sig_end = pos;
+    if (end - pos < 5 || memcmp(d + pos, "\x64" "data", 5) != 0) goto done;
+    pos += 5;
+    if (read_link(d, end, &pos, data) < 0) goto done;
+    if (end - pos < 5 || memcmp(d + pos, "\x64prev", 5) != 0) goto done;
+    pos += 5;
+    if (pos < end && d[pos] == 0xF6) pos++;
+    else if (read_link(d, end, &pos, &prev) < 0) goto done;
+    if (end - pos != 9 || memcmp(d + pos, "\x67version\x03", 9) != 0) goto done;
+    unsigned_bytes = PyBytes_FromStringAndSize(NULL, end - (sig_end - sig_start));
+    if (unsigned_bytes == NULL) goto done;
+    char *o = PyBytes_AS_STRING(unsigned_bytes);
+    o[0] = (char)0xA5;
+    memcpy(o + 1, d + 1, (size_t)(sig_start - 1));
+    memcpy(o + sig_start, d + sig_end, (size_t)(end - sig_end));
+    result = PyTuple_Pack(4, did, rev, unsigned_bytes, sig);
+done:
+    Py_XDECREF(did);
+    Py_XDECREF(rev);
+    Py_XDECREF(unsigned_bytes);
+    Py_XDECREF(sig);
+    return result;
+}
+
+/* An op map of a decoded #commit into iop_t: 0, or -1 to bail (anything RepoOp.from_firehose would
+ * read differently or refuse). The strings and bytes stay owned by the ops list. */
+static int read_op(PyObject *op, iop_t *out) {
+    if (!PyDict_CheckExact(op)) return -1;
+    /* str keys with str hashes: no Python code runs, no error can be set */
+    PyObject *action = PyDict_GetItem(op, S_ACTION), *path = PyDict_GetItem(op, S_PATH);
+    PyObject *cid = PyDict_GetItem(op, S_CID), *prev = PyDict_GetItem(op, S_PREV);
+    if (action == NULL || path == NULL || !PyUnicode_CheckExact(action) || !PyUnicode_CheckExact(path) ||
+        !PyUnicode_IS_ASCII(path))
+        return -1;
+    if (PyUnicode_CompareWithASCIIString(action, "create") == 0) out->action = 0;
+    else if (PyUnicode_CompareWithASCIIString(action, "update") == 0) out->action = 1;
+    else if (PyUnicode_CompareWithASCIIString(action, "delete") == 0) out->action = 2;
+    else return -1;
+    out->path = (const char *)PyUnicode_1BYTE_DATA(path);
+    out->plen = PyUnicode_GET_LENGTH(path);
+    if (op_link(cid == NULL ? Py_None : cid, &out->cid) < 0 || op_link(prev == NULL ? Py_None : prev, &out->prev) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *commit_event(PyObject *self, PyObject *args) {
+    Py_buffer blocks, commit;
+    PyObject *ops_obj;
+    int invert_ops;
+    if (!PyArg_ParseTuple(args, "y*y*O!p", &blocks, &commit, &PyList_Type, &ops_obj, &invert_ops)) return NULL;
+    PyObject *result = NULL, *parsed = NULL;
+    iop_t *ops = NULL;
+    slot_t *slots = NULL, small[SMALL_INDEX];
+    car_idx_t idx = {small, 0};
+    max_align_t stack_arena[ARENA_STACK / sizeof(max_align_t)];
+    inv_t t;
+    memset(&t, 0, sizeof t);
+    t.idx = &idx;
+    t.free_at = (char *)stack_arena;
+    t.free_left = sizeof stack_arena;
+    if (commit.len != CID_LEN || !fast_cid(commit.buf)) goto bail;
+    Py_ssize_t n = PyList_GET_SIZE(ops_obj);
+    if (n > MAX_INVERT_OPS) goto bail;
+    ops = PyMem_Malloc(sizeof(iop_t) * (size_t)(n ? n : 1));
+    if (ops == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n; k++)
+        if (read_op(PyList_GET_ITEM(ops_obj, k), &ops[k]) < 0) goto bail;
+    status st = index_slice(blocks.buf, blocks.len, commit.buf, &idx, &slots);
+    if (st == FAIL) goto done;
+    if (st == BAIL) goto bail;
+    const slot_t *cs = idx_find(&idx, commit.buf);
+    if (cs == NULL) goto bail;
+    const uint8_t *data = NULL;
+    parsed = parse_signed_commit(cs->block, cs->len, &data);
+    if (parsed == NULL) {
+        if (PyErr_Occurred()) goto done;
+        goto bail;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) /* the record of every create and update is in the slice */
+        if (ops[k].action != 2 && ops[k].cid != NULL && idx_find(&idx, ops[k].cid) == NULL) goto bail;
+    PyObject *inverted;
+    if (invert_ops) {
+        uint8_t root[CID_LEN];
+        st = invert(&t, data, ops, n, root);
+        if (st == FAIL) goto done;
+        if (st == BAIL) goto bail;
+        inverted = PyBytes_FromStringAndSize((const char *)root, CID_LEN);
+        if (inverted == NULL) goto done;
+    } else {
+        inverted = Py_NewRef(Py_None);
+    }
+    result = Py_BuildValue("(OOOON)", PyTuple_GET_ITEM(parsed, 0), PyTuple_GET_ITEM(parsed, 1),
+                           PyTuple_GET_ITEM(parsed, 2), PyTuple_GET_ITEM(parsed, 3), inverted);
+    goto done;
+bail:
+    result = Py_NewRef(Py_None);
+done:
+    inv_free(&t);
+    PyMem_Free(slots);
+    PyMem_Free(ops);
+    Py_XDECREF(parsed);
+    PyBuffer_Release(&blocks);
+    PyBuffer_Release(&commit);
+    return result;
+}
+
 static PyObject *cid_str(PyObject *self, PyObject *arg) {
     if (!PyBytes_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "bytes expected");
@@ -765,6 +1708,10 @@ static PyMethodDef methods[] = {
      "mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid)] | count | None"},
     {"record_form", record_form, METH_VARARGS, "record_form(block, cid, max_depth) -> (cid str, dict, JSON bytes | None) | False | None"},
     {"cid_str", cid_str, METH_O, "cid_str(cid bytes) -> str | None"},
+    {"mst_invert", mst_invert, METH_VARARGS,
+     "mst_invert(root, lookup, [(action, path, cid | None, prev | None)], verify) -> root cid | None"},
+    {"commit_event", commit_event, METH_VARARGS,
+     "commit_event(blocks, commit, ops, invert) -> (did, rev, unsigned, sig, inverted root | None) | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -780,8 +1727,14 @@ PyMODINIT_FUNC PyInit__fastrepo(void) {
             return NULL;
         }
     }
+    init_key_chars();
     S_LINK = PyUnicode_InternFromString("$link");
     S_BYTES = PyUnicode_InternFromString("$bytes");
-    if (S_LINK == NULL || S_BYTES == NULL) return NULL;
+    S_ACTION = PyUnicode_InternFromString("action");
+    S_PATH = PyUnicode_InternFromString("path");
+    S_CID = PyUnicode_InternFromString("cid");
+    S_PREV = PyUnicode_InternFromString("prev");
+    if (S_LINK == NULL || S_BYTES == NULL || S_ACTION == NULL || S_PATH == NULL || S_CID == NULL || S_PREV == NULL)
+        return NULL;
     return PyModule_Create(&module);
 }

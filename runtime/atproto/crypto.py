@@ -1,18 +1,27 @@
 """Signing keys of the two atproto curves (P-256, secp256k1): did:key encoding, signing, verifying.
 
 atproto signatures are ECDSA over SHA-256 in 64-byte compact ``r || s`` form with a low ``s``
-(cryptography spec: high-S signatures must be rejected). Parsing did:keys and verifying use
+(cryptography spec: high-S signatures must be rejected). :func:`parse_did_key` uses
 ``atproto_crypto`` (the atproto SDK); key generation takes an injected seed or ``random.Random`` so
 simulators and tests are deterministic, and signing is deterministic too (RFC 6979).
+
+Verifying goes through a verifier object per did:key, made once and kept in a bounded LRU cache
+(:data:`VERIFIER_CACHE_SIZE` keys; a rotated key is another did:key string, so the cache never
+serves a stale key). secp256k1, the curve of nearly every atproto account, is verified with
+libsecp256k1 (the ``coincurve`` binding): about 15 times faster than OpenSSL's generic curve code.
+P-256 (and secp256k1 when ``coincurve`` is not installed) is verified by OpenSSL through
+``cryptography``. Both check the same thing; the tests run both on the same signatures.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Final, Literal
 
+import libipld
 from atproto_crypto.consts import (
     P256_CURVE_ORDER,
     P256_JWT_ALG,
@@ -22,20 +31,31 @@ from atproto_crypto.consts import (
 from atproto_crypto.did import format_did_key, format_multikey
 from atproto_crypto.did import parse_did_key as _sdk_parse_did_key
 from atproto_crypto.exceptions import DidKeyError, InvalidCompressedPubkeyError
-from atproto_crypto.verify import verify_signature as _sdk_verify_signature
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+
+try:
+    import coincurve
+
+    _HAVE_COINCURVE = True
+except ImportError:  # pragma: no cover - a declared dependency; OpenSSL verifies secp256k1 without it
+    _HAVE_COINCURVE = False
 
 from runtime.atproto.errors import KeyFormatError
 
 __all__ = [
     "SIGNATURE_LEN",
+    "VERIFIER_CACHE_SIZE",
     "Curve",
     "KeyPair",
+    "Verifier",
+    "clear_verifier_cache",
     "did_key_curve",
     "low_s",
     "parse_did_key",
+    "signature_verifier",
     "verify_signature",
 ]
 
@@ -163,6 +183,120 @@ def did_key_curve(did_key: str) -> Curve:
     return parse_did_key(did_key)[0]
 
 
+#: Verifiers kept (about 500 bytes each): every account seen lately, whatever the input.
+VERIFIER_CACHE_SIZE: Final = 100_000
+#: Whether secp256k1 goes through libsecp256k1 (tests turn it off to run the OpenSSL path too).
+LIBSECP256K1: bool = _HAVE_COINCURVE
+
+_DID_KEY_PREFIX: Final = "did:key:z"
+_CURVE_BY_CODEC: Final[dict[bytes, Curve]] = {b"\xe7\x01": "k256", b"\x80\x24": "p256"}
+_HALF_ORDER: Final[dict[str, bytes]] = {c: (o // 2).to_bytes(32, "big") for c, o in _ORDER.items()}
+_K256_HALF_ORDER: Final = _HALF_ORDER["k256"]
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
+
+#: ``verifier(data, signature) -> bool`` for one public key; the signature is 64 bytes ``r || s``.
+Verifier = Callable[[bytes, bytes], bool]
+
+
+def _der_int(b: bytes) -> bytes:
+    b = b.lstrip(b"\x00") or b"\x00"
+    if b[0] & 0x80:
+        b = b"\x00" + b
+    return b"\x02" + bytes((len(b),)) + b
+
+
+def _der(signature: bytes) -> bytes:
+    """The DER form of a 64-byte ``r || s`` (always short enough for a one-byte length)."""
+    body = _der_int(signature[:32]) + _der_int(signature[32:])
+    return b"\x30" + bytes((len(body),)) + body
+
+
+class _Secp256k1Verifier:
+    """secp256k1 through libsecp256k1 (which refuses high-S signatures itself; checked here too)."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, point: bytes) -> None:
+        self._key = coincurve.PublicKey(point)
+
+    def __call__(self, data: bytes, signature: bytes) -> bool:
+        if signature[32:] > _K256_HALF_ORDER:  # equal-length big-endian: compares as integers
+            return False
+        ok: bool = self._key.verify(_der(signature), data)
+        return ok
+
+
+class _OpenSSLVerifier:
+    """Either curve through OpenSSL (``cryptography``)."""
+
+    __slots__ = ("_half", "_key")
+
+    def __init__(self, curve: Curve, point: bytes) -> None:
+        self._key = ec.EllipticCurvePublicKey.from_encoded_point(_ec_curve(curve), point)
+        self._half = _HALF_ORDER[curve]
+
+    def __call__(self, data: bytes, signature: bytes) -> bool:
+        if signature[32:] > self._half:
+            return False
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        try:
+            self._key.verify(der, data, _ECDSA_SHA256)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def _compressed_point(did_key: str) -> tuple[Curve, bytes]:
+    """``(curve, 33-byte compressed point)`` of a did:key, not yet checked to be on the curve.
+
+    The same steps as the SDK's ``parse_did_key`` short of the decompression, which the verifier's
+    own library does (and refuses a point off the curve).
+    """
+    if type(did_key) is not str or not did_key.startswith(_DID_KEY_PREFIX):
+        raise KeyFormatError(f"bad did:key {str(did_key)[:80]!r}: not did:key:z...")
+    try:
+        _, raw = libipld.decode_multibase(did_key[8:])
+    except ValueError as e:
+        raise KeyFormatError(f"bad did:key {did_key[:80]!r}: {e}") from e
+    curve = _CURVE_BY_CODEC.get(raw[:2])
+    if curve is None:
+        raise KeyFormatError(f"bad did:key {did_key[:80]!r}: unsupported key type")
+    point = raw[2:]
+    if len(point) != 33:
+        raise KeyFormatError(f"bad did:key {did_key[:80]!r}: expected a 33-byte compressed key")
+    return curve, point
+
+
+def signature_verifier(did_key: str, *, libsecp256k1: bool | None = None) -> Verifier:
+    """A new verifier for ``did_key`` (uncached; :func:`verify_signature` keeps them in an LRU).
+
+    Args:
+        did_key: the public key.
+        libsecp256k1: verify secp256k1 with libsecp256k1 (default :data:`LIBSECP256K1`), else OpenSSL.
+
+    Raises:
+        KeyFormatError: ``did_key`` does not parse, or its point is not on the curve.
+    """
+    curve, point = _compressed_point(did_key)
+    use_secp = LIBSECP256K1 if libsecp256k1 is None else libsecp256k1
+    try:
+        if curve == "k256" and use_secp and _HAVE_COINCURVE:
+            return _Secp256k1Verifier(point)
+        return _OpenSSLVerifier(curve, point)
+    except ValueError as e:  # both libraries raise ValueError for a point off the curve
+        raise KeyFormatError(f"bad did:key {did_key[:80]!r}: {e}") from e
+
+
+@lru_cache(maxsize=VERIFIER_CACHE_SIZE)
+def _cached_verifier(did_key: str) -> Verifier:
+    return signature_verifier(did_key)
+
+
+def clear_verifier_cache() -> None:
+    """Forget every cached verifier (benchmarks measuring a cold start; tests switching backends)."""
+    _cached_verifier.cache_clear()
+
+
 def verify_signature(did_key: str, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is a valid compact low-S signature of ``sha256(data)`` by ``did_key``.
 
@@ -171,8 +305,7 @@ def verify_signature(did_key: str, data: bytes, signature: bytes) -> bool:
     Raises:
         KeyFormatError: ``did_key`` does not parse.
     """
-    parse_did_key(did_key)  # raise KeyFormatError for a bad key rather than returning False
+    verifier = _cached_verifier(did_key)  # a KeyFormatError is raised, not cached
     if type(signature) is not bytes or len(signature) != SIGNATURE_LEN:
         return False
-    ok: bool = _sdk_verify_signature(did_key, data, signature)
-    return ok
+    return verifier(data, signature)

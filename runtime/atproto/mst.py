@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, NoReturn, Protocol
 
 import libipld
 
+from runtime.atproto import native
 from runtime.atproto.cid import CID
 from runtime.atproto.errors import AtprotoFormatError, InversionError, MissingBlockError, MSTError
 
@@ -712,12 +713,25 @@ def _op_link(value: Any, what: str) -> CID | None:
     raise InversionError(f"op {what} is not a link")
 
 
+def _raw_blocks(blocks: BlockSource) -> dict[bytes, bytes] | None:
+    """``blocks`` keyed by binary CID for the native path, or None when it cannot be had cheaply."""
+    own = getattr(blocks, "raw_lookup", None)
+    if own is not None:  # a CAR: its own index (by binary CID when the native reader built it)
+        lookup = own()
+        return lookup if type(lookup) is dict else None
+    if isinstance(blocks, dict) and type(blocks) is dict:
+        # a key that is not a CID never matches a CID lookup: leaving it out changes nothing
+        return {k.raw: v for k, v in blocks.items() if type(k) is CID}
+    return None
+
+
 def invert_ops(
     new_root: CID,
     blocks: BlockSource,
     ops: Iterable[RepoOp | Mapping[str, Any]],
     *,
     verify: bool = True,
+    use_native: bool = True,
 ) -> CID:
     """Undo a commit's ops on its new tree and return the resulting root (Sync 1.1 inversion).
 
@@ -725,19 +739,33 @@ def invert_ops(
     ``prev`` (the tree must hold the new CID), a delete by re-adding ``prev`` (the key must be
     absent). The caller compares the result with the commit's ``prevData``.
 
+    The native path (``mst_invert`` of ``_fastrepo.c``, the same algorithm) computes the root when
+    the extension is built and the input is the canonical case; for anything else, and for every
+    error, this module's :class:`MST` runs and raises the precise error.
+
     Args:
         new_root: the commit's ``data`` (root of the tree after the ops).
         blocks: the commit's CAR slice blocks (a partial store is enough for complete ops).
         ops: the commit's ``ops``, as :class:`RepoOp` or decoded firehose mappings.
-        verify: check each loaded node against its CID.
+        verify: check each loaded node against its CID (a CAR read with ``verify`` already did).
+        use_native: allow the native path (False: the Python path alone, to confirm a refusal).
 
     Raises:
         InversionError: an op disagrees with the tree, lacks ``prev``, or repeats a path.
         MissingBlockError: the slice lacks a node the inversion needs.
         MSTError: a malformed node.
     """
-    tree = MST(new_root, blocks, verify=verify)
     parsed = [op if isinstance(op, RepoOp) else RepoOp.from_firehose(op) for op in ops]
+    fast = native.NATIVE if use_native else None
+    if fast is not None:
+        lookup = _raw_blocks(blocks)
+        if lookup is not None:
+            root = fast.mst_invert(new_root.raw, lookup, [
+                (op.action, op.path, None if op.cid is None else op.cid.raw, None if op.prev is None else op.prev.raw)
+                for op in parsed], verify)
+            if root is not None:  # None: not the canonical case, or an error: the Python path says which
+                return CID.from_bytes(root)
+    tree = MST(new_root, blocks, verify=verify)
     seen: set[str] = set()
     for op in reversed(parsed):
         if op.path in seen:

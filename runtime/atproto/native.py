@@ -1,4 +1,4 @@
-"""The native fast path of repository decoding, when it was built (``_fastrepo.c``).
+"""The native fast path of repository decoding and commit verification, when it was built (``_fastrepo.c``).
 
 The extension is optional (``pip install`` builds it where a C compiler and OpenSSL's headers are
 present). Callers read :data:`NATIVE` at call time and run the pure-Python reference path when it is
@@ -31,6 +31,15 @@ class Native(Protocol):
 
     def cid_str(self, cid: bytes, /) -> str | None:
         """The base32 string of a binary CID, or None."""
+
+    def mst_invert(self, root: bytes, lookup: dict[bytes, bytes],
+                   ops: list[tuple[str, str, bytes | None, bytes | None]], verify: bool, /) -> bytes | None:
+        """The binary root CID that undoing ``(action, path, cid, prev)`` ops on the tree gives, or None."""
+
+    def commit_event(self, blocks: bytes, commit: bytes, ops: list[object], invert: bool,
+                     /) -> tuple[str, str, bytes, bytes, bytes | None] | None:
+        """A ``#commit``'s slice checked: ``(did, rev, unsigned commit bytes, sig, inverted root or None)``,
+        or None."""
 
 
 def _load() -> Native | None:

@@ -6,6 +6,8 @@
   every record block against its CID, and yields the records in their JSON form.
 * :func:`verify_commit_event` checks a decoded ``#commit`` firehose body end to end: CAR slice,
   commit block, signature, created/updated record blocks and the Sync 1.1 inversion to ``prevData``.
+  :func:`check_commit_event` makes the same checks without building the result, on the native fast
+  path where it applies (which only ever accepts: every refusal comes from the Python path).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from runtime.atproto import native
 from runtime.atproto.car import BlockStore, Car, read_car, write_car
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import Commit, UnsignedCommit, parse_commit, sign_commit, verify_commit
-from runtime.atproto.crypto import KeyPair
+from runtime.atproto.crypto import KeyPair, verify_signature
 from runtime.atproto.dagcbor import encode, from_json_form, record_json_form
 from runtime.atproto.errors import (
     AtprotoFormatError,
@@ -25,10 +28,12 @@ from runtime.atproto.errors import (
     CarError,
     CommitFormatError,
     InversionError,
+    KeyFormatError,
     MissingBlockError,
     MSTError,
 )
 from runtime.atproto.mst import RepoOp, build, invert_ops, is_valid_key, iter_nodes_preorder, walk
+from runtime.atproto.tid import is_valid_tid
 
 __all__ = [
     "BuiltRepo",
@@ -36,6 +41,7 @@ __all__ = [
     "VerifiedCommit",
     "build_repo",
     "build_repo_blocks",
+    "check_commit_event",
     "iter_repo_records",
     "read_commit",
     "verify_commit_event",
@@ -260,11 +266,50 @@ def verify_commit_event(
     if invert:
         if prev_data is None:
             raise InversionError("#commit has no prevData to invert to")
-        inverted = invert_ops(commit.data, car, ops)
+        # The slice's blocks were all checked against their CIDs by read_car: no second hashing.
+        inverted = invert_ops(commit.data, car, ops, verify=False)
         if inverted != prev_data:
-            raise InversionError(f"ops invert to {inverted}, not prevData {prev_data}")
+            # A refusal is the Python path's to make (it also names the op or node at fault).
+            inverted = invert_ops(commit.data, car, ops, verify=False, use_native=False)
+            if inverted != prev_data:
+                raise InversionError(f"ops invert to {inverted}, not prevData {prev_data}")
     return VerifiedCommit(commit_cid=commit_cid, commit=commit, car=car, ops=ops, prev_data=prev_data)
 
 
 def _bad_op() -> RepoOp:
     raise CommitFormatError("#commit op is not a map")
+
+
+def check_commit_event(body: Mapping[str, Any], *, signing_key: str | None, invert: bool = True) -> None:
+    """The checks of :func:`verify_commit_event`, without its result; raises what it raises.
+
+    The native path (``commit_event`` of ``_fastrepo.c``) indexes the slice (every block against its
+    CID), parses the canonical commit block (its unsigned bytes are the block less its ``sig``
+    entry), finds each created/updated record and runs the inversion; this function then checks
+    the commit's ``did``/``rev`` against the event, the signature and ``prevData``. If the native
+    path bails (anything but the canonical case) or any check fails, :func:`verify_commit_event`
+    runs on the same body and gives the verdict: the fast path only ever accepts.
+    """
+    fast = native.NATIVE
+    if fast is not None:
+        blocks, commit, ops = body.get("blocks"), body.get("commit"), body.get("ops")
+        if type(blocks) is bytes and type(commit) is bytes and type(ops) is list:
+            out = fast.commit_event(blocks, commit, ops, invert)
+            if out is not None and _fast_accepts(body, out, signing_key, invert):
+                return
+    verify_commit_event(body, signing_key=signing_key, invert=invert)
+
+
+def _fast_accepts(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, bytes | None], signing_key: str | None,
+                  invert: bool) -> bool:
+    did, rev, unsigned, sig, inverted = out
+    if did != body.get("repo") or not did.startswith("did:") or rev != body.get("rev") or not is_valid_tid(rev):
+        return False
+    if invert and (inverted is None or inverted != body.get("prevData")):
+        return False
+    if signing_key is None:
+        return True
+    try:
+        return verify_signature(signing_key, unsigned, sig)
+    except KeyFormatError:  # the Python path raises it in its own order of checks
+        return False

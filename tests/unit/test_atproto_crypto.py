@@ -7,13 +7,24 @@ import random
 import libipld
 import pytest
 from atproto_crypto.consts import P256_CURVE_ORDER, SECP256K1_CURVE_ORDER
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from runtime.atproto import crypto
 from runtime.atproto.car import read_car
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import Commit, UnsignedCommit, parse_commit, sign_commit, verify_commit
-from runtime.atproto.crypto import Curve, KeyPair, did_key_curve, parse_did_key, verify_signature
+from runtime.atproto.crypto import (
+    VERIFIER_CACHE_SIZE,
+    Curve,
+    KeyPair,
+    _cached_verifier,
+    _compressed_point,
+    did_key_curve,
+    parse_did_key,
+    signature_verifier,
+    verify_signature,
+)
 from runtime.atproto.dagcbor import encode
 from runtime.atproto.errors import CommitFormatError, KeyFormatError, SignatureError
 from runtime.atproto.identity import parse_did_document
@@ -183,3 +194,127 @@ def test_repo_export_commit_parses() -> None:
         key = parse_did_document(docs[REPO_DID]).signing_key
         assert key is not None
         verify_commit(car.blocks[car.root], key)
+
+
+# ------------------------------------------------------------------------- verifier backends, cache
+
+BACKENDS = [pytest.param(True, id="libsecp256k1"), pytest.param(False, id="openssl")]
+
+
+def _variants(curve: Curve, key: KeyPair, msg: bytes) -> list[tuple[bytes, bytes]]:
+    """``(message, signature)`` pairs: a good one and every kind of bad one, for both backends."""
+    order = ORDERS[curve]
+    sig = key.sign(msg)
+    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    half = order // 2
+    return [
+        (msg, sig),
+        (msg + b"!", sig),
+        (msg, sig[:32] + (order - s).to_bytes(32, "big")),  # the high-S twin
+        (msg, sig[:5] + bytes([sig[5] ^ 1]) + sig[6:]),
+        (msg, bytes(64)),  # r = s = 0
+        (msg, sig[:32] + bytes(32)),
+        (msg, bytes(32) + sig[32:]),
+        (msg, (r + order).to_bytes(33, "big")[1:] + sig[32:] if r + order < 1 << 256 else sig[:32] + bytes(32)),
+        (msg, order.to_bytes(32, "big") + sig[32:]),  # r = n
+        (msg, sig[:32] + half.to_bytes(32, "big")),  # s = n // 2: low, but not this signature
+        (msg, sig[:32] + (half + 1).to_bytes(32, "big")),  # the first high s
+        (msg, b"\xff" * 64),
+        (msg, b"\x80" + sig[1:]),  # r with its top bit set: DER needs a leading zero
+    ]
+
+
+@pytest.mark.parametrize("curve", ["p256", "k256"])
+def test_both_verifier_backends_agree_with_the_sdk(curve: Curve) -> None:
+    from atproto_crypto.verify import verify_signature as sdk_verify
+
+    for seed in range(12):
+        key = KeyPair.generate(curve, random.Random(seed))
+        did_key = key.did_key()
+        for msg, sig in _variants(curve, key, f"message {seed}".encode()):
+            expected = sdk_verify(did_key, msg, sig)
+            assert signature_verifier(did_key, libsecp256k1=True)(msg, sig) is expected, (seed, sig.hex())
+            assert signature_verifier(did_key, libsecp256k1=False)(msg, sig) is expected, (seed, sig.hex())
+            assert verify_signature(did_key, msg, sig) is expected
+        assert verify_signature(did_key, f"message {seed}".encode(), key.sign(f"message {seed}".encode()))
+
+
+@pytest.mark.parametrize("libsecp256k1", BACKENDS)
+def test_every_captured_commit_verifies_on_both_backends(libsecp256k1: bool) -> None:
+    docs = did_docs()
+    for body in commit_bodies():
+        identity = parse_did_document(docs[body["repo"]], expected_did=body["repo"])
+        assert identity.signing_key is not None
+        car = read_car(body["blocks"])
+        commit = parse_commit(car.blocks[car.root])
+        verifier = signature_verifier(identity.signing_key, libsecp256k1=libsecp256k1)
+        data = commit.unsigned().signing_bytes()
+        assert verifier(data, commit.sig)
+        assert not verifier(data + b"\x00", commit.sig)
+        assert not verifier(data, commit.sig[:63] + bytes([commit.sig[63] ^ 1]))
+
+
+def test_the_fast_did_key_parse_agrees_with_the_sdk() -> None:
+    keys = [KeyPair.generate(c, random.Random(i)).did_key() for c in ("p256", "k256") for i in range(20)]
+    keys += [parse_did_document(doc).signing_key or "" for doc in list(did_docs().values())[:40]]
+    for did_key in keys:
+        curve, point = _compressed_point(did_key)
+        sdk_curve, uncompressed = parse_did_key(did_key)
+        assert curve == sdk_curve
+        assert ec.EllipticCurvePublicKey.from_encoded_point(
+            ec.SECP256K1() if curve == "k256" else ec.SECP256R1(), point).public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint) == uncompressed
+
+
+@pytest.mark.parametrize(
+    "did_key",
+    [
+        "",
+        "did:web:example.com",
+        "did:key:",
+        "did:key:z",
+        "did:key:zzzz",
+        "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK",  # ed25519
+        "did:key:b" + "a" * 50,  # not base58btc
+        # a secp256k1 codec prefix with an x that is not on the curve (x = 5)
+        "did:key:z" + libipld.encode_multibase("z", b"\xe7\x01\x02" + (5).to_bytes(32, "big"))[1:],
+        # a P-256 codec prefix with an uncompressed point
+        "did:key:z" + libipld.encode_multibase("z", b"\x80\x24\x04" + bytes(64))[1:],
+        "did:key:z" + libipld.encode_multibase("z", b"\xe7\x01\x02" + bytes(31))[1:],  # short
+    ],
+)
+@pytest.mark.parametrize("libsecp256k1", BACKENDS)
+def test_bad_did_keys_are_refused_by_every_path(did_key: str, libsecp256k1: bool) -> None:
+    with pytest.raises(KeyFormatError):
+        parse_did_key(did_key)
+    with pytest.raises(KeyFormatError):
+        signature_verifier(did_key, libsecp256k1=libsecp256k1)
+    with pytest.raises(KeyFormatError):
+        verify_signature(did_key, b"x", bytes(64))
+
+
+def test_the_verifier_cache_is_bounded_and_keyed_by_the_key() -> None:
+    info = _cached_verifier.cache_info()
+    assert info.maxsize == VERIFIER_CACHE_SIZE <= 100_000
+    key = KeyPair.generate("k256", b"cache")
+    before = _cached_verifier.cache_info().misses
+    sig = key.sign(b"m")
+    for _ in range(3):
+        assert verify_signature(key.did_key(), b"m", sig)
+    assert _cached_verifier.cache_info().misses == before + 1  # parsed once, then reused
+    # a rotated key is another did:key string, so another entry: never a stale verifier
+    rotated = KeyPair.generate("k256", b"rotated")
+    assert not verify_signature(rotated.did_key(), b"m", sig)
+    assert verify_signature(rotated.did_key(), b"m", rotated.sign(b"m"))
+
+
+def test_the_openssl_backend_alone_verifies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crypto, "LIBSECP256K1", False)
+    _cached_verifier.cache_clear()
+    try:
+        key = KeyPair.generate("k256", b"openssl only")
+        assert type(_cached_verifier(key.did_key())).__name__ == "_OpenSSLVerifier"
+        assert verify_signature(key.did_key(), b"m", key.sign(b"m"))
+        assert not verify_signature(key.did_key(), b"n", key.sign(b"m"))
+    finally:
+        _cached_verifier.cache_clear()

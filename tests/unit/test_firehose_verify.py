@@ -1,4 +1,7 @@
-"""``--verify``: commit signatures against DID documents and Sync 1.1 MST proofs, on real and generated frames."""
+"""``--verify``: commit signatures against DID documents and Sync 1.1 MST proofs, on real and generated frames.
+
+Each test runs twice: with the native fast path and with the pure-Python path alone.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import pytest
 
 from producers.firehose.decode import Decoded, decode_frame, parse_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
+from runtime.atproto import native
 from runtime.atproto.car import read_car, write_car
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import parse_commit
@@ -19,6 +23,16 @@ from runtime.atproto.dagcbor import decode, encode
 from runtime.errors import DecodeError
 from runtime.simulator.plc import did_document
 from runtime.simulator.relay import RelayGenerator, encode_frame, read_capture
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the native fast path and on the pure-Python path alone: same verdicts."""
+    if request.param == "python":
+        monkeypatch.setattr(native, "NATIVE", None)
+    elif native.NATIVE is None:
+        pytest.skip("the native extension is not built")
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
