@@ -2,8 +2,43 @@
 
 Every queue is a named FIFO of JSON payloads (the Jetstream-shaped event) in one SQLite database
 (``BACKFILL_QUEUE_PATH``; default ``$XDG_DATA_HOME/atproto-backfill/queues.sqlite``), so a batch
-for several queues, its de-duplication keys and the consumer group's next offsets commit in one
-transaction: exactly once, even when the broker re-delivers.
+for several queues, its de-duplication keys, the fold state and the consumer group's next offsets
+commit in one transaction: exactly once, even when the broker re-delivers.
+
+The fold (:mod:`runtime.order`): the topics are per collection, so one DID's record changes,
+account events and identity changes reach the sink in any relative order, through any replica.
+Every item's ``metadata`` carries what a reader needs to fold it (:func:`fold_metadata`):
+
+* a record version: ``{"op": "create"|"update"|"delete", "rev", "asof_us", "source", "cursor"}``;
+* an account event: ``{"op": "account", "status_us", "seq", "removal", "source", "cursor"}``;
+* an identity event: ``{"op": "identity", "status_us", "seq", "source", "cursor"}``.
+
+The sink folds as well, in the same database and transaction as the items and offsets: per record
+(did, collection, rkey) the newest version seen (``fold_versions``: rev, delete, as-of time) and,
+with ``--account-removal purge``, per DID the newest removal's status time R (``fold_removals``).
+A record version that does not supersede the stored one (:func:`runtime.order.supersedes`) is not
+queued (``consumer_messages_skipped{reason="stale_rev"}``, or ``duplicate`` for the same version),
+so a delete or a newer version that arrived first drops an older one arriving later; a version
+whose as-of time is <= R is not queued (``reason="filtered"``). Account and identity events are
+always queued (a reader needs them), and with ``--split-by-type`` every account event reaches the
+base queue and every type queue, so each queue folds alone. A post delete carries no record, so it
+reaches both ``<queue>_post`` and ``<queue>_reply``.
+
+The reader's rule (:class:`QueueFold`, :meth:`Queue.fold`): apply the items of a queue in order,
+keeping per record the version that supersedes the others and per DID the newest removal time R;
+a record is live when its kept version is not a delete and, when R is set, its ``asof_us`` > R.
+The reader's fold gives the same live records whatever order the items were queued in, and whether
+or not the sink dropped the stale ones (under :mod:`runtime.order`'s one assumption, one clock).
+While the sink forgets nothing, each queue also holds every record's versions in increasing order,
+none as of a removal queued before it: a reader applying items as they come only has to apply
+each removal to the records queued before it.
+
+Bounded state (``--queue-state-max``, default 2,000,000): ``seen`` (the de-duplication keys),
+``fold_versions`` and ``fold_removals`` each keep at most that many keys, the oldest inserted ones
+pruned first inside the batch's transaction. At the bound, a re-delivered or stale event whose key
+was forgotten reaches the queue again, and the reader's fold drops it (the reader keeps the newer
+version or removal that made it stale); exactly once of the stored offsets is unaffected (they are
+stored with the batch, never pruned). A reader keeps its own fold state for as long as it reads.
 
 A full disk (``SQLITE_FULL``) stops the consumer loudly with :class:`QueueFullError`: the batch's
 transaction is rolled back whole (SQLite rolls it back itself; nothing of it, items or offsets, is
@@ -12,11 +47,14 @@ room resumes after the last stored batch.
 
 Seed API::
 
-    from consumers.queue import Queue
+    from consumers.queue import Queue, QueueFold
     queue = Queue(queue_name="jetstream_sync", create_new_queue=False)
     items = queue.batch_remove_items_from_queue(limit=100)
     for item in items:
         print(item.payload)
+    fold = QueueFold()          # the reader's rule, kept across batches
+    fold.apply_all(items)
+    fold.live()                 # {(did, collection, rkey): payload} of the live records
 """
 
 from __future__ import annotations
@@ -28,7 +66,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,10 +74,11 @@ import orjson
 
 from consumers.base import TP, Consumed
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
-from runtime.errors import BackfillError, CommitError, SinkUnavailableError
+from runtime.errors import BackfillError, CommitError, ConfigError, SinkUnavailableError
 from runtime.metrics import Metrics
 from runtime.offsets import UNKNOWN, Origin, StoredOffset
-from runtime.records import Event, RecordEvent, event_key, to_jetstream_json
+from runtime.order import asof_us, is_delete, removes, status_time_us, supersedes
+from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json
 from runtime.settings import Opt, add_options
 
 log = logging.getLogger(__name__)
@@ -60,6 +99,7 @@ CREATE INDEX IF NOT EXISTS items_queue_id ON items (queue, id);
 CREATE TABLE IF NOT EXISTS seen (
     queue TEXT NOT NULL,
     key BLOB NOT NULL,
+    n INTEGER NOT NULL,
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kafka_offsets (
@@ -71,10 +111,32 @@ CREATE TABLE IF NOT EXISTS kafka_offsets (
     topic_id TEXT,
     PRIMARY KEY (group_id, topic, partition)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fold_versions (
+    key BLOB PRIMARY KEY,
+    rev TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    asof_us INTEGER NOT NULL,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS fold_versions_n ON fold_versions (n);
+CREATE TABLE IF NOT EXISTS fold_removals (
+    did TEXT PRIMARY KEY,
+    removed_us INTEGER NOT NULL,
+    n INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS fold_removals_n ON fold_removals (n);
 """
+
+#: The bounded tables (every one has the insertion sequence ``n``, unique, pruned oldest first).
+STATE_TABLES: Final = ("seen", "fold_versions", "fold_removals")
+#: ``--queue-state-max``: keys kept in each of :data:`STATE_TABLES`.
+DEFAULT_STATE_MAX: Final = 2_000_000
 
 #: Seed 002's record types, for type-specific queues.
 RECORD_TYPES: Final = ("post", "reply", "like", "follow", "repost", "block")
+
+#: A record's identity in a fold: (did, collection, rkey).
+RecordKey = tuple[str, str, str]
 
 
 class QueueNotFoundError(BackfillError, LookupError):
@@ -143,8 +205,43 @@ def default_queue_path() -> Path:
     return Path(base) / "atproto-backfill" / "queues.sqlite"
 
 
+def _outdated(conn: sqlite3.Connection) -> bool:
+    """True when the database was made by an earlier version of this module (see :func:`_migrate`)."""
+    offsets = {row[1] for row in conn.execute("PRAGMA table_info(kafka_offsets)")}
+    seen = {row[1] for row in conn.execute("PRAGMA table_info(seen)")}
+    index = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'seen_n'").fetchone()
+    return not {"cluster_id", "topic_id"} <= offsets or "n" not in seen or index is None
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database made by an earlier version up to date, in one transaction.
+
+    Offsets stored before they carried their origin get the two origin columns; de-duplication
+    keys stored before the state was bounded get their insertion sequence (numbered in no
+    particular order, all before every later key, so they are the first pruned). Several processes
+    may open the file at once: the checks are made again under the write lock.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(kafka_offsets)")}
+        for column in ("cluster_id", "topic_id"):
+            if column not in columns:
+                conn.execute(f"ALTER TABLE kafka_offsets ADD COLUMN {column} TEXT")
+        if "n" not in {row[1] for row in conn.execute("PRAGMA table_info(seen)")}:
+            conn.execute("CREATE TABLE seen_numbered (queue TEXT NOT NULL, key BLOB NOT NULL, n INTEGER NOT NULL, "
+                         "PRIMARY KEY (queue, key)) WITHOUT ROWID")
+            conn.execute("INSERT INTO seen_numbered (queue, key, n) SELECT queue, key, row_number() OVER () FROM seen")
+            conn.execute("DROP TABLE seen")
+            conn.execute("ALTER TABLE seen_numbered RENAME TO seen")
+        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS seen_n ON seen (n)")
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
 def connect(path: Path | str | None = None) -> sqlite3.Connection:
-    """Open (creating if needed) the queue database in WAL mode."""
+    """Open (creating or migrating if needed) the queue database in WAL mode."""
     p = Path(path) if path is not None else default_queue_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(p, timeout=30, isolation_level=None, check_same_thread=False)
@@ -152,21 +249,170 @@ def connect(path: Path | str | None = None) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.executescript(_SCHEMA)
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(kafka_offsets)")}
-    for column in ("cluster_id", "topic_id"):  # a database made before offsets carried their origin
-        if column not in columns:
-            conn.execute(f"ALTER TABLE kafka_offsets ADD COLUMN {column} TEXT")
+    if _outdated(conn):
+        _migrate(conn)
     return conn
 
 
 @dataclass(frozen=True)
 class QueueItem:
-    """One queued item; ``payload`` is the parsed JSON."""
+    """One queued item; ``payload`` is the parsed JSON, ``metadata`` the fold metadata (module docstring)."""
 
     id: int
     payload: Any
     metadata: dict[str, Any] | None
     created_at: str
+
+
+def _item(row: tuple[Any, ...]) -> QueueItem:
+    return QueueItem(row[0], orjson.loads(row[1]), orjson.loads(row[2]) if row[2] else None, row[3])
+
+
+# ------------------------------------------------------------------------------------ the fold
+
+def fold_metadata(event: Event, removal_statuses: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """What a reader needs to fold ``event`` (the item's ``metadata``).
+
+    ``removal``: the account event is a removal (:func:`runtime.order.removes`) under a sink
+    purging on ``removal_statuses`` (empty: ``--account-removal keep``, never a removal).
+    """
+    if isinstance(event, RecordEvent):
+        return {"op": event.operation, "rev": event.rev, "asof_us": asof_us(event), "source": event.source,
+                "cursor": event.cursor}
+    if isinstance(event, AccountEvent):
+        return {"op": "account", "status_us": status_time_us(event), "seq": event.seq,
+                "removal": removes(event, removal_statuses), "source": event.source, "cursor": event.cursor}
+    return {"op": "identity", "status_us": status_time_us(event), "seq": event.seq, "source": event.source,
+            "cursor": event.cursor}
+
+
+def _metadata_from_payload(payload: Any) -> dict[str, Any] | None:
+    """The fold metadata of an item queued without it (by an earlier version, or by hand), rebuilt
+    from its Jetstream-shaped payload: a commit's as-of time is its rev's, and no account event is
+    a removal. None: the payload is not an event."""
+    if not isinstance(payload, dict):
+        return None
+    kind = payload.get("kind")
+    try:
+        did = payload["did"]
+        time_us = int(payload.get("time_us") or 0)
+        if kind == "commit":
+            c = payload["commit"]
+            return fold_metadata(RecordEvent(did, c["collection"], c["rkey"], c["operation"], c.get("rev"),
+                                             c.get("cid"), c.get("record"), "jetstream", 0, time_us))
+        if kind == "account":
+            a = payload["account"]
+            return fold_metadata(AccountEvent(did, bool(a.get("active")), a.get("status"), a.get("seq"),
+                                              a.get("time"), "jetstream", 0, time_us))
+        if kind == "identity":
+            i = payload["identity"]
+            return fold_metadata(IdentityEvent(did, i.get("handle"), i.get("seq"), i.get("time"), "jetstream", 0,
+                                               time_us))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedVersion:
+    """The version of one record a fold keeps (a delete is a tombstone)."""
+
+    rev: str
+    deleted: bool
+    asof_us: int
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedStatus:
+    """The newest account (or identity) event of one DID, by status time then relay seq."""
+
+    status_us: int
+    seq: int
+    payload: Any
+
+
+@dataclass
+class QueueFold:
+    """The reader's rule (:mod:`runtime.order`): items applied in queue order give the live records.
+
+    Per record the version that supersedes every other is kept (newest rev, a delete winning a tie,
+    then the later as-of time); per DID the newest removal's status time R. A record is live when
+    its kept version is not a delete and its as-of time is > R (when the DID has one). Whatever
+    order the items were queued in, and whether or not the sink already dropped the stale ones,
+    the result is the same. State is in memory and grows with the distinct records and DIDs
+    applied; keep one fold for as long as a queue is read (a fold started halfway through a queue
+    knows nothing of the tombstones and removals before it).
+
+    Attributes:
+        versions: record key -> the kept version (tombstones included).
+        removals: DID -> the newest removal's status time R (unix microseconds).
+        accounts: DID -> the newest account event (its payload's ``account``: active, status).
+        identities: DID -> the newest identity event (its payload's ``identity``: handle).
+    """
+
+    versions: dict[RecordKey, FoldedVersion] = field(default_factory=dict)
+    removals: dict[str, int] = field(default_factory=dict)
+    accounts: dict[str, FoldedStatus] = field(default_factory=dict)
+    identities: dict[str, FoldedStatus] = field(default_factory=dict)
+
+    def apply(self, item: QueueItem) -> bool:
+        """Apply one item; True when it changed the state (False: superseded, a duplicate, not an event)."""
+        return self.apply_payload(item.payload, item.metadata)
+
+    def apply_all(self, items: Iterable[QueueItem]) -> int:
+        """Apply ``items`` in order; return how many changed the state."""
+        return sum(self.apply_payload(i.payload, i.metadata) for i in items)
+
+    def apply_payload(self, payload: Any, metadata: Mapping[str, Any] | None) -> bool:
+        """Apply one item given as its payload and metadata (see :meth:`apply`).
+
+        An item without fold metadata is folded from its payload alone (a commit's as-of time is
+        its rev's; no account event is a removal).
+        """
+        meta = metadata if metadata is not None and "op" in metadata else _metadata_from_payload(payload)
+        if meta is None:
+            return False
+        try:
+            did: str = payload["did"]
+            op = meta["op"]
+            if op in ("account", "identity"):
+                status = FoldedStatus(int(meta["status_us"]), -1 if meta.get("seq") is None else int(meta["seq"]),
+                                      payload)
+                table = self.accounts if op == "account" else self.identities
+                old = table.get(did)
+                changed = old is None or (status.status_us, status.seq) > (old.status_us, old.seq)
+                if changed:
+                    table[did] = status
+                if meta.get("removal"):
+                    removed = self.removals.get(did)
+                    if removed is None or status.status_us > removed:
+                        self.removals[did] = status.status_us
+                        changed = True
+                return changed
+            commit = payload["commit"]
+            key = (did, commit["collection"], commit["rkey"])
+            version = FoldedVersion(meta.get("rev") or "", op == "delete", int(meta["asof_us"]), payload)
+        except (KeyError, TypeError, ValueError):
+            return False
+        kept = self.versions.get(key)
+        if kept is not None and not supersedes(version.rev, version.deleted, version.asof_us,
+                                               kept.rev, kept.deleted, kept.asof_us):
+            return False
+        self.versions[key] = version
+        return True
+
+    def is_live(self, key: RecordKey) -> bool:
+        """True when the record ``key`` (did, collection, rkey) is live."""
+        kept = self.versions.get(key)
+        if kept is None or kept.deleted:
+            return False
+        removed = self.removals.get(key[0])
+        return removed is None or kept.asof_us > removed
+
+    def live(self) -> dict[RecordKey, Any]:
+        """The live records: (did, collection, rkey) -> the payload of the kept version."""
+        return {key: v.payload for key, v in self.versions.items() if self.is_live(key)}
 
 
 class Queue:
@@ -223,15 +469,35 @@ class Queue:
             except BaseException:
                 rollback(self._conn)
                 raise
-        return [QueueItem(r[0], orjson.loads(r[1]), orjson.loads(r[2]) if r[2] else None, r[3]) for r in rows]
+        return [_item(r) for r in rows]
 
     def peek(self, limit: int = 100) -> list[QueueItem]:
         """Return up to ``limit`` items without removing them."""
+        return self._page(0, limit)
+
+    def _page(self, after_id: int, limit: int) -> list[QueueItem]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, payload, metadata, created_at FROM items WHERE queue = ? ORDER BY id LIMIT ?",
-                (self.queue_name, limit)).fetchall()
-        return [QueueItem(r[0], orjson.loads(r[1]), orjson.loads(r[2]) if r[2] else None, r[3]) for r in rows]
+                "SELECT id, payload, metadata, created_at FROM items WHERE queue = ? AND id > ? ORDER BY id LIMIT ?",
+                (self.queue_name, after_id, limit)).fetchall()
+        return [_item(r) for r in rows]
+
+    def fold(self, into: QueueFold | None = None, *, remove: bool = False, batch: int = 1000) -> QueueFold:
+        """Apply every item waiting in the queue, oldest first, to ``into`` (default a new fold); return it.
+
+        Args:
+            into: a fold to continue (the reader's state from the items it read before).
+            remove: take the items out of the queue as they are applied; else leave them.
+            batch: items read per transaction.
+        """
+        fold = into if into is not None else QueueFold()
+        after = 0
+        while True:
+            items = self.batch_remove_items_from_queue(batch) if remove else self._page(after, batch)
+            if not items:
+                return fold
+            fold.apply_all(items)
+            after = items[-1].id
 
     def get_queue_length(self) -> int:
         """Number of items waiting."""
@@ -256,42 +522,202 @@ def record_type(event: RecordEvent) -> str | None:
     }.get(coll)
 
 
-def by_type_router(base: str) -> Callable[[Event], str | None]:
-    """Route records to ``<base>_<type>`` queues (seed 002's type-specific queues); others to ``base``."""
-    def route(event: Event) -> str | None:
+#: What a router returns: one queue, several, or None (skip the event).
+Route = str | tuple[str, ...] | None
+
+
+def by_type_router(base: str) -> Callable[[Event], Route]:
+    """Route records to ``<base>_<type>`` queues (seed 002's type-specific queues); others to ``base``.
+
+    Every queue folds alone: an account event (DID-level, a removal among them) reaches ``base``
+    and every type queue; a post delete (no record, so reply or not is unknown) reaches
+    ``<base>_post`` and ``<base>_reply``. Identity events and other collections go to ``base``.
+    """
+    everywhere = (base, *(f"{base}_{kind}" for kind in RECORD_TYPES))
+    post_delete = (f"{base}_post", f"{base}_reply")
+
+    def route(event: Event) -> Route:
         if isinstance(event, RecordEvent):
             kind = record_type(event)
             if kind is None:
                 return base
-            if kind == "post" and event.operation == "delete":
-                return f"{base}_post"
+            if kind == "post" and is_delete(event):
+                return post_delete
             return f"{base}_{kind}"
+        if isinstance(event, AccountEvent):
+            return everywhere
         return base
     return route
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One buffered event: its queues, de-duplication key, item, and what the sink folds of it."""
+
+    queues: tuple[str, ...]
+    key: bytes
+    payload: str
+    metadata: str
+    #: A record version: (fold key, did, rev, deleted, as-of time).
+    version: tuple[bytes, str, str, bool, int] | None
+    #: A removal (purge mode): (did, status time).
+    removal: tuple[str, int] | None
+
+
+def _fold_key(event: RecordEvent) -> bytes:
+    return hashlib.blake2b(f"{event.did}\x00{event.collection}\x00{event.rkey}".encode(), digest_size=16).digest()
+
+
+#: Keys per ``IN (...)`` list of the fold's reads (well under SQLite's limit on parameters).
+_READ_CHUNK: Final = 500
+
+
+class _FoldTx:
+    """The sink's fold and bounded state for one batch, inside its open write transaction.
+
+    The batch's keys are read in a few statements, the events folded in memory in batch order, and
+    the resulting state written back with one statement per table (:meth:`write`).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, state_max: int, rows: list[_Pending], purge: bool) -> None:
+        self.conn = conn
+        self.state_max = state_max
+        #: Next insertion sequence of each bounded table (read under the write lock).
+        self.next = {t: int(conn.execute(f"SELECT coalesce(max(n), 0) FROM {t}").fetchone()[0]) + 1  # noqa: S608
+                     for t in STATE_TABLES}
+        by_queue: dict[str, set[bytes]] = {}
+        for p in rows:
+            for queue in p.queues:
+                by_queue.setdefault(queue, set()).add(p.key)
+        self.seen: set[tuple[str, bytes]] = set()
+        for queue, keys in by_queue.items():
+            self.seen.update((queue, k) for (k,) in self._read("SELECT key FROM seen WHERE queue = ? AND key IN",
+                                                               keys, (queue,)))
+        self.versions: dict[bytes, tuple[str, bool, int]] = {
+            k: (rev, bool(deleted), asof) for k, rev, deleted, asof in self._read(
+                "SELECT key, rev, deleted, asof_us FROM fold_versions WHERE key IN",
+                {p.version[0] for p in rows if p.version is not None})}
+        dids = {p.removal[0] for p in rows if p.removal is not None}
+        if purge:
+            dids |= {p.version[1] for p in rows if p.version is not None}
+        self.removals: dict[str, int] = dict(self._read("SELECT did, removed_us FROM fold_removals WHERE did IN", dids))
+        #: Writes: seen rows in batch order (n None: already seen, ignored), and the changed keys
+        #: of the fold tables with their sequence (None: the row exists and keeps its own).
+        self.seen_rows: list[tuple[str, bytes, int | None]] = []
+        self.changed_versions: dict[bytes, int | None] = {}
+        self.changed_removals: dict[str, int | None] = {}
+
+    def _read(self, sql: str, keys: set[Any], params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        ordered = list(keys)
+        for start in range(0, len(ordered), _READ_CHUNK):
+            chunk = ordered[start:start + _READ_CHUNK]
+            out += self.conn.execute(f"{sql} ({','.join('?' * len(chunk))})", (*params, *chunk)).fetchall()
+        return out
+
+    def _sequence(self, table: str) -> int:
+        n = self.next[table]
+        self.next[table] = n + 1
+        return n
+
+    def see(self, queue: str, key: bytes) -> bool:
+        """Record ``key`` as seen in ``queue``; False when it was already."""
+        fresh = (queue, key) not in self.seen
+        if fresh:
+            self.seen.add((queue, key))
+        # Written either way (an already seen key is ignored): every message of a committed batch
+        # reaches the ``seen`` table once per queue, which instrumentation triggers count on.
+        self.seen_rows.append((queue, key, self._sequence("seen") if fresh else None))
+        return fresh
+
+    def raise_removal(self, did: str, status_us: int) -> None:
+        """Rule 3: the DID's removal time R becomes the newest of R and ``status_us``."""
+        removed = self.removals.get(did)
+        if removed is not None and status_us <= removed:
+            return
+        self.removals[did] = status_us
+        if did not in self.changed_removals:
+            self.changed_removals[did] = self._sequence("fold_removals") if removed is None else None
+
+    def admit(self, version: tuple[bytes, str, str, bool, int], purge: bool) -> str | None:
+        """Fold one record version in; None when it is to be queued, else why not (a skip reason).
+
+        The stored version becomes the newest of it and ``version`` (rules 1 and 4), whether or not
+        ``version`` is queued: a version the removal time R drops is still the one older versions
+        must beat.
+        """
+        key, did, rev, deleted, asof = version
+        kept = self.versions.get(key)
+        if kept is not None and not supersedes(rev, deleted, asof, *kept):
+            return "duplicate" if (rev, deleted) == kept[:2] else "stale_rev"
+        self.versions[key] = (rev, deleted, asof)
+        if key not in self.changed_versions:
+            self.changed_versions[key] = self._sequence("fold_versions") if kept is None else None
+        if purge:
+            removed = self.removals.get(did)
+            if removed is not None and asof <= removed:
+                return "filtered"
+        return None
+
+    def write(self) -> None:
+        """Write the batch's fold state, then keep at most ``state_max`` keys in each bounded table,
+        the newest inserted."""
+        conn = self.conn
+        conn.executemany("INSERT OR IGNORE INTO seen (queue, key, n) VALUES (?, ?, ?)", self.seen_rows)
+        versions, removals = self.versions, self.removals
+        conn.executemany("INSERT INTO fold_versions (key, rev, deleted, asof_us, n) VALUES (?, ?, ?, ?, ?)",
+                         [(k, versions[k][0], int(versions[k][1]), versions[k][2], n)
+                          for k, n in self.changed_versions.items() if n is not None])
+        conn.executemany("UPDATE fold_versions SET rev = ?, deleted = ?, asof_us = ? WHERE key = ?",
+                         [(versions[k][0], int(versions[k][1]), versions[k][2], k)
+                          for k, n in self.changed_versions.items() if n is None])
+        conn.executemany("INSERT INTO fold_removals (did, removed_us, n) VALUES (?, ?, ?)",
+                         [(did, removals[did], n) for did, n in self.changed_removals.items() if n is not None])
+        conn.executemany("UPDATE fold_removals SET removed_us = ? WHERE did = ?",
+                         [(removals[did], did) for did, n in self.changed_removals.items() if n is None])
+        for table, nxt in self.next.items():
+            below = nxt - 1 - self.state_max
+            if below > 0:
+                conn.execute(f"DELETE FROM {table} WHERE n <= ?", (below,))  # noqa: S608
+
+
 class QueueSink:
-    """Consumer-group sink into queues: items, de-duplication keys and offsets in one transaction.
+    """Consumer-group sink into queues: items, de-duplication keys, fold state and offsets in one transaction.
 
     Args:
         queue_name: the queue (or base name when ``route`` splits by type).
         path: the SQLite file.
-        route: event -> queue name (None: skip); default everything to ``queue_name``.
-        metrics: counts stored items as ``rows_written{sink="queue", table=<queue>}`` when given.
+        route: event -> queue name, several names, or None (skip); default everything to ``queue_name``.
+        metrics: counts stored items as ``rows_written{sink="queue", table=<queue>}`` and events not
+            queued as ``consumer_messages_skipped{sink="queue", reason=duplicate|stale_rev|filtered}``.
+        removal_statuses: account statuses that are removals (``--account-removal purge``): a record
+            version of the DID with an as-of time <= the newest removal's is not queued. Empty
+            (``keep``): no account event removes anything.
+        state_max: keys kept in each of :data:`STATE_TABLES` (module docstring: bounded state).
+
+    Raises:
+        ValueError: ``state_max`` < 1.
     """
 
     name = "queue"
 
     def __init__(self, queue_name: str, path: Path | str | None = None,
-                 route: Callable[[Event], str | None] | None = None, metrics: Metrics | None = None) -> None:
+                 route: Callable[[Event], Route] | None = None, metrics: Metrics | None = None, *,
+                 removal_statuses: frozenset[str] = frozenset(), state_max: int = DEFAULT_STATE_MAX) -> None:
+        if state_max < 1:
+            raise ValueError(f"state_max must be >= 1, not {state_max}")
         self.queue_name = queue_name
         self._metrics = metrics
         self.path = Path(path) if path is not None else default_queue_path()
-        self._route = route or (lambda _e: queue_name)
-        self._rows: list[tuple[str, bytes, str]] = []
+        self._route: Callable[[Event], Route] = route or (lambda _e: queue_name)
+        self._removal_statuses = removal_statuses
+        self._state_max = state_max
+        self._rows: list[_Pending] = []
         #: Queues known to be in the ``queues`` table (committed).
         self._queues: set[str] = set()
         self.stored = 0
+        #: Events not queued, by skip reason (since the sink started; committed batches only).
+        self.skipped: dict[str, int] = {}
         #: Set once a batch failed for good (not busy): no later batch is stored.
         self._failed: BackfillError | None = None
         try:
@@ -338,20 +764,32 @@ class QueueSink:
             raise write_failure(self.path, f"forgetting {len(partitions)} stored offsets", e) from e
 
     def add(self, item: Consumed) -> None:
-        """Buffer the event's Jetstream-shaped payload for its queue."""
+        """Buffer the event's Jetstream-shaped payload and fold metadata for its queues."""
         event = item.event
-        queue = self._route(event)
-        if queue is None:
+        route = self._route(event)
+        if not route:
             return
+        queues = (route,) if isinstance(route, str) else route
         # The event's identity, the same through any replay: a Jetstream event served again by
         # another instance (another time_us) is the same item.
         key = hashlib.blake2b(event_key(event).encode(), digest_size=16).digest()
-        self._rows.append((queue, key, orjson.dumps(to_jetstream_json(event)).decode()))
+        meta = fold_metadata(event, self._removal_statuses)
+        version: tuple[bytes, str, str, bool, int] | None = None
+        removal: tuple[str, int] | None = None
+        if isinstance(event, RecordEvent):
+            version = (_fold_key(event), event.did, event.rev or "", is_delete(event), meta["asof_us"])
+        elif meta["op"] == "account" and meta["removal"]:
+            removal = (event.did, meta["status_us"])
+        self._rows.append(_Pending(queues, key, orjson.dumps(to_jetstream_json(event)).decode(),
+                                   orjson.dumps(meta).decode(), version, removal))
 
     def flush(self, group: str, offsets: dict[TP, int], origins: Mapping[str, Origin] | None = None) -> int:
-        """Write buffered items (skipping already-seen ones) and ``offsets`` in one transaction.
+        """Fold the buffered events in and write the items to queue and ``offsets``, in one transaction.
 
+        An event already seen in a queue is not queued there again; a record version the fold
+        state makes stale, or (purge mode) removed, is not queued at all (module docstring).
         ``origins``: per topic, the cluster and topic ids the offsets count (stored with them).
+        Returns the items written.
 
         Raises:
             SinkUnavailableError: the database is busy (nothing was stored; the buffer is kept).
@@ -365,19 +803,34 @@ class QueueSink:
         conn = self._conn
         stored = 0
         per_queue: dict[str, int] = {}
+        skipped: dict[str, int] = {}
         new_queues: set[str] = set()
+        purge = bool(self._removal_statuses)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for queue, key, payload in self._rows:
-                    if queue not in self._queues and queue not in new_queues:
-                        conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
-                        new_queues.add(queue)
-                    cur = conn.execute("INSERT OR IGNORE INTO seen (queue, key) VALUES (?, ?)", (queue, key))
-                    if cur.rowcount:
-                        conn.execute("INSERT INTO items (queue, payload) VALUES (?, ?)", (queue, payload))
-                        stored += 1
+                fold = _FoldTx(conn, self._state_max, self._rows, purge)
+                items: list[tuple[str, str, str]] = []
+                for p in self._rows:
+                    for queue in p.queues:
+                        if queue not in self._queues and queue not in new_queues:
+                            conn.execute("INSERT OR IGNORE INTO queues (name) VALUES (?)", (queue,))
+                            new_queues.add(queue)
+                    fresh = [q for q in p.queues if fold.see(q, p.key)]
+                    if p.removal is not None:
+                        fold.raise_removal(*p.removal)  # idempotent: a re-delivery changes nothing
+                    reason = "duplicate" if not fresh else None
+                    if reason is None and p.version is not None:
+                        reason = fold.admit(p.version, purge)
+                    if reason is not None:
+                        skipped[reason] = skipped.get(reason, 0) + 1
+                        continue
+                    for queue in fresh:
+                        items.append((queue, p.payload, p.metadata))
                         per_queue[queue] = per_queue.get(queue, 0) + 1
+                fold.write()
+                conn.executemany("INSERT INTO items (queue, payload, metadata) VALUES (?, ?, ?)", items)
+                stored = len(items)
                 known = origins or {}
                 conn.executemany(
                     "INSERT INTO kafka_offsets (group_id, topic, partition, next_offset, cluster_id, topic_id) "
@@ -406,9 +859,13 @@ class QueueSink:
         self._queues |= new_queues
         self._rows.clear()
         self.stored += stored
+        for reason, n in skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
         if self._metrics is not None:
             for queue, n in per_queue.items():
                 self._metrics.rows_written.labels(self.name, queue).inc(n)
+            for reason, n in skipped.items():
+                self._metrics.consumer_skipped.inc(self.name, reason, amount=n)
         return stored
 
     def discard(self) -> None:
@@ -433,8 +890,17 @@ QUEUE_OPTIONS: Final = (
     Opt(("--queue-path",), "queue_path", "BACKFILL_QUEUE_PATH", None,
         "SQLite file of the queues (default $XDG_DATA_HOME/atproto-backfill/queues.sqlite)"),
     Opt(("--split-by-type",), "split_by_type", "BACKFILL_SPLIT_BY_TYPE", False,
-        "seed 002's type-specific queues: <queue>_post, _reply, _like, _follow, _repost, _block",
-        action="store_true"),
+        "seed 002's type-specific queues: <queue>_post, _reply, _like, _follow, _repost, _block "
+        "(account events reach every queue)", action="store_true"),
+    Opt(("--account-removal",), "account_removal", "BACKFILL_ACCOUNT_REMOVAL", "keep",
+        "what an account deletion/takedown event does to that account's records: keep them, or purge: "
+        "queue no record version of the DID as of that time or older (the event is queued either way)",
+        choices=("keep", "purge")),
+    Opt(("--removal-statuses",), "removal_statuses", "BACKFILL_REMOVAL_STATUSES", "deleted,takendown",
+        "account statuses that count as a removal for --account-removal purge (comma-separated)"),
+    Opt(("--queue-state-max",), "queue_state_max", "BACKFILL_QUEUE_STATE_MAX", DEFAULT_STATE_MAX,
+        "keys kept in each of the queue database's de-duplication and fold tables, the oldest pruned first",
+        type=int, metavar="KEYS"),
 )
 
 
@@ -444,14 +910,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_consumer_arguments(parser)
 
 
+def removal_statuses(ns: argparse.Namespace) -> frozenset[str]:
+    """The statuses the sink purges on: empty for ``--account-removal keep``.
+
+    Raises:
+        ConfigError: ``purge`` without any status.
+    """
+    statuses = frozenset(s.strip() for s in (ns.removal_statuses or "").split(",") if s.strip())
+    if ns.account_removal != "purge":
+        return frozenset()
+    if not statuses:
+        raise ConfigError("--account-removal purge needs at least one --removal-statuses value")
+    return statuses
+
+
 def main(ns: argparse.Namespace) -> int:
     """Entry point of ``backfill consume queue``."""
     settings = consumer_settings(ns, default_group=f"atproto-backfill-queue-{ns.queue_name}", default_batch=100)
+    statuses = removal_statuses(ns)
+    if ns.queue_state_max < 1:
+        raise ConfigError("--queue-state-max must be >= 1")
     path = Path(ns.queue_path) if ns.queue_path else default_queue_path()
     route = by_type_router(ns.queue_name) if ns.split_by_type else None
     metrics = Metrics()
     try:
-        run_consumer(settings, lambda: QueueSink(ns.queue_name, path, route=route, metrics=metrics),
+        run_consumer(settings, lambda: QueueSink(ns.queue_name, path, route=route, metrics=metrics,
+                                                 removal_statuses=statuses, state_max=ns.queue_state_max),
                      metrics=metrics)
     except QueueFullError as e:
         log.critical("stopping: %s", e)  # the message says it all: no traceback

@@ -228,7 +228,9 @@ class Generator:
                 account["status"] = rng.choice(("deactivated", "takendown", "deleted"))
             return {"did": did, "time_us": t, "kind": "account", "account": account}
         existing = self._records.get(did)
-        rev = make_tid(t, self._clock_id)
+        # A repository's revs only go up: the rev is the commit's true time, not the receive time
+        # (``t`` may carry a receive delay).
+        rev = make_tid(self.t, self._clock_id)
         if existing and roll < 0.07:
             collection, rkey = existing.pop(rng.randrange(len(existing)))
             return {"did": did, "time_us": t, "kind": "commit",
