@@ -413,8 +413,20 @@ class JobRunner:
                 # local queue full: serve delivery reports until there is room
                 self._poll(0.05)
             except KafkaException as e:  # not _kafka_call: this is the hot path
-                raise self._meaning(kafka_error_of(e) or KafkaError(KafkaError._FAIL), "producing",
-                                    DeliveryError) from e
+                err = kafka_error_of(e) or KafkaError(KafkaError._FAIL)
+                txn_log = self._txn_log
+                if err.code() == KafkaError._STATE and self._transactional and txn_log is not None \
+                        and self._fatal is None:
+                    # The open transaction failed meanwhile (a message of it undelivered while the
+                    # brokers were away), and librdkafka takes nothing more into it until it is
+                    # aborted. The message stays with the transaction's others: the next
+                    # checkpoint aborts it and sends them all again (see _commit).
+                    txn_log.append((topic, key, value))
+                    self._txn_bytes += len(value)
+                    if len(txn_log) > REDO_MAX_MESSAGES or self._txn_bytes > REDO_MAX_BYTES:
+                        raise self._meaning(err, "producing", DeliveryError) from e
+                    return
+                raise self._meaning(err, "producing", DeliveryError) from e
 
     def _begin(self) -> None:
         if self._transactional and not self._in_txn:
