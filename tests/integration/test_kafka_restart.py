@@ -272,8 +272,12 @@ def test_producer_and_consumers_ride_out_a_broker_restart(
     for name in ("job", "postgres", "queue"):
         assert "Traceback" not in procs.log(name), procs.log(name)[-5000:]
     if expect is not None:
-        # The open transaction failed, and the job itself aborted and redid it.
+        # The open transaction failed, and the job itself aborted and redid it. Away past the
+        # transaction timeout, which of the two happens first depends on the machine's speed: the
+        # transaction's messages time out (the same producer redoes it) or Kafka aborts it (a new
+        # producer takes over and redoes it); either way it is redone.
         assert outage > 3.0
-        assert expect in procs.log("job"), procs.log("job")[-5000:]
+        job_log = procs.log("job")
+        assert expect in job_log or (expect == TAKEN_OVER and REDONE in job_log), job_log[-5000:]
     if expect == TAKEN_OVER:
         assert outage * 1000 > SHORT_TXN_TIMEOUT_MS
