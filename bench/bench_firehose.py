@@ -47,17 +47,17 @@ from producers.firehose.source import FirehosePosition, FrameHandler
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem, StreamPosition
-from runtime import kafka as kafka_util
 from runtime.atproto import native
+from runtime.atproto.capture import read_capture
 from runtime.atproto.crypto import clear_verifier_cache, verify_signature
 from runtime.atproto.dagcbor import decode, encode, to_json_form
 from runtime.atproto.repo import check_commit_event
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
-from runtime.settings import KafkaSettings
-from runtime.simulator.relay import read_capture
-from runtime.topics import TopicMap
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.topics import TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 _COMMIT = models.ComAtprotoSyncSubscribeRepos.Commit

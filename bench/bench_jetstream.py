@@ -34,13 +34,13 @@ from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.jetstream.position import JetstreamPosition  # noqa: E402
 from producers.jetstream.source import JetstreamOptions, JetstreamSource  # noqa: E402
 from producers.job import JobOptions, JobRunner  # noqa: E402
-from runtime.broker import free_port, port_open  # noqa: E402
-from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped  # noqa: E402
-from runtime.kafka import admin, ensure_topics  # noqa: E402
-from runtime.metrics import Metrics  # noqa: E402
-from runtime.settings import KafkaSettings  # noqa: E402
+from runtime.contract.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped  # noqa: E402
+from runtime.contract.topics import TYPED_COLLECTIONS  # noqa: E402
+from runtime.kafka.broker import free_port, port_open  # noqa: E402
+from runtime.kafka.clients import admin, ensure_topics  # noqa: E402
+from runtime.kafka.settings import KafkaSettings  # noqa: E402
+from runtime.process.metrics import Metrics  # noqa: E402
 from runtime.simulator.synthetic import OTHER_COLLECTIONS  # noqa: E402
-from runtime.topics import TYPED_COLLECTIONS  # noqa: E402
 
 START = 1_700_000_000_000_000
 
@@ -141,7 +141,7 @@ def main() -> int:
 def run(args: argparse.Namespace, bootstrap: str) -> int:
     """Both paths against the simulator, alternating, on ``bootstrap``."""
     port = free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "simulate", "jetstream", "--synthetic",
+    sim = subprocess.Popen([sys.executable, "-m", "runtime", "simulate", "jetstream", "--synthetic",
                             str(int(args.events * 1.1)), "--start", "2023-11-14T22:13:20Z", "--event-rate", "2000",
                             "--port", str(port), "--log-level", "WARNING"],
                            cwd=ROOT, stdout=subprocess.DEVNULL)

@@ -51,14 +51,15 @@ from consumers.postgres.sink import (
 from producers.jetstream.decode import decode_message
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem, StreamPosition
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.offsets import Origin, StoredOffset
-from runtime.records import Event
-from runtime.settings import KafkaSettings, Secret
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event
+from runtime.contract.topics import TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.offsets import Origin, StoredOffset
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
+from runtime.process.options import Secret
 from runtime.simulator.jetstream import synthetic_events
-from runtime.topics import TopicMap
 
 
 class ListSource:

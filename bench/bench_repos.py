@@ -37,14 +37,14 @@ from confluent_kafka import KafkaError, Message, Producer  # noqa: E402
 from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from producers.repos.decode import RecordFilter, RepoDecoder  # noqa: E402
 from producers.repos.worktopic import enqueue_dids  # noqa: E402
-from runtime import kafka as kafka_util  # noqa: E402
 from runtime.atproto import crypto, native  # noqa: E402
 from runtime.atproto.car import read_car  # noqa: E402
-from runtime.codec import AvroCodec  # noqa: E402
-from runtime.records import RecordEvent  # noqa: E402
-from runtime.settings import KafkaSettings  # noqa: E402
+from runtime.contract.codec import AvroCodec  # noqa: E402
+from runtime.contract.records import RecordEvent  # noqa: E402
+from runtime.contract.topics import TopicMap  # noqa: E402
+from runtime.kafka import clients as kafka_util  # noqa: E402
+from runtime.kafka.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.pds import HostFaults, PdsNetwork  # noqa: E402
-from runtime.topics import TopicMap  # noqa: E402
 
 #: Issue 16's target: ``backfill repos --verify`` at this fraction of the unverified rate, or more.
 VERIFY_TARGET_RATIO = 0.8
@@ -293,11 +293,11 @@ class _PeakRss:
 def _child_ours(url: str, workdir: str) -> None:
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
+    from producers.netsafety import NetworkPolicy  # noqa: PLC0415
     from producers.repos.pds import PdsClient, PdsLimits  # noqa: PLC0415
     from producers.repos.source import RepoFetcher, RepoProcessor, RepoResult  # noqa: PLC0415
     from runtime.atproto.identity import Identity  # noqa: PLC0415
-    from runtime.metrics import Metrics  # noqa: PLC0415
-    from runtime.netsafety import NetworkPolicy  # noqa: PLC0415
+    from runtime.process.metrics import Metrics  # noqa: PLC0415
 
     did = "did:plc:benchbigrepoaaaaaaaaaaaa"
 

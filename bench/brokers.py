@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime.broker import start_embedded_broker  # noqa: E402
+from runtime.kafka.broker import start_embedded_broker  # noqa: E402
 from tests.kafka.cluster import KafkaCluster, kafka_version  # noqa: E402
 
 

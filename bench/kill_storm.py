@@ -34,7 +34,7 @@ ones, stops the consumers with SIGTERM (each must exit 0) and checks the exact f
   relay seq), the actors, and the stored offsets equal to the job's final offsets;
 * **queue**: exactly the items the sink must queue, each once: every identity and account event,
   and each record version that supersedes the version before it in source order (the sink folds
-  by :mod:`runtime.order` and does not queue a stale one; the synthetic events hold a few, e.g. a
+  by :mod:`runtime.contract.order` and does not queue a stale one; the synthetic events hold a few, e.g. a
   delete whose rev is older than the create's). No message reached two committed batches (seen
   through a trigger on the queue's de-duplication table). Per topic and DID, the items are in the
   order the simulator served them: a DID's events of one collection share a partition, and each
@@ -83,13 +83,13 @@ from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
 from consumers.postgres.rows import RECORD_TABLES  # noqa: E402
 from consumers.queue import QueueSink  # noqa: E402
 from producers.jetstream.decode import decode_message  # noqa: E402
-from runtime.checkpoint import FINISHED, load_job  # noqa: E402
-from runtime.order import asof_us, is_delete, supersedes  # noqa: E402
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json  # noqa: E402
-from runtime.settings import KafkaSettings  # noqa: E402
+from runtime.contract.order import asof_us, is_delete, supersedes  # noqa: E402
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json  # noqa: E402
+from runtime.contract.timeparse import us_to_iso  # noqa: E402
+from runtime.contract.topics import TopicMap  # noqa: E402
+from runtime.kafka.checkpoint import FINISHED, load_job  # noqa: E402
+from runtime.kafka.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.jetstream import JetstreamSimulator, StoredEvent, synthetic_events  # noqa: E402
-from runtime.timeparse import us_to_iso  # noqa: E402
-from runtime.topics import TopicMap  # noqa: E402
 from tests.integration.eos import committed_event_keys, open_transaction  # noqa: E402
 from tests.integration.test_postgres_consumer import Tables, expected  # noqa: E402
 
@@ -107,7 +107,7 @@ MIN_GAP = 1.0
 def backfill_command() -> list[str]:
     """The ``backfill`` entry point of this environment."""
     exe = Path(sys.executable).parent / "backfill"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime"]
 
 
 def child_env() -> dict[str, str]:
@@ -710,7 +710,7 @@ def check_postgres(pg_url: str, schema: str, workload: Workload, stored: dict[tu
 def queued_events(window: list[Event]) -> tuple[list[Event], int]:
     """The events the queue sink must queue, in source order, and how many it must not.
 
-    The sink folds (:mod:`runtime.order`): a record version that does not supersede the version
+    The sink folds (:mod:`runtime.contract.order`): a record version that does not supersede the version
     it already folded for the same record (did, collection, rkey) is stale and not queued; account
     and identity events always are (``--account-removal keep``: nothing is a removal). A record's
     versions all travel in one partition, in source order, and the fold state commits with each

@@ -37,10 +37,11 @@ import psutil
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from runtime import kafka as kafka_util
-from runtime.checkpoint import FINISHED, JobState, load_jobs
-from runtime.codec import AvroCodec
-from runtime.deadletter import DeadLetters
+from runtime.contract.codec import AvroCodec
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.topics import TopicMap
+from runtime.contract.typed import event_from_datum
 from runtime.errors import (
     CommitError,
     ConfigError,
@@ -50,13 +51,12 @@ from runtime.errors import (
     SinkUnavailableError,
     SourceError,
 )
-from runtime.metrics import Health, Metrics, collection_label
-from runtime.nsid import CollectionFilter
-from runtime.offsets import UNKNOWN, Origin, StoredOffset, list_ends, mismatch, topic_origins
-from runtime.records import Event, RecordEvent
-from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
-from runtime.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import FINISHED, JobState, load_jobs
+from runtime.kafka.deadletter import DeadLetters
+from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset, list_ends, mismatch, topic_origins
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Health, Metrics, collection_label
 
 log = logging.getLogger(__name__)
 

@@ -14,23 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from consumers.base import OFFSET_MISMATCH_POLICIES, ConsumerOptions, ConsumerStats, GroupConsumer, Sink
-from runtime.broker import resolve_bootstrap
-from runtime.cgroup import default_memory_guard_mb
-from runtime.codec import AvroCodec
+from consumers.cgroup import default_memory_guard_mb
+from runtime.contract.codec import AvroCodec
+from runtime.contract.nsid import validate_pattern
+from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
-from runtime.metrics import Health, Metrics, MetricsServer
-from runtime.nsid import validate_pattern
-from runtime.progress import print_statistics
-from runtime.settings import (
-    KAFKA_OPTIONS,
-    OBSERVABILITY_OPTIONS,
-    KafkaSettings,
-    ObservabilitySettings,
-    Opt,
-    add_options,
-    resolve_appends,
-)
-from runtime.timeparse import timestamp_us
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.metrics import Health, Metrics, MetricsServer
+from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
+from runtime.process.progress import print_statistics
 
 log = logging.getLogger(__name__)
 

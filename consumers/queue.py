@@ -5,7 +5,7 @@ Every queue is a named FIFO of JSON payloads (the Jetstream-shaped event) in one
 for several queues, its de-duplication keys, the fold state and the consumer group's next offsets
 commit in one transaction: exactly once, even when the broker re-delivers.
 
-The fold (:mod:`runtime.order`): the topics are per collection, so one DID's record changes,
+The fold (:mod:`runtime.contract.order`): the topics are per collection, so one DID's record changes,
 account events and identity changes reach the sink in any relative order, through any replica.
 Every item's ``metadata`` carries what a reader needs to fold it (:func:`fold_metadata`):
 
@@ -16,7 +16,7 @@ Every item's ``metadata`` carries what a reader needs to fold it (:func:`fold_me
 The sink folds as well, in the same database and transaction as the items and offsets: per record
 (did, collection, rkey) the newest version seen (``fold_versions``: rev, delete, as-of time) and,
 with ``--account-removal purge``, per DID the newest removal's status time R (``fold_removals``).
-A record version that does not supersede the stored one (:func:`runtime.order.supersedes`) is not
+A record version that does not supersede the stored one (:func:`runtime.contract.order.supersedes`) is not
 queued (``consumer_messages_skipped{reason="stale_rev"}``, or ``duplicate`` for the same version),
 so a delete or a newer version that arrived first drops an older one arriving later; a version
 whose as-of time is <= R is not queued (``reason="filtered"``). Account and identity events are
@@ -28,7 +28,7 @@ The reader's rule (:class:`QueueFold`, :meth:`Queue.fold`): apply the items of a
 keeping per record the version that supersedes the others and per DID the newest removal time R;
 a record is live when its kept version is not a delete and, when R is set, its ``asof_us`` > R.
 The reader's fold gives the same live records whatever order the items were queued in, and whether
-or not the sink dropped the stale ones (under :mod:`runtime.order`'s one assumption, one clock).
+or not the sink dropped the stale ones (under :mod:`runtime.contract.order`'s one assumption, one clock).
 While the sink forgets nothing, each queue also holds every record's versions in increasing order,
 none as of a removal queued before it: a reader applying items as they come only has to apply
 each removal to the records queued before it.
@@ -74,12 +74,12 @@ import orjson
 
 from consumers.base import TP, Consumed
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
+from runtime.contract.order import asof_us, is_delete, removes, status_time_us, supersedes
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json
 from runtime.errors import BackfillError, CommitError, ConfigError, SinkUnavailableError
-from runtime.metrics import Metrics
-from runtime.offsets import UNKNOWN, Origin, StoredOffset
-from runtime.order import asof_us, is_delete, removes, status_time_us, supersedes
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json
-from runtime.settings import Opt, add_options
+from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
+from runtime.process.metrics import Metrics
+from runtime.process.options import Opt, add_options
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def _item(row: tuple[Any, ...]) -> QueueItem:
 def fold_metadata(event: Event, removal_statuses: frozenset[str] = frozenset()) -> dict[str, Any]:
     """What a reader needs to fold ``event`` (the item's ``metadata``).
 
-    ``removal``: the account event is a removal (:func:`runtime.order.removes`) under a sink
+    ``removal``: the account event is a removal (:func:`runtime.contract.order.removes`) under a sink
     purging on ``removal_statuses`` (empty: ``--account-removal keep``, never a removal).
     """
     if isinstance(event, RecordEvent):
@@ -334,7 +334,7 @@ class FoldedStatus:
 
 @dataclass
 class QueueFold:
-    """The reader's rule (:mod:`runtime.order`): items applied in queue order give the live records.
+    """The reader's rule (:mod:`runtime.contract.order`): items applied in queue order give the live records.
 
     Per record the version that supersedes every other is kept (newest rev, a delete winning a tie,
     then the later as-of time); per DID the newest removal's status time R. A record is live when
@@ -946,6 +946,6 @@ def main(ns: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    from runtime.cli import main as cli_main
+    from runtime.commands.cli import main as cli_main
 
     sys.exit(cli_main(["consume", "queue", *sys.argv[1:]]))

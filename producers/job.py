@@ -50,10 +50,10 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from producers.source import Drop, End, Skip, Source
-from runtime import kafka as kafka_util
-from runtime.checkpoint import FINISHED, RUNNING, JobState, load_job
-from runtime.codec import AvroCodec
-from runtime.deadletter import DeadLetters
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
+from runtime.contract.timeparse import us_to_date
+from runtime.contract.topics import ACCOUNT, CONTROL_TOPIC_CONFIG, IDENTITY, TopicMap, schema_name_for_collection
 from runtime.errors import (
     CommitError,
     ConfigError,
@@ -63,11 +63,12 @@ from runtime.errors import (
     FencedError,
     SourceError,
 )
-from runtime.metrics import Metrics, collection_label
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
-from runtime.settings import KafkaSettings, Opt
-from runtime.timeparse import us_to_date
-from runtime.topics import ACCOUNT, CONTROL_TOPIC_CONFIG, IDENTITY, TopicMap, schema_name_for_collection
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState, load_job
+from runtime.kafka.deadletter import DeadLetters
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics, collection_label
+from runtime.process.options import Opt
 
 log = logging.getLogger(__name__)
 

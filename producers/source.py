@@ -1,6 +1,6 @@
 """The contract every source implements, and the resume position shared by the streaming sources.
 
-A source is an async iterator of items: :class:`~runtime.records.Event` values to produce,
+A source is an async iterator of items: :class:`~runtime.contract.records.Event` values to produce,
 :class:`Drop` values for bad upstream input (dead-lettered), and a final :class:`End` telling why
 the stream ended. Its position object decides what has already been delivered (so a resume or a
 reconnect never re-delivers, and never skips) and serialises into the job checkpoint.
@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
+from runtime.contract.records import Source as Origin
 from runtime.errors import CursorRegressionError
-from runtime.records import Event, IdentityEvent, RecordEvent, event_key
-from runtime.records import Source as Origin
 
 _JETSTREAM = Origin.JETSTREAM.value
 
@@ -90,7 +90,7 @@ def fingerprint(event: Event) -> bytes:
 
 
 def _identity(event: Event) -> tuple[Any, ...]:
-    """The fields of :func:`~runtime.records.event_key`, as a tuple: cheap to build and to hash."""
+    """The fields of :func:`~runtime.contract.records.event_key`, as a tuple: cheap to build and to hash."""
     if type(event) is RecordEvent:
         if event.source == _JETSTREAM:
             if event.rev:

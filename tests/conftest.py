@@ -32,8 +32,8 @@ with warnings.catch_warnings():
     import authlib.integrations.httpx_client  # noqa: F401
     import confluent_kafka.schema_registry  # noqa: F401
 
-from runtime.broker import port_open, start_embedded_broker
-from runtime.settings import KafkaSettings
+from runtime.kafka.broker import port_open, start_embedded_broker
+from runtime.kafka.settings import KafkaSettings
 from tests.kafka.cluster import KafkaCluster
 from tests.ops_tools import PrometheusTools, ToolUnavailable, prometheus_tools
 

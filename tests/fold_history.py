@@ -5,7 +5,7 @@ streams of a history in any interleaving, through any replicas, must end in :fun
 
 API:
 
-* :func:`histories` - a Hypothesis strategy: one history as a list of :mod:`runtime.records`
+* :func:`histories` - a Hypothesis strategy: one history as a list of :mod:`runtime.contract.records`
   events in source order (creates, updates and deletes with increasing revs across collections;
   account deactivation, reactivation, deletion, takedown and its reversal, and handle changes,
   each with the relay's time and seq; getRepo snapshots at the head rev with their fetch time;
@@ -13,11 +13,11 @@ API:
 * :func:`split_by_topic` - a history's per-topic streams (a topic per collection, plus
   ``"account"`` and ``"identity"``), each in source order: a consumer reads each in order and
   the streams in any relative order.
-* :func:`reference_fold` - the final state under :mod:`runtime.order`, computed from the whole
+* :func:`reference_fold` - the final state under :mod:`runtime.contract.order`, computed from the whole
   history at once: :class:`FoldState` (live records with their rev and cid, each DID's newest
   account status and handle).
 
-The histories keep the rule's one assumption (:mod:`runtime.order`: one clock): every event has
+The histories keep the rule's one assumption (:mod:`runtime.contract.order`: one clock): every event has
 its own true time, strictly increasing; a commit's rev is the TID of its time, a status change's
 ``time`` is its time, and a snapshot at time F shows the repository as it is at F with the head
 rev at F. A snapshot's rows are placed anywhere in the history (the repository job runs at its own
@@ -34,8 +34,8 @@ from typing import Any, Final
 from hypothesis import strategies as st
 
 from runtime.atproto.tid import make_tid
-from runtime.order import asof_us, is_delete, removes, status_time_us
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.order import asof_us, is_delete, removes, status_time_us
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
 
 #: Collections the histories write: typed ones, the profile (rkey ``self``, updated in place) and
 #: one without a type of its own.
@@ -70,7 +70,7 @@ def record_key(event: RecordEvent) -> RecordKey:
 
 @dataclass(frozen=True)
 class FoldState:
-    """The final state of a history under :mod:`runtime.order`.
+    """The final state of a history under :mod:`runtime.contract.order`.
 
     Attributes:
         records: live records: (did, collection, rkey) -> (rev, cid) of the version kept.
@@ -184,7 +184,7 @@ def split_by_topic(events: Iterable[Event]) -> dict[str, list[Event]]:
 
 
 def reference_fold(events: Iterable[Event], removal_statuses: frozenset[str]) -> FoldState:
-    """The final state of ``events`` under :mod:`runtime.order`, computed from all of them at once.
+    """The final state of ``events`` under :mod:`runtime.contract.order`, computed from all of them at once.
 
     Per record the kept version is the greatest by (rev, delete over write, as-of time); it is live
     when it is not a delete and its as-of time is later than the DID's newest removal (an account

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.cli import COMMANDS, build_parser
+from runtime.commands.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "atproto-backfill"

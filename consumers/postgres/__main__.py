@@ -2,6 +2,6 @@
 
 import sys
 
-from runtime.cli import main as cli_main
+from runtime.commands.cli import main as cli_main
 
 sys.exit(cli_main(["consume", "postgres", *sys.argv[1:]]))

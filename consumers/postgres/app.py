@@ -17,11 +17,11 @@ from consumers.base import group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
 from consumers.postgres.rows import TransformOptions
 from consumers.postgres.sink import DatabaseUnreachableError, PostgresSettings, PostgresSink, StartStoppedError
-from runtime.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.timeparse import parse_timestamp
 from runtime.errors import ConfigError, SinkUnavailableError
-from runtime.metrics import Metrics
-from runtime.settings import Opt, Secret, add_options, parse_secret
-from runtime.timeparse import parse_timestamp
+from runtime.process.metrics import Metrics
+from runtime.process.options import Opt, Secret, add_options, parse_secret
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ Tables (one per typed collection, ``records`` for every other collection)::
 
 Every row also carries the envelope: did, rkey, rev, cid, the lossless record JSON, the createdAt
 chosen by the timestamp policy, source, source cursor, event time, producer job, and ``asof_us``:
-the version's as-of time, which an account removal is compared with (``runtime.order`` rules 3-4).
+the version's as-of time, which an account removal is compared with (``runtime.contract.order`` rules 3-4).
 Status changes are ordered by their status time (rule 2), never by a receive clock.
 """
 
@@ -32,11 +32,11 @@ from typing import Any, Final
 
 import orjson
 
-from runtime.created_at import Outcome, TimestampPolicy
+from runtime.contract.created_at import Outcome, TimestampPolicy
+from runtime.contract.order import asof_us, newer_version, removes, status_time_us
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.typed import record_datum
 from runtime.errors import DropError, InvalidRecordError
-from runtime.order import asof_us, newer_version, removes, status_time_us
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
-from runtime.typed import record_datum
 
 #: Longest values PostgreSQL's btree keys and the atproto specs allow (DID 2 KiB, rkey 512, NSID 317).
 MAX_DID: Final = 2048
@@ -222,7 +222,7 @@ class Change:
     rev: str
     row: Row | None
     tomb: Row | None
-    #: The version's as-of time (``runtime.order`` rule 4): of two writes of one rev (a commit and a
+    #: The version's as-of time (``runtime.contract.order`` rule 4): of two writes of one rev (a commit and a
     #: snapshot row), the later-observed one is kept.
     asof: int = 0
 
@@ -248,7 +248,7 @@ class Batch:
         actors: every DID seen as author or referenced as subject.
         actor_updates: DIDs whose handle or account status changes.
         removals: DID -> status time of the newest account removal to purge (purge mode only;
-            runtime.order rule 3).
+            runtime.contract.order rule 3).
         progress: (producer job, topic, partition) -> (newest source cursor, its event time in
             microseconds); the job's ``firehose_cursor`` is the low watermark over its partitions.
         event_times: event time of every event in the batch (for the latency hook).
@@ -312,7 +312,7 @@ class Batch:
     def _put(self, key: tuple[str, str, str], change: Change) -> None:
         old = self.changes.get(key)
         if old is not None:
-            # runtime.order rule 1: the newer revision wins, a delete wins a tie; an equal change
+            # runtime.contract.order rule 1: the newer revision wins, a delete wins a tie; an equal change
             # is the same one delivered twice.
             self.superseded += 1
             if not newer_version(change.rev, change.row is None, old.rev, old.row is None) and not (

@@ -57,11 +57,11 @@ from consumers.postgres.rows import (
     naive_utc,
 )
 from consumers.postgres.schema import migrate
-from runtime.created_at import Outcome
+from runtime.contract.created_at import Outcome
 from runtime.errors import CommitError, ConfigError, SinkUnavailableError
-from runtime.metrics import Metrics
-from runtime.offsets import UNKNOWN, Origin, StoredOffset
-from runtime.settings import Secret
+from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
+from runtime.process.metrics import Metrics
+from runtime.process.options import Secret
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class Statements:
         return sql.SQL(
             "INSERT INTO {s}.{t} AS t ({cols}) SELECT {xcols} FROM pg_temp.{st} AS x WHERE {guards} "
             "ON CONFLICT ({key}) DO UPDATE SET {updates}, deleted = false, updated_at = now() "
-            # runtime.order rule 1; of two writes of one rev (a commit, a snapshot row) the
+            # runtime.contract.order rule 1; of two writes of one rev (a commit, a snapshot row) the
             # later-observed one, whose as-of time a removal is compared with (rule 4)
             "WHERE t.rev < EXCLUDED.rev OR (t.rev = EXCLUDED.rev AND NOT t.deleted "
             "AND coalesce(t.asof_us, t.time_us) < EXCLUDED.asof_us)").format(

@@ -2,7 +2,7 @@
 
 import sys
 
-from runtime.cli import main
+from runtime.commands.cli import main
 
 # Guarded: --workers spawns processes that re-import the main module.
 if __name__ == "__main__":

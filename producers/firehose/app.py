@@ -39,25 +39,18 @@ from producers.firehose.source import (
     seek_time,
 )
 from producers.firehose.verify import CommitVerifier, DictResolver, IdentityResolver
+from producers.identity.didlist import parse_dids
 from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobRunner, JobStats
-from runtime.broker import resolve_bootstrap
-from runtime.checkpoint import JobState
-from runtime.codec import AvroCodec
-from runtime.dids import parse_dids
+from runtime.contract.codec import AvroCodec
+from runtime.contract.nsid import validate_pattern
+from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError, SourceError
-from runtime.metrics import Health, Metrics, MetricsServer
-from runtime.nsid import validate_pattern
-from runtime.progress import Progress, print_statistics
-from runtime.settings import (
-    KAFKA_OPTIONS,
-    OBSERVABILITY_OPTIONS,
-    KafkaSettings,
-    ObservabilitySettings,
-    Opt,
-    add_options,
-    resolve_appends,
-)
-from runtime.timeparse import timestamp_us
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.checkpoint import JobState
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.metrics import Health, Metrics, MetricsServer
+from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
+from runtime.process.progress import Progress, print_statistics
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +247,7 @@ def make_resolver(settings: FirehoseSettings, metrics: Metrics | None) -> Identi
             return DictResolver.from_file(settings.did_docs)
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"cannot read --did-docs {settings.did_docs}: {e}") from e
-    from runtime.did_resolver import DidResolver  # noqa: PLC0415 - only needed with --verify
+    from producers.identity.resolver import DidResolver  # noqa: PLC0415 - only needed with --verify
 
     return DidResolver(settings.plc_url, metrics=metrics)
 

@@ -6,12 +6,12 @@ A frame is one binary websocket message holding two DAG-CBOR objects back to bac
 typed events Jetstream's decoder yields (``source="firehose"``, ``cursor`` = the frame's ``seq``,
 ``time_us`` = the frame's ``time``), so the consumers cannot tell the sources apart:
 
-* ``#commit``: one :class:`~runtime.records.RecordEvent` per op; creates and updates carry the
+* ``#commit``: one :class:`~runtime.contract.records.RecordEvent` per op; creates and updates carry the
   record in its atproto JSON form (``$link`` / ``$bytes``, via
   :func:`runtime.atproto.dagcbor.record_json_form`) and its CID string; the record block is taken
   from the commit's CAR slice and must hash to the op's CID.
-* ``#identity`` / ``#account``: one :class:`~runtime.records.IdentityEvent` /
-  :class:`~runtime.records.AccountEvent`.
+* ``#identity`` / ``#account``: one :class:`~runtime.contract.records.IdentityEvent` /
+  :class:`~runtime.contract.records.AccountEvent`.
 * ``#sync``, ``#info``, error frames and unknown types carry no events; the caller decides (count,
   log, reconnect).
 
@@ -33,9 +33,9 @@ from runtime.atproto.car import Car, read_car
 from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import record_json_form
 from runtime.atproto.errors import AtprotoFormatError
+from runtime.contract.nsid import is_collection
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, Source
 from runtime.errors import DecodeError
-from runtime.nsid import is_collection
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, Source
 
 #: Message types of ``subscribeRepos`` that this decoder understands.
 COMMIT: Final = "#commit"

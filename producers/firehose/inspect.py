@@ -2,7 +2,7 @@
 
 A capture is a sequence of ``[u32 little-endian length][frame bytes]`` records, zstd-compressed or
 not (told apart by the zstd magic). Each frame is decoded by :mod:`producers.firehose.decode` and
-each event printed the way Jetstream serves it (:func:`runtime.records.to_jetstream_json`), with
+each event printed the way Jetstream serves it (:func:`runtime.contract.records.to_jetstream_json`), with
 ``time_us`` from the frame's ``time``. ``--all`` also prints the frames that carry no event
 (``#sync``, ``#info``, error frames, unknown types); ``--verify`` checks every commit against DID
 documents from ``--did-docs``. Frames that do not decode are reported on stderr with their reason;
@@ -24,11 +24,11 @@ import orjson
 
 from producers.firehose.decode import KIND_ERROR, KIND_INFO, Decoded, decode_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
+from runtime.atproto.capture import CaptureError, read_capture_bytes, split_capture
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import RecordEvent, to_jetstream_json
 from runtime.errors import ConfigError, DropError
-from runtime.nsid import CollectionFilter
-from runtime.records import RecordEvent, to_jetstream_json
-from runtime.settings import Opt, add_options
-from runtime.simulator.relay import CaptureError, read_capture_bytes, split_capture
+from runtime.process.options import Opt, add_options
 
 log = logging.getLogger(__name__)
 

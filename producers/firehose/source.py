@@ -62,11 +62,11 @@ from producers.firehose.decode import (
 )
 from producers.firehose.verify import CommitVerifier
 from producers.source import Drop, End, Skip, SourceItem, StreamPosition
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import Event
+from runtime.contract.timeparse import us_to_iso
 from runtime.errors import ConfigError, DecodeError, DropError, SourceError
-from runtime.metrics import Metrics
-from runtime.nsid import CollectionFilter
-from runtime.records import Event
-from runtime.timeparse import us_to_iso
+from runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class IdentityResolver(Protocol):
     """Where verification gets an account's current identity (signing key).
 
-    :class:`runtime.did_resolver.DidResolver` (PLC directory and did:web, cached) implements it;
+    :class:`producers.identity.resolver.DidResolver` (PLC directory and did:web, cached) implements it;
     :class:`DictResolver` serves fixed documents (tests, the simulators' accounts).
     """
 

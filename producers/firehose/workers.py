@@ -78,16 +78,16 @@ from producers.firehose.source import (
 from producers.firehose.verify import CommitVerifier
 from producers.job import JobRunner, transactional_id
 from producers.source import Drop, End, SourceItem
-from runtime import kafka as kafka_util
-from runtime.broker import resolve_bootstrap
-from runtime.checkpoint import FINISHED, JobState, load_jobs
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import ConfigError, DropError, FatalError, FencedError
-from runtime.logs import configure
-from runtime.metrics import Health, Metrics, MetricsServer
-from runtime.progress import print_statistics
-from runtime.settings import KafkaSettings
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.checkpoint import FINISHED, JobState, load_jobs
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.logs import configure
+from runtime.process.metrics import Health, Metrics, MetricsServer
+from runtime.process.progress import print_statistics
 
 log = logging.getLogger(__name__)
 

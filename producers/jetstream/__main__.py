@@ -2,6 +2,6 @@
 
 import sys
 
-from runtime.cli import main
+from runtime.commands.cli import main
 
 sys.exit(main(["jetstream", *sys.argv[1:]]))

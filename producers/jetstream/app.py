@@ -27,29 +27,28 @@ import httpx
 
 from consumers.base import ConsumerOptions, GroupConsumer, group_name
 from consumers.queue import QueueSink, default_queue_path
+from producers.identity.didlist import parse_dids, split_csv
+from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
 from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobRunner, JobStats
-from runtime.broker import resolve_bootstrap
-from runtime.checkpoint import JobState
-from runtime.codec import AvroCodec
-from runtime.dids import parse_dids, split_csv
+from runtime.contract.codec import AvroCodec
+from runtime.contract.nsid import validate_pattern
+from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
-from runtime.handles import DEFAULT_RESOLVER, resolve_handles
-from runtime.metrics import Health, Metrics, MetricsServer
-from runtime.nsid import validate_pattern
-from runtime.progress import Progress, print_statistics
-from runtime.settings import (
-    KAFKA_OPTIONS,
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.checkpoint import JobState
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.metrics import Health, Metrics, MetricsServer
+from runtime.process.options import (
     OBSERVABILITY_OPTIONS,
-    KafkaSettings,
     ObservabilitySettings,
     Opt,
     add_options,
     parse_bool,
     resolve_appends,
 )
-from runtime.timeparse import timestamp_us
+from runtime.process.progress import Progress, print_statistics
 
 log = logging.getLogger(__name__)
 

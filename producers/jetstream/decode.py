@@ -11,10 +11,10 @@ from typing import Any, Final
 import orjson
 import zstandard
 
+from runtime.contract.nsid import is_collection
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, Operation, RecordEvent, Source
+from runtime.contract.typed import MAX_TIME_US
 from runtime.errors import DecodeError, InvalidRecordError
-from runtime.nsid import is_collection
-from runtime.records import AccountEvent, Event, IdentityEvent, Operation, RecordEvent, Source
-from runtime.typed import MAX_TIME_US
 
 _OPERATIONS: Final = frozenset(("create", "update", "delete"))
 _JETSTREAM: Final = Source.JETSTREAM.value

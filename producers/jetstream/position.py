@@ -4,7 +4,7 @@ A Jetstream event's ``time_us`` (its cursor) is the receive time on the clock of
 served it: another instance serves the same event with another ``time_us``, ahead or behind by
 that instance's lag and clock. So the position keeps two things apart:
 
-* **Identities** (:func:`identity`): a 64-bit hash of :func:`~runtime.records.event_key`, which
+* **Identities** (:func:`identity`): a 64-bit hash of :func:`~runtime.contract.records.event_key`, which
   for Jetstream is the record's did, collection, rkey and rev (the relay's seq for identity and
   account events): the same on every instance. An event is a duplicate exactly when its identity
   was delivered.
@@ -48,8 +48,8 @@ from array import array
 from collections import deque
 from typing import Any, Final
 
+from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
 from runtime.errors import CursorRegressionError
-from runtime.records import Event, IdentityEvent, RecordEvent, event_key
 
 log = logging.getLogger(__name__)
 

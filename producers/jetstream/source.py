@@ -36,9 +36,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from producers.jetstream.decode import Decompressor, decode_message
 from producers.jetstream.position import DUPLICATE, FAILOVER_REWIND_US, LATE, JetstreamPosition
 from producers.source import Drop, End, Skip, SourceItem
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import RecordEvent
 from runtime.errors import ConfigError, DropError
-from runtime.nsid import CollectionFilter
-from runtime.records import RecordEvent
 
 log = logging.getLogger(__name__)
 

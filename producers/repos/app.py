@@ -41,7 +41,12 @@ from typing import Any, Final
 
 from tenacity import wait_exponential_jitter, wait_none
 
+from producers.identity.didlist import ATPROTO_METHODS, check_did, read_dids_file, split_csv
+from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
+from producers.identity.resolver import DEFAULT_PLC_URL, PLC_URL_ENV, DidResolver
 from producers.job import JobOptions, JobRunner, JobStats
+from producers.netsafety import NetworkPolicy
+from producers.repos import taskdump
 from producers.repos.decode import RECORD_TYPES, RecordFilter, record_type
 from producers.repos.pds import PdsClient, PdsError, PdsLimits
 from producers.repos.source import (
@@ -54,30 +59,18 @@ from producers.repos.source import (
     dids_fingerprint,
 )
 from producers.repos.worktopic import WorkOptions, WorkStats, WorkTopicRunner, enqueue_dids
-from runtime import taskdump
-from runtime.broker import resolve_bootstrap
-from runtime.checkpoint import JobState
-from runtime.codec import AvroCodec
-from runtime.created_at import OutOfRange, TimestampPolicy
-from runtime.did_resolver import DEFAULT_PLC_URL, PLC_URL_ENV, DidResolver
-from runtime.dids import ATPROTO_METHODS, check_did, read_dids_file, split_csv
+from runtime.contract.codec import AvroCodec
+from runtime.contract.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.nsid import validate_pattern
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.timeparse import parse_timestamp
 from runtime.errors import ConfigError, DropError
-from runtime.handles import DEFAULT_RESOLVER, resolve_handles
-from runtime.metrics import Health, Metrics, MetricsServer
-from runtime.netsafety import NetworkPolicy
-from runtime.nsid import validate_pattern
-from runtime.progress import Progress, print_statistics
-from runtime.records import Event, RecordEvent
-from runtime.settings import (
-    KAFKA_OPTIONS,
-    OBSERVABILITY_OPTIONS,
-    KafkaSettings,
-    ObservabilitySettings,
-    Opt,
-    add_options,
-    resolve_appends,
-)
-from runtime.timeparse import parse_timestamp
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.checkpoint import JobState
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.metrics import Health, Metrics, MetricsServer
+from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
+from runtime.process.progress import Progress, print_statistics
 
 log = logging.getLogger(__name__)
 

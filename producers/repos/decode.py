@@ -6,9 +6,9 @@ fails before any of its records is produced, then :meth:`RepoDecoder.items` walk
 ``commit.data`` through the nodes (keys rebuilt from prefix compression) to every
 ``collection/rkey``, checks each record block against its CID and yields:
 
-* :class:`~runtime.records.RecordEvent` (operation ``create``, ``rev`` = the commit's rev,
+* :class:`~runtime.contract.records.RecordEvent` (operation ``create``, ``rev`` = the commit's rev,
   ``source`` = ``repo``, ``time_us`` = when the repository was requested (the caller's
-  ``observed_us``: the records' as-of time, ``runtime.order`` rule 4), else the rev TID's
+  ``observed_us``: the records' as-of time, ``runtime.contract.order`` rule 4), else the rev TID's
   timestamp, ``cursor`` = the caller's);
 * :class:`~producers.source.Drop` for a record that is missing, oversize, not DAG-CBOR or does not
   match its CID (the rest of the repository goes on);
@@ -35,10 +35,10 @@ from runtime.atproto.errors import AtprotoFormatError, CBORError, MissingBlockEr
 from runtime.atproto.mst import DEFAULT_MAX_LAYER, walk
 from runtime.atproto.repo import read_commit
 from runtime.atproto.tid import tid_to_time_us
-from runtime.created_at import Outcome, TimestampPolicy
+from runtime.contract.created_at import Outcome, TimestampPolicy
+from runtime.contract.nsid import CollectionFilter, is_collection
+from runtime.contract.records import Operation, RecordEvent, Source
 from runtime.errors import ConfigError, DropError
-from runtime.nsid import CollectionFilter, is_collection
-from runtime.records import Operation, RecordEvent, Source
 
 #: Seed 002's record types and the collection each lives in (a reply is a post with ``reply``).
 RECORD_TYPES: Final[dict[str, str]] = {

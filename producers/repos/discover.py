@@ -22,19 +22,12 @@ import psycopg
 from psycopg import sql
 
 from producers.repos.worktopic import DoneSet, enqueue_dids
-from runtime.broker import resolve_bootstrap
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.topics import TopicMap
 from runtime.errors import ConfigError, SinkUnavailableError
-from runtime.settings import (
-    KAFKA_OPTIONS,
-    OBSERVABILITY_OPTIONS,
-    KafkaSettings,
-    Opt,
-    Secret,
-    add_options,
-    parse_secret,
-)
-from runtime.topics import TopicMap
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.options import OBSERVABILITY_OPTIONS, Opt, Secret, add_options, parse_secret
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from runtime.atproto.dagcbor import record_json_form
 from runtime.atproto.errors import AtprotoFormatError
 from runtime.atproto.mst import walk
 from runtime.atproto.repo import read_commit
-from runtime.nsid import CollectionFilter
-from runtime.settings import Opt, add_options
+from runtime.contract.nsid import CollectionFilter
+from runtime.process.options import Opt, add_options
 
 OPTIONS: Final = (
     Opt(("--records",), "records", None, False, "print every record as a JSON line", action="store_true"),

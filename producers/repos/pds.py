@@ -41,9 +41,9 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from producers.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
 from runtime.errors import SourceError
-from runtime.metrics import Metrics
-from runtime.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
+from runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -37,16 +37,16 @@ from typing import Any, Final
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from producers.identity.resolver import DidResolutionError, DidResolver
 from producers.repos.decode import RecordFilter, RepoDecodeError, RepoDecoder
 from producers.repos.pds import PdsClient, PdsError, RepoUnavailableError
 from producers.source import Drop, End, Skip, SourceItem
 from runtime.atproto.car import Car, CarFile, open_car, read_car
 from runtime.atproto.errors import AtprotoFormatError, CarTooLargeError
 from runtime.atproto.identity import Identity
-from runtime.did_resolver import DidResolutionError, DidResolver
+from runtime.contract.records import Event, RecordEvent
 from runtime.errors import FatalError
-from runtime.metrics import Metrics
-from runtime.records import Event, RecordEvent
+from runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Fetched:
     attempts: int = 0
     fetch_seconds: float = 0.0
     #: Unix microseconds when the repository was requested: its records' as-of time
-    #: (``runtime.order`` rule 4; None before a successful request).
+    #: (``runtime.contract.order`` rule 4; None before a successful request).
     observed_us: int | None = None
     outcome: str = "ok"
     reason: str | None = None

@@ -41,15 +41,15 @@ from producers.job import FENCED_CODES, kafka_error_of, resolve_fatal
 from producers.repos.decode import record_type
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult, count_outcome
 from producers.source import Drop, Skip
-from runtime import kafka as kafka_util
-from runtime.checkpoint import FINISHED, RUNNING, JobState
-from runtime.codec import AvroCodec
-from runtime.deadletter import DeadLetters
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import RecordEvent
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import CommitError, DeliveryError, DropError, FencedError, SourceError
-from runtime.metrics import Health, Metrics, collection_label
-from runtime.records import RecordEvent
-from runtime.settings import KafkaSettings
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
+from runtime.kafka.deadletter import DeadLetters
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Health, Metrics, collection_label
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import signal
 from pathlib import Path
 from typing import Final
 
-from runtime.settings import Opt, add_options
+from runtime.contract.timeparse import timestamp_us
+from runtime.process.options import Opt, add_options
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, read_events_file, synthetic_events
-from runtime.timeparse import timestamp_us
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 from typing import Final
 
-from runtime.settings import Opt, add_options
+from runtime.process.options import Opt, add_options
 from runtime.simulator.pds import HostFaults, PdsNetwork
 
 log = logging.getLogger(__name__)

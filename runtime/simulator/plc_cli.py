@@ -9,7 +9,7 @@ import signal
 from pathlib import Path
 from typing import Final
 
-from runtime.settings import Opt, add_options
+from runtime.process.options import Opt, add_options
 from runtime.simulator.plc import PlcDirectory, PlcSimulator, load_documents
 
 OPTIONS: Final = (

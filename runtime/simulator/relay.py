@@ -23,17 +23,14 @@ import bisect
 import contextlib
 import logging
 import random
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import libipld
-import zstandard
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -46,76 +43,16 @@ from runtime.atproto.dagcbor import encode, from_json_form
 from runtime.atproto.errors import MissingBlockError
 from runtime.atproto.mst import MST, RepoOp, invert_ops, iter_nodes_preorder
 from runtime.atproto.tid import make_tid
+from runtime.contract.timeparse import timestamp_us, us_to_iso
 from runtime.simulator.plc import did_document
 from runtime.simulator.synthetic import Generator
-from runtime.timeparse import timestamp_us, us_to_iso
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_PATH: Final = "/xrpc/com.atproto.sync.subscribeRepos"
-_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-_LEN: Final = struct.Struct("<I")
 
 
 # ----------------------------------------------------------------------------------- capture files
-
-
-class CaptureError(ValueError):
-    """A capture file that is truncated or not in the ``[u32 LE length][frame]`` format."""
-
-
-def split_capture(data: bytes) -> Iterator[bytes]:
-    """The frames of an uncompressed capture (records of ``[u32 little-endian length][frame]``).
-
-    Raises:
-        CaptureError: a record runs past the end of the data.
-    """
-    pos = 0
-    end = len(data)
-    while pos < end:
-        if pos + 4 > end:
-            raise CaptureError(f"truncated length prefix at offset {pos}")
-        (n,) = _LEN.unpack_from(data, pos)
-        pos += 4
-        if pos + n > end:
-            raise CaptureError(f"frame at offset {pos - 4} claims {n} bytes, only {end - pos} left")
-        yield data[pos:pos + n]
-        pos += n
-
-
-def read_capture_bytes(path: str | Path) -> bytes:
-    """A capture file's records, decompressed when the file is zstd (by its magic, not its name)."""
-    data = Path(path).read_bytes()
-    if data[:4] == _ZSTD_MAGIC:
-        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-            return reader.read()
-    return data
-
-
-def read_capture(path: str | Path) -> list[bytes]:
-    """Every frame of a capture file (zstd-compressed or not).
-
-    Raises:
-        CaptureError: the file is truncated.
-        OSError: it cannot be read.
-    """
-    return list(split_capture(read_capture_bytes(path)))
-
-
-def write_capture(frames: Iterable[bytes], path: str | Path, *, compress: bool = True) -> int:
-    """Write frames as a capture file (zstd-compressed when ``compress``); returns the frame count."""
-    out = bytearray()
-    n = 0
-    for frame in frames:
-        out += _LEN.pack(len(frame))
-        out += frame
-        n += 1
-    data = zstandard.ZstdCompressor(level=3).compress(bytes(out)) if compress else bytes(out)
-    Path(path).write_bytes(data)
-    return n
-
-
-# ----------------------------------------------------------------------------------------- frames
 
 
 def encode_frame(header: dict[str, Any], body: dict[str, Any]) -> bytes:
@@ -652,7 +589,6 @@ def _ws_binary_header(n: int) -> bytes:
 
 __all__ = [
     "SUBSCRIBE_PATH",
-    "CaptureError",
     "RelayAccount",
     "RelayFaults",
     "RelayGenerator",
@@ -662,8 +598,5 @@ __all__ = [
     "error_frame",
     "info_frame",
     "oversize_frame",
-    "read_capture",
-    "split_capture",
     "stored_from_bytes",
-    "write_capture",
 ]

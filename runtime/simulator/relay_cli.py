@@ -13,18 +13,12 @@ from typing import Final
 
 import orjson
 
+from runtime.atproto.capture import CaptureError, read_capture
+from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
-from runtime.settings import Opt, add_options
+from runtime.process.options import Opt, add_options
 from runtime.simulator.plc import PlcDirectory, PlcSimulator
-from runtime.simulator.relay import (
-    CaptureError,
-    RelayFaults,
-    RelayGenerator,
-    RelaySimulator,
-    read_capture,
-    stored_from_bytes,
-)
-from runtime.timeparse import timestamp_us
+from runtime.simulator.relay import RelayFaults, RelayGenerator, RelaySimulator, stored_from_bytes
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ class Generator:
         return fake_cid(repr(sorted(record.items())).encode())
 
     def _created_at(self, t: int) -> str:
-        from runtime.timeparse import us_to_iso  # noqa: PLC0415
+        from runtime.contract.timeparse import us_to_iso  # noqa: PLC0415
 
         return us_to_iso(t)[:-4] + "Z"  # millisecond precision, as clients write it
 

@@ -39,11 +39,13 @@ import zstandard
 from consumers.postgres.rows import Batch, TransformOptions, add_event, naive_utc
 from producers.firehose.decode import IDENTITY, KIND_SYNC, decode, parse_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
+from producers.identity.resolver import DidResolutionError, parse_document_body
 from producers.jetstream.decode import Decompressor, decode_event, decode_message
 from producers.repos.decode import RecordFilter, RepoDecodeError, RepoDecoder
 from producers.repos.worktopic import parse_work_value, work_value
 from producers.source import Drop, Skip
 from runtime.atproto import dagcbor, native
+from runtime.atproto.capture import read_capture
 from runtime.atproto.car import BlockStore, open_car, read_car
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import Commit
@@ -52,16 +54,15 @@ from runtime.atproto.errors import AtprotoFormatError
 from runtime.atproto.mst import build, iter_nodes_preorder
 from runtime.atproto.repo import build_repo_blocks, read_commit
 from runtime.atproto.tid import make_tid
-from runtime.codec import AvroCodec
-from runtime.did_resolver import DidResolutionError, parse_document_body
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.topics import TopicMap, schema_name_for_collection
+from runtime.contract.typed import event_from_datum
 from runtime.errors import DropError
-from runtime.records import Event, RecordEvent
 from runtime.simulator.jetstream import synthetic_events, train_dictionary
 from runtime.simulator.plc import did_document
-from runtime.simulator.relay import RelayGenerator, error_frame, info_frame, read_capture
+from runtime.simulator.relay import RelayGenerator, error_frame, info_frame
 from runtime.simulator.synthetic import Generator
-from runtime.topics import TopicMap, schema_name_for_collection
-from runtime.typed import event_from_datum
 
 log = logging.getLogger(__name__)
 
@@ -570,9 +571,9 @@ TARGETS: Final[dict[str, Target]] = {t.name: t for t in (
            seeds_repo_mst, "cbor"),
     Target("repo_record", "record blocks: dagcbor.record_json_form / native record_form via RepoDecoder",
            run_repo_record, seeds_repo_record, "cbor"),
-    Target("did_document", "runtime.did_resolver.parse_document_body + atproto.identity.parse_did_document",
+    Target("did_document", "producers.identity.resolver.parse_document_body + atproto.identity.parse_did_document",
            run_did_document, seeds_did_document, "json"),
-    Target("avro_value", "runtime.codec.AvroCodec.decode + typed.event_from_datum + postgres rows.add_event",
+    Target("avro_value", "runtime.contract.codec.AvroCodec.decode + typed.event_from_datum + postgres rows.add_event",
            run_avro_value, seeds_avro_value),
     Target("work_item", "producers.repos.worktopic.parse_work_value", run_work_item, seeds_work_item),
 )}

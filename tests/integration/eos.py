@@ -20,12 +20,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
-from runtime.records import event_key
-from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
-from runtime.typed import event_from_datum
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import event_key
+from runtime.contract.topics import TopicMap
+from runtime.contract.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
 
 
 def prefix_topics(kafka: KafkaSettings) -> dict[str, int]:

@@ -24,16 +24,16 @@ import pytest
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from producers.jetstream.decode import decode_message
-from runtime import kafka as kafka_util
-from runtime.checkpoint import JobState, load_job
-from runtime.cli import main
-from runtime.nsid import CollectionFilter
-from runtime.records import event_key
-from runtime.settings import KafkaSettings
+from runtime.commands.cli import main
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.contract.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import JobState, load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from runtime.timeparse import us_to_iso
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
-from runtime.typed import event_from_datum
 from tests.integration.eos import committed, event_topics
 
 pytestmark = pytest.mark.integration
@@ -148,7 +148,7 @@ def test_compaction_removes_old_checkpoints_and_status_and_resume_use_the_newest
     assert load_job(conf, control, JOB) == newest
     assert load_job(conf, control, OTHER) == neighbour
     status = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "status", "--json", "--bootstrap-servers", kafka.bootstrap_servers,
+        [sys.executable, "-m", "runtime", "status", "--json", "--bootstrap-servers", kafka.bootstrap_servers,
          "--topic-prefix", kafka.topic_prefix], capture_output=True, text=True, cwd=ROOT, timeout=90, check=False)
     assert status.returncode == 0, status.stderr[-3000:]
     jobs = {j["job"]: j for j in json.loads(status.stdout)["jobs"]}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_demo_runs_end_to_end_on_the_embedded_broker(pg_url: str, tmp_path: Path) -> None:
     exe = Path(sys.executable).parent / "backfill"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime"]
     proc = subprocess.run([*cmd, "demo", "--events", "3000", "--seed", "7", "--data-dir", str(tmp_path),
                            "--database-url", pg_url], capture_output=True, text=True, timeout=240, cwd=ROOT,
                           check=False)

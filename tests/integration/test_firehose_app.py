@@ -35,18 +35,18 @@ import pytest
 from producers.firehose import app
 from producers.firehose.decode import decode_frame
 from producers.firehose.workers import shard_of
-from runtime import kafka as kafka_util
 from runtime.atproto.crypto import KeyPair
-from runtime.checkpoint import JobState, load_job, load_jobs
-from runtime.cli import main
+from runtime.commands.cli import main
+from runtime.contract.records import Event, RecordEvent, event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.topics import TopicMap
+from runtime.contract.typed import event_from_datum
 from runtime.errors import ConfigError
-from runtime.records import Event, RecordEvent, event_key
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import JobState, load_job, load_jobs
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.plc import PlcDirectory, PlcSimulator, did_document
 from runtime.simulator.relay import RelayFaults, RelayGenerator, RelaySimulator, StoredFrame
-from runtime.timeparse import us_to_iso
-from runtime.topics import TopicMap
-from runtime.typed import event_from_datum
 from tests.integration.eos import committed, committed_event_keys, event_topics, kill_in_transaction
 
 pytestmark = pytest.mark.integration
@@ -307,7 +307,7 @@ def _wait(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> No
 
 def _queue_consumer(kafka: KafkaSettings, path: Path, group: str, job: str, log: Path) -> subprocess.Popen[bytes]:
     """``backfill consume queue --until-done job`` in its own process."""
-    args = [sys.executable, "-m", "runtime.cli", "consume", "queue", "--queue-path", str(path), "--queue-name", "q",
+    args = [sys.executable, "-m", "runtime", "consume", "queue", "--queue-path", str(path), "--queue-name", "q",
             "--group", group, "--until-done", job, "--linger", "0.1", "--bootstrap-servers",
             kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
     with log.open("wb") as out:

@@ -31,18 +31,12 @@ from producers.firehose.source import (
 )
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.source import Drop, End, SourceItem
+from runtime.atproto.capture import read_capture
+from runtime.contract.records import Event
 from runtime.errors import SourceError
-from runtime.metrics import Metrics
-from runtime.records import Event
+from runtime.process.metrics import Metrics
 from runtime.simulator import relay_cli
-from runtime.simulator.relay import (
-    RelayFaults,
-    RelayGenerator,
-    RelaySimulator,
-    StoredFrame,
-    read_capture,
-    stored_from_bytes,
-)
+from runtime.simulator.relay import RelayFaults, RelayGenerator, RelaySimulator, StoredFrame, stored_from_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupType
 
-from runtime import kafka as kafka_util
-from runtime.broker import start_embedded_broker
+from runtime.commands.status import collect
+from runtime.contract.topics import TopicMap
 from runtime.errors import ConfigError
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.broker import start_embedded_broker
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import PdsNetwork
-from runtime.status import collect
-from runtime.topics import TopicMap
 from tests.integration.test_postgres_consumer import (
     assert_tables_equal,
     expected,

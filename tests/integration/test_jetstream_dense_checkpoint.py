@@ -13,13 +13,13 @@ import pytest
 from producers.jetstream.position import JetstreamPosition
 from producers.job import JobOptions, JobRunner
 from producers.source import End, SourceItem
-from runtime import kafka as kafka_util
-from runtime.checkpoint import load_job
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.records import RecordEvent, event_key
-from runtime.settings import KafkaSettings
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import RecordEvent, event_key
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import load_job
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from tests.integration.eos import committed_event_keys
 from tests.integration.test_postgres_consumer import make_events
 

@@ -26,16 +26,16 @@ import pytest
 from consumers.queue import Queue
 from producers.jetstream import run_backfill_sync
 from producers.jetstream.decode import decode_message
-from runtime import kafka as kafka_util
-from runtime.checkpoint import load_job
-from runtime.cli import main
-from runtime.codec import AvroCodec
-from runtime.nsid import CollectionFilter
-from runtime.records import Event, RecordEvent, event_key
-from runtime.settings import KafkaSettings
+from runtime.commands.cli import main
+from runtime.contract.codec import AvroCodec
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import Event, RecordEvent, event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
-from runtime.timeparse import us_to_iso
-from runtime.typed import event_from_datum
 from tests.integration.eos import committed, committed_event_keys, event_topics, kill_in_transaction
 
 START = 1_700_000_000_000_000

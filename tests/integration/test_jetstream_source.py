@@ -14,9 +14,9 @@ import pytest
 
 from producers.jetstream.source import MAX_URL_DIDS, JetstreamOptions, JetstreamSource
 from producers.source import Drop, End, Skip
-from runtime.broker import free_port
-from runtime.nsid import CollectionFilter
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent, event_key
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, event_key
+from runtime.kafka.broker import free_port
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
 
 START = 1_700_000_000_000_000
@@ -44,7 +44,7 @@ def expected(events: list[StoredEvent], *, collections: list[str] | None = None,
 
 
 def as_json(event: RecordEvent | IdentityEvent | AccountEvent) -> str:
-    from runtime.records import to_jetstream_json
+    from runtime.contract.records import to_jetstream_json
 
     return orjson.dumps(to_jetstream_json(event), option=orjson.OPT_SORT_KEYS).decode()
 
@@ -276,8 +276,8 @@ def test_event_keys_are_unique_in_the_synthetic_log() -> None:
 
 
 def test_handles_resolve_through_resolve_handle_on_the_simulated_appview() -> None:
+    from producers.identity.handles import resolve_handles
     from runtime.errors import HandleResolutionError
-    from runtime.handles import resolve_handles
     from runtime.simulator.pds import PdsNetwork
 
     net = PdsNetwork(accounts=3, hosts=1, records_mean=2).start_in_thread()
@@ -291,7 +291,7 @@ def test_handles_resolve_through_resolve_handle_on_the_simulated_appview() -> No
 
 
 def test_cli_adds_resolved_handles_to_the_did_filter(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from runtime.cli import main
+    from runtime.commands.cli import main
     from runtime.simulator.pds import PdsNetwork
 
     net = PdsNetwork(accounts=2, hosts=1, records_mean=2).start_in_thread()

@@ -17,14 +17,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from producers.job import JobOptions, JobRunner
 from producers.source import End, Skip, SourceItem, StreamPosition
-from runtime import kafka as kafka_util
-from runtime.checkpoint import JobState
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.topics import TopicMap
 from runtime.errors import CommitError
-from runtime.metrics import Metrics
-from runtime.records import Event, RecordEvent
-from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import JobState
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from tests.integration.eos import committed
 from tests.integration.test_postgres_consumer import make_events
 

@@ -17,14 +17,14 @@ import pytest
 from consumers.queue import Queue
 from producers.firehose import app as firehose_app
 from producers.repos import run_batched_backfill
-from runtime.checkpoint import JobState, load_job
-from runtime.cli import main
-from runtime.settings import KafkaSettings
+from runtime.commands.cli import main
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.topics import TopicMap
+from runtime.kafka.checkpoint import JobState, load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 from runtime.simulator.pds import PdsNetwork
 from runtime.simulator.relay import RelayGenerator, RelaySimulator
-from runtime.timeparse import us_to_iso
-from runtime.topics import TopicMap
 
 pytestmark = pytest.mark.integration
 

@@ -23,15 +23,15 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from producers.jetstream.decode import decode_message
-from runtime import kafka as kafka_util
-from runtime.checkpoint import load_job
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import Event, event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.topics import TopicMap
 from runtime.errors import SourceError
-from runtime.nsid import CollectionFilter
-from runtime.records import Event, event_key
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from runtime.timeparse import us_to_iso
-from runtime.topics import TopicMap
 from tests.integration.eos import committed_event_keys
 from tests.integration.test_postgres_consumer import assert_tables_equal, expected, snapshot, stored_offsets
 from tests.integration.test_postgres_kill import Replicas, command, data_offsets

@@ -1,4 +1,4 @@
-"""``runtime.kafka.read_to_end`` on Apache Kafka: it reads exactly to each partition's last stable
+"""``runtime.kafka.clients.read_to_end`` on Apache Kafka: it reads exactly to each partition's last stable
 offset, never waits for an open transaction, skips aborted records and commit markers, and raises
 instead of returning part of a topic."""
 
@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 from confluent_kafka import Producer
 
-from runtime import kafka as kafka_util
-from runtime.checkpoint import JobState, load_job
 from runtime.errors import SourceError
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import JobState, load_job
+from runtime.kafka.settings import KafkaSettings
 
 pytestmark = pytest.mark.integration
 

@@ -22,12 +22,12 @@ from psycopg import sql
 
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
 from consumers.queue import QueueSink
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event, event_key
 from runtime.errors import OffsetMismatchError
-from runtime.metrics import Metrics
-from runtime.records import Event, event_key
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from tests.integration.test_postgres_consumer import consume, make_events, produce
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from runtime.broker import free_port
-from runtime.settings import KafkaSettings
+from runtime.kafka.broker import free_port
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 from tests.ops_tools import (
     ALERTS,
@@ -101,7 +101,7 @@ def test_prometheus_scrapes_a_running_producer_and_consumers(kafka: KafkaSetting
     p_port, c_port, pg_port, prom_port = free_port(), free_port(), free_port(), free_port()
     env = base_env(kafka)
     end = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    cli = [sys.executable, "-m", "runtime.cli"]
+    cli = [sys.executable, "-m", "runtime"]
     procs.start("producer", [
         *cli, "jetstream", "--consumer", "none", "--metrics-port", str(p_port), "--instance", sim.url,
         "--num-records", "0", "--max-time", "0", "--job", f"ops-{kafka.topic_prefix}",

@@ -8,7 +8,7 @@ import time
 import pytest
 from confluent_kafka import KafkaError, Producer
 
-from runtime.settings import KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from tests.ops_tools import parse_cli
 
 pytestmark = pytest.mark.integration

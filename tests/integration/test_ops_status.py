@@ -19,19 +19,19 @@ import pytest
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
 from consumers.queue import QueueSink
 from producers.job import JobOptions, JobRunner
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.records import Event
-from runtime.settings import KafkaSettings
+from runtime.commands.status import collect
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from runtime.status import collect
 from tests.integration.test_postgres_consumer import ListSource, make_events, replayed
 from tests.kafka.cluster import consumer_groups_tool, jars_present
 from tests.ops_tools import ROOT, Procs, wait_for
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "runtime.cli"]
+CLI = [sys.executable, "-m", "runtime"]
 
 
 @pytest.fixture

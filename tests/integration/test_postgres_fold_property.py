@@ -29,9 +29,9 @@ from consumers.base import Consumed
 from consumers.postgres.rows import RECORD_TABLES, TransformOptions
 from consumers.postgres.schema import migrate
 from consumers.postgres.sink import PostgresSettings, PostgresSink
-from runtime.metrics import Metrics
-from runtime.records import Event
-from runtime.settings import Secret
+from runtime.contract.records import Event
+from runtime.process.metrics import Metrics
+from runtime.process.options import Secret
 from tests.fold_history import DEFAULT_REMOVAL_STATUSES, FoldState, describe, histories, reference_fold, split_by_topic
 
 pytestmark = pytest.mark.integration

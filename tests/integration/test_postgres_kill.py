@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from runtime.settings import KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from tests.integration.test_postgres_consumer import (
     assert_tables_equal,
     expected,
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def command() -> list[str]:
     """The ``backfill`` entry point of this environment."""
     exe = Path(sys.executable).parent / "backfill"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "runtime"]
 
 
 class Replicas:

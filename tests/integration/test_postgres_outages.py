@@ -23,10 +23,11 @@ from psycopg import sql
 
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
 from consumers.postgres.sink import PostgresSettings, PostgresSink
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
 from runtime.errors import SinkUnavailableError
-from runtime.metrics import Metrics
-from runtime.settings import KafkaSettings, Secret
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
+from runtime.process.options import Secret
 from tests.integration import pg_private
 from tests.integration.pg_private import PrivatePostgres, free_port
 from tests.integration.test_postgres_consumer import assert_tables_equal, expected, make_events, produce, snapshot
@@ -102,7 +103,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> 
 
 
 @pytest.mark.parametrize(("entry", "wait"), [
-    (("-m", "runtime.cli", "consume", "postgres"), ("--db-wait", "2")),
+    (("-m", "runtime", "consume", "postgres"), ("--db-wait", "2")),
     (("-m", "consumers.postgres"), ("--db-wait", "0")),
     (("-m", "consumers.postgres"), ()),  # BACKFILL_DB_WAIT=1.5 from the environment
 ])

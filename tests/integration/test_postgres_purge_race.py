@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 
 from consumers.postgres.rows import TransformOptions
-from runtime.records import AccountEvent
+from runtime.contract.records import AccountEvent
 from tests.integration.test_postgres_sink import A, B, post, posts, query, sink_for, write
 
 pytestmark = pytest.mark.integration

@@ -18,12 +18,12 @@ from consumers.base import Consumed
 from consumers.postgres.rows import RECORD_TABLES, TransformOptions
 from consumers.postgres.schema import CURRENT_VERSION, migrate
 from consumers.postgres.sink import Committed, PostgresSettings, PostgresSink
-from runtime.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
 from runtime.errors import CommitError, ConfigError, SinkUnavailableError
-from runtime.metrics import Metrics
-from runtime.offsets import StoredOffset
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
-from runtime.settings import Secret
+from runtime.kafka.offsets import StoredOffset
+from runtime.process.metrics import Metrics
+from runtime.process.options import Secret
 
 pytestmark = pytest.mark.integration
 

@@ -22,13 +22,13 @@ import pytest
 
 from consumers.base import ConsumerOptions, GroupConsumer
 from consumers.queue import QueueFullError, QueueSink, connect
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import Event, to_jetstream_json
+from runtime.contract.typed import event_from_datum
 from runtime.errors import CommitError
-from runtime.metrics import Metrics
-from runtime.records import Event, to_jetstream_json
-from runtime.settings import KafkaSettings
-from runtime.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from tests.integration.test_postgres_consumer import make_events, produce
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ _FULL_DISK_CLI = """
 import sys
 
 import consumers.queue as queue
-from runtime.cli import main
+from runtime.commands.cli import main
 
 room = int(sys.argv[1])
 plain = queue.connect
@@ -185,7 +185,7 @@ def test_backfill_consume_queue_exits_1_with_one_line_on_a_full_disk_then_resume
     assert items == _below(kafka, offsets)
 
     # Space is back: a new process resumes.
-    again = subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "runtime", *args], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=180, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     items, offsets, attempts = _queue_state(path, group)

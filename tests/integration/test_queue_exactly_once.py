@@ -22,11 +22,11 @@ import pytest
 
 from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer
 from consumers.queue import RECORD_TYPES, QueueSink, by_type_router, connect
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.offsets import Origin, StoredOffset
-from runtime.records import event_key, to_jetstream_json
-from runtime.settings import KafkaSettings
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import event_key, to_jetstream_json
+from runtime.kafka.offsets import Origin, StoredOffset
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from tests.integration.test_postgres_consumer import make_events, produce, replayed
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ def test_sigkill_of_the_queue_consumer_mid_batch_then_restart_leaves_the_exact_q
     QueueSink("kq", path).close()  # the schema, then the instrumentation
     with closing(sqlite3.connect(path)) as conn:
         conn.executescript(_ATTEMPTS)
-    args = [sys.executable, "-m", "runtime.cli", "consume", "queue", "--queue-path", str(path), "--queue-name", "kq",
+    args = [sys.executable, "-m", "runtime", "consume", "queue", "--queue-path", str(path), "--queue-name", "kq",
             "--group", group, "--until-done", "qk", "--batch-size", "200", "--linger", "0.05",
             "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
             "--log-level", "INFO",

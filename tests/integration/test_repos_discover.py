@@ -15,10 +15,10 @@ from consumers.postgres.schema import migrate
 from producers.repos.discover import discover
 from producers.repos.source import RepoResult
 from producers.repos.worktopic import parse_work_value
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
-from runtime.settings import KafkaSettings
-from runtime.topics import TopicMap
+from runtime.contract.codec import AvroCodec
+from runtime.contract.topics import TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_discover_enqueues_referenced_authors_not_yet_done(pg_url: str, kafka: K
 
 def test_discover_cli_refuses_missing_tables(pg_url: str, kafka: KafkaSettings) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "discover-dids", "--database-url", pg_url, "--db-schema",
+        [sys.executable, "-m", "runtime", "discover-dids", "--database-url", pg_url, "--db-schema",
          "no_such_schema", "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix],
         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 2, proc.stderr

@@ -17,10 +17,10 @@ import pytest
 
 from producers.repos import run_batched_backfill
 from runtime.atproto.tid import tid_to_time_us
-from runtime.checkpoint import load_job
-from runtime.settings import KafkaSettings
+from runtime.contract.topics import TopicMap
+from runtime.kafka.checkpoint import load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import HostFaults, PdsNetwork
-from runtime.topics import TopicMap
 from tests.integration.eos import kill_in_transaction
 
 try:
@@ -80,7 +80,7 @@ def test_batched_backfill_produces_every_record_once(kafka: KafkaSettings, net: 
         assert e.source == "repo"
         assert e.operation == "create"
         assert e.rev == acct.rev
-        # a snapshot row's time is when its repository was requested (runtime.order rule 4)
+        # a snapshot row's time is when its repository was requested (runtime.contract.order rule 4)
         assert started_us <= e.time_us <= ended_us
         assert e.time_us > tid_to_time_us(acct.rev)
         assert e.job == "repos"

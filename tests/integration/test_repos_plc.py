@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from producers.identity.resolver import DidResolutionError, DidResolver
+from producers.netsafety import NetworkPolicy
 from runtime.atproto.crypto import KeyPair
-from runtime.did_resolver import DidResolutionError, DidResolver
-from runtime.netsafety import NetworkPolicy
 from runtime.simulator.plc import PlcDirectory, PlcSimulator, did_document, load_documents
 
 pytestmark = pytest.mark.integration

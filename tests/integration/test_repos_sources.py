@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from tenacity import wait_none
 
+from producers.netsafety import NetworkPolicy
 from producers.repos import app
 from producers.repos.pds import PdsClient, PdsLimits
-from runtime.netsafety import NetworkPolicy
-from runtime.settings import KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import HostFaults, PdsNetwork
 
 pytestmark = pytest.mark.integration

@@ -9,13 +9,13 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from runtime import kafka as kafka_util
-from runtime.codec import AvroCodec
-from runtime.records import RecordEvent
-from runtime.settings import KafkaSettings
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import RecordEvent
+from runtime.contract.topics import TopicMap
+from runtime.contract.typed import event_from_datum
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import PdsNetwork
-from runtime.topics import TopicMap
-from runtime.typed import event_from_datum
 
 
 @dataclass

@@ -27,20 +27,20 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry
 from tenacity import wait_none
 
+from producers.identity.resolver import DidResolver
+from producers.netsafety import NetworkPolicy
 from producers.repos.decode import RecordFilter
 from producers.repos.pds import PdsClient, PdsLimits
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult
 from producers.repos.worktopic import WorkOptions, WorkTopicRunner, enqueue_dids
 from producers.source import Drop, Skip
-from runtime.checkpoint import load_job, load_jobs
-from runtime.codec import AvroCodec
-from runtime.did_resolver import DidResolver
-from runtime.metrics import Metrics
-from runtime.netsafety import NetworkPolicy
-from runtime.records import RecordEvent
-from runtime.settings import KafkaSettings
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import RecordEvent
+from runtime.contract.topics import TopicMap
+from runtime.kafka.checkpoint import load_job, load_jobs
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from runtime.simulator.pds import HostFaults, PdsNetwork
-from runtime.topics import TopicMap
 from tests.integration.eos import kill_in_transaction
 
 try:
@@ -114,7 +114,7 @@ def _wait(procs: list[subprocess.Popen[bytes]], timeout: float, logs: list[Path]
             try:
                 code = p.wait(left)
             except subprocess.TimeoutExpired:
-                for q in procs:  # each live replica logs where its tasks wait (runtime.taskdump)
+                for q in procs:  # each live replica logs where its tasks wait (producers.repos.taskdump)
                     if q.poll() is None:
                         q.send_signal(signal.SIGUSR1)
                 time.sleep(2)

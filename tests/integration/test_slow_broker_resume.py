@@ -29,15 +29,15 @@ import pytest
 from confluent_kafka import Producer
 
 from producers.jetstream.decode import decode_message
-from runtime import kafka as kafka_util
-from runtime.checkpoint import JobState, load_job
+from runtime.contract.nsid import CollectionFilter
+from runtime.contract.records import event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.topics import TopicMap
 from runtime.errors import SourceError
-from runtime.nsid import CollectionFilter
-from runtime.records import event_key
-from runtime.settings import KafkaSettings
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import JobState, load_job
+from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from runtime.timeparse import us_to_iso
-from runtime.topics import TopicMap
 from tests.integration.eos import committed_event_keys
 from tests.integration.proxy import DelayProxy
 from tests.kafka.cluster import KafkaCluster
@@ -103,7 +103,7 @@ def _expected_keys(job: str) -> Counter[str]:
 
 def _jetstream(sim: JetstreamSimulator, kafka: KafkaSettings, job: str, log: Path, *extra: str) -> int:
     """``backfill jetstream`` (a subprocess) producing only; its exit status."""
-    args = [sys.executable, "-m", "runtime.cli", "jetstream", "--instance", sim.url, "--cursor", str(START),
+    args = [sys.executable, "-m", "runtime", "jetstream", "--instance", sim.url, "--cursor", str(START),
             "--end-timestamp", us_to_iso(END), "--bootstrap-servers", kafka.bootstrap_servers,
             "--topic-prefix", kafka.topic_prefix, "--topic-partitions", "3", "--job", job, "--consumer", "none",
             "--progress", "none", "--checkpoint-every", "150", "--checkpoint-interval", "0.3", "--end-idle", "1",

@@ -15,13 +15,13 @@ from confluent_kafka import Producer
 
 from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
 from consumers.queue import QueueSink
-from runtime import kafka as kafka_util
-from runtime.checkpoint import FINISHED, JobState
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import ConfigError
-from runtime.metrics import Metrics
-from runtime.settings import KafkaSettings
-from runtime.topics import CONTROL_TOPIC_CONFIG, TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.checkpoint import FINISHED, JobState
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from runtime.atproto.errors import AtprotoFormatError, CBORError
 from runtime.atproto.mst import walk
 from runtime.atproto.repo import build_repo_blocks, read_commit
 from runtime.atproto.tid import make_tid
-from runtime.records import RecordEvent
+from runtime.contract.records import RecordEvent
 
 from .test_atproto_corpus import record_blocks, repo_car_bytes
 

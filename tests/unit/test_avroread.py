@@ -11,12 +11,12 @@ import pytest
 
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.avroread import DECODE_ERRORS, compile_decoder, read_long
-from runtime.codec import AvroCodec, shipped
+from runtime.contract.avroread import DECODE_ERRORS, compile_decoder, read_long
+from runtime.contract.codec import AvroCodec, shipped
+from runtime.contract.topics import schema_name_for
+from runtime.contract.typed import datum_for
 from runtime.errors import DecodeError
 from runtime.simulator.synthetic import Generator
-from runtime.topics import schema_name_for
-from runtime.typed import datum_for
 
 try:
     from tests.unit.test_avrowrite import ALL_TYPES, captured_events

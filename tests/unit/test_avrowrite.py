@@ -16,15 +16,22 @@ import schemas
 from producers.firehose.decode import decode_frame
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime import avrowrite, codec
-from runtime.avrowrite import _HIGH_MAX, ENCODE_ERRORS, compile_encoder, compile_parts_encoder, parts_fields, zz_long
-from runtime.codec import AvroCodec, shipped
+from runtime.contract import avrowrite, codec
+from runtime.atproto.capture import read_capture
+from runtime.contract.avrowrite import (
+    _HIGH_MAX,
+    ENCODE_ERRORS,
+    compile_encoder,
+    compile_parts_encoder,
+    parts_fields,
+    zz_long,
+)
+from runtime.contract.codec import AvroCodec, shipped
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.topics import TYPED_COLLECTIONS, schema_name_for, schema_name_for_collection
+from runtime.contract.typed import ENVELOPE, TYPED, datum_for, record_datum
 from runtime.errors import DropError, InvalidRecordError
-from runtime.records import Event, RecordEvent
-from runtime.simulator.relay import read_capture
 from runtime.simulator.synthetic import Generator
-from runtime.topics import TYPED_COLLECTIONS, schema_name_for, schema_name_for_collection
-from runtime.typed import ENVELOPE, TYPED, datum_for, record_datum
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
@@ -33,7 +40,7 @@ def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     if request.param == "python":
         monkeypatch.setattr(avrowrite, "WIRE", None)
     elif avrowrite.WIRE is None:
-        pytest.fail("runtime/_avrowire.c was not built: reinstall with a C compiler")
+        pytest.fail("runtime/contract/_avrowire.c was not built: reinstall with a C compiler")
     monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' encoders
     param: str = request.param
     return param

@@ -1,4 +1,4 @@
-"""runtime.cgroup: the container's memory limit from cgroup v2 and v1 files, and the guard from it."""
+"""consumers.cgroup: the container's memory limit from cgroup v2 and v1 files, and the guard from it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cgroup import default_memory_guard_mb, memory_limit_bytes
+from consumers.cgroup import default_memory_guard_mb, memory_limit_bytes
 
 GIB = 2**30
 

@@ -12,10 +12,10 @@ from confluent_kafka import KafkaError, KafkaException
 
 import consumers.base as base
 from consumers.base import CONTROL_PATIENCE, ConsumerOptions, GroupConsumer
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
 from runtime.errors import SourceError
-from runtime.metrics import Metrics
-from runtime.settings import KafkaSettings
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 
 
 class Clock:

@@ -23,13 +23,14 @@ from producers.firehose.decode import (
     parse_frame,
     parse_time_us,
 )
+from runtime.atproto.capture import read_capture
 from runtime.atproto.car import read_car, write_car
 from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import encode, from_json_form
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.timeparse import timestamp_us
 from runtime.errors import DecodeError
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent
-from runtime.simulator.relay import encode_frame, error_frame, info_frame, read_capture
-from runtime.timeparse import timestamp_us
+from runtime.simulator.relay import encode_frame, error_frame, info_frame
 
 
 @pytest.fixture(scope="module")

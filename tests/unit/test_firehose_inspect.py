@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from runtime.cli import main
-from runtime.simulator.relay import CaptureError, read_capture, split_capture, write_capture
+from runtime.atproto.capture import CaptureError, read_capture, split_capture, write_capture
+from runtime.commands.cli import main
 
 
 def _lines(out: str) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ from producers.firehose.source import FirehosePosition, FrameHandler, relay_url
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.firehose.workers import decode_records, encode_records, shard_of, worker_job
 from producers.source import Drop, End, Skip, SourceItem
+from runtime.contract.records import RecordEvent
 from runtime.errors import ConfigError, DropError, FatalError
-from runtime.records import RecordEvent
 from runtime.simulator.relay import RelayGenerator, StoredFrame, encode_frame
 
 PATH = "/xrpc/com.atproto.sync.subscribeRepos"

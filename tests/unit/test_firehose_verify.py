@@ -15,6 +15,7 @@ import pytest
 from producers.firehose.decode import Decoded, decode_frame, parse_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
 from runtime.atproto import native
+from runtime.atproto.capture import read_capture
 from runtime.atproto.car import read_car, write_car
 from runtime.atproto.cid import CID
 from runtime.atproto.commit import parse_commit
@@ -22,7 +23,7 @@ from runtime.atproto.crypto import KeyPair
 from runtime.atproto.dagcbor import decode, encode
 from runtime.errors import DecodeError
 from runtime.simulator.plc import did_document
-from runtime.simulator.relay import RelayGenerator, encode_frame, read_capture
+from runtime.simulator.relay import RelayGenerator, encode_frame
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])

@@ -9,8 +9,8 @@ import pytest
 import zstandard
 
 from producers.jetstream.decode import Decompressor, decode_event, decode_message
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.errors import DecodeError, InvalidRecordError
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.simulator.jetstream import synthetic_events, train_dictionary
 
 LIKE = {

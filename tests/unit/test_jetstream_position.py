@@ -24,7 +24,7 @@ from producers.jetstream.position import (
     identity,
 )
 from producers.source import StreamPosition
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key
 from runtime.simulator.jetstream import synthetic_events
 
 S = 1_000_000  # one second in µs

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.checkpoint import JobState
 from runtime.errors import CursorRegressionError
+from runtime.kafka.checkpoint import JobState
 
 
 def state(cursor: int, checkpoint: int, run: int) -> JobState:

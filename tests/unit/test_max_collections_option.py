@@ -11,10 +11,11 @@ import pytest
 from producers.firehose import app as firehose_app
 from producers.jetstream import app as jetstream_app
 from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobRunner
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
 from runtime.errors import ConfigError
-from runtime.metrics import Metrics
-from runtime.settings import KAFKA_OPTIONS, OBSERVABILITY_OPTIONS, KafkaSettings, add_options, resolve_appends
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.metrics import Metrics
+from runtime.process.options import OBSERVABILITY_OPTIONS, add_options, resolve_appends
 
 APPS = [(jetstream_app, jetstream_app.JETSTREAM_OPTIONS), (firehose_app, firehose_app.FIREHOSE_OPTIONS)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.offsets import UNKNOWN, Ends, Origin, StoredOffset, mismatch
+from runtime.kafka.offsets import UNKNOWN, Ends, Origin, StoredOffset, mismatch
 
 HERE = Origin("cluster-a", "topic-1")
 ENDS = Ends(low=0, stable=90, high=100)

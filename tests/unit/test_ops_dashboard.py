@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from runtime.metrics import Metrics, metric_names
+from runtime.process.metrics import Metrics, metric_names
 from tests.ops_tools import (
     ALERTS,
     ALERTS_TEST,

@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from runtime.settings import KAFKA_OPTIONS, KafkaSettings, resolve_appends
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.options import resolve_appends
 from tests.ops_tools import (
     ALERTS,
     APP_JOBS,

@@ -14,9 +14,9 @@ from consumers.base import Consumed, ConsumerOptions, GroupConsumer
 from consumers.queue import QueueSink
 from producers.jetstream.decode import decode_message
 from producers.job import LATENCY_SAMPLE_EVERY, JobOptions, JobRunner
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
-from runtime.settings import KafkaSettings
+from runtime.contract.codec import AvroCodec
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.metrics import Metrics
 from runtime.simulator.jetstream import synthetic_events
 
 NOWHERE = KafkaSettings(bootstrap_servers="127.0.0.1:9", topic_prefix="m")

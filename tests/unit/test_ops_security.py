@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaException, Producer
 
-from runtime.codec import AvroCodec
-from runtime.records import IdentityEvent
-from runtime.settings import KafkaSettings, Secret, redact_value, redacted_namespace
-from runtime.typed import datum_for
+from runtime.contract.codec import AvroCodec
+from runtime.contract.records import IdentityEvent
+from runtime.contract.typed import datum_for
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.options import Secret, redact_value, redacted_namespace
 from tests.ops_tools import ROOT, parse_cli
 
 SECRET_ENV = {
@@ -173,7 +174,7 @@ def test_a_process_logs_its_settings_without_secrets() -> None:
     env = {**os.environ, **SECRET_ENV, "DATABASE_URL": "postgresql://backfill:db-pw-99e1@db:5432/app",
            "BACKFILL_LOG_LEVEL": "INFO"}
     # `embedded` makes status stop with a usage error after logging its settings, before any network use.
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--bootstrap-servers", "embedded"],
+    result = subprocess.run([sys.executable, "-m", "runtime", "status", "--bootstrap-servers", "embedded"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     (logged,) = [line for line in result.stderr.splitlines() if "status: settings {" in line]

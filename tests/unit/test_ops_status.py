@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from runtime.checkpoint import FINISHED, RUNNING, JobState
-from runtime.offsets import Ends
-from runtime.status import (
+from runtime.commands.status import (
     GroupReport,
     PartitionReport,
     Scan,
@@ -24,6 +22,8 @@ from runtime.status import (
     render_json,
     render_text,
 )
+from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
+from runtime.kafka.offsets import Ends
 
 S = 1_000_000  # one second in microseconds
 START = 1_700_000_000 * S

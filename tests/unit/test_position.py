@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from producers.source import StreamPosition
+from runtime.contract.records import RecordEvent
 from runtime.errors import CursorRegressionError
-from runtime.records import RecordEvent
 
 
 def ev(t: int, rkey: str = "k") -> RecordEvent:
@@ -62,7 +62,7 @@ def test_check_not_behind() -> None:
 def test_identities_are_the_checkpointed_fingerprints() -> None:
     """In memory a tuple stands for the event; the checkpoint holds the same fingerprints as ever."""
     from producers.source import _fingerprint_of, _identity, fingerprint
-    from runtime.records import AccountEvent, IdentityEvent, event_key
+    from runtime.contract.records import AccountEvent, IdentityEvent, event_key
 
     events = [ev(7), RecordEvent("did:plc:b", "app.bsky.feed.post", "3k", "delete", None, None, None, "firehose", 9, 9),
               IdentityEvent(did="did:plc:c", handle="h.test", seq=None, time=None, source="jetstream", cursor=3,

@@ -12,10 +12,11 @@ from consumers.postgres import app
 from consumers.postgres.rows import RECORD_TABLES
 from consumers.postgres.schema import CURRENT_VERSION, MIGRATIONS, lock_key
 from consumers.postgres.sink import PostgresSettings, Statements, describe_dsn
-from runtime.cli import build_parser
-from runtime.created_at import OutOfRange
+from runtime.commands.cli import build_parser
+from runtime.contract.created_at import OutOfRange
 from runtime.errors import ConfigError
-from runtime.settings import KAFKA_OPTIONS, OBSERVABILITY_OPTIONS, Secret, add_options
+from runtime.kafka.settings import KAFKA_OPTIONS
+from runtime.process.options import OBSERVABILITY_OPTIONS, Secret, add_options
 
 URL = "postgresql://backfill:sekret@db.example:5432/atproto"
 

@@ -19,10 +19,10 @@ from consumers.postgres.rows import (
     post_type,
     uri_did,
 )
-from runtime.created_at import Outcome, OutOfRange, TimestampPolicy
+from runtime.contract.created_at import Outcome, OutOfRange, TimestampPolicy
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.typed import record_datum
 from runtime.errors import DropError, InvalidRecordError
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent
-from runtime.typed import record_datum
 
 CID = "bafyreidc6sydkkbchcyg62v77wbhzvb2mvytlmsychqgwf2xojjtirmzj4"
 A = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

@@ -27,10 +27,10 @@ from consumers.queue import (
     removal_statuses,
 )
 from runtime.atproto.tid import make_tid
-from runtime.cli import build_parser
+from runtime.commands.cli import build_parser
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key
 from runtime.errors import ConfigError
-from runtime.metrics import Metrics
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key
+from runtime.process.metrics import Metrics
 from tests.fold_history import relay_time
 
 DID = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"

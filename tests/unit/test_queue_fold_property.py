@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from consumers.base import Consumed
 from consumers.queue import DEFAULT_STATE_MAX, STATE_TABLES, Queue, QueueFold, QueueSink, by_type_router
-from runtime.order import supersedes
-from runtime.records import Event
+from runtime.contract.order import supersedes
+from runtime.contract.records import Event
 from tests.fold_history import DEFAULT_REMOVAL_STATUSES, FoldState, describe, histories, reference_fold, split_by_topic
 
 EXAMPLES = int(os.environ.get("BACKFILL_FOLD_EXAMPLES", "200"))

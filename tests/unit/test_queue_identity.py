@@ -9,7 +9,7 @@ from pathlib import Path
 from consumers.base import Consumed
 from consumers.queue import QueueSink
 from producers.jetstream.decode import decode_message
-from runtime.records import Event, RecordEvent
+from runtime.contract.records import Event, RecordEvent
 from runtime.simulator.jetstream import shift_clock, synthetic_events
 
 EVENTS = synthetic_events(300, seed=5, accounts=20, real_cids=False)

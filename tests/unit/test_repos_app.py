@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from producers.identity.didlist import ATPROTO_METHODS, read_dids_file
 from producers.repos import app
-from runtime.dids import ATPROTO_METHODS, read_dids_file
 from runtime.errors import ConfigError
 
 

@@ -18,9 +18,9 @@ from runtime.atproto.crypto import KeyPair
 from runtime.atproto.mst import build
 from runtime.atproto.repo import build_repo_blocks
 from runtime.atproto.tid import make_tid, tid_to_time_us
-from runtime.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.created_at import OutOfRange, TimestampPolicy
+from runtime.contract.records import RecordEvent
 from runtime.errors import ConfigError
-from runtime.records import RecordEvent
 
 DID = "did:plc:decodertestaaaaaaaaaaaaa"
 KEY = KeyPair.generate("k256", random.Random(9))

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from tenacity import wait_none
 
+from producers.identity.resolver import MAX_DOCUMENT_BYTES, DidResolutionError, DidResolver, did_web_url
 from runtime.atproto.crypto import KeyPair
-from runtime.did_resolver import MAX_DOCUMENT_BYTES, DidResolutionError, DidResolver, did_web_url
-from runtime.metrics import Metrics
+from runtime.process.metrics import Metrics
 
 DID = "did:plc:abcdefghijklmnopqrstuvwx"
 KEY = KeyPair.generate("k256", random.Random(1))

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.netsafety import NetworkPolicy, UnsafeEndpointError, guarded_client, is_public_address
+from producers.netsafety import NetworkPolicy, UnsafeEndpointError, guarded_client, is_public_address
 
 
 @pytest.mark.parametrize(("address", "public"), [

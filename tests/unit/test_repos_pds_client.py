@@ -28,7 +28,7 @@ from producers.repos.pds import (
     parse_reset,
     parse_retry_after,
 )
-from runtime.metrics import Metrics
+from runtime.process.metrics import Metrics
 
 WALL0 = 1_700_000_000.0
 DID = "did:plc:pdsclienttestaaaaaaaaaaa"

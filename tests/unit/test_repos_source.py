@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from tenacity import wait_none
 
+from producers.identity.resolver import DidResolutionError
 from producers.repos.decode import RecordFilter
 from producers.repos.pds import FetchedCar, PdsError, PdsLimits, RepoUnavailableError
 from producers.repos.source import Fetched, RepoFetcher, RepoPosition, RepoProcessor, RepoResult, RepoSource
@@ -19,9 +20,8 @@ from runtime.atproto.crypto import KeyPair
 from runtime.atproto.identity import Identity
 from runtime.atproto.repo import build_repo
 from runtime.atproto.tid import make_tid
-from runtime.did_resolver import DidResolutionError
+from runtime.contract.records import RecordEvent
 from runtime.errors import FatalError
-from runtime.records import RecordEvent
 
 KEY = KeyPair.generate("k256", random.Random(21))
 
@@ -212,7 +212,7 @@ def test_source_batches_and_resume(tmp_path: Path) -> None:
 
 
 def test_snapshot_rows_are_as_of_the_request_time(tmp_path: Path) -> None:
-    """runtime.order rule 4: a snapshot's rows carry the time it was requested, not its head rev's."""
+    """runtime.contract.order rule 4: a snapshot's rows carry the time it was requested, not its head rev's."""
     resolver, pds = FakeResolver(), FakePds({})
     f = RepoFetcher(resolver, pds, tmp_path, attempts=1, wait=wait_none(), sleep=_nosleep,  # type: ignore[arg-type]
                     wall=lambda: 1_800_000_000.25)

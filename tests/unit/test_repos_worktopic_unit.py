@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from producers.repos.worktopic import DoneSet, parse_work_value, work_value
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
 from runtime.errors import DropError
 
 

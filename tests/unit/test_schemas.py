@@ -11,12 +11,12 @@ import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
 import schemas
-from runtime.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped
+from runtime.contract.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.topics import TYPED_COLLECTIONS, TopicMap, schema_name_for
+from runtime.contract.typed import datum_for, event_from_datum
 from runtime.errors import DecodeError, InvalidRecordError
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent
 from runtime.simulator.synthetic import Generator
-from runtime.topics import TYPED_COLLECTIONS, TopicMap, schema_name_for
-from runtime.typed import datum_for, event_from_datum
 
 BASELINE = Path(__file__).resolve().parent.parent / "schema_baseline"
 

@@ -10,24 +10,25 @@ import pytest
 
 from producers.jetstream import app
 from producers.jetstream.source import PUBLIC_INSTANCES, instance_url
-from runtime.checkpoint import JobState
-from runtime.cli import build_parser, main
-from runtime.created_at import Outcome, OutOfRange, TimestampPolicy, parse_created_at
+from runtime.commands.cli import build_parser, main
+from runtime.contract.created_at import Outcome, OutOfRange, TimestampPolicy, parse_created_at
+from runtime.contract.nsid import CollectionFilter, validate_pattern
+from runtime.contract.timeparse import parse_timestamp, timestamp_us, us_to_date
 from runtime.errors import ConfigError, CursorRegressionError
-from runtime.nsid import CollectionFilter, validate_pattern
-from runtime.settings import KAFKA_OPTIONS, KafkaSettings, Opt, Secret, add_options, redact_url, redacted
-from runtime.timeparse import parse_timestamp, timestamp_us, us_to_date
+from runtime.kafka.checkpoint import JobState
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.options import Opt, Secret, add_options, redact_url, redacted
 
 
 def parse(args: list[str], env: dict[str, str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_options(parser, app.JETSTREAM_OPTIONS, env or {})
     add_options(parser, KAFKA_OPTIONS, env or {})
-    from runtime.settings import OBSERVABILITY_OPTIONS
+    from runtime.process.options import OBSERVABILITY_OPTIONS
 
     add_options(parser, OBSERVABILITY_OPTIONS, env or {})
     ns = parser.parse_args(args)
-    from runtime.settings import resolve_appends
+    from runtime.process.options import resolve_appends
 
     resolve_appends(ns, app.JETSTREAM_OPTIONS, env or {})
     return ns
@@ -198,7 +199,7 @@ def test_kafka_config_reaches_every_client_over_the_defaults(monkeypatch: pytest
     assert s.consumer_config("g")["ssl.key.password"] == "hunter2"
     assert s.consumer_config("g")["group.id"] == "g"  # what the code sets itself is not overridden
     assert "hunter2" not in repr(redacted(s)) + repr(s)
-    from runtime.settings import redacted_namespace
+    from runtime.process.options import redacted_namespace
 
     assert "hunter2" not in repr(redacted_namespace(ns))
     # from the environment, comma-separated, also when the caller did not resolve append options
@@ -239,7 +240,7 @@ def test_group_protocol_decides_the_consumer_settings() -> None:
 
 
 def test_the_embedded_broker_gets_short_group_timing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime import broker
+    from runtime.kafka import broker
 
     monkeypatch.setattr(broker, "_EMBEDDED", {"127.0.0.1:1234"})
     embedded = KafkaSettings(bootstrap_servers="127.0.0.1:1234")

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from runtime import taskdump
+from producers.repos import taskdump
 
 
 async def _waits_for_ever(event: asyncio.Event) -> None:
@@ -29,7 +29,7 @@ def test_sigusr1_logs_every_task_stack(caplog: pytest.LogCaptureFixture) -> None
         await task
         asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
 
-    with caplog.at_level(logging.WARNING, logger="runtime.taskdump"):
+    with caplog.at_level(logging.WARNING, logger="producers.repos.taskdump"):
         asyncio.run(main())
     text = caplog.text
     assert "asyncio tasks" in text

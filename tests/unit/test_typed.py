@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.typed import datum_for, event_from_datum
 from runtime.errors import InvalidRecordError
-from runtime.records import AccountEvent, IdentityEvent, RecordEvent
-from runtime.typed import datum_for, event_from_datum
 
 CID = "bafyreidc6sydkkbchcyg62v77wbhzvb2mvytlmsychqgwf2xojjtirmzj4"
 BLOB = {"$type": "blob", "ref": {"$link": "bafkreihbpdfxmfk7cqx3q3aqgoibxiwbxbvrn2iodizbiivf3c3vsncxti"},
@@ -122,9 +122,9 @@ def test_every_typed_field_is_in_every_datum() -> None:
     """A datum carries every field of its collection's schema, whatever the record holds (sinks and
     the codec's fallback read them all): records of every kind, and deletes (null/empty)."""
     from producers.jetstream.decode import decode_event
-    from runtime.codec import shipped
+    from runtime.contract.codec import shipped
+    from runtime.contract.topics import schema_name_for_collection
     from runtime.simulator.synthetic import Generator
-    from runtime.topics import schema_name_for_collection
 
     schemas = shipped()
     seen: set[tuple[str, str]] = set()

@@ -9,7 +9,7 @@ Ends, from ListOffsets: log start, last stable offset, high watermark.
 
 Offsets between two records are not always records: each transaction ends with a commit or abort
 marker taking one offset, and an aborted transaction's records are skipped by ``read_committed``
-readers. Counting the records in a range therefore needs reading it (``runtime.status``).
+readers. Counting the records in a range therefore needs reading it (``runtime.commands.status``).
 
 Origins. An offset stored outside Kafka (a sink's table, next to the rows it covers) counts the
 records of one incarnation of one topic in one cluster: :class:`StoredOffset` keeps that

@@ -33,7 +33,7 @@ _SMALL: Final = 1 << 13
 
 def _load_wire() -> Any:
     try:
-        import runtime._avrowire as _avrowire  # noqa: PLC0415, PLR0402 - mypy skips this form of a C module
+        import runtime.contract._avrowire as _avrowire  # noqa: PLC0415, PLR0402 - mypy skips this form of a C module
     except ImportError:  # pragma: no cover - built by every install that has a C compiler
         return None
     return _avrowire
@@ -128,7 +128,7 @@ class UnsupportedSchemaError(Exception):
 
 
 class CodeGen:
-    """What both compilers (this module's writers, :mod:`runtime.avroread`'s readers) share: lines
+    """What both compilers (this module's writers, :mod:`runtime.contract.avroread`'s readers) share: lines
     of generated code, fresh local names, and constants the generated function sees as globals."""
 
     def __init__(self, consts: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 /*
  * Native writers of the Avro values every event has many of: strings, ["null", "string"] unions,
- * strings already encoded as UTF-8, and longs. The encoders compiled by runtime/avrowrite.py call
+ * strings already encoded as UTF-8, and longs. The encoders compiled by runtime/contract/avrowrite.py call
  * them, one call per field, instead of four or five Python operations per field; the bytes are the
  * same (the tests compare against fastavro and against the pure-Python code).
  *

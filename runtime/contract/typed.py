@@ -13,8 +13,8 @@ from typing import Any, Final
 
 import orjson
 
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
 from runtime.errors import InvalidRecordError
-from runtime.records import AccountEvent, Event, IdentityEvent, RecordEvent
 
 Datum = dict[str, Any]
 

@@ -1,9 +1,9 @@
 """Avro encoding of message values, in either of two wire formats, and decoding of both.
 
 The Avro body is written by an encoder compiled from each shipped schema
-(:mod:`runtime.avrowrite`, byte-identical to fastavro and about twice as fast); fastavro writes
+(:mod:`runtime.contract.avrowrite`, byte-identical to fastavro and about twice as fast); fastavro writes
 what that encoder does not take. Values written with a shipped schema are read by a decoder
-compiled the same way (:mod:`runtime.avroread`); fastavro reads the rest (schema resolution) and
+compiled the same way (:mod:`runtime.contract.avroread`); fastavro reads the rest (schema resolution) and
 anything the compiled decoder refuses, so corrupt bytes still raise fastavro's error.
 
 * With a schema registry: the Confluent wire format, ``0x00`` + 4-byte big-endian schema id +
@@ -28,12 +28,12 @@ import fastavro
 import fastavro.schema
 
 import schemas
-from runtime.avroread import DECODE_ERRORS, Decoder, compile_decoder
-from runtime.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder
+from runtime.contract.avroread import DECODE_ERRORS, Decoder, compile_decoder
+from runtime.contract.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder
+from runtime.contract.records import Event, RecordEvent
+from runtime.contract.topics import schema_name_for, schema_name_for_collection
+from runtime.contract.typed import ENVELOPE, datum_for, record_datum, record_parts
 from runtime.errors import DecodeError
-from runtime.records import Event, RecordEvent
-from runtime.topics import schema_name_for, schema_name_for_collection
-from runtime.typed import ENVELOPE, datum_for, record_datum, record_parts
 
 SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
 REGISTRY_MAGIC: Final = 0
@@ -51,7 +51,7 @@ class ShippedSchema:
     encoder: Encoder | None = None
     decoder: Decoder | None = None
     #: For a record-event schema: the encoder taking the event, its record's JSON and its typed
-    #: values (:func:`runtime.typed.record_parts`) without a datum dict.
+    #: values (:func:`runtime.contract.typed.record_parts`) without a datum dict.
     parts_encoder: PartsEncoder | None = None
 
 
@@ -184,7 +184,7 @@ class AvroCodec:
 
     def record_encoder_for(self, schema_name: str, topic: str) -> Callable[[RecordEvent], bytes]:
         """The value encoder of record events of one collection and topic (a producer's hot path):
-        the same bytes as :meth:`encode` of :func:`runtime.typed.record_datum`, without the datum.
+        the same bytes as :meth:`encode` of :func:`runtime.contract.typed.record_datum`, without the datum.
 
         The returned function raises :class:`~runtime.errors.InvalidRecordError` for a record
         that does not fit its collection's typed fields.

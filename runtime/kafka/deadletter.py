@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runtime.codec import AvroCodec
-from runtime.metrics import Metrics
+from runtime.contract.codec import AvroCodec
+from runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

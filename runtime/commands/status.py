@@ -7,7 +7,7 @@ Sources of truth:
 * consumer groups: the groups that committed offsets on this prefix's topics (committed offsets are
   informational for our sinks, which store their own, but they are what lag monitoring sees; our
   consumers commit their position, past the transaction markers, once they have read everything);
-* partition ends: ListOffsets (``runtime.offsets``): the high watermark and the last stable offset.
+* partition ends: ListOffsets (``runtime.kafka.offsets``): the high watermark and the last stable offset.
 
 Two figures per group, per partition and summed:
 
@@ -44,13 +44,14 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
-from runtime import kafka as kafka_util
-from runtime.broker import port_open
-from runtime.checkpoint import FINISHED, RUNNING, JobState
+from runtime.contract.topics import TopicMap
 from runtime.errors import ConfigError, SourceError
-from runtime.offsets import Ends, list_ends
-from runtime.settings import DEFAULT_CONTROL_TIMEOUT, KAFKA_OPTIONS, KafkaSettings, Opt, add_options, resolve_appends
-from runtime.topics import TopicMap
+from runtime.kafka import clients as kafka_util
+from runtime.kafka.broker import port_open
+from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
+from runtime.kafka.offsets import Ends, list_ends
+from runtime.kafka.settings import DEFAULT_CONTROL_TIMEOUT, KAFKA_OPTIONS, KafkaSettings
+from runtime.process.options import Opt, add_options, resolve_appends
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,7 @@ def read_job_history(conf: dict[str, Any], control_topic: str, keep: int = 2, *,
                      max_wait: float = DEFAULT_CONTROL_TIMEOUT) -> dict[str, list[JobState]]:
     """The newest ``keep`` checkpoints of every job, oldest first (last value per checkpoint wins).
 
-    Like :func:`runtime.checkpoint.load_jobs`, but keeps the checkpoint before the newest so the
+    Like :func:`runtime.kafka.checkpoint.load_jobs`, but keeps the checkpoint before the newest so the
     current rate can be computed.
     """
     history: dict[str, list[JobState]] = {}

@@ -1,4 +1,4 @@
-"""Avro binary decoding compiled per schema: the reading twin of :mod:`runtime.avrowrite`.
+"""Avro binary decoding compiled per schema: the reading twin of :mod:`runtime.contract.avrowrite`.
 
 fastavro's ``schemaless_reader`` interprets the schema for every value (about 8 us for one of our
 typed records); the consumers decode every message they read. This module turns a parsed record
@@ -8,7 +8,7 @@ writer schema is a shipped one). Schema resolution between different writer and 
 stays with fastavro. The tests compare both readers on every shipped schema, and check that
 truncated or corrupt bytes raise instead of returning a short datum.
 
-Supported: what :mod:`runtime.avrowrite` supports. :func:`compile_decoder` returns None otherwise.
+Supported: what :mod:`runtime.contract.avrowrite` supports. :func:`compile_decoder` returns None otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
-from runtime.avrowrite import CodeGen, UnsupportedSchemaError, null_union, resolve_named
+from runtime.contract.avrowrite import CodeGen, UnsupportedSchemaError, null_union, resolve_named
 
 #: ``decode(data) -> datum``; raises one of :data:`DECODE_ERRORS` on bytes that do not decode.
 Decoder = Callable[[bytes], dict[str, Any]]

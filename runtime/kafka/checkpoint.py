@@ -6,7 +6,7 @@ counts, status, and the next offset of every partition it wrote) is written only
 job is fully consumed; ``backfill status`` prints it.
 
 Each checkpoint is a whole state under the job's name, so the log cleaner keeps exactly the newest
-checkpoint of every job and drops the older ones (``runtime.topics.CONTROL_TOPIC_CONFIG`` makes it
+checkpoint of every job and drops the older ones (``runtime.contract.topics.CONTROL_TOPIC_CONFIG`` makes it
 run). A reader takes the last record of each key in offset order, which is what the cleaner
 keeps: the answer is the same before and after compaction.
 """
@@ -20,8 +20,8 @@ from typing import Any, Final
 import orjson
 
 from runtime.errors import CursorRegressionError
-from runtime.kafka import read_to_end
-from runtime.settings import DEFAULT_CONTROL_TIMEOUT
+from runtime.kafka.clients import read_to_end
+from runtime.kafka.settings import DEFAULT_CONTROL_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def load_jobs(consumer_conf: dict[str, Any], control_topic: str, *, settle: floa
               max_wait: float = DEFAULT_CONTROL_TIMEOUT, must_exist: bool = False) -> dict[str, JobState]:
     """The latest state of every job in the control topic: the last value of each key, as compaction keeps.
 
-    ``settle``: see :func:`runtime.kafka.read_to_end`. A resume needs it: the control topic has one
+    ``settle``: see :func:`runtime.kafka.clients.read_to_end`. A resume needs it: the control topic has one
     partition, and another job's transaction left open there (a producer killed mid-checkpoint)
     hides every checkpoint committed after it from read_committed readers until it ends. Readers
     that look again soon (a consumer waiting for a job to finish) pass 0. ``max_wait``: seconds to

@@ -9,7 +9,7 @@ The document is parsed by :func:`runtime.atproto.identity.parse_did_document` (i
 the DID asked for). Results are cached for ``ttl`` seconds on an injected clock, concurrent
 lookups of one DID share one request, and :meth:`DidResolver.invalidate` drops an entry (a
 firehose ``#identity`` event). A did:web host is untrusted input: its connection goes through the
-:mod:`runtime.netsafety` guard; the PLC directory is operator configuration and trusted. 5xx,
+:mod:`producers.netsafety` guard; the PLC directory is operator configuration and trusted. 5xx,
 429, timeouts and connection errors are retried with jittered exponential backoff (tenacity; the
 ``wait`` is injectable so tests never sleep).
 """
@@ -31,11 +31,11 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
+from producers.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
 from runtime.atproto.errors import IdentityError
 from runtime.atproto.identity import Identity, parse_did_document
 from runtime.errors import SourceError
-from runtime.metrics import Metrics
-from runtime.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
+from runtime.process.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class DidResolver:
         ttl: seconds a resolved identity stays cached.
         max_entries: cache size (least recently used entries are evicted).
         clock: monotonic seconds (injected in tests).
-        policy: which addresses did:web hosts may resolve to (see :mod:`runtime.netsafety`).
+        policy: which addresses did:web hosts may resolve to (see :mod:`producers.netsafety`).
         client: an ``httpx.AsyncClient`` to use instead of the guarded one (tests); the caller then
             owns network safety.
         timeout: per-request timeout in seconds.

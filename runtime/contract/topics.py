@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from runtime.contract.records import AccountEvent, Event, IdentityEvent
 from runtime.errors import InvalidRecordError
-from runtime.records import AccountEvent, Event, IdentityEvent
 
 #: Collections with their own typed schema; every other collection uses ``generic``.
 TYPED_COLLECTIONS: Final[frozenset[str]] = frozenset({

@@ -16,8 +16,8 @@ from typing import Final
 
 from runtime import __version__
 from runtime.errors import BackfillError, ConfigError, FatalError, FencedError, HandleResolutionError
-from runtime.logs import configure
-from runtime.settings import redacted_namespace
+from runtime.process.logs import configure
+from runtime.process.options import redacted_namespace
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,11 @@ COMMANDS: Final[tuple[tuple[tuple[str, ...], str, str], ...]] = (
     (("simulate", "relay"), "runtime.simulator.relay_cli", "serve a simulated relay firehose"),
     (("simulate", "plc"), "runtime.simulator.plc_cli", "serve a simulated PLC directory"),
     (("simulate", "pds"), "runtime.simulator.pds_cli", "serve a simulated PLC directory and PDS hosts"),
-    (("inspect", "topic"), "runtime.inspect_topic", "print a topic's messages decoded to JSON lines"),
+    (("inspect", "topic"), "runtime.commands.inspect_topic", "print a topic's messages decoded to JSON lines"),
     (("inspect", "frames"), "producers.firehose.inspect", "decode a firehose capture file to JSON lines"),
     (("inspect", "car"), "producers.repos.inspect", "list a repository CAR file's records"),
-    (("status",), "runtime.status", "show every job, its progress and the consumer groups' lag"),
-    (("demo",), "runtime.demo", "run the local demo: broker, simulator, producer, consumer, summary"),
+    (("status",), "runtime.commands.status", "show every job, its progress and the consumer groups' lag"),
+    (("demo",), "runtime.commands.demo", "run the local demo: broker, simulator, producer, consumer, summary"),
 )
 
 

@@ -19,8 +19,8 @@ from typing import Final
 
 import orjson
 
-from runtime.broker import start_embedded_broker
-from runtime.settings import Opt, add_options, parse_secret
+from runtime.kafka.broker import start_embedded_broker
+from runtime.process.options import Opt, add_options, parse_secret
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(ns: argparse.Namespace) -> int:
     """Run the demo; returns 0 when every stage finished and the counts agree."""
-    from runtime.cli import main as cli  # noqa: PLC0415 - the CLI imports this module
+    from runtime.commands.cli import main as cli  # noqa: PLC0415 - the CLI imports this module
 
     data = Path(ns.data_dir) if ns.data_dir else Path(tempfile.mkdtemp(prefix="atproto-backfill-demo-"))
     data.mkdir(parents=True, exist_ok=True)
@@ -134,6 +134,6 @@ def _print_tables(url: str) -> None:
 
 
 if __name__ == "__main__":
-    from runtime.cli import main as _main
+    from runtime.commands.cli import main as _main
 
     sys.exit(_main(["demo", *sys.argv[1:]]))

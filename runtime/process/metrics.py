@@ -22,9 +22,9 @@ import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from runtime.created_at import OUTCOMES as CREATED_AT_OUTCOMES
+from runtime.contract.created_at import OUTCOMES as CREATED_AT_OUTCOMES
+from runtime.contract.topics import TYPED_COLLECTIONS
 from runtime.errors import DROP_REASONS
-from runtime.topics import TYPED_COLLECTIONS
 
 log = logging.getLogger(__name__)
 

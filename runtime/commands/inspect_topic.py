@@ -14,10 +14,11 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
-from runtime.broker import resolve_bootstrap
-from runtime.codec import AvroCodec
+from runtime.contract.codec import AvroCodec
 from runtime.errors import ConfigError, DecodeError
-from runtime.settings import KAFKA_OPTIONS, KafkaSettings, Opt, add_options
+from runtime.kafka.broker import resolve_bootstrap
+from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.process.options import Opt, add_options
 
 OPTIONS: Final = (
     Opt(("--count", "-n"), "count", None, 0, "stop after this many messages (0 = to the end)", type=int),

@@ -36,8 +36,8 @@ from typing import Final
 
 from runtime.atproto.errors import TIDError
 from runtime.atproto.tid import tid_to_time_us
-from runtime.records import AccountEvent, IdentityEvent, Operation, RecordEvent, Source
-from runtime.timeparse import to_us
+from runtime.contract.records import AccountEvent, IdentityEvent, Operation, RecordEvent, Source
+from runtime.contract.timeparse import to_us
 
 #: Times outside [year 2000, year 2200) are not trusted as event times (a bogus ``time`` string or
 #: TID), and fall back to ``time_us``.

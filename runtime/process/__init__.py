@@ -1,0 +1,6 @@
+"""Process plumbing every command shares: options from flags and environment, metrics, logging,
+progress display and signal handling.
+
+May import :mod:`runtime.errors` and :mod:`runtime.contract` (metric label sets come from the
+contract); never Kafka, the simulators or the commands.
+"""
