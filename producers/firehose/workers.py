@@ -59,7 +59,8 @@ from typing import Any, Final
 import orjson
 from confluent_kafka import KafkaException, Producer
 
-from producers.firehose.app import (
+from producers.firehose.decode import parse_frame, parse_time_us
+from producers.firehose.settings import (
     FirehoseSettings,
     RunResult,
     check_resume,
@@ -68,7 +69,6 @@ from producers.firehose.app import (
     job_options,
     make_resolver,
 )
-from producers.firehose.decode import parse_frame, parse_time_us
 from producers.firehose.source import (
     FirehosePosition,
     FrameHandler,

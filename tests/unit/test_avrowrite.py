@@ -16,8 +16,8 @@ import schemas
 from producers.firehose.decode import decode_frame
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.contract import avrowrite, codec
 from runtime.atproto.capture import read_capture
+from runtime.contract import avrowrite, codec
 from runtime.contract.avrowrite import (
     _HIGH_MAX,
     ENCODE_ERRORS,
