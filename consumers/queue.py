@@ -904,6 +904,10 @@ QUEUE_OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "consumer group into the durable queue"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill consume queue``."""
     add_options(parser, QUEUE_OPTIONS)

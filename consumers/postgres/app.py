@@ -59,6 +59,10 @@ POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "consumer group into PostgreSQL tables"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill consume postgres``."""
     add_options(parser.add_argument_group("postgres"), POSTGRES_OPTIONS)

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from producers.firehose.settings import (
     FIREHOSE_OPTIONS,
@@ -136,6 +137,10 @@ def run(settings: FirehoseSettings, *, metrics: Metrics | None = None, print_tab
     if print_table:
         print_statistics(stats, title=f"Firehose backfill statistics (job {settings.job})")
     return RunResult(stats, final, [final])
+
+
+#: One line for ``backfill --help``.
+HELP: Final = "replay the relay firehose (subscribeRepos) into the typed topics"
 
 
 def main(ns: argparse.Namespace) -> int:

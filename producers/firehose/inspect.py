@@ -46,6 +46,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "decode a firehose capture file to JSON lines"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill inspect frames``."""
     parser.add_argument("file", help="capture file: [u32 LE length][frame] records, zstd-compressed or not")

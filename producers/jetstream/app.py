@@ -211,6 +211,10 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
     )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "replay Jetstream into the typed topics (seeds 000/001)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``backfill jetstream`` option."""
     add_options(parser, JETSTREAM_OPTIONS)

@@ -285,6 +285,10 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
     )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "backfill whole repositories (getRepo) into the typed topics"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``backfill repos`` option."""
     add_options(parser, REPOS_OPTIONS)

@@ -136,6 +136,10 @@ def discover(url: str, schema: str, include: list[str], kafka: KafkaSettings, *,
     return DiscoverResult(counts["referenced"], counts["done"], enqueued)
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "enqueue referenced authors not yet backfilled"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill discover-dids``."""
     add_options(parser, DISCOVER_OPTIONS)

@@ -36,6 +36,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "list a repository CAR file's records"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill inspect car``."""
     parser.add_argument("file", help="the CAR file (a getRepo export)")

@@ -38,6 +38,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "run the local demo: broker, simulator, producer, consumer, summary"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill demo``."""
     add_options(parser, OPTIONS)

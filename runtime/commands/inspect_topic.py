@@ -29,6 +29,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "print a topic's messages decoded to JSON lines"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill inspect topic``."""
     parser.add_argument("topic", help="topic to read")

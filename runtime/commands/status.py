@@ -578,6 +578,10 @@ def render_json(report: StatusReport) -> bytes:
 # ------------------------------------------------------------------------------------------ CLI
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "show every job, its progress and the consumer groups' lag"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill status``."""
     add_options(parser, OPTIONS)

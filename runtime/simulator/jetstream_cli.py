@@ -48,6 +48,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "serve a simulated Jetstream"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill simulate jetstream``."""
     add_options(parser, OPTIONS)

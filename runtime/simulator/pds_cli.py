@@ -58,6 +58,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "serve a simulated PLC directory and PDS hosts"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill simulate pds``."""
     add_options(parser, OPTIONS)

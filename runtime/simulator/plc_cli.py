@@ -21,6 +21,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "serve a simulated PLC directory"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill simulate plc``."""
     add_options(parser, OPTIONS)

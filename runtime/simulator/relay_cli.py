@@ -63,6 +63,10 @@ OPTIONS: Final = (
 )
 
 
+#: One line for ``backfill --help``.
+HELP: Final = "serve a simulated relay firehose"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill simulate relay``."""
     add_options(parser, OPTIONS)
