@@ -32,7 +32,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.commands.cli import COMMANDS, build_parser
+from runtime.commands.cli import build_parser
+from runtime.process.plugins import COMMANDS, declared
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "atproto-backfill"
@@ -178,9 +179,10 @@ def require_module(name: str, package: str) -> None:
 
 def command_module(args: list[str]) -> str | None:
     """The module of the ``backfill`` subcommand that ``args`` start with (None: not a known command)."""
-    for words, module, _help in COMMANDS:
-        if list(words) == args[: len(words)]:
-            return module
+    for ep in declared(COMMANDS):
+        words = ep.name.split(".")
+        if words == args[: len(words)]:
+            return ep.value
     return None
 
 
