@@ -172,13 +172,13 @@ def test_redacted_namespace_hides_every_kind_of_secret() -> None:
 
 def test_a_process_logs_its_settings_without_secrets() -> None:
     env = {**os.environ, **SECRET_ENV, "DATABASE_URL": "postgresql://backfill:db-pw-99e1@db:5432/app",
-           "BACKFILL_LOG_LEVEL": "INFO"}
+           "BACKFILL_LOG_LEVEL": "DEBUG"}
     # `embedded` makes status stop with a usage error after logging its settings, before any network use.
     result = subprocess.run([sys.executable, "-m", "runtime", "status", "--bootstrap-servers", "embedded"],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     (logged,) = [line for line in result.stderr.splitlines() if "status: settings {" in line]
-    assert " INFO " in logged
+    assert " DEBUG " in logged
     assert "'sasl_password': '**********'" in logged
     assert "'schema_registry_auth': '**********'" in logged
     assert "'sasl_username': 'backfill'" in logged
