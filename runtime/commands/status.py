@@ -51,7 +51,7 @@ from runtime.kafka.broker import port_open
 from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
 from runtime.kafka.offsets import Ends, list_ends
 from runtime.kafka.settings import DEFAULT_CONTROL_TIMEOUT, KAFKA_OPTIONS, KafkaSettings
-from runtime.process.options import Opt, add_options, resolve_appends
+from runtime.process.options import Opt, add_options, log_level_option, resolve_appends
 
 log = logging.getLogger(__name__)
 
@@ -584,7 +584,7 @@ HELP: Final = "show every job, its progress and the consumer groups' lag"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill status``."""
-    add_options(parser, OPTIONS)
+    add_options(parser, (*OPTIONS, log_level_option("WARNING")))
     add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
 
 

@@ -216,13 +216,18 @@ def redacted_namespace(ns: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Observability options shared by every process.
 
+def log_level_option(default: str = "INFO") -> Opt:
+    """``--log-level`` / ``BACKFILL_LOG_LEVEL``, with the default the command wants."""
+    return Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", default, "logging level",
+               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
 OBSERVABILITY_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--metrics-port",), "metrics_port", "BACKFILL_METRICS_PORT", 0,
         "serve Prometheus metrics, /healthz and /readyz on this port (0 = off)", type=int),
     Opt(("--metrics-host",), "metrics_host", "BACKFILL_METRICS_HOST", "0.0.0.0",  # noqa: S104 - pods are scraped from outside
         "address the metrics server binds"),
-    Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "INFO", "logging level",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    log_level_option(),
     Opt(("--log-format",), "log_format", "BACKFILL_LOG_FORMAT", "text", "log line format",
         choices=("text", "json")),
 )
