@@ -228,7 +228,7 @@ def job_run(kafka: KafkaSettings, frames: list[bytes], sdk: bool) -> Callable[[]
         source = MemorySource(frames, sdk)
         # Warm the topics so topic creation is not timed.
         for ev in (e for d in frames[:300] for e in ours_events(d)):
-            runner._ensure([runner.topics.for_event(ev)])
+            runner.publisher.ensure([runner.topics.for_event(ev)])
         t0 = time.perf_counter()
         final = asyncio.run(runner.run(lambda _prev: source))
         elapsed = time.perf_counter() - t0

@@ -80,7 +80,6 @@ from confluent_kafka import KafkaException  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from bench.brokers import add_broker_arguments, broker, describe  # noqa: E402
-from consumers.postgres.rows import RECORD_TABLES  # noqa: E402
 from consumers.queue import QueueSink  # noqa: E402
 from producers.jetstream.decode import decode_message  # noqa: E402
 from runtime.contract.order import asof_us, is_delete, supersedes  # noqa: E402
@@ -91,7 +90,7 @@ from runtime.kafka.checkpoint import FINISHED, load_job  # noqa: E402
 from runtime.kafka.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.jetstream import JetstreamSimulator, StoredEvent, synthetic_events  # noqa: E402
 from tests.integration.eos import committed_event_keys, open_transaction  # noqa: E402
-from tests.integration.test_postgres_consumer import Tables, expected  # noqa: E402
+from tests.integration.pg_pipeline import Tables, expected, record_rows  # noqa: E402
 
 #: Event time of the first generated event (2023-11-14T22:13:20Z), as the tests use.
 START_US = 1_700_000_000_000_000
@@ -648,16 +647,11 @@ def check_topics(kafka: KafkaSettings, workload: Workload) -> SinkCheck:
 def pg_state(pg_url: str, schema: str) -> tuple[Tables, Counter[tuple[str, str, int]]]:
     """What the tables hold: the record rows, event logs and actors (``Tables``), and every event
     log row counted by (table, did, relay seq), so an event logged twice shows."""
-    out = Tables(records={t.name: {} for t in RECORD_TABLES})
+    out = Tables()
     s = sql.Identifier(schema)
     logged: Counter[tuple[str, str, int]] = Counter()
     with psycopg.connect(pg_url) as conn:
-        for table in RECORD_TABLES:
-            coll = sql.Literal(table.collection) if table.collection else sql.SQL("collection")
-            for did, collection, rkey, rev, cid, record in conn.execute(sql.SQL(
-                    "SELECT did, {coll}, rkey, rev, cid, record FROM {s}.{t} WHERE NOT deleted").format(
-                    coll=coll, s=s, t=sql.Identifier(table.name))):
-                out.records[table.name][(did, collection, rkey)] = (rev, cid, record)
+        out.records = record_rows(conn, schema)
         for name in ("identity_events", "account_events"):
             rows = conn.execute(sql.SQL("SELECT did, source, cursor, time_us, seq FROM {}.{}").format(
                 s, sql.Identifier(name))).fetchall()

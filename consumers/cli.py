@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
 from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
 from runtime.process.progress import print_statistics
+from runtime.process.signals import set_on_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -110,24 +110,19 @@ def run_consumer(settings: ConsumerSettings, make_sink: Callable[[], Sink], *,
     server = None
     if settings.obs.metrics_port:
         server = MetricsServer(metrics, health, settings.obs.metrics_host, settings.obs.metrics_port).start()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    sink = make_sink()
-    try:
-        with resolve_bootstrap(settings.kafka.bootstrap_servers) as servers:
-            kafka = settings.kafka.with_bootstrap(servers)
-            consumer = GroupConsumer(kafka, sink, settings.options, metrics,
-                                     AvroCodec.from_config(kafka.registry_config()), health=health,
-                                     stop_event=stop, extra_consumer_config=extra)
-            stats = consumer.run()
-    finally:
-        sink.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.stop()
+    with set_on_stop_signals(stop):  # also ends a sink's wait for its database at start
+        sink = make_sink()
+        try:
+            with resolve_bootstrap(settings.kafka.bootstrap_servers) as servers:
+                kafka = settings.kafka.with_bootstrap(servers)
+                consumer = GroupConsumer(kafka, sink, settings.options, metrics,
+                                         AvroCodec.from_config(kafka.registry_config()), health=health,
+                                         stop_event=stop, extra_consumer_config=extra)
+                stats = consumer.run()
+        finally:
+            sink.close()
+            if server is not None:
+                server.stop()
     if print_table:
         print_statistics({
             "consumed": stats.consumed, "rows_written": stats.written_rows, "batches": stats.batches,

@@ -65,19 +65,22 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 
-from consumers.base import TP, Consumed
+from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer, group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
+from consumers.options import account_removal_options, removal_statuses
+from runtime.contract.codec import AvroCodec
 from runtime.contract.order import asof_us, is_delete, removes, status_time_us, supersedes
 from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json
 from runtime.errors import BackfillError, CommitError, ConfigError, SinkUnavailableError
 from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
+from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.process.options import Opt, add_options
 
@@ -883,21 +886,100 @@ class QueueSink:
         self._conn.close()
 
 
+# ------------------------------------------------------------------------------------ combined mode
+
+class QueueCompanion:
+    """Seed 000's combined mode: a queue consumer group run in a thread beside a producer.
+
+    The ``queue`` entry point of ``atproto_backfill.companions`` (the producer's side of the
+    contract is :class:`producers.companion.Companion`): ``backfill jetstream`` starts it after
+    preparing its job, shows :attr:`stored` in its progress, and at the end has it consume up to
+    the job's final offsets (:meth:`finish`) for the seed's ``records_stored`` and ``queue_length``.
+
+    Args:
+        queue_name: the queue to fill (its group is ``group_name("queue", queue_name)``).
+        queue_path: the SQLite file (None: :func:`default_queue_path`).
+        collections: NSID patterns of the collection topics to consume (no account topics).
+        batch_size: messages per sink transaction.
+    """
+
+    def __init__(self, *, queue_name: str, queue_path: Path | None, collections: Sequence[str],
+                 batch_size: int) -> None:
+        self.queue_name = queue_name
+        self.path = queue_path if queue_path is not None else default_queue_path()
+        self.options = ConsumerOptions(group=group_name("queue", queue_name), collections=list(collections),
+                                       include_account_events=False, batch_size=batch_size, linger=0.2,
+                                       topic_refresh=1.0)
+        self._stop = threading.Event()
+        self._sink: QueueSink | None = None
+        self._consumer: GroupConsumer | None = None
+        self._thread: threading.Thread | None = None
+        self._error: list[BaseException] = []
+
+    @property
+    def stored(self) -> int:
+        """Items the sink stored so far (0 before :meth:`start`)."""
+        return self._sink.stored if self._sink is not None else 0
+
+    def start(self, kafka: KafkaSettings, metrics: Metrics) -> None:
+        """Open the queue and start the consumer group in a daemon thread."""
+        self._sink = QueueSink(self.queue_name, self.path)
+        self._consumer = GroupConsumer(kafka, self._sink, self.options, metrics,
+                                       AvroCodec.from_config(kafka.registry_config()), stop_event=self._stop)
+        self._thread = threading.Thread(target=self._consume, name="queue-consumer", daemon=True)
+        self._thread.start()
+
+    def _consume(self) -> None:
+        assert self._consumer is not None
+        try:
+            self._consumer.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised by finish() in the producer's thread
+            self._error.append(e)
+
+    def finish(self, offsets: Mapping[str, Mapping[str, int]]) -> None:
+        """Consume up to ``offsets`` (topic -> partition -> next offset), then wait for the thread.
+
+        Raises:
+            BaseException: what stopped the consumer thread, re-raised.
+        """
+        if self._consumer is None or self._thread is None:
+            raise RuntimeError("QueueCompanion.finish() before start()")
+        self._consumer.opts.until_offsets = {topic: dict(parts) for topic, parts in offsets.items()}
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+
+    def abort(self) -> None:
+        """Stop the consumer at its next batch (the producer failed); does not wait."""
+        self._stop.set()
+
+    def queue_length(self) -> int:
+        """Items waiting in the queue."""
+        if self._sink is None:
+            raise RuntimeError("QueueCompanion.queue_length() before start()")
+        return self._sink.queue_length()
+
+    def close(self) -> None:
+        """Close the queue database."""
+        if self._sink is not None:
+            self._sink.close()
+
+
 # ------------------------------------------------------------------------------------ CLI
+
+#: ``--queue-path``: the SQLite file of the queues (None: :func:`default_queue_path`).
+QUEUE_PATH_OPTION: Final = Opt(("--queue-path",), "queue_path", "BACKFILL_QUEUE_PATH", None,
+                               "SQLite file of the queues (default $XDG_DATA_HOME/atproto-backfill/queues.sqlite)")
 
 QUEUE_OPTIONS: Final = (
     Opt(("--queue-name",), "queue_name", "BACKFILL_QUEUE_NAME", "jetstream_sync", "queue to fill"),
-    Opt(("--queue-path",), "queue_path", "BACKFILL_QUEUE_PATH", None,
-        "SQLite file of the queues (default $XDG_DATA_HOME/atproto-backfill/queues.sqlite)"),
+    QUEUE_PATH_OPTION,
     Opt(("--split-by-type",), "split_by_type", "BACKFILL_SPLIT_BY_TYPE", False,
         "seed 002's type-specific queues: <queue>_post, _reply, _like, _follow, _repost, _block "
         "(account events reach every queue)", action="store_true"),
-    Opt(("--account-removal",), "account_removal", "BACKFILL_ACCOUNT_REMOVAL", "keep",
+    *account_removal_options(
         "what an account deletion/takedown event does to that account's records: keep them, or purge: "
-        "queue no record version of the DID as of that time or older (the event is queued either way)",
-        choices=("keep", "purge")),
-    Opt(("--removal-statuses",), "removal_statuses", "BACKFILL_REMOVAL_STATUSES", "deleted,takendown",
-        "account statuses that count as a removal for --account-removal purge (comma-separated)"),
+        "queue no record version of the DID as of that time or older (the event is queued either way)"),
     Opt(("--queue-state-max",), "queue_state_max", "BACKFILL_QUEUE_STATE_MAX", DEFAULT_STATE_MAX,
         "keys kept in each of the queue database's de-duplication and fold tables, the oldest pruned first",
         type=int, metavar="KEYS"),
@@ -912,20 +994,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill consume queue``."""
     add_options(parser, QUEUE_OPTIONS)
     add_consumer_arguments(parser)
-
-
-def removal_statuses(ns: argparse.Namespace) -> frozenset[str]:
-    """The statuses the sink purges on: empty for ``--account-removal keep``.
-
-    Raises:
-        ConfigError: ``purge`` without any status.
-    """
-    statuses = frozenset(s.strip() for s in (ns.removal_statuses or "").split(",") if s.strip())
-    if ns.account_removal != "purge":
-        return frozenset()
-    if not statuses:
-        raise ConfigError("--account-removal purge needs at least one --removal-statuses value")
-    return statuses
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -32,6 +32,9 @@ or of a new collection when the topic prefix already has that many collection to
 Stops: the source's own end (watermark reached, bounded source exhausted), ``num_records``
 record events produced (exactly), ``max_time`` seconds, or SIGINT/SIGTERM. Every stop flushes and
 writes a final checkpoint recording the next offset of every partition the job wrote.
+
+This module drives the source, the statistics and the checkpoints; routing, topics, the producer,
+its transactions and the outage handling above are the job's :class:`~producers.publish.Publisher`.
 """
 
 from __future__ import annotations
@@ -39,54 +42,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from producers.publish import Msg, Publisher
 from producers.source import Drop, End, Skip, Source
 from runtime.contract.codec import AvroCodec
 from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
 from runtime.contract.timeparse import us_to_date
-from runtime.contract.topics import ACCOUNT, CONTROL_TOPIC_CONFIG, IDENTITY, TopicMap, schema_name_for_collection
-from runtime.errors import (
-    CommitError,
-    ConfigError,
-    DeliveryError,
-    DropError,
-    FatalError,
-    FencedError,
-    SourceError,
-)
+from runtime.contract.topics import CONTROL_TOPIC_CONFIG
+from runtime.errors import ConfigError, DropError, SourceError
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState, load_job
-from runtime.kafka.deadletter import DeadLetters
 from runtime.kafka.settings import KafkaSettings
-from runtime.process.metrics import Metrics, collection_label
+from runtime.process.metrics import Metrics
 from runtime.process.options import Opt
+from runtime.process.signals import handle_stop_signals
 
 log = logging.getLogger(__name__)
 
 STOPPED = "stopped"
-#: Every Nth delivery report feeds the produce-latency histogram.
-LATENCY_SAMPLE_EVERY = 64
 _DAY_US = 86_400_000_000
-#: Messages held while a checkpoint commits in the background; at this many the loop waits for it.
-MAX_PENDING = 100_000
-#: A transaction Kafka aborts (one of its messages undelivered within ``transaction.timeout.ms``: a
-#: broker away that long) is redone: its messages are sent again in a new one. The job keeps the open
-#: transaction's messages for that, up to this many and REDO_MAX_BYTES of values; a larger
-#: transaction is not kept, and its abort stops the job (a resume redoes it).
-REDO_MAX_MESSAGES: Final = 100_000
-REDO_MAX_BYTES: Final = 64 * 2**20
-#: Seconds a checkpoint goes on flushing, committing and redoing its transaction while the brokers
-#: are away before it fails.
-COMMIT_PATIENCE: Final = 300.0
 #: ``--max-collections``: the distinct collections a job produces to, and the collection topics of
 #: its prefix it lets exist (it creates a topic for a new collection only while fewer do).
 DEFAULT_MAX_COLLECTIONS: Final = 1000
@@ -95,42 +76,6 @@ MAX_COLLECTIONS_OPTION: Final = Opt(
     "the most distinct collections a job produces to, one topic each; it creates a topic for a new "
     "collection only while the topic prefix has fewer collection topics. Past it, events of further "
     "collections are dead-lettered (reason too_many_collections)", type=int)
-#: Error codes by which Kafka tells a transactional producer that a newer instance with its
-#: transactional id took over: librdkafka's fatal ``_FENCED``, the broker's ``PRODUCER_FENCED``, and
-#: ``INVALID_PRODUCER_EPOCH`` in the delivery reports of the fenced instance's last messages.
-FENCED_CODES: Final = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
-
-
-#: Delivery failures of a transaction's messages that pass: the brokers away (timeouts, lost
-#: connections), or the transaction aborted meanwhile (purged, an epoch bumped). A transaction that
-#: failed only of these is redone; any other failure (a refusal) stops the job.
-_TRANSIENT_FAILURES: Final = frozenset({
-    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TIMED_OUT_QUEUE, KafkaError._TRANSPORT,
-    KafkaError.REQUEST_TIMED_OUT, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT,
-    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.TRANSACTION_ABORTABLE,
-})
-
-
-def _transient_failure(err: KafkaError) -> bool:
-    return not err.fatal() and (err.code() in _TRANSIENT_FAILURES or err.retriable())
-
-
-def kafka_error_of(exc: BaseException | None) -> KafkaError | None:
-    """The KafkaError behind ``exc``: its own, or that of an exception it was raised from.
-
-    confluent-kafka raises a producer's fatal error from inside ``flush()`` or
-    ``commit_transaction()`` and then still runs the pending delivery callbacks, where the first
-    call into C fails with a SystemError raised from that error: so it can sit in the chain.
-    """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
-            return exc.args[0]
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 @dataclass
 class JobOptions:
     """What a job does and when it stops.
@@ -186,23 +131,6 @@ class JobStats:
         return (self.ended or time.monotonic()) - self.started
 
 
-def resolve_fatal(producer: Producer | None, err: KafkaError,
-                  fatal: KafkaError | None) -> tuple[KafkaError, KafkaError | None]:
-    """``err`` made precise, and the producer's fatal error (``fatal``, or ``err`` once it is one).
-
-    produce() reports a fatal producer error only as ``_FATAL`` ("fatal error"); the next poll()
-    raises the error itself (fenced, say).
-    """
-    if err.code() == KafkaError._FATAL and fatal is None and producer is not None:
-        try:
-            producer.poll(0)
-        except Exception as e:  # noqa: BLE001 - whatever poll raises, only its KafkaError matters
-            err = kafka_error_of(e) or err
-    if err.fatal() or err.code() == KafkaError._FATAL:
-        fatal = fatal or err
-    return err, fatal
-
-
 def transactional_id(job: str) -> str:
     """The Kafka transactional id of ``job``'s producer."""
     return f"atproto-backfill-{job}"
@@ -232,7 +160,6 @@ class JobRunner:
         self.opts = options
         self.metrics = metrics
         self.codec = codec
-        self.topics = TopicMap(kafka.topic_prefix)
         self.clock = clock
         self.wall = wall
         self.on_date_change = on_date_change
@@ -241,51 +168,28 @@ class JobRunner:
         self.stats = JobStats()
         self.state: JobState | None = None
         self.previous: JobState | None = None
-        self._admin = kafka_util.admin(kafka.client_config())
-        self._known_topics: set[str] = set()
-        # The collection topics of the prefix known to exist, and those routed to be created: a topic
-        # for a new collection is created only while there are fewer than max_collections.
-        self._collection_topics: set[str] = set()
-        self._producer: Producer | None = None
-        self._transactional = False
-        self._in_txn = False
-        self._written: dict[tuple[str, int], int] = {}
-        # Failed delivery reports, read (and formatted) later: after a fatal producer error
-        # confluent-kafka may run the callback with that error pending, when any call there fails.
-        self._failed_reports: list[tuple[KafkaError, Message]] = []
-        self._refusals_counted = 0
-        self._fatal: KafkaError | None = None  # the producer's fatal error, once seen
+        #: Routes, produces and commits the job's events: its producer, topics and transactions.
+        self.publisher = Publisher(kafka, codec, metrics, source=options.source, owner=f"job {options.job}",
+                                   id_kind="job name", transactional_id=transactional_id(options.job),
+                                   max_collections=options.max_collections, redo=True,
+                                   on_route=self.stats.collections.add, clock=clock, wall=wall)
+        self.topics = self.publisher.topics
         self._since_checkpoint = 0
         self._last_checkpoint = 0.0
         self._stop_reason: str | None = None
         self._first_time_us: int | None = None
         self._source: Source | None = None
-        self._dead: DeadLetters | None = None
-        src = options.source
-        self._m_received = metrics.events_received.child(src)
-        self._m_produced = {c: metrics.events_produced.child(src, c)
-                            for c in ("identity", "account", "other")}
-        self._m_latency = metrics.produce_latency.labels(src)
-        self._deliveries = 0
-        # Per-event counts are added to the Prometheus counters in bulk (_flush_counts): every 128
-        # items, every tick (0.2 s), at each checkpoint and at the end, so a scrape lags 0.2 s at most.
-        self._n_produced: dict[str, int] = {}
+        self._m_received = metrics.events_received.child(options.source)
+        # Received events are added to their Prometheus counter in bulk (_flush_counts), and so are
+        # produced ones (the publisher's): every 128 items, every tick (0.2 s), at each checkpoint and
+        # at the end, so a scrape lags 0.2 s at most.
         self._n_received = 0
         self._day = (0, 0)  # the UTC day (start, end in unix us) stats.current_date was made for
-        # collection -> (topic, value encoder, metric label): at most max_collections of them.
-        self._routes: dict[str, tuple[str, Callable[[RecordEvent], bytes], str]] = {}
-        self._m_collections = metrics.producer_collections.labels(src)
-        # The checkpoint committing on the checkpoint thread, its state, and what the loop produced
-        # meanwhile (topic, key, value), sent once it is done.
+        # The checkpoint committing on the checkpoint thread and its state; what the loop produces
+        # meanwhile the publisher holds, and sends once it is done.
         self._committing: Future[float] | None = None
         self._committing_state: JobState | None = None
-        self._pending: list[tuple[str, bytes | None, bytes]] = []
         self._executor: ThreadPoolExecutor | None = None
-        # The open transaction's messages, to send again if Kafka aborts it (None: too many to keep,
-        # or no transactions), and the bytes of their values.
-        self._txn_log: list[tuple[str, bytes | None, bytes]] | None = None
-        self._txn_bytes = 0
-        self._txn_started: float | None = None  # when the open transaction began (clock)
 
     # ------------------------------------------------------------------ setup
 
@@ -293,65 +197,6 @@ class JobRunner:
     def transactional_id(self) -> str:
         """The job's transactional id: a second instance of the job fences the first."""
         return transactional_id(self.opts.job)
-
-    def _ensure(self, topics: list[str], config: dict[str, str] | None = None,
-                partitions: int | None = None) -> None:
-        missing = [t for t in topics if t not in self._known_topics]
-        if not missing:
-            return
-        # One metadata request learns every existing topic, so the first event of each collection
-        # that already has its topic costs nothing more.
-        self._learn(kafka_util.existing_topics(self._admin))
-        missing = [t for t in missing if t not in self._known_topics]
-        if not missing:
-            return
-        kafka_util.ensure_topics(self._admin, missing, partitions=partitions or self.kafka.topic_partitions,
-                                 replication=self.kafka.topic_replication, config=config)
-        self._learn(missing)
-
-    def _learn(self, topics: Iterable[str]) -> None:
-        """Record ``topics`` as existing (and count the collection topics of the prefix among them)."""
-        topics = list(topics)
-        self._known_topics.update(topics)
-        collection_of = self.topics.collection_of
-        self._collection_topics.update(t for t in topics if collection_of(t) not in (None, IDENTITY, ACCOUNT))
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failed_reports.append((err, msg))  # nothing else here: see self._failed_reports
-            return
-        self._deliveries += 1
-        if self._deliveries % LATENCY_SAMPLE_EVERY == 1:
-            # Sampled: the first delivery and every Nth after it keep the histogram cheap.
-            latency = msg.latency()
-            if latency is not None:
-                self._m_latency.observe(latency)
-        # The producer is idempotent: a partition's delivery reports come in offset order, so the
-        # latest is the highest (and merge_offsets only ever raises a checkpointed offset).
-        self._written[(msg.topic(), msg.partition())] = msg.offset()  # type: ignore[index,assignment]
-
-    def _make_producer(self) -> Producer:
-        mode = self.opts.transactions
-        tid = self.transactional_id if mode in ("auto", "on") else None
-        conf = self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery)
-        producer = Producer(conf)
-        if tid is None:
-            return producer
-        try:
-            # Fences a previous instance of this job and aborts its open transaction, so the
-            # checkpoint read next is the last committed one.
-            producer.init_transactions(30)
-            self._transactional = True
-            self._txn_log = []
-            log.info("job %s: Kafka transactions enabled (data and checkpoint commit atomically)",
-                     self.opts.job)
-            return producer
-        except KafkaException as e:
-            if mode == "on":
-                raise CommitError(f"transactions requested but unavailable: {e}") from e
-            log.warning("job %s: broker has no usable transactions (%s); checkpoints follow confirmed "
-                        "deliveries instead", self.opts.job, e)
-        return Producer(self.kafka.producer_config(on_delivery=self._on_delivery))
 
     def prepare(self) -> JobState | None:
         """Create the internal topics, the producer, and load the previous checkpoint.
@@ -363,11 +208,14 @@ class JobRunner:
             SourceError: the control topic was not read to its end within ``--control-timeout``:
                 whether the job has a checkpoint is unknown, so it does not start.
         """
-        kafka_util.check_reachable(self._admin, self.kafka.bootstrap_servers)
-        self._ensure([self.topics.control], config=CONTROL_TOPIC_CONFIG, partitions=1)
-        self._ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
-                      f"{self.kafka.topic_prefix}.account"])
-        self._producer = self._make_producer()
+        publisher = self.publisher
+        kafka_util.check_reachable(publisher.admin, self.kafka.bootstrap_servers)
+        publisher.ensure([self.topics.control], config=CONTROL_TOPIC_CONFIG, partitions=1)
+        publisher.ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
+                          f"{self.kafka.topic_prefix}.account"])
+        if publisher.start(self.opts.transactions):
+            log.info("job %s: Kafka transactions enabled (data and checkpoint commit atomically)",
+                     self.opts.job)
         try:
             self.previous = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"),
                                      self.topics.control, self.opts.job, max_wait=self.kafka.control_timeout,
@@ -377,161 +225,24 @@ class JobRunner:
                 f"job {self.opts.job}: cannot tell whether it has a checkpoint ({e}); not starting without "
                 f"it (a resume would start over, a new run would number its checkpoints from 1): raise "
                 f"--control-timeout (now {self.kafka.control_timeout:g} s) or check the brokers") from e
-        self._dead = DeadLetters(self._produce_raw, self.codec, self.metrics, f"producer:{self.opts.source}",
-                                 wall=self.wall)
         return self.previous
 
     # ------------------------------------------------------------------ producing
 
-    def _produce_raw(self, topic: str, key: bytes | None, value: bytes) -> None:
-        if self._committing is not None:
-            # A checkpoint is committing: this message belongs to the next transaction.
-            pending = self._pending
-            pending.append((topic, key, value))
-            if len(pending) >= MAX_PENDING:
-                self._finish_checkpoint()
-            return
-        self._send(topic, key, value)
-
-    def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        assert self._producer is not None
-        if self._transactional and not self._in_txn:
-            self._begin()
-        if topic not in self._known_topics:
-            self._ensure([topic])
-        producer = self._producer
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                txn_log = self._txn_log
-                if txn_log is not None:
-                    txn_log.append((topic, key, value))
-                    self._txn_bytes += len(value)
-                    if len(txn_log) > REDO_MAX_MESSAGES or self._txn_bytes > REDO_MAX_BYTES:
-                        self._txn_log = None  # too large to keep: an abort of it stops the job
-                return
-            except BufferError:
-                # local queue full: serve delivery reports until there is room
-                self._poll(0.05)
-            except KafkaException as e:  # not _kafka_call: this is the hot path
-                err = kafka_error_of(e) or KafkaError(KafkaError._FAIL)
-                txn_log = self._txn_log
-                if err.code() == KafkaError._STATE and self._transactional and txn_log is not None \
-                        and self._fatal is None:
-                    # The open transaction failed meanwhile (a message of it undelivered while the
-                    # brokers were away), and librdkafka takes nothing more into it until it is
-                    # aborted. The message stays with the transaction's others: the next
-                    # checkpoint aborts it and sends them all again (see _commit).
-                    txn_log.append((topic, key, value))
-                    self._txn_bytes += len(value)
-                    if len(txn_log) > REDO_MAX_MESSAGES or self._txn_bytes > REDO_MAX_BYTES:
-                        raise self._meaning(err, "producing", DeliveryError) from e
-                    return
-                raise self._meaning(err, "producing", DeliveryError) from e
-
-    def _begin(self) -> None:
-        if self._transactional and not self._in_txn:
-            assert self._producer is not None
-            with self._kafka_call("beginning a transaction"):
-                self._producer.begin_transaction()
-            self._in_txn = True
-            self._txn_started = self.clock()
-
-    def _poll(self, timeout: float) -> None:
-        """Serve delivery reports (a fatal producer error raises as FatalError)."""
-        assert self._producer is not None
-        with self._kafka_call("serving delivery reports", DeliveryError):
-            self._producer.poll(timeout)
-
-    @contextlib.contextmanager
-    def _kafka_call(self, doing: str, error: type[FatalError] = CommitError) -> Iterator[None]:
-        """Turn a Kafka failure of the producer calls inside into the FatalError it means.
-
-        Raises:
-            FencedError: a newer instance of this job took over its transactional id.
-            CommitError: a fatal producer error; ``error``: any other Kafka error.
-        """
-        try:
-            yield
-        except Exception as e:
-            err = kafka_error_of(e)
-            if err is None:
-                raise
-            raise self._meaning(err, doing, error) from e
-
-    def _meaning(self, err: KafkaError, doing: str, error: type[FatalError] = CommitError) -> FatalError:
-        """The FatalError that ``err``, raised by a producer call while ``doing``, means."""
-        err, self._fatal = resolve_fatal(self._producer, err, self._fatal)
-        codes = {err.code(), *(e.code() for e, _ in self._failed_reports)}
-        if self._fatal is not None:
-            codes.add(self._fatal.code())
-        if codes & FENCED_CODES:
-            return FencedError.of(f"job {self.opts.job}", "job name", self.transactional_id,
-                                  f"while {doing}: {err.str()}")
-        if self._fatal is not None:
-            return CommitError(f"job {self.opts.job}: fatal Kafka producer error while {doing}: {self._fatal.str()}")
-        return error(f"job {self.opts.job}: {doing} failed: {err.str()}")
-
-    def _refusals(self) -> str:
-        """The first failed delivery reports, readable (counted in the delivery-errors metric once)."""
-        refused = self._failed_reports
-        if len(refused) > self._refusals_counted:
-            self.metrics.delivery_errors.inc(self.opts.source, amount=len(refused) - self._refusals_counted)
-            self._refusals_counted = len(refused)
-        return "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in refused[:3])
-
-    def _route(self, collection: str) -> tuple[str, Callable[[RecordEvent], bytes], str]:
-        """(topic, value encoder, metric label) of a collection, worked out once per collection.
-
-        A hostile or broken source can send events of any number of distinct valid collections;
-        each would cost a route, its codec entries, its place in the statistics and the checkpoint's
-        offsets, and a topic. So the job produces to ``max_collections`` collections at most, and
-        creates a topic for a new one only while its prefix has fewer collection topics (so that
-        runs after runs, and jobs sharing the prefix, do not add up to more). Refused events are
-        dead-lettered; nothing about their collection is kept.
-
-        Raises:
-            DropError: ``too_many_collections``: the job is at its cap of collections, or the
-                collection has no topic and the prefix is at the cap of collection topics.
-            InvalidRecordError: the collection makes a topic name longer than Kafka allows.
-        """
-        limit = self.opts.max_collections
-        if len(self._routes) >= limit:
-            raise DropError("too_many_collections",
-                            f"collection {collection[:300]!r}: the job already produces to {limit} collections "
-                            f"(--max-collections {limit}); events of further collections are dead-lettered")
-        topic = self.topics.for_collection(collection)
-        if topic not in self._known_topics and topic not in self._collection_topics:
-            if len(self._collection_topics) >= limit:
-                raise DropError("too_many_collections",
-                                f"collection {collection[:300]!r} has no topic this job knows of, and the topic prefix "
-                                f"{self.kafka.topic_prefix!r} already has {len(self._collection_topics)} collection "
-                                f"topics (--max-collections {limit}); none more is created")
-            self._collection_topics.add(topic)  # created by its first send
-        route = (topic, self.codec.record_encoder_for(schema_name_for_collection(collection), topic),
-                 collection_label(collection))
-        self._routes[collection] = route
-        self._m_collections.set(len(self._routes))
-        self.stats.collections.add(collection)
-        return route
-
     def _emit(self, event: Event) -> None:
+        """Publish ``event`` and count it in the statistics.
+
+        Raises:
+            DropError: the publisher refused it (``too_many_collections``, an invalid record).
+        """
         st = self.stats
+        self.publisher.publish(event)
         if type(event) is RecordEvent:
             coll = event.collection
-            topic, encode, label = self._routes.get(coll) or self._route(coll)
-            value = encode(event)
             st.records_produced += 1
             by_collection = st.by_collection
             by_collection[coll] = by_collection.get(coll, 0) + 1
-        else:
-            topic = self.topics.for_event(event)
-            value = self.codec.encode_event(event, topic)
-            label = "identity" if isinstance(event, IdentityEvent) else "account"
-        self._produce_raw(topic, event.did.encode(), value)
         st.events_produced += 1
-        n_produced = self._n_produced
-        n_produced[label] = n_produced.get(label, 0) + 1
         st.latest_cursor = event.cursor
         if event.time_us and (st.latest_time_us is None or event.time_us > st.latest_time_us):
             st.latest_time_us = event.time_us
@@ -552,20 +263,11 @@ class JobRunner:
         if self._n_received:
             self._m_received.inc(self._n_received)
             self._n_received = 0
-        if self._n_produced:
-            for label, n in self._n_produced.items():
-                child = self._m_produced.get(label)
-                if child is None:
-                    child = self._m_produced[label] = self.metrics.events_produced.child(self.opts.source, label)
-                child.inc(n)
-            self._n_produced = {}
+        self.publisher.flush_counts()
 
     def _drop(self, drop: Drop) -> None:
-        assert self._dead is not None
         self.stats.dropped[drop.reason] = self.stats.dropped.get(drop.reason, 0) + 1
-        self.metrics.events_dropped.inc(self.opts.source, drop.reason)
-        self._dead.send(self.topics.dead_letters, reason=drop.reason, detail=drop.detail,
-                        payload=drop.payload, origin=drop.origin, did=drop.did, cursor=drop.cursor)
+        self.publisher.dead_letter(drop)
 
     def _skip(self, skip: Skip) -> None:
         self.stats.skipped[skip.reason] = self.stats.skipped.get(skip.reason, 0) + skip.count
@@ -652,6 +354,7 @@ class JobRunner:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._committing_state = state
+        self.publisher.hold(self._finish_checkpoint)
         self._committing = self._executor.submit(self._commit_timed, state, t0)
 
     def _finish_checkpoint(self) -> None:
@@ -669,17 +372,15 @@ class JobRunner:
         finally:
             self._committing = None
             self._committing_state = None
+            pending = self.publisher.release()
         assert state is not None
         self._committed(state, seconds)
-        pending, self._pending = self._pending, []
-        send = self._send
-        for topic, key, value in pending:
-            send(topic, key, value)
+        self.publisher.send_all(pending)
 
     def _start_state(self, status: str) -> JobState:
         """The state covering everything produced so far (offsets are added once delivered)."""
         self._flush_counts()
-        self._begin()
+        self.publisher.begin()
         state = self._build_state(status)
         self._since_checkpoint = 0
         self._last_checkpoint = self.clock()
@@ -690,223 +391,35 @@ class JobRunner:
         return self.clock() - t0
 
     def _commit(self, state: JobState) -> None:
-        """Flush, add the delivered offsets to ``state``, and commit it with the data it covers.
+        """Flush, add the delivered offsets to ``state``, and commit it with the data it covers
+        (see :meth:`Publisher.commit`: outages are ridden out, failed transactions redone).
 
         Runs on the checkpoint thread for a background checkpoint; the loop sends nothing to the
         producer meanwhile, so every delivery report it serves belongs to this checkpoint.
-
-        While the brokers are away (one restarting) it keeps flushing and committing, for up to
-        :data:`COMMIT_PATIENCE` seconds. A transaction that failed meanwhile (a message of it not
-        delivered within the transaction timeout) is aborted and redone: its messages are sent
-        again in a new transaction, which this checkpoint then commits. When Kafka itself aborted it
-        (open past ``transaction.timeout.ms``), this producer is fenced or fails fatally on it: a
-        new one takes over, once the control topic shows that no other instance of the job
-        committed meanwhile.
         """
-        deadline = self.clock() + COMMIT_PATIENCE
-        while True:
-            try:
-                if self._commit_once(state, deadline):
-                    return
-            except CommitError as e:
-                # Fenced, or another fatal error (INVALID_TXN_STATE when the abort came after Kafka's)
-                unusable = isinstance(e, FencedError) or self._fatal is not None
-                if not (unusable and self._timed_out_by_kafka(deadline)):
-                    raise
-                self._reincarnate(deadline)
-                self._resend()
 
-    def _commit_once(self, state: JobState, deadline: float) -> bool:
-        """One try of :meth:`_commit`: True once committed, False after a redone transaction."""
-        producer = self._producer
-        assert producer is not None
-        with self._kafka_call("flushing", DeliveryError):
-            remaining = producer.flush(60)
-        if self._failed_reports:
-            if not self._redoable(deadline):
-                raise self._refused_error("Kafka refused data")
-            self._redo(f"{len(self._failed_reports)} messages not delivered: {self._refusals()}", deadline)
-            return False
-        if remaining:
-            if self._transactional and self.clock() < deadline:
-                log.warning("job %s: %d messages still undelivered after 60 s; waiting for the brokers",
-                            self.opts.job, remaining)
-                return False
-            raise DeliveryError(f"{remaining} messages still undelivered after 60 s")
-        state.merge_offsets(self._written)
-        state.check_forward(self.state or self.previous)
-        self._send(self.topics.control, self.opts.job.encode(), state.to_bytes())
-        if not self._transactional:
-            with self._kafka_call("flushing the checkpoint", DeliveryError):
-                remaining = producer.flush(60)
-            if remaining or self._failed_reports:
-                raise self._refused_error(f"checkpoint of job {self.opts.job} not delivered")
-            return True
-        err = self._commit_transaction(deadline)
-        if err is None:
-            self._in_txn = False
-            self._txn_started = None
-            self._txn_log = []
-            self._txn_bytes = 0
-            return True
-        if err.txn_requires_abort() and self._redoable(deadline):
-            self._redo(err.str(), deadline)
-            return False
-        raise self._meaning(err, "committing the transaction")
+        def checkpoint_message() -> Msg:
+            # Every delivery confirmed: the offsets are final.
+            state.merge_offsets(self.publisher.written)
+            state.check_forward(self.state or self.previous)
+            return self.topics.control, self.opts.job.encode(), state.to_bytes()
 
-    def _commit_transaction(self, deadline: float) -> KafkaError | None:
-        """Commit the open transaction, again while the error says to retry (until ``deadline``);
-        None when committed, else the error that stopped it."""
-        producer = self._producer
-        assert producer is not None
-        while True:
-            try:
-                producer.commit_transaction(60)
-                return None
-            except Exception as e:
-                err = kafka_error_of(e)
-                if err is None:
-                    raise
-            if not (err.retriable() and not err.fatal() and self.clock() < deadline):
-                return err
-            log.warning("job %s: committing the transaction: %s; trying again", self.opts.job, err.str())
+        self.publisher.commit(checkpoint_message, self._superseded)
 
-    def _redoable(self, deadline: float) -> bool:
-        """True when the open transaction failed for a passing reason and can be redone: every
-        message of it kept, every failed delivery a timeout or another transient error, time left."""
-        if not self._transactional or self._txn_log is None or self.clock() >= deadline:
-            return False
-        return all(_transient_failure(err) for err, _ in self._failed_reports)
-
-    def _timed_out_by_kafka(self, deadline: float) -> bool:
-        """True when a fence may be Kafka's own abort of the open transaction (open longer than
-        ``transaction.timeout.ms``, the brokers away meanwhile) and it can be redone."""
-        started = self._txn_started
-        return (self._transactional and self._txn_log is not None and started is not None
-                and self.clock() - started >= self.kafka.transaction_timeout() and self.clock() < deadline)
-
-    def _redo(self, why: str, deadline: float) -> None:
-        """Abort the open transaction and send its messages again in a new one.
+    def _superseded(self) -> str | None:
+        """What says that another instance of the job took over (None if none did): the job's last
+        checkpoint in the control topic is not this instance's last.
 
         Raises:
-            FencedError: the producer was fenced (by a newer instance, or by Kafka's own abort of a
-                transaction open too long).
-            CommitError: the abort failed.
-        """
-        producer = self._producer
-        assert producer is not None
-        assert self._txn_log is not None
-        log.warning("job %s: the transaction failed (%s); aborting it and sending its %d messages again",
-                    self.opts.job, why, len(self._txn_log))
-        while True:
-            try:
-                producer.abort_transaction(60)
-                break
-            except Exception as e:
-                err = kafka_error_of(e)
-                if err is None:
-                    raise
-            if not (err.retriable() and not err.fatal() and self.clock() < deadline):
-                raise self._meaning(err, "aborting a failed transaction")
-            log.warning("job %s: aborting the transaction: %s; trying again", self.opts.job, err.str())
-        self._in_txn = False
-        self._txn_started = None
-        self._forget_failures(producer)
-        self._resend()
-
-    def _forget_failures(self, producer: Producer) -> None:
-        """Serve the reports of what an abort purged, then forget every failed delivery of the
-        aborted transaction (none of its data is in a partition's committed part). Messages sent
-        right after an abort may be purged too (librdkafka bumps the producer's epoch): their
-        failures make the next flush redo the transaction once more."""
-        with contextlib.suppress(Exception):
-            producer.flush(10)  # nothing is queued after an abort: this serves the purge reports
-        self._refusals()  # counted in the delivery-errors metric
-        self._failed_reports.clear()
-        self._refusals_counted = 0
-
-    def _resend(self) -> None:
-        """Send the aborted transaction's messages again (in a new transaction, begun by the first);
-        the checkpoint's own message is not among them: the caller sends the state again."""
-        messages = self._txn_log
-        assert messages is not None
-        self.metrics.transactions_redone.inc(self.opts.source)
-        self._txn_log, self._txn_bytes = [], 0
-        control = self.topics.control
-        send = self._send
-        try:
-            for topic, key, value in messages:
-                if topic != control:
-                    send(topic, key, value)
-        except BaseException:
-            self._txn_log = messages  # the new transaction failed too: all of them are still to redo
-            raise
-
-    def _reincarnate(self, deadline: float) -> None:
-        """Replace the producer Kafka fenced when it aborted the open transaction by its timeout.
-
-        When the control topic's last checkpoint of the job is not this instance's last, a newer
-        instance took over and committed: this one stops as fenced, and starts no producer (which
-        would fence the newer one). Else the new producer's ``init_transactions`` fences every other
-        producer of the job's transactional id, after which the control topic is read once more: what
-        it holds of the job is then final.
-
-        Raises:
-            FencedError: another instance of the job committed a checkpoint.
-            CommitError: the new producer could not start its transactions.
-            SourceError: the control topic could not be read.
-        """
-        old = self._producer
-        age = self.clock() - (self._txn_started or self.clock())
-        log.warning("job %s: Kafka aborted the transaction open for %.0f s (past transaction.timeout.ms, the brokers "
-                    "away) and fenced this producer; a new one takes over and redoes it", self.opts.job, age)
-        self._check_not_superseded()
-        self._producer = None
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.purge()
-            self._forget_failures(old)
-        self._fatal = None
-        self._in_txn = False
-        self._txn_started = None
-        producer = Producer(self.kafka.producer_config(transactional_id=self.transactional_id,
-                                                       on_delivery=self._on_delivery))
-        while True:
-            try:
-                producer.init_transactions(30)
-                break
-            except KafkaException as e:
-                err = kafka_error_of(e)
-                if err is None or err.fatal() or not err.retriable() or self.clock() >= deadline:
-                    raise CommitError(f"job {self.opts.job}: a new producer could not start its transactions: "
-                                      f"{e}") from e
-        self._producer = producer
-        self._check_not_superseded()
-
-    def _check_not_superseded(self) -> None:
-        """Raise FencedError when the job's last checkpoint in the control topic is not this
-        instance's last (another instance committed one).
-
-        Raises:
-            FencedError: another instance of the job committed a checkpoint.
             SourceError: the control topic could not be read.
         """
         latest = load_job(self.kafka.consumer_config("atproto-backfill-control-reader"), self.topics.control,
                           self.opts.job, max_wait=self.kafka.control_timeout, must_exist=True)
         mine = self.state or self.previous
         if (latest and (latest.run, latest.checkpoint)) != (mine and (mine.run, mine.checkpoint)):
-            self._fatal = KafkaError(KafkaError._FENCED)  # nothing more is written (close() aborts nothing)
-            raise FencedError.of(f"job {self.opts.job}", "job name", self.transactional_id,
-                                 f"its checkpoint {latest.checkpoint if latest else None} of run "
-                                 f"{latest.run if latest else None} is not this instance's")
-
-    def _refused_error(self, what: str) -> FatalError:
-        """The error for failed delivery reports: FencedError when they say this job was fenced."""
-        detail = self._refusals()
-        for err, _ in self._failed_reports:
-            if err.code() in FENCED_CODES:
-                return self._meaning(err, "delivering")
-        return DeliveryError(f"{what}: {detail}")
+            return (f"its checkpoint {latest.checkpoint if latest else None} of run "
+                    f"{latest.run if latest else None} is not this instance's")
+        return None
 
     def _committed(self, state: JobState, seconds: float) -> None:
         """Record ``state`` as the job's committed state (its flush and commit took ``seconds``)."""
@@ -940,14 +453,14 @@ class JobRunner:
     _failure: Exception | None = None
 
     async def _consume(self, source: Source) -> None:
-        assert self._producer is not None
+        assert self.publisher.producer is not None
         opts = self.opts
         limit = opts.num_records
         every = opts.checkpoint_events
         position = source.position
         stats = self.stats
         n = 0
-        self._begin()
+        self.publisher.begin()
         async for item in source.items():
             n += 1
             if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent)):
@@ -983,7 +496,7 @@ class JobRunner:
                 self._flush_counts()
                 committing = self._committing
                 if committing is None:
-                    self._poll(0)
+                    self.publisher.poll(0)
                 elif committing.done():
                     self._finish_checkpoint()
                 if self.health is not None:
@@ -1008,10 +521,11 @@ class JobRunner:
         while True:
             await asyncio.sleep(0.2)
             now = self.clock()
-            assert self._producer is not None
+            # No producer check here: while a background checkpoint commits, the publisher may be
+            # replacing its producer (see Publisher.commit); the producer is polled only between them.
             committing = self._committing
             if committing is None:
-                self._poll(0)
+                self.publisher.poll(0)
             elif committing.done():
                 self._finish_checkpoint()
             self._flush_counts()
@@ -1032,7 +546,7 @@ class JobRunner:
         Args:
             make_source: builds the source from the previous state when resuming (None otherwise).
         """
-        if self._producer is None:
+        if self.publisher.producer is None:
             self.prepare()
         resume_from = self.previous if self.opts.resume else None
         if self.opts.resume and self.previous is None:
@@ -1052,29 +566,24 @@ class JobRunner:
             self.health.set_ready(True)
         self.stats.started = self.clock()
         self._last_checkpoint = self.clock()
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self.stop, "signal")
-                installed.append(sig)
-        self._main_task = asyncio.ensure_future(self._consume(source))
-        ticker = asyncio.ensure_future(self._ticker())
         try:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main_task
-            if self._failure is not None:
-                raise self._failure  # the ticker's checkpoint failed: no final checkpoint
-            if self._main_task.cancelled() and self._stop_reason is None:
-                raise asyncio.CancelledError
+            with handle_stop_signals(self.stop, "signal"):
+                self._main_task = asyncio.ensure_future(self._consume(source))
+                ticker = asyncio.ensure_future(self._ticker())
+                try:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._main_task
+                    if self._failure is not None:
+                        raise self._failure  # the ticker's checkpoint failed: no final checkpoint
+                    if self._main_task.cancelled() and self._stop_reason is None:
+                        raise asyncio.CancelledError
+                finally:
+                    self._flush_counts()
+                    ticker.cancel()
+                    # A failure of the ticker is raised above (it stopped the loop), not a second time here.
+                    with contextlib.suppress(asyncio.CancelledError, *((Exception,) if self._failure else ())):
+                        await ticker
         finally:
-            self._flush_counts()
-            ticker.cancel()
-            # A failure of the ticker is raised above (it stopped the loop), not a second time here.
-            with contextlib.suppress(asyncio.CancelledError, *((Exception,) if self._failure else ())):
-                await ticker
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             closer = getattr(source, "aclose", None)
             if closer is not None:
                 with contextlib.suppress(Exception):
@@ -1099,26 +608,10 @@ class JobRunner:
                 fut.result()  # a failed commit leaves the transaction open: aborted below
             self._committing = None
             self._committing_state = None
-            self._pending = []
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        producer = self._producer
-        if producer is not None and self._fatal is not None:
-            # Fenced, or otherwise unusable: it can neither abort nor deliver anything (a newer
-            # instance aborted its open transaction when it fenced it; Kafka aborts it otherwise
-            # after transaction.timeout.ms).
-            log.debug("job %s: producer closed after its fatal error %s", self.opts.job, self._fatal)
-            self._in_txn = False
-            return
-        if producer is not None and self._in_txn:
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(10)
-            self._in_txn = False
-        if producer is not None:
-            # close() runs in finally blocks: it never masks the error that is propagating
-            with contextlib.suppress(Exception), self._kafka_call("closing", DeliveryError):
-                producer.flush(10)
+        self.publisher.close()
 
 
 def _raw_of(event: Event) -> bytes:

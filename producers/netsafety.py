@@ -203,6 +203,13 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
+def status_class(code: int) -> str:
+    """The status label of an HTTP answer in the request metrics: ``429``, ``2xx`` .. ``5xx``, or ``error``."""
+    if code == 429:
+        return "429"
+    return f"{code // 100}xx" if 200 <= code < 600 else "error"
+
+
 def guarded_client(policy: NetworkPolicy, *, timeout: httpx.Timeout | float = 30.0,
                    limits: httpx.Limits | None = None, resolver: Resolver = system_resolver,
                    headers: dict[str, str] | None = None, follow_redirects: bool = True,
@@ -212,9 +219,3 @@ def guarded_client(policy: NetworkPolicy, *, timeout: httpx.Timeout | float = 30
     transport = GuardedTransport(policy, limits=lim, resolver=resolver)
     return httpx.AsyncClient(transport=transport, timeout=timeout, headers=headers,
                              follow_redirects=follow_redirects, max_redirects=max_redirects, trust_env=False)
-
-
-def describe_host(url: str) -> str:
-    """``host[:port]`` of a URL, for logs."""
-    u = httpx.URL(url)
-    return f"{u.host}:{u.port}" if u.port else u.host

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
 from runtime.contract.records import Source as Origin
-from runtime.errors import CursorRegressionError
 
 _JETSTREAM = Origin.JETSTREAM.value
 
@@ -207,12 +206,3 @@ class StreamPosition:
         self._window.clear()
         self._set.clear()
         self._restored = frozenset()
-
-    def check_not_behind(self, other_cursor: int | None) -> None:
-        """Raise if this position is behind a checkpointed cursor (our own corruption).
-
-        Raises:
-            CursorRegressionError: ``other_cursor`` is ahead of this position.
-        """
-        if other_cursor is not None and (self.max_cursor is None or self.max_cursor < other_cursor):
-            raise CursorRegressionError(f"position {self.max_cursor} is behind checkpoint {other_cursor}")

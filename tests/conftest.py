@@ -35,7 +35,7 @@ with warnings.catch_warnings():
 from runtime.kafka.broker import port_open, start_embedded_broker
 from runtime.kafka.settings import KafkaSettings
 from tests.kafka.cluster import KafkaCluster
-from tests.ops_tools import PrometheusTools, ToolUnavailable, prometheus_tools
+from tests.ops_tools import Procs, PrometheusTools, ToolUnavailable, prometheus_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("ATPROTO_FIXTURES", ROOT.parent / "shared" / "fixtures"))
@@ -47,6 +47,15 @@ if TEST_BROKER not in ("kafka", "tansu"):
 EXTERNAL_KAFKA = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "") not in ("", "auto", "embedded")
 
 _BROKER_FIXTURES = {"kafka_bootstrap", "kafka", "kafka_cluster"}
+_POSTGRES_FIXTURES = {"pg_server_url", "pg_url", "schema"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that asks for the broker or PostgreSQL is an ``integration`` test, marked or not, so
+    ``-m "not integration"`` runs with neither."""
+    if (_BROKER_FIXTURES | _POSTGRES_FIXTURES) & set(getattr(item, "fixturenames", ())):
+        item.add_marker(pytest.mark.integration)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -186,3 +195,13 @@ def prom() -> PrometheusTools:
         return prometheus_tools()
     except ToolUnavailable as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Processes a test starts (tests/ops_tools.py ``Procs``); none outlives it."""
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -15,6 +15,7 @@ from typing import Final
 
 from consumers.base import group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
+from consumers.options import account_removal_options, removal_statuses
 from consumers.postgres.rows import TransformOptions
 from consumers.postgres.sink import DatabaseUnreachableError, PostgresSettings, PostgresSink, StartStoppedError
 from runtime.contract.created_at import OutOfRange, TimestampPolicy
@@ -41,12 +42,9 @@ POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--deletes",), "deletes", "BACKFILL_DELETES", "delete",
         "a deleted record's row is removed (delete) or kept with deleted = true (flag); either way a "
         "tombstone stops an older change from bringing it back", choices=("delete", "flag")),
-    Opt(("--account-removal",), "account_removal", "BACKFILL_ACCOUNT_REMOVAL", "keep",
+    *account_removal_options(
         "what an account deletion/takedown event does to that account's rows: keep them (the event and "
-        "the actor's status are recorded either way) or purge them (and skip older ones arriving later)",
-        choices=("keep", "purge")),
-    Opt(("--removal-statuses",), "removal_statuses", "BACKFILL_REMOVAL_STATUSES", "deleted,takendown",
-        "account statuses that count as a removal for --account-removal purge (comma-separated)"),
+        "the actor's status are recorded either way) or purge them (and skip older ones arriving later)"),
     Opt(("--created-at-start",), "created_at_start", "BACKFILL_CREATED_AT_START", None,
         "seed 002's range: records whose createdAt is before this are out of range"),
     Opt(("--created-at-end",), "created_at_end", "BACKFILL_CREATED_AT_END", None,
@@ -82,13 +80,9 @@ def postgres_settings(ns: argparse.Namespace, max_concurrent: int) -> PostgresSe
         start=parse_timestamp(ns.created_at_start) if ns.created_at_start else None,
         end=parse_timestamp(ns.created_at_end) if ns.created_at_end else None,
         out_of_range=OutOfRange(ns.out_of_range))
-    statuses = frozenset(s.strip() for s in (ns.removal_statuses or "").split(",") if s.strip())
     if ns.db_wait < 0:
         raise ConfigError("--db-wait must be >= 0 seconds")
-    if ns.account_removal == "purge" and not statuses:
-        raise ConfigError("--account-removal purge needs at least one --removal-statuses value")
-    transform = TransformOptions(policy=policy,
-                                 removal_statuses=statuses if ns.account_removal == "purge" else frozenset())
+    transform = TransformOptions(policy=policy, removal_statuses=removal_statuses(ns))
     return PostgresSettings(database_url=url, db_schema=ns.db_schema, deletes=ns.deletes, transform=transform,
                             max_concurrent=max_concurrent, connect_wait=ns.db_wait)
 

@@ -68,9 +68,6 @@ ACCOUNT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("time", "text"), ("active", "boolean"), ("status", "text"), ("job", "text"),
 )
 
-#: Primary key of the identity and account event logs (an event replayed is the same row).
-EVENT_KEY: Final = ("did", "source", "cursor", "time_us")
-
 Row = tuple[Any, ...]
 
 
@@ -129,11 +126,6 @@ RECORDS: Final = Table("records", None)
 RECORD_TABLES: Final[tuple[Table, ...]] = (POSTS, LIKES, REPOSTS, FOLLOWS, BLOCKS, PROFILES, RECORDS)
 TABLE_FOR_COLLECTION: Final[dict[str, Table]] = {
     t.collection: t for t in RECORD_TABLES if t.collection is not None}
-
-
-def table_for(collection: str) -> Table:
-    """The table holding records of ``collection``."""
-    return TABLE_FOR_COLLECTION.get(collection, RECORDS)
 
 
 def uri_did(uri: str | None) -> str | None:

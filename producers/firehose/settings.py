@@ -20,14 +20,15 @@ from producers.firehose.source import (
 )
 from producers.firehose.verify import DictResolver, IdentityResolver
 from producers.identity.didlist import parse_dids
-from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobStats
+from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobStats
+from producers.options import add_producer_arguments, producer_options
 from runtime.contract.nsid import validate_pattern
 from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
 from runtime.kafka.checkpoint import JobState
-from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
-from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
+from runtime.process.options import ObservabilitySettings, Opt, resolve_appends
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ FIREHOSE_OPTIONS: Final[tuple[Opt, ...]] = (
         "(default for --days/--start-timestamp: the moment the run started; see --follow)"),
     Opt(("--follow",), "follow", "BACKFILL_FOLLOW", False,
         "no default end watermark: keep following the live stream after catching up", action="store_true"),
-    Opt(("--resume",), "resume", "BACKFILL_RESUME", False,
-        "resume from the job's last checkpoint (the last fully delivered seq)", action="store_true"),
     Opt(("--workers",), "workers", "BACKFILL_WORKERS", 1,
         "decode/produce processes; each owns a DID-hash share of the frames (1 = this process)", type=int),
     Opt(("--batch-size",), "batch_size", "BACKFILL_BATCH_SIZE", 100,
@@ -62,9 +61,6 @@ FIREHOSE_OPTIONS: Final[tuple[Opt, ...]] = (
         "comma-separated DIDs to include, or @FILE with one DID per line"),
     Opt(("--num-records", "-n"), "num_records", "BACKFILL_NUM_RECORDS", 0,
         "stop after this many records (0 = no limit; with --workers, per worker share)", type=int),
-    Opt(("--max-time", "-t"), "max_time", "BACKFILL_MAX_TIME", 0.0,
-        "maximum time to run in seconds (0 = no limit)", type=float),
-    Opt(("--job",), "job", "BACKFILL_JOB", "firehose", "job name (checkpoint key)"),
     Opt(("--verify",), "verify", "BACKFILL_VERIFY", False,
         "check every commit's signature against its author's DID document and its MST proof (Sync 1.1)",
         action="store_true"),
@@ -83,15 +79,8 @@ FIREHOSE_OPTIONS: Final[tuple[Opt, ...]] = (
         "reconnect when no frame arrived for this many seconds", type=float),
     Opt(("--max-reconnects",), "max_reconnects", "BACKFILL_MAX_RECONNECTS", 0,
         "give up after this many consecutive failed connects (0 = never)", type=int),
-    Opt(("--transactions",), "transactions", "BACKFILL_TRANSACTIONS", "auto",
-        "commit data and checkpoints atomically with Kafka transactions", choices=("auto", "on", "off")),
-    Opt(("--checkpoint-every",), "checkpoint_events", "BACKFILL_CHECKPOINT_EVENTS", 5000,
-        "checkpoint after this many events", type=int),
-    Opt(("--checkpoint-interval",), "checkpoint_interval", "BACKFILL_CHECKPOINT_INTERVAL", 2.0,
-        "checkpoint at least this often (seconds)", type=float),
-    Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
-        choices=("auto", "rich", "log", "none")),
-    MAX_COLLECTIONS_OPTION,
+    *producer_options("firehose",
+                      help={"resume": "resume from the job's last checkpoint (the last fully delivered seq)"}),
 )
 
 
@@ -207,9 +196,7 @@ def settings_from_namespace(ns: argparse.Namespace, now: Callable[[], float] = t
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``backfill firehose`` option."""
-    add_options(parser, FIREHOSE_OPTIONS)
-    add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
-    add_options(parser.add_argument_group("observability"), OBSERVABILITY_OPTIONS)
+    add_producer_arguments(parser, FIREHOSE_OPTIONS)
 
 
 def finish_namespace(ns: argparse.Namespace) -> None:

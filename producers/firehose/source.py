@@ -310,8 +310,6 @@ class StreamCounters:
     gaps: int = 0
     missing: int = 0
     outdated: int = 0
-    regressions: int = 0
-    oversize: int = 0
     info: dict[str, int] = field(default_factory=dict)
 
 
@@ -422,7 +420,6 @@ class RelayStream:
             await self._sleep(0)
 
     def _oversize(self) -> Drop | None:
-        self.counters.oversize += 1
         skipped = self.last_seq + 1 if self.last_seq is not None else None
         self._notice("oversize_skip")
         self._log_once("oversize", logging.WARNING, "a frame after seq %s is over %d bytes; stepping over seq %s",
@@ -484,7 +481,6 @@ class RelayStream:
                                                        "sequence gap: expected seq %d, got %d (%d missing)",
                                                        expected, seq, missing)
                             else:
-                                counters.regressions += 1
                                 self._notice("seq_regression")
                                 self._log_once("regression", logging.WARNING,
                                                "relay sequence went back: expected seq %d, got %d", expected, seq)

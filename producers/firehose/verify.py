@@ -78,7 +78,6 @@ class DictResolver:
     def __init__(self, documents: Mapping[str, Any]) -> None:
         self._documents = dict(documents)
         self._cache: dict[str, Identity] = {}
-        self.resolutions = 0
         self.invalidations = 0
 
     @classmethod
@@ -113,7 +112,6 @@ class DictResolver:
         hit = self._cache.get(did)
         if hit is not None:
             return hit
-        self.resolutions += 1
         doc = self._documents.get(did)
         if doc is None:
             raise UnresolvedDidError(did, "no DID document")

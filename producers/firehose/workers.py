@@ -45,7 +45,6 @@ import logging
 import math
 import multiprocessing
 import queue
-import signal
 import struct
 import threading
 import time
@@ -77,6 +76,7 @@ from producers.firehose.source import (
 )
 from producers.firehose.verify import CommitVerifier
 from producers.job import JobRunner, transactional_id
+from producers.publish import deliver
 from producers.source import Drop, End, SourceItem
 from runtime.contract.codec import AvroCodec
 from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
@@ -88,6 +88,7 @@ from runtime.kafka.settings import KafkaSettings
 from runtime.process.logs import configure
 from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.progress import print_statistics
+from runtime.process.signals import handle_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +340,10 @@ class Coordinator:
     # ------------------------------------------------------------------ checkpoints
 
     def _write_state(self, state: JobState) -> None:
-        producer = Producer(self.kafka.producer_config())
-        producer.produce(self.topics.control, state.to_bytes(), self.settings.job.encode())
-        if producer.flush(30):
-            raise FatalError(f"job {self.settings.job}: coordinator checkpoint not delivered")
+        _, errors = deliver(self.kafka, [(self.topics.control, self.settings.job.encode(), state.to_bytes())],
+                            timeout=30)
+        if errors:
+            raise FatalError(f"job {self.settings.job}: coordinator checkpoint not delivered: {errors[0]}")
 
     def _fence_workers(self) -> None:
         """Fence the previous run's workers, aborting the transactions they left open.
@@ -589,26 +590,21 @@ class Coordinator:
                                   cursor, metrics=self.metrics)
         self.stream.on_reconnect = lambda: self.metrics.reconnects.inc("firehose")
         self._stop_event = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._request_stop, "signal")
-                installed.append(sig)
-        dispatch = asyncio.ensure_future(self._dispatch())
-        ticker = asyncio.ensure_future(self._ticker())
-        stopper = asyncio.ensure_future(self._stop_event.wait())
         try:
-            done, _ = await asyncio.wait({dispatch, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            # dispatch.result() re-raises a SourceError from the stream
-            reason = dispatch.result() if dispatch in done else self._stop or "stopped"
+            with handle_stop_signals(self._request_stop, "signal"):
+                dispatch = asyncio.ensure_future(self._dispatch())
+                ticker = asyncio.ensure_future(self._ticker())
+                stopper = asyncio.ensure_future(self._stop_event.wait())
+                try:
+                    done, _ = await asyncio.wait({dispatch, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    # dispatch.result() re-raises a SourceError from the stream
+                    reason = dispatch.result() if dispatch in done else self._stop or "stopped"
+                finally:
+                    for task in (dispatch, ticker, stopper):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, Exception):
+                            await task
         finally:
-            for task in (dispatch, ticker, stopper):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            for sig in installed:
-                loop.remove_signal_handler(sig)
             await self.stream.aclose()
         await self._flush()
         return reason

@@ -31,7 +31,14 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from producers.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
+from producers.netsafety import (
+    NetworkPolicy,
+    Resolver,
+    UnsafeEndpointError,
+    guarded_client,
+    status_class,
+    system_resolver,
+)
 from runtime.atproto.errors import IdentityError
 from runtime.atproto.identity import Identity, parse_did_document
 from runtime.errors import SourceError
@@ -86,12 +93,6 @@ class _TransientError(Exception):
     def __init__(self, detail: str, status: str) -> None:
         super().__init__(detail)
         self.status = status
-
-
-def _status_class(code: int) -> str:
-    if code == 429:
-        return "429"
-    return f"{code // 100}xx" if 200 <= code < 600 else "error"
 
 
 def did_web_url(did: str, scheme: str = "https") -> str:
@@ -196,10 +197,6 @@ class DidResolver:
         """Forget every cached identity (between batches, to release memory)."""
         self._cache.clear()
 
-    def prime(self, identity: Identity) -> None:
-        """Cache an identity learnt elsewhere (for example from a verified document)."""
-        self._store(identity.did, identity)
-
     async def aclose(self) -> None:
         """Close the HTTP client (when the resolver created it)."""
         if self._own_client:
@@ -257,7 +254,7 @@ class DidResolver:
         try:
             async with self._client.stream("GET", url) as resp:
                 code = resp.status_code
-                self._count(host_class, _status_class(code))
+                self._count(host_class, status_class(code))
                 if code in (404, 410):
                     kind = "not_found" if code == 404 else "tombstoned"
                     raise DidResolutionError(did, kind, f"{url} answered {code}")

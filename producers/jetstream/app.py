@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,29 +24,28 @@ from typing import Any, Final
 
 import httpx
 
-from consumers.base import ConsumerOptions, GroupConsumer, group_name
-from consumers.queue import QueueSink, default_queue_path
+from producers.companion import Companion, CompanionFactory
 from producers.identity.didlist import parse_dids, split_csv
 from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
-from producers.job import DEFAULT_MAX_COLLECTIONS, MAX_COLLECTIONS_OPTION, JobOptions, JobRunner, JobStats
+from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobRunner, JobStats
+from producers.options import add_producer_arguments, api_namespace, producer_options
 from runtime.contract.codec import AvroCodec
 from runtime.contract.nsid import validate_pattern
 from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
 from runtime.kafka.broker import resolve_bootstrap
 from runtime.kafka.checkpoint import JobState
-from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.options import (
-    OBSERVABILITY_OPTIONS,
     ObservabilitySettings,
     Opt,
-    add_options,
     parse_bool,
     resolve_appends,
 )
+from runtime.process.plugins import COMPANIONS, load
 from runtime.process.progress import Progress, print_statistics
 
 log = logging.getLogger(__name__)
@@ -73,16 +71,11 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--days",), "days", "BACKFILL_DAYS", None,
         "start N days ago (-1 = as far back as the instance keeps, 0 = disabled)", type=int),
     Opt(("--cursor",), "cursor", "BACKFILL_CURSOR", None, "start cursor in raw unix microseconds", type=int),
-    Opt(("--resume",), "resume", "BACKFILL_RESUME", False, "continue the job from its checkpoint",
-        action="store_true"),
-    Opt(("--job",), "job", "BACKFILL_JOB", "jetstream", "job name (checkpoint key)"),
     Opt(("--num-records", "-n"), "num_records", "BACKFILL_NUM_RECORDS", 10000,
         "number of records to collect (0 = no limit)", type=int),
     Opt(("--instance", "-i"), "instance", "JETSTREAM_INSTANCE", None,
         "Jetstream instance name (jetstream1.us-east) or ws(s):// URL, or several comma-separated, "
         "used in turn (the next on failure); default: the public instances in turn"),
-    Opt(("--max-time", "-t"), "max_time", "BACKFILL_MAX_TIME", 900.0,
-        "maximum time to run in seconds (0 = no limit)", type=float),
     Opt(("--queue-name",), "queue_name", "BACKFILL_QUEUE_NAME", "jetstream_sync", "name for the queue"),
     Opt(("--queue-path",), "queue_path", "BACKFILL_QUEUE_PATH", None,
         "SQLite file of the queues (default $XDG_DATA_HOME/atproto-backfill/queues.sqlite)"),
@@ -104,20 +97,12 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--consumer",), "consumer", "BACKFILL_JETSTREAM_CONSUMER", "queue",
         "run a queue consumer alongside the producer (queue) or the producer only (none)",
         choices=("queue", "none")),
-    Opt(("--transactions",), "transactions", "BACKFILL_TRANSACTIONS", "auto",
-        "commit data and checkpoints atomically with Kafka transactions", choices=("auto", "on", "off")),
-    Opt(("--checkpoint-every",), "checkpoint_events", "BACKFILL_CHECKPOINT_EVENTS", 5000,
-        "checkpoint after this many events", type=int),
-    Opt(("--checkpoint-interval",), "checkpoint_interval", "BACKFILL_CHECKPOINT_INTERVAL", 2.0,
-        "checkpoint at least this often (seconds)", type=float),
     Opt(("--stall-timeout",), "stall_timeout", "BACKFILL_STALL_TIMEOUT", 30.0,
         "reconnect when no message arrived for this many seconds", type=float),
     Opt(("--end-idle",), "end_idle", "BACKFILL_END_IDLE", 10.0,
         "with an end watermark already in the past: stop after this many seconds without a message",
         type=float),
-    Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
-        choices=("auto", "rich", "log", "none")),
-    MAX_COLLECTIONS_OPTION,
+    *producer_options("jetstream", max_time=900.0),
 )
 
 
@@ -139,7 +124,7 @@ class JetstreamSettings:
     instances: list[str]
     max_time: float
     queue_name: str
-    queue_path: Path
+    queue_path: Path | None
     batch_size: int
     compress: bool
     zstd_dictionary: str | None
@@ -201,7 +186,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         handles=split_csv(ns.user_handles), handle_resolver=ns.handle_resolver,
         start_us=start_us, end_us=end_us, resume=bool(ns.resume), job=ns.job, num_records=ns.num_records,
         instances=instances, max_time=ns.max_time, queue_name=ns.queue_name,
-        queue_path=Path(ns.queue_path) if ns.queue_path else default_queue_path(),
+        queue_path=Path(ns.queue_path) if ns.queue_path else None,
         batch_size=max(1, ns.batch_size), compress=bool(ns.compress), zstd_dictionary=ns.zstd_dictionary,
         lateness_us=int(ns.allowed_lateness * 1e6), failover_rewind_us=int(ns.failover_rewind * 1e6),
         max_message_size=ns.max_message_size,
@@ -217,9 +202,7 @@ HELP: Final = "replay Jetstream into the typed topics (seeds 000/001)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``backfill jetstream`` option."""
-    add_options(parser, JETSTREAM_OPTIONS)
-    add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
-    add_options(parser.add_argument_group("observability"), OBSERVABILITY_OPTIONS)
+    add_producer_arguments(parser, JETSTREAM_OPTIONS)
 
 
 def finish_namespace(ns: argparse.Namespace) -> None:
@@ -327,6 +310,20 @@ def run(settings: JetstreamSettings, *, metrics: Metrics | None = None,
             server.stop()
 
 
+def make_companion(settings: JetstreamSettings) -> Companion | None:
+    """The consumer run alongside the producer (``--consumer``; None for ``none``), loaded by name from
+    the ``atproto_backfill.companions`` entry points (``queue``: seed 000's queue consumer).
+
+    Raises:
+        ConfigError: no companion of that name is installed.
+    """
+    if settings.consumer == "none":
+        return None
+    factory: CompanionFactory = load(COMPANIONS, settings.consumer)
+    return factory(queue_name=settings.queue_name, queue_path=settings.queue_path,
+                   collections=settings.collections, batch_size=settings.batch_size)
+
+
 def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dictionary: bytes | None,
          metrics: Metrics, health: Health, progress: Progress, date_changed: Callable[[str], None],
          print_table: bool) -> RunResult:
@@ -339,41 +336,22 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
                          checkpoint_events=settings.checkpoint_events,
                          checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions,
                          max_collections=settings.max_collections)
-    sink: QueueSink | None = None
-    consumer: GroupConsumer | None = None
-    consumer_thread: threading.Thread | None = None
-    consumer_error: list[BaseException] = []
-    stop_consumer = threading.Event()
+    companion = make_companion(settings)
 
     def show(stats: JobStats) -> None:
         health.beat()
         fields = {"records": stats.records_produced, "rate/s": stats.records_produced / max(stats.elapsed, 1e-9),
                   "received": stats.messages_received, "date": stats.current_date or "-",
                   "cursor": stats.latest_cursor or "-"}
-        if sink is not None:
-            fields["stored"] = sink.stored
+        if companion is not None:
+            fields["stored"] = companion.stored
         progress.update(fields, stats.by_collection)
 
     runner = JobRunner(kafka, options, metrics, codec, on_date_change=date_changed, on_progress=show,
                        health=health)
     runner.prepare()
-    if settings.consumer == "queue":
-        sink = QueueSink(settings.queue_name, settings.queue_path)
-        copts = ConsumerOptions(group=group_name("queue", settings.queue_name), collections=settings.collections,
-                                include_account_events=False, batch_size=settings.batch_size, linger=0.2,
-                                topic_refresh=1.0)
-        consumer = GroupConsumer(kafka, sink, copts, metrics, AvroCodec.from_config(kafka.registry_config()),
-                                 stop_event=stop_consumer)
-
-        def consume() -> None:
-            assert consumer is not None
-            try:
-                consumer.run()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-                consumer_error.append(e)
-
-        consumer_thread = threading.Thread(target=consume, name="queue-consumer", daemon=True)
-        consumer_thread.start()
+    if companion is not None:
+        companion.start(kafka, metrics)
 
     sources: list[JetstreamSource] = []
 
@@ -397,20 +375,18 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
     try:
         final = asyncio.run(runner.run(make_source))
     except BaseException:
-        stop_consumer.set()
+        if companion is not None:
+            companion.abort()
         raise
     finally:
         runner.close()
     stored = None
     queue_length = None
-    if consumer is not None and consumer_thread is not None and sink is not None:
-        consumer.opts.until_offsets = final.offsets
-        consumer_thread.join()
-        if consumer_error:
-            raise consumer_error[0]
-        stored = sink.stored
-        queue_length = sink.queue_length()
-        sink.close()
+    if companion is not None:
+        companion.finish(final.offsets)
+        stored = companion.stored
+        queue_length = companion.queue_length()
+        companion.close()
     stats = seed_statistics(runner.stats, stored, queue_length, sum(s.position.late for s in sources))
     if print_table:
         progress.close()
@@ -442,26 +418,11 @@ def run_backfill_sync(
         records_stored, messages_received, total_time, records_per_second, collections,
         target_reached, latest_cursor, queue_length, current_date, end_cursor_reached (and more).
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    ns = parser.parse_args([])
-    finish_namespace(ns)
-    ns.wanted_dids = ",".join(wanted_dids) if wanted_dids else None
-    ns.start_timestamp = start_timestamp
-    ns.end_timestamp = end_timestamp
-    ns.wanted_collections = list(wanted_collections or ["app.bsky.feed.post"])
-    ns.num_records = num_records
-    ns.instance = instance
-    ns.max_time = float(max_time)
-    ns.queue_name = queue_name
-    ns.batch_size = batch_size
-    ns.compress = compress
-    ns.progress = overrides.pop("progress", "none")
-    for key, value in overrides.items():
-        if not hasattr(ns, key):
-            raise ConfigError(f"unknown option {key!r}")
-        setattr(ns, key, value)
-    settings = settings_from_namespace(ns)
+    given = {"wanted_dids": ",".join(wanted_dids) if wanted_dids else None, "start_timestamp": start_timestamp,
+             "end_timestamp": end_timestamp, "wanted_collections": list(wanted_collections or ["app.bsky.feed.post"]),
+             "num_records": num_records, "instance": instance, "max_time": float(max_time), "queue_name": queue_name,
+             "batch_size": batch_size, "compress": compress}
+    settings = settings_from_namespace(api_namespace(add_arguments, finish_namespace, given, overrides))
     return run(settings, on_date_change=on_date_change, print_table=False).statistics
 
 

@@ -49,7 +49,6 @@ from collections import deque
 from typing import Any, Final
 
 from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
-from runtime.errors import CursorRegressionError
 
 log = logging.getLogger(__name__)
 
@@ -355,12 +354,3 @@ class JetstreamPosition:
             pos._legacy = frozenset(bytes.fromhex(h) for h in state["legacy"])
             pos._legacy_at = int(state.get("legacy_at", cursor))
         return pos
-
-    def check_not_behind(self, other_cursor: int | None) -> None:
-        """Raise if this position is behind a checkpointed cursor (our own corruption).
-
-        Raises:
-            CursorRegressionError: ``other_cursor`` is ahead of this position.
-        """
-        if other_cursor is not None and (self.max_cursor is None or self.max_cursor < other_cursor):
-            raise CursorRegressionError(f"position {self.max_cursor} is behind checkpoint {other_cursor}")

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import random
-import signal
 import socket
 import tempfile
 import time
@@ -46,6 +44,7 @@ from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.identity.resolver import DEFAULT_PLC_URL, PLC_URL_ENV, DidResolver
 from producers.job import JobOptions, JobRunner, JobStats
 from producers.netsafety import NetworkPolicy
+from producers.options import add_producer_arguments, api_namespace, producer_options
 from producers.repos import taskdump
 from producers.repos.decode import RECORD_TYPES, RecordFilter, record_type
 from producers.repos.pds import PdsClient, PdsError, PdsLimits
@@ -67,10 +66,11 @@ from runtime.contract.timeparse import parse_timestamp
 from runtime.errors import ConfigError, DropError
 from runtime.kafka.broker import resolve_bootstrap
 from runtime.kafka.checkpoint import JobState
-from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
+from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Health, Metrics, MetricsServer
-from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings, Opt, add_options, resolve_appends
+from runtime.process.options import ObservabilitySettings, Opt, resolve_appends
 from runtime.process.progress import Progress, print_statistics
+from runtime.process.signals import handle_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +155,6 @@ REPOS_OPTIONS: Final[tuple[Opt, ...]] = (
         "scheme of did:web documents (http only for simulators)", choices=("https", "http")),
     Opt(("--verify",), "verify", "BACKFILL_VERIFY", False,
         "check every commit signature against the DID document's key", action="store_true"),
-    Opt(("--job",), "job", "BACKFILL_JOB", "repos", "job name (checkpoint key; work-topic consumer group)"),
-    Opt(("--resume",), "resume", "BACKFILL_RESUME", False, "continue a list job from its checkpoint",
-        action="store_true"),
-    Opt(("--transactions",), "transactions", "BACKFILL_TRANSACTIONS", "auto",
-        "list jobs: commit data and checkpoints atomically", choices=("auto", "on", "off")),
-    Opt(("--checkpoint-interval",), "checkpoint_interval", "BACKFILL_CHECKPOINT_INTERVAL", 2.0,
-        "checkpoint at least this often (seconds)", type=float),
-    Opt(("--max-time", "-t"), "max_time", "BACKFILL_MAX_TIME", 0.0,
-        "stop after this many seconds (0 = no limit)", type=float),
     Opt(("--workdir",), "workdir", "BACKFILL_WORKDIR", None,
         "directory for downloaded CARs (default: a temporary directory)"),
     Opt(("--replica-id",), "replica_id", "BACKFILL_REPLICA_ID", None,
@@ -184,8 +175,10 @@ REPOS_OPTIONS: Final[tuple[Opt, ...]] = (
         "seconds (0 = never)", type=float),
     Opt(("--redo",), "redo", "BACKFILL_REDO", False,
         "--from-topic: backfill DIDs again even when their status says done", action="store_true"),
-    Opt(("--progress",), "progress", "BACKFILL_PROGRESS", "auto", "progress display",
-        choices=("auto", "rich", "log", "none")),
+    *producer_options("repos", leave_out=("checkpoint_events", "max_collections"),
+                      help={"job": "job name (checkpoint key; work-topic consumer group)",
+                            "resume": "continue a list job from its checkpoint",
+                            "transactions": "list jobs: commit data and checkpoints atomically"}),
 )
 
 
@@ -291,9 +284,7 @@ HELP: Final = "backfill whole repositories (getRepo) into the typed topics"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``backfill repos`` option."""
-    add_options(parser, REPOS_OPTIONS)
-    add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
-    add_options(parser.add_argument_group("observability"), OBSERVABILITY_OPTIONS)
+    add_producer_arguments(parser, REPOS_OPTIONS)
 
 
 def finish_namespace(ns: argparse.Namespace) -> None:
@@ -329,9 +320,9 @@ class RepoJobRunner(JobRunner):
             for kind, reason in self._refused.pop(result.did, []):
                 result.not_produced(kind, reason)
         topic = self.topics.repo_status
-        self._ensure([topic], config={"cleanup.policy": "compact"})
+        self.publisher.ensure([topic], {"cleanup.policy": "compact"})
         datum = result.status_datum(self.opts.job, int(self.wall() * 1e6), batch=self.next_checkpoint)
-        self._produce_raw(topic, result.did.encode(), self.codec.encode("repo_status", topic, datum))
+        self.publisher.produce(topic, result.did.encode(), self.codec.encode("repo_status", topic, datum))
 
 
 @dataclass
@@ -491,19 +482,10 @@ async def _run_topic(settings: ReposSettings, kafka: KafkaSettings, metrics: Met
     runner = WorkTopicRunner(kafka, opts, ctx.fetcher, ctx.processor, metrics, codec, health=health,
                              on_result=on_result)
     await asyncio.to_thread(runner.prepare)
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Only the main thread of a process can take signals (not a replica run from a test thread).
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, runner.stop, "signal")
-            installed.append(sig)
-    taskdump.install(loop)  # kill -USR1 logs where each task waits
-    try:
+    taskdump.install(asyncio.get_running_loop())  # kill -USR1 logs where each task waits
+    # Only the main thread of a process takes signals (not a replica run from a test thread).
+    with handle_stop_signals(runner.stop, "signal"):
         work = await runner.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
     stats = _statistics(results, time.monotonic() - started, work.stop_reason, 0)
     stats.update({"replica": settings.replica, "skipped_done": work.skipped, "transactions": work.transactions})
     return ReposRun(stats, {r.did: r.metadata() for r in results}, work=work)
@@ -571,20 +553,10 @@ def run_batched_backfill(
     Raises:
         ConfigError: a malformed value; FatalError: our own state broke.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    ns = parser.parse_args([])
-    finish_namespace(ns)
-    ns.dids = ",".join(dids)
-    ns.batch_size = batch_size
-    ns.start_timestamp = start_timestamp
-    ns.end_timestamp = end_timestamp
-    ns.progress = overrides.pop("progress", "none")
-    for key, value in overrides.items():
-        if not hasattr(ns, key):
-            raise ConfigError(f"unknown option {key!r}")
-        setattr(ns, key, value)
-    result = run(settings_from_namespace(ns), print_table=False)
+    given = {"dids": ",".join(dids), "batch_size": batch_size, "start_timestamp": start_timestamp,
+             "end_timestamp": end_timestamp}
+    result = run(settings_from_namespace(api_namespace(add_arguments, finish_namespace, given, overrides)),
+                 print_table=False)
     return {"users": result.users, "statistics": result.statistics}
 
 

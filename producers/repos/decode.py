@@ -21,7 +21,7 @@ Records of unwanted collections are skipped before their block is even read.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -289,11 +289,3 @@ class RepoDecoder:
     def _drop(self, reason: str, detail: str, payload: bytes, key: str) -> Drop:
         self.summary.dropped[reason] += 1
         return Drop(reason, detail, bytes(payload), f"repo:{self.did}/{key}", did=self.did, cursor=self.cursor)
-
-
-def decode_car_records(car: BlockStore, did: str | None = None, *,
-                       flt: RecordFilter | None = None) -> Iterable[RecordEvent | Drop | Skip]:
-    """Convenience: every item of a repository CAR (``did`` defaults to the commit's own)."""
-    if did is None:
-        did = read_commit(car).did
-    return RepoDecoder(car, did, flt or RecordFilter()).items()

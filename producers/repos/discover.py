@@ -21,13 +21,14 @@ from typing import Final, TextIO
 import psycopg
 from psycopg import sql
 
+from producers.options import add_producer_arguments, job_option
 from producers.repos.worktopic import DoneSet, enqueue_dids
 from runtime.contract.codec import AvroCodec
 from runtime.contract.topics import TopicMap
 from runtime.errors import ConfigError, SinkUnavailableError
 from runtime.kafka.broker import resolve_bootstrap
-from runtime.kafka.settings import KAFKA_OPTIONS, KafkaSettings
-from runtime.process.options import OBSERVABILITY_OPTIONS, Opt, Secret, add_options, parse_secret
+from runtime.kafka.settings import KafkaSettings
+from runtime.process.options import Opt, Secret, parse_secret
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ DISCOVER_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--db-schema",), "db_schema", "BACKFILL_DB_SCHEMA", "public", "PostgreSQL schema of the tables"),
     Opt(("--include",), "include", "BACKFILL_DISCOVER_INCLUDE", "likes,reposts,replies",
         f"interactions whose subjects' authors are wanted ({', '.join(INTERACTIONS)})"),
-    Opt(("--job",), "job", "BACKFILL_JOB", "repos", "the repo job whose finished DIDs are left out"),
+    job_option("repos", "the repo job whose finished DIDs are left out"),
     Opt(("--limit",), "limit", "BACKFILL_DID_LIMIT", 0, "enqueue at most this many DIDs (0 = all)", type=int),
     Opt(("--dry-run",), "dry_run", "BACKFILL_DRY_RUN", False, "print the DIDs instead of enqueueing them",
         action="store_true"),
@@ -142,9 +143,7 @@ HELP: Final = "enqueue referenced authors not yet backfilled"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill discover-dids``."""
-    add_options(parser, DISCOVER_OPTIONS)
-    add_options(parser.add_argument_group("kafka"), KAFKA_OPTIONS)
-    add_options(parser.add_argument_group("observability"), OBSERVABILITY_OPTIONS)
+    add_producer_arguments(parser, DISCOVER_OPTIONS)
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -41,7 +41,14 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from producers.netsafety import NetworkPolicy, Resolver, UnsafeEndpointError, guarded_client, system_resolver
+from producers.netsafety import (
+    NetworkPolicy,
+    Resolver,
+    UnsafeEndpointError,
+    guarded_client,
+    status_class,
+    system_resolver,
+)
 from runtime.errors import SourceError
 from runtime.process.metrics import Metrics
 
@@ -67,12 +74,6 @@ def host_class_of(url: str) -> str:
     if host.endswith(".host.bsky.network") or host in ("bsky.social", "bsky.network"):
         return "bsky_hosted"
     return "self_hosted"
-
-
-def _status_class(code: int) -> str:
-    if code == 429:
-        return "429"
-    return f"{code // 100}xx" if 200 <= code < 600 else "error"
 
 
 class PdsError(SourceError):
@@ -487,7 +488,7 @@ class PdsClient:
                 try:
                     async with self._client.stream("GET", url, params=params, headers={"accept": accept}) as resp:
                         code = resp.status_code
-                        self._count(host_class, _status_class(code))
+                        self._count(host_class, status_class(code))
                         self._observe(state, resp)
                         if code == 429:
                             pause = self._on_429(state, resp)

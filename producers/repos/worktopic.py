@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from producers.job import FENCED_CODES, kafka_error_of, resolve_fatal
+from producers.publish import Publisher, deliver, kafka_error_of
 from producers.repos.decode import record_type
 from producers.repos.source import Fetched, RepoFetcher, RepoProcessor, RepoResult, count_outcome
 from producers.source import Drop, Skip
@@ -47,9 +47,8 @@ from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import CommitError, DeliveryError, DropError, FencedError, SourceError
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
-from runtime.kafka.deadletter import DeadLetters
 from runtime.kafka.settings import KafkaSettings
-from runtime.process.metrics import Health, Metrics, collection_label
+from runtime.process.metrics import Health, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,6 @@ REVERSIBLE: Final = frozenset({"deactivated", "takendown"})
 MAX_ABORTS_IN_A_ROW: Final = 5
 #: How long close() serves the revocation of this replica's partitions before closing anyway.
 CLOSE_DRAIN_SECONDS: Final = 10.0
-
-
-_PURGED: Final = frozenset((KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT))
 
 
 class _TransactionAbortedError(Exception):
@@ -120,29 +116,11 @@ def enqueue_dids(kafka: KafkaSettings, dids: Iterable[str], *, origin: str,
         DeliveryError: Kafka refused some of them.
     """
     topics = TopicMap(kafka.topic_prefix)
-    admin = kafka_util.admin(kafka.client_config())
-    kafka_util.ensure_topics(admin, [topics.dids], partitions=kafka.topic_partitions,
-                             replication=kafka.topic_replication)
-    errors: list[str] = []
-
-    def report(err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    producer = Producer(kafka.producer_config(on_delivery=report))
-    n = 0
+    kafka_util.ensure_topics(kafka_util.admin(kafka.client_config()), [topics.dids],
+                             partitions=kafka.topic_partitions, replication=kafka.topic_replication)
     now_us = int(wall() * 1e6)
-    for did in dids:
-        while True:
-            try:
-                producer.produce(topics.dids, work_value(did, origin, now_us), did.encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
-        n += 1
-        if n % 10000 == 0:
-            producer.poll(0)
-    if producer.flush(60) or errors:
+    n, errors = deliver(kafka, ((topics.dids, did.encode(), work_value(did, origin, now_us)) for did in dids))
+    if errors:
         raise DeliveryError(f"could not enqueue every DID: {errors[:3]}")
     log.info("enqueued %d DIDs into %s (origin %s)", n, topics.dids, origin)
     return n
@@ -336,25 +314,23 @@ class WorkTopicRunner:
         self.clock = clock
         self.wall = wall
         self.on_result = on_result
-        self.topics = TopicMap(kafka.topic_prefix)
+        #: Routes, produces and commits the replica's records, statuses and dead letters.
+        self.publisher = Publisher(kafka, codec, metrics, source="repo", owner=f"replica {opts.replica}",
+                                   id_kind="replica id",
+                                   transactional_id=f"atproto-backfill-repos-{opts.job}-{opts.replica}",
+                                   clock=clock, wall=wall)
+        self.topics = self.publisher.topics
         self.group = f"atproto-backfill-repos-{opts.job}"
         self.stats = WorkStats()
         self.done = DoneSet(opts.job, codec)
-        self._admin = kafka_util.admin(kafka.client_config())
-        self._known: set[str] = set()
         self._parts: dict[int, deque[_Item]] = {}
         self._paused: set[int] = set()
         self._quiet_since: dict[int, float] = {}  # per partition: assignment or last delivery
         self._need_catch_up = True
         self._consumer: Consumer | None = None
-        self._producer: Producer | None = None
-        self._dead: DeadLetters | None = None
-        self._errors: list[tuple[KafkaError, Any]] = []
-        self._fatal: KafkaError | None = None  # the producer's fatal error, once seen
         self._stop: str | None = None
         self._batch = 0
         self._aborts_in_a_row = 0
-        self._m_produced: dict[str, Any] = {}
         self._work_offsets: dict[int, int] = {}
         self._started_us = int(wall() * 1e6)
         self._txn_records = 0  # records (and dead-lettered record entries) in the open transaction
@@ -363,54 +339,24 @@ class WorkTopicRunner:
 
     # ------------------------------------------------------------------ setup
 
-    @property
-    def _tid(self) -> str:
-        """This replica's transactional id: a newer instance with the same replica id fences it."""
-        return f"atproto-backfill-repos-{self.opts.job}-{self.opts.replica}"
-
-    def _ensure(self, topics: list[str], partitions: int | None = None, config: dict[str, str] | None = None) -> None:
-        missing = [t for t in topics if t not in self._known]
-        if missing:
-            kafka_util.ensure_topics(self._admin, missing, partitions=partitions or self.kafka.topic_partitions,
-                                     replication=self.kafka.topic_replication, config=config)
-            self._known.update(missing)
-
     def prepare(self) -> None:
         """Create the topics, fence an earlier instance of this replica, join the group.
 
         Raises:
             CommitError: transactions are unavailable (this mode needs them).
         """
-        self._ensure([self.topics.dids, self.topics.dead_letters])
-        self._ensure([self.topics.repo_status], config={"cleanup.policy": "compact"})
-        tid = self._tid
-        producer = Producer(self.kafka.producer_config(transactional_id=tid, on_delivery=self._on_delivery))
-        try:
-            # Fences an earlier instance with this id and aborts its open transaction.
-            producer.init_transactions(60)
-        except KafkaException as e:
-            raise CommitError(f"the work-topic mode needs Kafka transactions: {e}") from e
-        self._producer = producer
-        self._dead = DeadLetters(self._produce, self.codec, self.metrics, "producer:repo", wall=self.wall)
+        publisher = self.publisher
+        publisher.ensure([self.topics.dids, self.topics.dead_letters])
+        publisher.ensure([self.topics.repo_status], config={"cleanup.policy": "compact"})
+        # The transactional id fences an earlier instance with this replica id and aborts its open
+        # transaction.
+        publisher.start("on", timeout=60, required="the work-topic mode needs Kafka transactions")
         consumer = Consumer(self.kafka.consumer_config(self.group, **{"auto.offset.reset": "earliest"}))
         consumer.subscribe([self.topics.dids], on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
         self._consumer = consumer
         log.info("replica %s joined group %s on %s (transactional id %s)", self.opts.replica, self.group,
-                 self.topics.dids, tid)
-
-    def _on_delivery(self, err: KafkaError | None, msg: Any) -> None:
-        if err is None:
-            return
-        if err.code() in _PURGED:
-            # librdkafka's abort_transaction() purges the messages of the transaction still queued
-            # or in flight and reports each with _PURGE_QUEUE/_PURGE_INFLIGHT: that transaction is
-            # redone (_requeue), so these are not refusals.
-            return
-        # Kept as they are and read later: after a fatal producer error (fenced) confluent-kafka may
-        # run this with that error pending, when any further call here would fail.
-        self._errors.append((err, msg))
-        self.metrics.delivery_errors.inc("repo")
+                 self.topics.dids, publisher.transactional_id)
 
     # ------------------------------------------------------------------ rebalance
 
@@ -454,34 +400,6 @@ class WorkTopicRunner:
 
     # ------------------------------------------------------------------ producing
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes) -> None:
-        producer = self._producer
-        assert producer is not None
-        if topic not in self._known:
-            self._ensure([topic])
-        while True:
-            try:
-                producer.produce(topic, value, key)
-                return
-            except BufferError:
-                producer.poll(0.05)
-
-    def _emit_event(self, event: RecordEvent) -> None:
-        topic = self.topics.for_event(event)
-        value = self.codec.encode_event(event, topic)
-        self._produce(topic, event.did.encode(), value)
-        label = collection_label(event.collection)
-        child = self._m_produced.get(label)
-        if child is None:
-            child = self._m_produced[label] = self.metrics.events_produced.child("repo", label)
-        child.inc()
-
-    def _drop(self, drop: Drop) -> None:
-        assert self._dead is not None
-        self.metrics.events_dropped.inc("repo", drop.reason)
-        self._dead.send(self.topics.dead_letters, reason=drop.reason, detail=drop.detail, payload=drop.payload,
-                        origin=drop.origin, did=drop.did, cursor=drop.cursor)
-
     def _process(self, item: _Item) -> RepoResult | None:
         """Produce one work item's records and status into the open transaction."""
         if item.skip == "done":
@@ -489,35 +407,37 @@ class WorkTopicRunner:
             self.metrics.repos_done.inc("skipped")
             return None
         if item.skip is not None:
-            self._drop(Drop(item.skip, item.detail, item.raw, f"{self.topics.dids}/{item.partition}/{item.offset}",
-                            cursor=item.offset))
+            origin = f"{self.topics.dids}/{item.partition}/{item.offset}"
+            self.publisher.dead_letter(Drop(item.skip, item.detail, item.raw, origin, cursor=item.offset))
             return None
         assert item.task is not None
         fetched = item.task.result()
         result = RepoResult(did=item.did, cursor=item.offset, outcome="failed")
         refused: list[tuple[str, str]] = []
+        publisher = self.publisher
         try:
             for it in self.processor.items(fetched, result):
                 if isinstance(it, RecordEvent):
                     self._txn_records += 1
                     try:
-                        self._emit_event(it)
+                        publisher.publish(it)
                     except DropError as e:
-                        self._drop(Drop(e.reason, e.detail, orjson.dumps(it.record), f"repo:{it.uri}",
-                                        did=it.did, cursor=it.cursor))
+                        publisher.dead_letter(Drop(e.reason, e.detail, orjson.dumps(it.record), f"repo:{it.uri}",
+                                                   did=it.did, cursor=it.cursor))
                         refused.append((record_type(it.collection, it.record), e.reason))
                 elif isinstance(it, Drop):
-                    self._drop(it)
+                    publisher.dead_letter(it)
                 elif isinstance(it, Skip):
                     self.metrics.events_skipped.inc("repo", it.reason, amount=it.count)
         finally:
             fetched.close()
+            publisher.flush_counts()
         for kind, reason in refused:
             result.not_produced(kind, reason)
         datum = result.status_datum(self.opts.job, int(self.wall() * 1e6), replica=self.opts.replica,
                                     work_partition=item.partition, work_offset=item.offset, batch=self._batch)
-        self._produce(self.topics.repo_status, item.did.encode(),
-                      self.codec.encode("repo_status", self.topics.repo_status, datum))
+        self.publisher.produce(self.topics.repo_status, item.did.encode(),
+                               self.codec.encode("repo_status", self.topics.repo_status, datum))
         return result
 
     def _records_bound(self, item: _Item) -> int:
@@ -541,9 +461,8 @@ class WorkTopicRunner:
         a repository's records, status and work offset commit together, whatever its size). Returns
         the results, and the items left for the next transaction (their downloads untouched).
         """
-        producer = self._producer
+        publisher = self.publisher
         consumer = self._consumer
-        assert producer is not None
         assert consumer is not None
         self._batch += 1
         out: list[tuple[_Item, RepoResult | None]] = []
@@ -553,7 +472,7 @@ class WorkTopicRunner:
         self._txn_records = 0
         began = self.clock()
         try:
-            producer.begin_transaction()
+            publisher.begin()
             try:
                 for n, item in enumerate(batch):
                     if out and (cut := self._cut(item, self._txn_records, began)) is not None:
@@ -574,18 +493,15 @@ class WorkTopicRunner:
             # Every transaction also carries this replica's progress record (control topic, compacted),
             # which ``backfill status`` shows.
             self._produce_progress(out, offsets, RUNNING)
-            producer.send_offsets_to_transaction(
-                [TopicPartition(self.topics.dids, p, o) for p, o in sorted(offsets.items())],
-                consumer.consumer_group_metadata(), 60)
-            producer.commit_transaction(120)
+            publisher.commit_now(120, [TopicPartition(self.topics.dids, p, o) for p, o in sorted(offsets.items())],
+                                 consumer.consumer_group_metadata())
         except Exception as e:
             err = kafka_error_of(e)
             if err is None:
                 raise
             raise self._failed(err, batch[:len(batch) - len(kept)], kept, self.clock() - began) from e
-        if self._errors:
-            refused = "; ".join(f"{msg.topic()}: {err.str()}" for err, msg in self._errors[:3])
-            raise DeliveryError(f"Kafka refused data: {refused}")
+        if publisher.failures:
+            raise DeliveryError(f"Kafka refused data: {publisher.refusals()}")
         st = self.stats
         if cut is not None:
             st.cut[cut] = st.cut.get(cut, 0) + 1
@@ -606,23 +522,16 @@ class WorkTopicRunner:
         ``batch``: the items the transaction took; ``kept``: those it left for the next one;
         ``open_for``: seconds the transaction was open.
         """
-        producer = self._producer
-        assert producer is not None
-        err, self._fatal = resolve_fatal(producer, err, self._fatal)
-        if self._fatal is None:
-            with contextlib.suppress(KafkaException):
-                producer.abort_transaction(30)
-            with contextlib.suppress(KafkaException):
-                producer.poll(0)  # serve the aborted messages' delivery reports
+        publisher = self.publisher
+        err = publisher.resolve(err)
+        if publisher.fatal is None:
+            publisher.abort_now(30)
             if err.txn_requires_abort() or err.retriable():
                 # A rebalance moved the group's generation on (a replica joined or left) while this
                 # transaction was open: nothing of it counts; its work items are done again.
                 return _TransactionAbortedError(self._batch, batch, kept or [], err.str() + self._overtime(open_for))
-        codes = {err.code(), *(r.code() for r, _ in self._errors)}
-        if self._fatal is not None:
-            codes.add(self._fatal.code())
-        if codes & FENCED_CODES and not self._overtime(open_for):
-            return FencedError.of(f"replica {self.opts.replica}", "replica id", self._tid, err.str())
+        if publisher.fenced(err) and not self._overtime(open_for):
+            return publisher.fenced_error(err.str())
         return CommitError(f"replica {self.opts.replica}: transaction {self._batch} failed: {err.str()}"
                            f"{self._overtime(open_for)}")
 
@@ -636,13 +545,13 @@ class WorkTopicRunner:
 
     def _final_progress(self) -> None:
         """Record the replica's end in the control topic (best effort: losing it loses no data)."""
-        producer = self._producer
-        if producer is None:
+        publisher = self.publisher
+        if publisher.producer is None:
             return
         try:
-            producer.begin_transaction()
+            publisher.begin()
             self._produce_progress([], {}, FINISHED if self._stop == "idle" else STOPPED)
-            producer.commit_transaction(30)
+            publisher.commit_now(30)
         except Exception as e:
             err = kafka_error_of(e)
             if err is None:
@@ -671,8 +580,8 @@ class WorkTopicRunner:
             stop_reason=self._stop if status != RUNNING else None,
             # Increasing across restarts of the replica (the reader keeps the highest).
             checkpoint=now_us)
-        self._ensure([self.topics.control], partitions=1, config=CONTROL_TOPIC_CONFIG)
-        self._produce(self.topics.control, state.job.encode(), state.to_bytes())
+        self.publisher.ensure([self.topics.control], partitions=1, config=CONTROL_TOPIC_CONFIG)
+        self.publisher.produce(self.topics.control, state.job.encode(), state.to_bytes())
 
     # ------------------------------------------------------------------ the loop
 
@@ -976,10 +885,7 @@ class WorkTopicRunner:
                 while consumer.assignment() and self.clock() < deadline:
                     consumer.poll(0.1)
                 consumer.close()
-        if self._producer is not None and self._fatal is None:
-            # a fenced producer can deliver nothing (its open transaction was aborted by the newer instance)
-            with contextlib.suppress(KafkaException):
-                self._producer.flush(10)
+        self.publisher.close()
 
 
 def _close_item(item: _Item) -> None:

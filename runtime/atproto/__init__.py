@@ -11,4 +11,9 @@ Modules, from the bottom up:
 * :mod:`~runtime.atproto.crypto`, :mod:`~runtime.atproto.commit`,
   :mod:`~runtime.atproto.identity` -- keys and signatures, signed commits, DID documents.
 * :mod:`~runtime.atproto.repo` -- whole repositories and firehose commit verification.
+* :mod:`~runtime.atproto.capture` -- the capture file format of relay frames.
+* :mod:`~runtime.atproto.segment` -- Jetstream v2's sealed segment files (``.jss``).
+
+Imports no other package of the project: the formats stand alone, and both the producers and the
+simulators (which write real bytes with them) build on them.
 """

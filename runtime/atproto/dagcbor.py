@@ -31,6 +31,7 @@ __all__ = [
     "from_json_form",
     "record_json_form",
     "to_json_form",
+    "write_head",
 ]
 
 #: Default cap on nested maps/lists, far above any real record and far below the interpreter's limit.
@@ -49,8 +50,12 @@ def _fail(message: str, cause: BaseException | None = None) -> NoReturn:
 # --------------------------------------------------------------------------------------------- encode
 
 
-def _head(out: bytearray, major: int, n: int) -> None:
-    """Append a CBOR head (major type already shifted into the top 3 bits) in shortest form."""
+def write_head(out: bytearray, major: int, n: int) -> None:
+    """Append a CBOR head (major type already shifted into the top 3 bits) in shortest form.
+
+    Raises:
+        CBORError: ``n`` does not fit in 64 bits.
+    """
     if n < 24:
         out.append(major | n)
     elif n < 0x100:
@@ -80,7 +85,7 @@ def _encode_into(obj: Any, out: bytearray, depth: int) -> None:
             b = obj.encode("utf-8")
         except UnicodeEncodeError as e:
             _fail("string is not valid Unicode (lone surrogate)", e)
-        _head(out, 0x60, len(b))
+        write_head(out, 0x60, len(b))
         out += b
     elif t is dict:
         if depth <= 0:
@@ -94,31 +99,31 @@ def _encode_into(obj: Any, out: bytearray, depth: int) -> None:
             except UnicodeEncodeError as e:
                 _fail("map key is not valid Unicode (lone surrogate)", e)
         items.sort(key=_sort_key)
-        _head(out, 0xA0, len(items))
+        write_head(out, 0xA0, len(items))
         for kb, v in items:
-            _head(out, 0x60, len(kb))
+            write_head(out, 0x60, len(kb))
             out += kb
             _encode_into(v, out, depth - 1)
     elif t is int:
         if obj >= 0:
-            _head(out, 0x00, obj)
+            write_head(out, 0x00, obj)
         else:
-            _head(out, 0x20, -1 - obj)
+            write_head(out, 0x20, -1 - obj)
     elif t is CID:
         raw = obj.raw
         out += b"\xd8\x2a"
-        _head(out, 0x40, len(raw) + 1)
+        write_head(out, 0x40, len(raw) + 1)
         out.append(0)
         out += raw
     elif t is list or t is tuple:
         if depth <= 0:
             _fail("value nested too deeply to encode")
-        _head(out, 0x80, len(obj))
+        write_head(out, 0x80, len(obj))
         for v in obj:
             _encode_into(v, out, depth - 1)
     elif t is bytes or t is bytearray or t is memoryview:
         b = bytes(obj)
-        _head(out, 0x40, len(b))
+        write_head(out, 0x40, len(b))
         out += b
     elif obj is None:
         out.append(0xF6)

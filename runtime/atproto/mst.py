@@ -26,6 +26,7 @@ import libipld
 
 from runtime.atproto import native
 from runtime.atproto.cid import CID
+from runtime.atproto.dagcbor import write_head
 from runtime.atproto.errors import AtprotoFormatError, InversionError, MissingBlockError, MSTError
 
 __all__ = [
@@ -140,27 +141,13 @@ def _common_prefix_len(a: bytes, b: bytes) -> int:
     return i
 
 
-def _head(out: bytearray, major: int, n: int) -> None:
-    if n < 24:
-        out.append(major | n)
-    elif n < 0x100:
-        out.append(major | 24)
-        out.append(n)
-    elif n < 0x10000:
-        out.append(major | 25)
-        out += n.to_bytes(2, "big")
-    else:
-        out.append(major | 26)
-        out += n.to_bytes(4, "big")
-
-
 def _link(out: bytearray, cid: CID | None) -> None:
     if cid is None:
         out.append(0xF6)
         return
     raw = cid.raw
     out += b"\xd8\x2a"
-    _head(out, 0x40, len(raw) + 1)
+    write_head(out, 0x40, len(raw) + 1)
     out.append(0)
     out += raw
 
@@ -176,16 +163,16 @@ def encode_node(left: CID | None, entries: list[tuple[str, CID, CID | None]]) ->
         The node's DAG-CBOR block (equal to :func:`runtime.atproto.dagcbor.encode` of the node map).
     """
     out = bytearray(b"\xa2\x61e")
-    _head(out, 0x80, len(entries))
+    write_head(out, 0x80, len(entries))
     prev = b""
     for key, val, right in entries:
         kb = key.encode("utf-8")
         p = _common_prefix_len(prev, kb)
         out += b"\xa4\x61k"
-        _head(out, 0x40, len(kb) - p)
+        write_head(out, 0x40, len(kb) - p)
         out += kb[p:]
         out += b"\x61p"
-        _head(out, 0x00, p)
+        write_head(out, 0x00, p)
         out += b"\x61t"
         _link(out, right)
         out += b"\x61v"

@@ -15,7 +15,7 @@ __all__ = ["NATIVE", "Native"]
 
 
 class Native(Protocol):
-    """The functions of ``_fastrepo`` (see its ``.pyi`` and the C file's header)."""
+    """The functions of ``_fastrepo`` (``runtime/atproto/_fastrepo.c``; its header describes each)."""
 
     def car_index(self, data: bytes, verify: bool, max_blocks: int, /) -> tuple[bytes, dict[bytes, bytes]] | None:
         """``(header bytes, {binary CID: block})``, or None."""

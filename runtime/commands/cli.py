@@ -55,7 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     configure(getattr(ns, "log_level", "INFO"), getattr(ns, "log_format", "text"))
     command = " ".join(str(v) for k, v in sorted(vars(ns).items()) if k == "command" or k.endswith("_command"))
-    log.debug("backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
+    # A service (a command with the observability options: producers, consumers) starts its log with
+    # its settings; a tool a user reads in a terminal (status, inspect, demo) keeps them for DEBUG.
+    level = logging.INFO if hasattr(ns, "metrics_port") else logging.DEBUG
+    log.log(level, "backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
     try:
         code: int = ns._main(ns)
         return code

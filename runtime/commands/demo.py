@@ -3,8 +3,8 @@
 Starts the embedded Kafka-API broker (Tansu), the Jetstream simulator serving generated events
 from the last hour, runs ``backfill jetstream`` from an hour ago to an end watermark with its queue
 consumer, then (when a PostgreSQL URL is given or ``DATABASE_URL`` is set) a PostgreSQL consumer
-group until the job is fully consumed, and prints the statistics, a few queued items, the job status
-and the table counts.
+group until the job is fully consumed, and prints the statistics, a few queued items (through
+``backfill inspect queue``), the job status and the table counts.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import time
 from pathlib import Path
 from typing import Final
 
-import orjson
-
 from runtime.kafka.broker import start_embedded_broker
-from runtime.process.options import Opt, add_options, parse_secret
+from runtime.process.options import Opt, add_options, log_level_option, parse_secret
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
 
 log = logging.getLogger(__name__)
@@ -34,7 +32,7 @@ OPTIONS: Final = (
         "where the queue file goes (default: a new temporary directory)"),
     Opt(("--database-url",), "database_url", "DATABASE_URL", None,
         "also run the PostgreSQL consumer into this database", type=parse_secret),
-    Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "WARNING", "logging level"),
+    log_level_option("WARNING"),
 )
 
 
@@ -74,13 +72,11 @@ def main(ns: argparse.Namespace) -> int:
         code = cli(argv + common)
         if code:
             return code
-        from consumers.queue import Queue  # noqa: PLC0415
-
-        queue = Queue("demo", path=queue_path)
-        print(f"\nqueue 'demo' in {queue_path}: {queue.get_queue_length():,} items; the first three:")
-        for item in queue.peek(3):
-            print("  " + orjson.dumps(item.payload).decode()[:160] + "...")
-        queue.close()
+        print(flush=True)
+        code = cli(["inspect", "queue", "demo", "--queue-path", str(queue_path), "--limit", "3", "--width", "160",
+                    "--log-level", ns.log_level])
+        if code:
+            return code
         if ns.database_url:
             _ensure_database(ns.database_url.get())
             print("\nPostgreSQL consumer group (until the demo job is fully consumed):", flush=True)

@@ -23,7 +23,9 @@ Two figures per group, per partition and summed:
   table, ``records_left_exact: false`` in JSON). A job's "consumers (left)" counts the same way,
   up to the final offsets the job recorded.
 
-``--json`` prints one JSON document for scripts; the default is two tables.
+``--json`` prints one JSON document for scripts, with every figure; the default is tables that fit
+the terminal (the jobs, what each group has left of each job, the groups), ``--verbose`` adds the
+jobs' details (filters, raw cursor, end watermark).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -41,6 +44,7 @@ from typing import Any, Final, TextIO
 import orjson
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -64,7 +68,11 @@ STALE_AFTER_S: Final = 300.0
 DEFAULT_COUNT_LIMIT: Final = 10_000
 
 OPTIONS: Final[tuple[Opt, ...]] = (
-    Opt(("--json",), "json", None, False, "print one JSON document instead of tables", action="store_true"),
+    Opt(("--json",), "json", None, False, "print one JSON document (everything) instead of tables",
+        action="store_true"),
+    Opt(("--verbose", "-v"), "verbose", None, False,
+        "also show each job's source, filters, raw cursor, end watermark, runs and records written",
+        action="store_true"),
     Opt(("--job",), "jobs", None, None, "only this job; repeatable (default: every job)", action="append",
         metavar="JOB"),
     Opt(("--timeout",), "timeout", "BACKFILL_STATUS_TIMEOUT", 10.0,
@@ -533,40 +541,72 @@ def _filters(filters: Mapping[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
-def render_text(report: StatusReport, out: TextIO) -> None:
-    """The jobs table and the consumer-groups table."""
-    # Not a terminal: wide enough that a line holds a whole row (for grep and logs).
-    console = Console(file=out, width=None if out.isatty() else 300, highlight=False)
+#: Columns of the tables when the output is no terminal and ``COLUMNS`` is not set.
+DEFAULT_WIDTH: Final = 100
+
+
+#: Columns whose values are short and read as one piece (figures, durations): never wrapped.
+_WHOLE: Final = frozenset({"status", "progress", "ETA", "rate/s", "updated", "cursor", "runs", "written",
+                           "records left", "state", "lag (offsets)"})
+#: The narrowest a column of text (names, times, filters) gets in a narrow terminal.
+_MIN_TEXT_WIDTH: Final = 10
+
+
+def _table(title: str, *columns: str) -> Table:
+    """A borderless table: long text (names, filters) wraps and folds in its column, nothing is cut off."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False, collapse_padding=True)
+    for col in columns:
+        whole = col in _WHOLE
+        table.add_column(col, overflow="fold", no_wrap=whole, min_width=None if whole else _MIN_TEXT_WIDTH)
+    return table
+
+
+def _status(j: JobReport) -> str:
+    status = j.status + (" (stale)" if j.stale else "")
+    if j.stop_reason and j.status != RUNNING:
+        status += f" ({j.stop_reason})"
+    return status
+
+
+def render_text(report: StatusReport, out: TextIO, *, verbose: bool = False, width: int | None = None) -> None:
+    """The jobs, what each consumer group has left of each job, and the groups' lag, in tables as
+    wide as the terminal (``width``; else ``COLUMNS``, else :data:`DEFAULT_WIDTH`). ``verbose`` adds
+    each job's source, filters, raw cursor, end watermark, runs and records written."""
+    if width is None:
+        width = None if out.isatty() else shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    console = Console(file=out, width=width, highlight=False)
     if not report.jobs:
         console.print(f"no jobs in {report.prefix}.control.jobs")
     else:
-        table = Table(title=f"jobs ({report.prefix})")
-        for col in ("job", "source", "status", "filters", "cursor", "cursor time", "end watermark", "progress",
-                    "rate/s", "ETA", "updated", "consumers (left)"):
-            table.add_column(col, overflow="fold", no_wrap=col not in ("filters", "consumers (left)"))
+        table = _table(f"jobs ({report.prefix})", "job", "status", "progress", "cursor time", "ETA", "rate/s",
+                       "updated")
         for j in report.jobs:
-            status = j.status + (" (stale)" if j.stale else "")
-            if j.stop_reason and j.status != RUNNING:
-                status += f" ({j.stop_reason})"
-            table.add_row(
-                j.job, j.source, status, _filters(j.filters), "-" if j.cursor is None else str(j.cursor),
-                _time(j.cursor_time_us), _time(j.end_time_us),
-                "-" if j.progress is None else f"{j.progress * 100:.1f}%",
-                "-" if j.rate is None else f"{j.rate:,.1f}", _duration(j.eta_s), f"{_duration(j.age_s)} ago",
-                ", ".join(f"{g}: {_count(n, j.remaining_exact.get(g, True))}"
-                          for g, n in sorted(j.remaining.items())) or "-")
+            table.add_row(j.job, _status(j), "-" if j.progress is None else f"{j.progress * 100:.1f}%",
+                          _time(j.cursor_time_us), _duration(j.eta_s),
+                          "-" if j.rate is None else f"{j.rate:,.1f}", f"{_duration(j.age_s)} ago")
         console.print(table)
+        if verbose:
+            table = _table("job details", "job", "source", "filters", "cursor", "end watermark", "runs", "written")
+            for j in report.jobs:
+                table.add_row(j.job, j.source, _filters(j.filters), "-" if j.cursor is None else str(j.cursor),
+                              _time(j.end_time_us), str(j.runs), f"{j.written:,}")
+            console.print(table)
+        left = [(j.job, g, _count(n, j.remaining_exact.get(g, True)))
+                for j in report.jobs for g, n in sorted(j.remaining.items())]
+        if left:
+            table = _table("records left of each job, by consumer group", "job", "group", "records left")
+            for row in left:
+                table.add_row(*row)
+            console.print(table)
     if not report.groups:
         console.print(f"no consumer group has committed offsets on {report.prefix}.* topics")
         return
-    table = Table(title="consumer groups")
-    for col in ("group", "state", "records left", "lag (offsets)", "records left by topic"):
-        table.add_column(col, overflow="fold")
+    table = _table("consumer groups", "group", "state", "records left", "lag (offsets)", "records left by topic")
     for g in report.groups:
         inexact = {p.topic for p in g.partitions if not p.exact}
         table.add_row(g.group, g.state, _count(g.records_left, g.records_left_exact), f"{g.lag:,}",
-                      ", ".join(f"{t.removeprefix(report.prefix + '.')}={_count(n, t not in inexact)}"
-                                for t, n in g.topics_records_left.items()))
+                      "\n".join(f"{t.removeprefix(report.prefix + '.')}={_count(n, t not in inexact)}"
+                                for t, n in g.topics_records_left.items()) or "-")
     console.print(table)
 
 
@@ -607,5 +647,5 @@ def main(ns: argparse.Namespace) -> int:
         sys.stdout.buffer.write(render_json(report) + b"\n")
         sys.stdout.flush()
     else:
-        render_text(report, sys.stdout)
+        render_text(report, sys.stdout, verbose=ns.verbose)
     return 0

@@ -5,7 +5,8 @@ fastavro interprets the schema for every datum and spends about 0.8 us on each `
 so encoding cost more than everything else a producer does per event. This module turns a parsed
 record schema into straight-line Python (one block per field, no dispatch, unions decided by one
 ``is None`` test) that writes the same bytes as ``fastavro.schemaless_writer``. The test suite
-checks byte equality against fastavro on every shipped schema. Decoding stays with fastavro.
+checks byte equality against fastavro on every shipped schema. Decoding is compiled the same way
+in :mod:`runtime.contract.avroread`.
 
 :func:`compile_parts_encoder` compiles the same for a record whose fields come from three places
 instead of one dict: attributes of an object (an event's envelope), one string already encoded

@@ -107,14 +107,8 @@ class AvroCodec:
         self._by_full = {s.full_name: s for s in self._shipped.values()}
         self._headers: dict[tuple[str, str], bytes] = {}
         self._encoders: dict[tuple[str, str], Callable[[dict[str, Any]], bytes]] = {}
-        self._record_encoders: dict[tuple[str, str], Callable[[RecordEvent], bytes]] = {}
         self._by_id: dict[int, tuple[ShippedSchema, Any, bool]] = {}
         self._buf = io.BytesIO()
-
-    @property
-    def uses_registry(self) -> bool:
-        """True when values are written in the Confluent registry wire format."""
-        return self._registry is not None
 
     @classmethod
     def from_config(cls, registry_conf: dict[str, Any] | None) -> AvroCodec:
@@ -212,16 +206,14 @@ class AvroCodec:
     def encode_event(self, event: Event, topic: str) -> bytes:
         """Encode any event for ``topic`` with its schema (record events without a datum dict).
 
+        One event at a time: a producer keeps each collection's :meth:`record_encoder_for` in its
+        route (:class:`producers.publish.Publisher`) instead.
+
         Raises:
             InvalidRecordError: a record that does not fit its collection's typed fields.
         """
         if type(event) is RecordEvent:
-            key = (event.collection, topic)
-            encode = self._record_encoders.get(key)
-            if encode is None:
-                encode = self._record_encoders[key] = self.record_encoder_for(
-                    schema_name_for_collection(event.collection), topic)
-            return encode(event)
+            return self.record_encoder_for(schema_name_for_collection(event.collection), topic)(event)
         return self.encode(schema_name_for(event), topic, datum_for(event))
 
     def decode(self, value: bytes) -> tuple[str, dict[str, Any]]:

@@ -58,13 +58,16 @@ def schema_name_for(event: Event) -> str:
 
 
 class TopicMap:
-    """Topic names for one prefix."""
+    """Topic names for one prefix.
 
-    __slots__ = ("_cache", "prefix")
+    Nothing is cached here: a producer works out the route of a collection (topic, encoder, metric
+    label) once and keeps it (:class:`producers.publish.Publisher`).
+    """
+
+    __slots__ = ("prefix",)
 
     def __init__(self, prefix: str = "atproto") -> None:
         self.prefix = prefix
-        self._cache: dict[str, str] = {}
 
     def for_collection(self, collection: str) -> str:
         """``<prefix>.<collection>``.
@@ -73,14 +76,10 @@ class TopicMap:
             InvalidRecordError: the topic would be longer than Kafka allows (with room for the
                 consumers' ``.dlq`` suffix): a record of that collection is dead-lettered.
         """
-        topic = self._cache.get(collection)
-        if topic is None:
-            topic = f"{self.prefix}.{collection}"
-            if len(topic) > MAX_DATA_TOPIC_LEN:
-                raise InvalidRecordError(f"collection {collection[:100]!r}... makes a topic name of {len(topic)} "
-                                         f"characters (Kafka allows {MAX_DATA_TOPIC_LEN} before '.dlq')")
-            if len(self._cache) < 4096:
-                self._cache[collection] = topic
+        topic = f"{self.prefix}.{collection}"
+        if len(topic) > MAX_DATA_TOPIC_LEN:
+            raise InvalidRecordError(f"collection {collection[:100]!r}... makes a topic name of {len(topic)} "
+                                     f"characters (Kafka allows {MAX_DATA_TOPIC_LEN} before '.dlq')")
         return topic
 
     def for_event(self, event: Event) -> str:
@@ -130,8 +129,3 @@ class TopicMap:
     def repo_status(self) -> str:
         """Per-DID backfill outcomes."""
         return f"{self.prefix}.backfill.repo_status"
-
-    def data_topics(self, collections: list[str]) -> list[str]:
-        """Topics for exact collections plus identity/account."""
-        return [self.for_collection(c) for c in collections] + [
-            f"{self.prefix}.{IDENTITY}", f"{self.prefix}.{ACCOUNT}"]

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 RUNNING = "running"
 FINISHED = "finished"
-FAILED = "failed"
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""A small HTTP/1.1 server on asyncio streams, shared by the PLC directory and PDS simulators.
+"""A small HTTP/1.1 server on asyncio streams, shared by the PLC directory and PDS simulators, and
+the event-loop thread every simulator runs in beside synchronous code (:class:`LoopThread`,
+:class:`ThreadServed`).
 
 Keep-alive, ``Content-Length`` bodies (in memory or streamed from a file), and the faults a
 simulator needs to misbehave like a real server: a delay before answering, a body cut short
@@ -16,10 +18,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final, Self
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+
+from runtime.process.signals import stop_signal_event
 
 log = logging.getLogger(__name__)
 
@@ -239,3 +243,94 @@ class LoopThread:
             self._started = False
             if not self._thread.is_alive():
                 self.loop.close()
+
+
+class ThreadServed:
+    """``async with`` and :meth:`start_in_thread` for a server with async ``start()`` and ``stop()``.
+
+    A simulator inherits this and implements :meth:`start` and :meth:`stop`; inside an event loop it
+    is used as ``async with sim:``, from synchronous code (tests, the demo) it is served from a
+    :class:`LoopThread` of its own: ``sim.start_in_thread()`` ... ``sim.stop_thread()``.
+    """
+
+    #: The name of the serving thread.
+    thread_name: ClassVar[str] = "simulator"
+    #: Seconds :meth:`start` may take in :meth:`start_in_thread`.
+    start_timeout: ClassVar[float] = 60.0
+    _loop_thread: LoopThread | None = None
+    _stop_lock: threading.Lock | None = None
+
+    async def start(self) -> None:
+        """Start serving (the subclass's)."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Stop serving (the subclass's)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def serve_until_signal(self, banner: Callable[[], str]) -> None:
+        """Serve in the running loop until SIGINT or SIGTERM (``backfill simulate ...``); once listening,
+        print ``banner()`` (the URL to give the client)."""
+        with stop_signal_event() as stop:
+            async with self:
+                print(banner(), flush=True)
+                await stop.wait()
+
+    def start_in_thread(self) -> Self:
+        """Serve from a daemon thread's event loop; returns once :meth:`start` returned.
+
+        Raises:
+            RuntimeError: it did not start within :attr:`start_timeout` seconds.
+        """
+        thread = LoopThread(self.thread_name).start()
+        try:
+            thread.run(self.start(), timeout=self.start_timeout)
+        except TimeoutError as e:
+            thread.stop()
+            raise RuntimeError(f"{self.thread_name} did not start within {self.start_timeout:g} s") from e
+        except BaseException:
+            thread.stop()
+            raise
+        self._stop_lock = threading.Lock()
+        self._loop_thread = thread
+        return self
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (or await the coroutine it returns) on the serving thread's loop; return its result.
+
+        Raises:
+            RuntimeError: not started with :meth:`start_in_thread`.
+        """
+        thread = self._loop_thread
+        if thread is None:
+            raise RuntimeError(f"{self.thread_name} is not served from a thread")
+
+        async def wrapper() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return thread.run(wrapper(), timeout=30)
+
+    def stop_thread(self) -> None:
+        """Stop serving from the thread (from any thread; a second call waits for the first, then does nothing)."""
+        lock = self._stop_lock
+        if lock is None:
+            return
+        with lock:
+            thread = self._loop_thread
+            if thread is None:
+                return
+            try:
+                thread.run(self.stop())
+            finally:
+                thread.stop()
+                self._loop_thread = None

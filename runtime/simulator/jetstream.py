@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,11 +27,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import zstandard
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from runtime.simulator.httpd import ThreadServed
 from runtime.simulator.synthetic import Generator
+from runtime.simulator.wsserver import Pacer, close, listen, live_ticks
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _matches(ev: StoredEvent, conn: _Conn) -> bool:
     return False
 
 
-class JetstreamSimulator:
+class JetstreamSimulator(ThreadServed):
     """The simulator. Use as ``async with`` or :meth:`start_in_thread`.
 
     Args:
@@ -140,6 +141,9 @@ class JetstreamSimulator:
         clock_offset_us: this instance's receive clock minus the true time: every ``time_us`` it
             serves (stored and live) and every cursor it is asked for are on that clock.
     """
+
+    thread_name = "jetstream-sim"
+    start_timeout = 30.0
 
     def __init__(self, events: list[StoredEvent], *, dictionary: bytes | None = None, live_rate: float = 0.0,
                  faults: Faults | None = None, rate_limit: float = 0.0, host: str = "127.0.0.1",
@@ -166,8 +170,6 @@ class JetstreamSimulator:
         self.messages_sent = 0
         self.requests: list[dict[str, list[str]]] = []
         self.options_updates: list[dict[str, Any]] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._prepare()
 
     def _prepare(self) -> None:
@@ -259,13 +261,12 @@ class JetstreamSimulator:
         disconnect_this = f.disconnect_after and (f.disconnect_times == 0 or self.disconnects_done < f.disconnect_times)
         sent = 0
         stalled = False
-        interval = 1.0 / self.rate_limit if self.rate_limit else 0.0
-        next_send = time.monotonic()
+        pacer = Pacer(self.rate_limit)
 
         zcache = self._zcache
 
         async def send(ev: StoredEvent, index: int = -1) -> None:
-            nonlocal sent, stalled, next_send
+            nonlocal sent, stalled
             if disconnect_this and sent >= f.disconnect_after:
                 self.disconnects_done += 1
                 ws.transport.abort()  # abrupt: no close frame
@@ -277,11 +278,7 @@ class JetstreamSimulator:
                 await ws.send(b"\x00garbage{" if cctx else "{not json")
             if f.oversize_every and sent and sent % f.oversize_every == 0:
                 await ws.send("x" * f.oversize_bytes)
-            if interval:
-                now = time.monotonic()
-                if next_send > now:
-                    await asyncio.sleep(next_send - now)
-                next_send = max(now, next_send) + interval
+            await pacer.wait()
             data: str | bytes
             if cctx is None:
                 data = ev.text
@@ -331,15 +328,7 @@ class JetstreamSimulator:
         if self.events:
             start = max(start, self._running_max[-1] + 1)
         gen = Generator(seed=self._seed, start_us=start, rate=self.live_rate, real_cids=False)
-        tick = 0.05
-        carry = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            carry += self.live_rate * tick
-            k = int(carry)
-            carry -= k
-            if not k:
-                continue
+        async for k in live_ticks(self.live_rate):
             new = []
             for _ in range(k):
                 ev = gen.event()
@@ -349,59 +338,20 @@ class JetstreamSimulator:
                 self._live.extend(new)
                 self._live_cond.notify_all()
 
-    async def __aenter__(self) -> JetstreamSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
     async def start(self) -> None:
         """Start listening (on a free port when ``port`` is 0)."""
         if self.live_rate:
             self._live_cond = asyncio.Condition()
             self._live_task = asyncio.ensure_future(self._generate_live())
-        self._server = await serve(self._handler, self.host, self.port, process_request=self._process_request,
-                                   compression=None, max_size=1 << 20, ping_interval=None)
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
+        self._server, self.port = await listen(self._handler, self.host, self.port, self._process_request,
+                                               max_size=1 << 20)
         log.info("Jetstream simulator on %s (%d stored events)", self.url, len(self.events))
 
     async def stop(self) -> None:
         """Stop listening and close every connection."""
         if self._live_task is not None:
             self._live_task.cancel()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-
-    def start_in_thread(self) -> JetstreamSimulator:
-        """Run the simulator on its own event loop in a daemon thread; returns once listening."""
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(self.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self.stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="jetstream-sim", daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("Jetstream simulator did not start")
-        return self
-
-    def stop_thread(self) -> None:
-        """Stop a simulator started with :meth:`start_in_thread` (again: nothing more)."""
-        if self._loop is not None and self._thread is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile by another thread's stop
-                self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        await close(self._server)
 
 
 def read_events_file(path: Path) -> list[StoredEvent]:

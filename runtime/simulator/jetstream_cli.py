@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 from pathlib import Path
 from typing import Final
 
 from runtime.contract.timeparse import timestamp_us
-from runtime.process.options import Opt, add_options
+from runtime.process.options import Opt, add_options, log_level_option
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, read_events_file, synthetic_events
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ HELP: Final = "serve a simulated Jetstream"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``backfill simulate jetstream``."""
     add_options(parser, OPTIONS)
-    add_options(parser, (Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "INFO", "logging level"),))
+    add_options(parser, (log_level_option(),))
 
 
 def build(ns: argparse.Namespace) -> JetstreamSimulator:
@@ -77,20 +75,15 @@ def build(ns: argparse.Namespace) -> JetstreamSimulator:
     return sim
 
 
-async def _serve(sim: JetstreamSimulator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with sim:
-        first = sim.events[0].time_us if sim.events else None
-        last = sim.events[-1].time_us if sim.events else None
-        print(f"Jetstream simulator: {sim.url}  ({len(sim.events)} events, time_us {first}..{last})", flush=True)
-        await stop.wait()
+def banner(sim: JetstreamSimulator) -> str:
+    """The line printed once the simulator listens."""
+    first = sim.events[0].time_us if sim.events else None
+    last = sim.events[-1].time_us if sim.events else None
+    return f"Jetstream simulator: {sim.url}  ({len(sim.events)} events, time_us {first}..{last})"
 
 
 def main(ns: argparse.Namespace) -> int:
     """Entry point of ``backfill simulate jetstream``."""
-    asyncio.run(_serve(build(ns)))
+    sim = build(ns)
+    asyncio.run(sim.serve_until_signal(lambda: banner(sim)))
     return 0

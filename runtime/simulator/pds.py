@@ -22,7 +22,6 @@ test can assert that no client ever exceeded a limit.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import random
@@ -35,7 +34,7 @@ from typing import Any, Final
 from runtime.atproto.crypto import KeyPair
 from runtime.atproto.repo import build_repo_blocks
 from runtime.atproto.tid import make_tid
-from runtime.simulator.httpd import HttpServer, LoopThread, Request, Response
+from runtime.simulator.httpd import HttpServer, Request, Response, ThreadServed
 from runtime.simulator.plc import PlcDirectory, PlcSimulator, did_document
 from runtime.simulator.synthetic import Generator, SyntheticAccount
 
@@ -251,7 +250,7 @@ class PdsHost:
         return Response.json(200, body, headers)
 
 
-class PdsNetwork:
+class PdsNetwork(ThreadServed):
     """PLC directory + ``hosts`` PDS hosts + a relay, serving ``accounts`` generated accounts.
 
     Args:
@@ -268,6 +267,10 @@ class PdsNetwork:
         plc_port, base_port: fixed ports (PDS hosts at ``base_port + i``, the relay after them; 0 =
             free ports).
     """
+
+    #: :meth:`start_in_thread` returns once built (thousands of signed repositories) and listening.
+    thread_name = "pds-sim"
+    start_timeout = 600.0
 
     def __init__(self, accounts: int = 100, hosts: int = 4, *, seed: int = 1, records_mean: int = 30,
                  big_every: int = 0, big_records: int = 2000,
@@ -298,7 +301,6 @@ class PdsNetwork:
         self.accounts: dict[str, SimAccount] = {}
         self.handles: dict[str, str] = {}
         self.relay_listing: list[str] = []
-        self._thread: LoopThread | None = None
         self.built = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -328,26 +330,6 @@ class PdsNetwork:
         for h in [*self.hosts, self.relay]:
             await h.server.stop()
         await self.plc.stop()
-
-    async def __aenter__(self) -> PdsNetwork:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self) -> PdsNetwork:
-        """Serve from a daemon thread's event loop; returns once built and listening."""
-        self._thread = LoopThread("pds-sim").start()
-        self._thread.run(self.start(), timeout=600)
-        return self
-
-    def stop_thread(self) -> None:
-        """Stop a network started with :meth:`start_in_thread`."""
-        if self._thread is not None:
-            self._thread.run(self.stop())
-            self._thread.stop()
-            self._thread = None
 
     # ------------------------------------------------------------------ accounts
 
@@ -440,8 +422,3 @@ class PdsNetwork:
         """Requests answered 429 because a client exceeded a host's limit (must stay 0)."""
         return sum(h.stats.over_limit for h in [*self.hosts, self.relay])
 
-
-async def serve_forever(network: PdsNetwork, stop: asyncio.Event) -> None:
-    """Run ``network`` until ``stop`` is set."""
-    async with network:
-        await stop.wait()

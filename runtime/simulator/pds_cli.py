@@ -11,11 +11,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 from pathlib import Path
 from typing import Final
 
-from runtime.process.options import Opt, add_options
+from runtime.process.options import Opt, add_options, log_level_option
+from runtime.process.signals import stop_signal_event
 from runtime.simulator.pds import HostFaults, PdsNetwork
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ OPTIONS: Final = (
     Opt(("--write-dids",), "write_dids", None, None, "write every DID to this file, one per line"),
     Opt(("--stats-every",), "stats_every", None, 10.0, "log per-host request counts this often (0 = never)",
         type=float),
-    Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "INFO", "logging level"),
+    log_level_option(),
 )
 
 
@@ -79,27 +79,23 @@ def build(ns: argparse.Namespace) -> PdsNetwork:
 
 
 async def _serve(net: PdsNetwork, ns: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with net:
-        if ns.write_dids:
-            Path(ns.write_dids).write_text("\n".join(net.dids) + "\n", encoding="utf-8")
-        records = sum(len(a.record_cids) for a in net.accounts.values())
-        print(f"PLC directory: {net.plc_url}\nrelay:         {net.relay_url}", flush=True)
-        for h in net.hosts:
-            print(f"PDS {h.index}:         {h.url}  ({len(h.accounts)} accounts)", flush=True)
-        print(f"{len(net.accounts)} accounts, {records} records; backfill with: backfill repos --plc-url "
-              f"{net.plc_url} --allow-private-network --from-relay --relay-url {net.relay_url}", flush=True)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), ns.stats_every or None)
-            if ns.stats_every:
-                for url, st in net.host_stats().items():
-                    log.info("%s: %d requests, statuses %s, over the limit %d, injected %s", url, st.requests,
-                             dict(st.statuses), st.over_limit, dict(st.injected))
+    with stop_signal_event() as stop:
+        async with net:
+            if ns.write_dids:
+                Path(ns.write_dids).write_text("\n".join(net.dids) + "\n", encoding="utf-8")
+            records = sum(len(a.record_cids) for a in net.accounts.values())
+            print(f"PLC directory: {net.plc_url}\nrelay:         {net.relay_url}", flush=True)
+            for h in net.hosts:
+                print(f"PDS {h.index}:         {h.url}  ({len(h.accounts)} accounts)", flush=True)
+            print(f"{len(net.accounts)} accounts, {records} records; backfill with: backfill repos --plc-url "
+                  f"{net.plc_url} --allow-private-network --from-relay --relay-url {net.relay_url}", flush=True)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), ns.stats_every or None)
+                if ns.stats_every:
+                    for url, st in net.host_stats().items():
+                        log.info("%s: %d requests, statuses %s, over the limit %d, injected %s", url, st.requests,
+                                 dict(st.statuses), st.over_limit, dict(st.injected))
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import orjson
 import zstandard
 
 from runtime.errors import ConfigError
-from runtime.simulator.httpd import HttpServer, LoopThread, Request, Response
+from runtime.simulator.httpd import HttpServer, Request, Response, ThreadServed
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +110,18 @@ class PlcDirectory:
         return Response(200, orjson.dumps(doc), content_type="application/did+ld+json; charset=utf-8")
 
 
-class PlcSimulator:
+class PlcSimulator(ThreadServed):
     """A PLC directory on loopback.
 
     Use ``async with PlcSimulator(...)`` inside a loop, or :meth:`start_in_thread` from synchronous
     code (tests).
     """
 
+    thread_name = "plc-sim"
+
     def __init__(self, directory: PlcDirectory | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.directory = directory or PlcDirectory()
         self.server = HttpServer(self.directory.handle, host, port, name="plc")
-        self._thread: LoopThread | None = None
 
     @property
     def url(self) -> str:
@@ -135,23 +136,3 @@ class PlcSimulator:
     async def stop(self) -> None:
         """Stop listening."""
         await self.server.stop()
-
-    async def __aenter__(self) -> PlcSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def start_in_thread(self) -> PlcSimulator:
-        """Serve from a daemon thread's event loop; returns once listening."""
-        self._thread = LoopThread("plc-sim").start()
-        self._thread.run(self.start())
-        return self
-
-    def stop_thread(self) -> None:
-        """Stop a simulator started with :meth:`start_in_thread`."""
-        if self._thread is not None:
-            self._thread.run(self.stop())
-            self._thread.stop()
-            self._thread = None

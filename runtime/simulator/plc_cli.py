@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 from pathlib import Path
 from typing import Final
 
-from runtime.process.options import Opt, add_options
+from runtime.process.options import Opt, add_options, log_level_option
 from runtime.simulator.plc import PlcDirectory, PlcSimulator, load_documents
 
 OPTIONS: Final = (
@@ -17,7 +15,7 @@ OPTIONS: Final = (
         "JSON object of DID -> DID document to serve (.zst allowed; e.g. the fixtures' did_docs.json.zst)"),
     Opt(("--host",), "host", "SIM_HOST", "127.0.0.1", "listen address"),
     Opt(("--port",), "port", "SIM_PLC_PORT", 2582, "listen port (0 = any free port)", type=int),
-    Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "INFO", "logging level"),
+    log_level_option(),
 )
 
 
@@ -30,20 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_options(parser, OPTIONS)
 
 
-async def _serve(sim: PlcSimulator) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with sim:
-        print(f"PLC directory simulator: {sim.url}  ({len(sim.directory.documents)} documents; "
-              f"register more with POST {sim.url}/<did>)", flush=True)
-        await stop.wait()
-
-
 def main(ns: argparse.Namespace) -> int:
     """Entry point of ``backfill simulate plc``."""
     docs = load_documents(Path(ns.documents)) if ns.documents else {}
-    asyncio.run(_serve(PlcSimulator(PlcDirectory(docs), ns.host, ns.port)))
+    sim = PlcSimulator(PlcDirectory(docs), ns.host, ns.port)
+    asyncio.run(sim.serve_until_signal(lambda: f"PLC directory simulator: {sim.url}  "
+                                              f"({len(sim.directory.documents)} documents; "
+                                              f"register more with POST {sim.url}/<did>)"))
     return 0

@@ -23,7 +23,6 @@ import bisect
 import contextlib
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 import libipld
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -44,8 +43,10 @@ from runtime.atproto.errors import MissingBlockError
 from runtime.atproto.mst import MST, RepoOp, invert_ops, iter_nodes_preorder
 from runtime.atproto.tid import make_tid
 from runtime.contract.timeparse import timestamp_us, us_to_iso
+from runtime.simulator.httpd import ThreadServed
 from runtime.simulator.plc import did_document
 from runtime.simulator.synthetic import Generator
+from runtime.simulator.wsserver import Pacer, close, listen, live_ticks
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +309,8 @@ def oversize_frame(seq: int, size: int) -> bytes:
     return encode_frame({"op": 1, "t": "#commit"}, body)
 
 
-class RelaySimulator:
-    """The relay. Use as ``async with`` or :meth:`start_in_thread`.
+class RelaySimulator(ThreadServed):
+    """The relay. Use as ``async with`` or :meth:`start_in_thread` (then :meth:`call` runs on its loop).
 
     Args:
         frames: stored frames in seq order.
@@ -320,6 +321,9 @@ class RelaySimulator:
         rate_limit: cap on frames per second per connection (0 = as fast as possible).
         clock: unix seconds (live frames' time).
     """
+
+    thread_name = "relay-sim"
+    start_timeout = 30.0
 
     def __init__(self, frames: list[StoredFrame], *, generator: RelayGenerator | None = None,
                  live_rate: float = 0.0, retain: int = 0, faults: RelayFaults | None = None,
@@ -338,8 +342,6 @@ class RelaySimulator:
         self._server: Server | None = None
         self._cond: asyncio.Condition | None = None
         self._live_task: asyncio.Task[None] | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.connections = 0
         self.disconnects_done = 0
         self.frames_sent = 0
@@ -379,12 +381,6 @@ class RelaySimulator:
             cut = len(self._frames) - self.retain
             del self._frames[:cut]
             del self._seqs[:cut]
-
-    def forget_before(self, seq: int) -> None:
-        """Drop the frames older than ``seq`` (the relay's retention moved on)."""
-        cut = bisect.bisect_left(self._seqs, seq)
-        del self._frames[:cut]
-        del self._seqs[:cut]
 
     async def append(self, frames: Iterable[StoredFrame]) -> None:
         """Add newer frames and wake the live connections."""
@@ -432,11 +428,10 @@ class RelaySimulator:
         f = self.faults
         drop_this = f.disconnect_after and (f.disconnect_times == 0 or self.disconnects_done < f.disconnect_times)
         sent = 0
-        interval = 1.0 / self.rate_limit if self.rate_limit else 0.0
-        next_send = time.monotonic()
+        pacer = Pacer(self.rate_limit)
 
         async def send(frame: StoredFrame) -> None:
-            nonlocal sent, next_send
+            nonlocal sent
             if drop_this and sent >= f.disconnect_after:
                 self.disconnects_done += 1
                 if f.mid_frame:
@@ -450,11 +445,7 @@ class RelaySimulator:
                 raise ConnectionClosed(None, None)
             if f.garbage_every and sent and sent % f.garbage_every == 0:
                 await ws.send(b"\xff\x00garbage, not DAG-CBOR")
-            if interval:
-                now = time.monotonic()
-                if next_send > now:
-                    await asyncio.sleep(next_send - now)
-                next_send = max(now, next_send) + interval
+            await pacer.wait()
             data = oversize_frame(frame.seq, f.oversize_bytes) if frame.seq in f.oversize_seqs else frame.data
             await ws.send(data)
             sent += 1
@@ -492,34 +483,17 @@ class RelaySimulator:
     async def _generate_live(self) -> None:
         gen = self.generator
         assert gen is not None
-        tick = 0.05
-        carry = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            carry += self.live_rate * tick
-            k = int(carry)
-            carry -= k
-            if k:
-                now_us = int(self._clock() * 1e6)
-                await self.append(gen.frame(time_us=now_us) for _ in range(k))
-
-    async def __aenter__(self) -> RelaySimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        async for k in live_ticks(self.live_rate):
+            now_us = int(self._clock() * 1e6)
+            await self.append(gen.frame(time_us=now_us) for _ in range(k))
 
     async def start(self) -> None:
         """Start listening (on a free port when ``port`` is 0)."""
         self._cond = asyncio.Condition()
         if self.generator is not None and self.live_rate:
             self._live_task = asyncio.ensure_future(self._generate_live())
-        self._server = await serve(self._handler, self.host, self.port, process_request=self._process_request,
-                                   compression=None, max_size=1 << 16, ping_interval=None,
-                                   write_limit=1 << 20, close_timeout=0.5)
-        sock = next(iter(self._server.sockets))
-        self.port = sock.getsockname()[1]
+        self._server, self.port = await listen(self._handler, self.host, self.port, self._process_request,
+                                               max_size=1 << 16, write_limit=1 << 20, close_timeout=0.5)
         log.info("relay simulator on %s (%d frames, seq %s..%s)", self.subscribe_url, len(self._frames),
                  self.oldest_seq, self.head_seq)
 
@@ -529,53 +503,7 @@ class RelaySimulator:
             self._live_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._live_task
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._handlers):
-                task.cancel()  # a handler waiting for live frames would never return on its own
-            for task in list(self._handlers):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-
-    def start_in_thread(self) -> RelaySimulator:
-        """Run on its own event loop in a daemon thread; returns once listening."""
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            loop.run_until_complete(self.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self.stop())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="relay-sim", daemon=True)
-        self._thread.start()
-        if not ready.wait(30):
-            raise RuntimeError("relay simulator did not start")
-        return self
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` (or await the coroutine it returns) on the simulator's loop thread."""
-        assert self._loop is not None
-
-        async def wrapper() -> Any:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(30)
-
-    def stop_thread(self) -> None:
-        """Stop a simulator started with :meth:`start_in_thread`."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        await close(self._server, self._handlers)  # a handler waiting for live frames would never return
 
 
 def _ws_binary_header(n: int) -> bytes:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Final
@@ -16,7 +14,7 @@ import orjson
 from runtime.atproto.capture import CaptureError, read_capture
 from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
-from runtime.process.options import Opt, add_options
+from runtime.process.options import Opt, add_options, log_level_option
 from runtime.simulator.plc import PlcDirectory, PlcSimulator
 from runtime.simulator.relay import RelayFaults, RelayGenerator, RelaySimulator, stored_from_bytes
 
@@ -59,7 +57,7 @@ OPTIONS: Final = (
     Opt(("--garbage-every",), "garbage_every", None, 0, "fault: a malformed frame every N frames", type=int),
     Opt(("--oversize-seq",), "oversize_seqs", None, None, "fault: serve this seq as an oversize frame; repeatable",
         action="append", type=int),
-    Opt(("--log-level",), "log_level", "BACKFILL_LOG_LEVEL", "INFO", "logging level"),
+    log_level_option(),
 )
 
 
@@ -103,21 +101,14 @@ def build(ns: argparse.Namespace, now: float | None = None) -> tuple[RelaySimula
 
 
 async def _serve(sim: RelaySimulator, generator: RelayGenerator | None, plc_port: int | None, host: str) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     plc: PlcSimulator | None = None
     if plc_port is not None and generator is not None:
         plc = PlcSimulator(PlcDirectory(generator.did_documents()), host, plc_port)
         await plc.start()
         print(f"PLC directory simulator: {plc.url}  ({len(generator.accounts)} documents)", flush=True)
     try:
-        async with sim:
-            print(f"relay simulator: {sim.subscribe_url}  ({len(sim.frames)} frames, seq "
-                  f"{sim.oldest_seq}..{sim.head_seq})", flush=True)
-            await stop.wait()
+        await sim.serve_until_signal(lambda: f"relay simulator: {sim.subscribe_url}  ({len(sim.frames)} frames, "
+                                             f"seq {sim.oldest_seq}..{sim.head_seq})")
     finally:
         if plc is not None:
             await plc.stop()

@@ -12,45 +12,24 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
 from producers.job import JobOptions, JobRunner
-from producers.source import End, SourceItem, StreamPosition
 from runtime.contract.codec import AvroCodec
-from runtime.contract.records import Event, RecordEvent
+from runtime.contract.records import RecordEvent
 from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import JobState
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from tests.integration.eos import committed, prefix_topics
+from tests.integration.pg_pipeline import START_US, ListSource
 
 pytestmark = pytest.mark.integration
 
-START_US = 1_700_000_000_000_000
 CAP = 4
-
-
-class ListSource:
-    """A bounded source over a list of events."""
-
-    name = "jetstream"
-
-    def __init__(self, events: list[Event]) -> None:
-        self.events = events
-        self._position = StreamPosition(rewind=0)
-
-    @property
-    def position(self) -> StreamPosition:
-        return self._position
-
-    async def items(self) -> AsyncIterator[SourceItem]:
-        for event in self.events:
-            yield event
-        yield End("exhausted")
 
 
 def flood(collections: list[str], rounds: int, job: str) -> list[RecordEvent]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from runtime.kafka import clients as kafka_util
 from runtime.kafka.broker import start_embedded_broker
 from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import PdsNetwork
-from tests.integration.test_postgres_consumer import (
+from tests.integration.pg_pipeline import (
     assert_tables_equal,
     expected,
     make_events,
@@ -35,9 +34,9 @@ from tests.integration.test_postgres_consumer import (
     snapshot,
     stored_offsets,
 )
-from tests.integration.test_postgres_kill import SLOW, Replicas, data_offsets
-from tests.integration.test_repos_support import assert_limits_kept
-from tests.integration.test_repos_worktopic import _check_exact, _network, _run_two
+from tests.integration.replicas import SLOW, Replicas, data_offsets
+from tests.integration.repos_support import assert_limits_kept
+from tests.integration.work_replicas import check_exact, run_two, simulated_network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,13 +52,6 @@ def group_type(kafka: KafkaSettings, group: str) -> ConsumerGroupType | None:
     listed = admin.list_consumer_groups(request_timeout=10).result()
     types = [g.type for g in listed.valid if g.group_id == group]
     return types[0] if types else None
-
-
-@pytest.fixture
-def replicas(kafka: KafkaSettings, pg_url: str, schema: str, tmp_path: Path) -> Iterator[Replicas]:
-    r = Replicas(kafka, pg_url, schema, f"g-{schema}", tmp_path)
-    yield r
-    r.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -95,11 +87,11 @@ def test_two_postgres_consumers_end_exact(kafka: KafkaSettings, pg_url: str, sch
 def test_two_repo_replicas_share_the_work(kafka: KafkaSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           protocol: str) -> None:
     monkeypatch.setenv("BACKFILL_GROUP_PROTOCOL", protocol)  # the replicas' environment
-    net: PdsNetwork = _network(200, seed=71)
+    net: PdsNetwork = simulated_network(200, seed=71)
     try:
         started = time.monotonic()
-        out, aborted = _run_two(kafka, net, tmp_path, timeout=150)  # both replicas did some of it
-        _check_exact(out, net, set(), kafka)  # Kafka hides aborted transactions: nothing twice
+        out, aborted = run_two(kafka, net, tmp_path, timeout=150)  # both replicas did some of it
+        check_exact(out, net, set(), kafka)  # Kafka hides aborted transactions: nothing twice
         assert_limits_kept(net)
         assert group_type(kafka, "atproto-backfill-repos-repos") == GROUP_TYPE[protocol]
         print(f"\n{protocol}: {len(net.dids)} DIDs by 2 replicas in {time.monotonic() - started:.1f} s, "

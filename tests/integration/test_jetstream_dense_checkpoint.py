@@ -21,7 +21,7 @@ from runtime.kafka.checkpoint import load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from tests.integration.eos import committed_event_keys
-from tests.integration.test_postgres_consumer import make_events
+from tests.integration.pg_pipeline import make_events
 
 pytestmark = pytest.mark.integration
 

@@ -38,6 +38,8 @@ from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import Faults, JetstreamSimulator, StoredEvent, synthetic_events
 from tests.integration.eos import committed, committed_event_keys, event_topics, kill_in_transaction
 
+pytestmark = pytest.mark.integration
+
 START = 1_700_000_000_000_000
 EVENTS = synthetic_events(6000, seed=21, accounts=80, start_us=START, rate=1000, real_cids=False)
 END = EVENTS[5000].time_us

@@ -290,6 +290,7 @@ def test_handles_resolve_through_resolve_handle_on_the_simulated_appview() -> No
         net.stop_thread()
 
 
+@pytest.mark.integration
 def test_cli_adds_resolved_handles_to_the_did_filter(kafka_bootstrap: str, tmp_path: Path) -> None:
     from runtime.commands.cli import main
     from runtime.simulator.pds import PdsNetwork

@@ -13,18 +13,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from producers.jetstream.decode import decode_message
-from runtime.contract.nsid import CollectionFilter
-from runtime.contract.records import Event, event_key
+from runtime.contract.records import Event
 from runtime.contract.timeparse import us_to_iso
 from runtime.contract.topics import TopicMap
 from runtime.errors import SourceError
@@ -32,16 +28,16 @@ from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from tests.integration.eos import committed_event_keys
-from tests.integration.test_postgres_consumer import assert_tables_equal, expected, snapshot, stored_offsets
-from tests.integration.test_postgres_kill import Replicas, command, data_offsets
+from tests.integration import broker_outage
+from tests.integration.broker_outage import assert_committed_exactly_once, not_on_tansu, own_cluster, wait_for
+from tests.integration.pg_pipeline import assert_tables_equal, expected, snapshot, stored_offsets
+from tests.integration.replicas import Replicas, command, data_offsets
 from tests.kafka.cluster import KafkaCluster
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("BACKFILL_TEST_BROKER", "kafka").strip().lower() == "tansu",
-                       reason="starts its own Apache Kafka cluster"),
+    not_on_tansu("starts its own Apache Kafka cluster"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,12 +56,7 @@ TXN_LOG_PARTITIONS = 5
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
-    c = KafkaCluster(tmp_path / "kafka", nodes=3, heap_mb=384)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop(grace=5)
+    yield from own_cluster(tmp_path / "kafka", nodes=3)
 
 
 def java_hash(text: str) -> int:
@@ -94,18 +85,9 @@ def replicas_of(admin: AdminClient, node: int) -> dict[tuple[str, int], tuple[in
     return out
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def job_events() -> list[Event]:
     """The events the job must deliver: its range, its collections, identity and account events."""
-    wanted = CollectionFilter([COLLECTIONS])
-    return [decode_message(e.text, job=JOB) for e in EVENTS
-            if START <= e.time_us < END and (e.collection is None or wanted(e.collection))]
+    return broker_outage.job_events(EVENTS, START, END, COLLECTIONS, JOB)
 
 
 def test_a_killed_broker_loses_and_duplicates_nothing_and_rejoins(
@@ -186,13 +168,7 @@ def test_a_killed_broker_loses_and_duplicates_nothing_and_rejoins(
     events = job_events()
     assert stored_offsets(pg_url, schema, replicas.group) == data_offsets(final.offsets)
     assert_tables_equal(snapshot(pg_url, schema), expected(events))
-    want = Counter(event_key(e) for e in events)
-    assert max(want.values()) == 1
-    got = committed_event_keys(kafka)
-    missing, extra = want - got, got - want
-    assert not missing and not extra, (
-        f"{sum(missing.values())} events missing, {sum(extra.values())} extra or twice: {list(missing)[:2]} "
-        f"{list(extra)[:2]}")
+    assert_committed_exactly_once(kafka, events)
 
     # The node comes back: registered, and in the ISR of every partition it holds a replica of.
     cluster.restart(victim)

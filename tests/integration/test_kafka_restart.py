@@ -19,7 +19,6 @@ import os
 import sqlite3
 import subprocess
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -28,25 +27,23 @@ import orjson
 import pytest
 
 from consumers.queue import Queue, QueueFold, fold_metadata
-from producers.jetstream.decode import decode_message
-from runtime.contract.nsid import CollectionFilter
-from runtime.contract.records import Event, event_key, to_jetstream_json
+from runtime.contract.records import Event, to_jetstream_json
 from runtime.contract.timeparse import us_to_iso
 from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from tests.integration.eos import committed_event_keys
-from tests.integration.test_postgres_consumer import assert_tables_equal, expected, snapshot, stored_offsets
-from tests.integration.test_postgres_kill import command, data_offsets
+from tests.integration import broker_outage
+from tests.integration.broker_outage import assert_committed_exactly_once, not_on_tansu, own_cluster, wait_for
+from tests.integration.pg_pipeline import assert_tables_equal, expected, snapshot, stored_offsets
+from tests.integration.replicas import command, data_offsets
 from tests.kafka.cluster import KafkaCluster
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(os.environ.get("BACKFILL_TEST_BROKER", "kafka").strip().lower() == "tansu",
-                       reason="starts and restarts its own Apache Kafka node"),
+    not_on_tansu("starts and restarts its own Apache Kafka node"),
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,26 +64,12 @@ SHORT_TXN_TIMEOUT_MS = 8000
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
-    c = KafkaCluster(tmp_path / "kafka", nodes=1, heap_mb=384)
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop(grace=5)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+    yield from own_cluster(tmp_path / "kafka", nodes=1)
 
 
 def job_events() -> list[Event]:
     """The events the job must deliver: its range, its collections, identity and account events."""
-    wanted = CollectionFilter([COLLECTIONS])
-    return [decode_message(e.text, job=JOB) for e in EVENTS
-            if START <= e.time_us < END and (e.collection is None or wanted(e.collection))]
+    return broker_outage.job_events(EVENTS, START, END, COLLECTIONS, JOB)
 
 
 class Processes:
@@ -238,14 +221,8 @@ def test_producer_and_consumers_ride_out_a_broker_restart(
     assert final is not None and (final.status, final.stop_reason) == ("finished", "end_cursor_reached")
     assert final.runs == 1, "the job was run more than once"
     events = job_events()
-    want = Counter(event_key(e) for e in events)
-    assert max(want.values()) == 1
     # The topics: every event exactly once (what a broken transaction wrote was aborted and redone).
-    got = committed_event_keys(kafka)
-    missing, extra = want - got, got - want
-    assert not missing and not extra, (
-        f"{sum(missing.values())} events missing, {sum(extra.values())} extra or twice: {list(missing)[:2]} "
-        f"{list(extra)[:2]}")
+    assert_committed_exactly_once(kafka, events)
     # The sinks: exactly the expected rows and items, and the job's final offsets stored.
     assert stored_offsets(pg_url, schema, pg_group) == data_offsets(final.offsets)
     assert_tables_equal(snapshot(pg_url, schema), expected(events))

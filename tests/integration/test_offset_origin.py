@@ -28,7 +28,7 @@ from runtime.errors import OffsetMismatchError
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
-from tests.integration.test_postgres_consumer import consume, make_events, produce
+from tests.integration.pg_pipeline import consume, make_events, produce
 
 pytestmark = pytest.mark.integration
 

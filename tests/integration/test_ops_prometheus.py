@@ -40,15 +40,6 @@ pytestmark = pytest.mark.integration
 SECRET = "sasl-pw-do-not-log-4b1e"
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def base_env(kafka: KafkaSettings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "BACKFILL_", "SCHEMA_REGISTRY"))}
     env.update({

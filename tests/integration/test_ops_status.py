@@ -25,7 +25,7 @@ from runtime.contract.records import Event
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.simulator.jetstream import JetstreamSimulator, synthetic_events
-from tests.integration.test_postgres_consumer import ListSource, make_events, replayed
+from tests.integration.pg_pipeline import ListSource, make_events, replayed
 from tests.kafka.cluster import consumer_groups_tool, jars_present
 from tests.ops_tools import ROOT, Procs, wait_for
 
@@ -43,15 +43,6 @@ def sim() -> Iterator[JetstreamSimulator]:
     finally:
         time.sleep(0.5)  # let the server finish the handlers of the connections just closed
         simulator.stop_thread()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def env_for(kafka: KafkaSettings) -> dict[str, str]:

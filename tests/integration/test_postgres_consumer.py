@@ -1,18 +1,16 @@
 """Producer -> typed topics -> consumer group -> PostgreSQL, in process: exact tables, until-done,
 the end watermark, dead letters, and the memory limit's pause.
 
-The helpers here (an in-test source, the expected-table model, the table snapshot) are shared with
-``test_postgres_kill.py``.
+The helpers (an in-test source, the expected-table model, the table snapshot) are in pg_pipeline.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
+import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -20,204 +18,29 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg import sql
 
-from consumers.base import ConsumerOptions, ConsumerStats, GroupConsumer
-from consumers.postgres.rows import RECORD_TABLES, TABLE_FOR_COLLECTION, TransformOptions
+from consumers.base import ConsumerOptions, GroupConsumer
 from consumers.postgres.sink import PostgresSettings, PostgresSink
-from producers.jetstream.decode import decode_message
-from producers.job import JobOptions, JobRunner
-from producers.source import End, SourceItem, StreamPosition
 from runtime.contract.codec import AvroCodec
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.records import RecordEvent
 from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.process.options import Secret
-from runtime.simulator.jetstream import synthetic_events
+from tests.integration.pg_pipeline import (
+    START_US,
+    assert_tables_equal,
+    consume,
+    expected,
+    make_events,
+    produce,
+    replayed,
+    snapshot,
+    stored_offsets,
+)
 
 pytestmark = pytest.mark.integration
 
-START_US = 1_700_000_000_000_000
-
-
-# ----------------------------------------------------------------------------------- helpers
-
-class ListSource:
-    """A bounded producer source over a list of events."""
-
-    name = "jetstream"
-
-    def __init__(self, events: list[Event]) -> None:
-        self.events = events
-        self._position = StreamPosition(rewind=0)
-
-    @property
-    def position(self) -> StreamPosition:
-        return self._position
-
-    async def items(self) -> AsyncIterator[SourceItem]:
-        for event in self.events:
-            yield event
-        yield End("exhausted")
-
-
-def make_events(n: int, *, seed: int, job: str, accounts: int = 40) -> list[Event]:
-    """Synthetic Jetstream events (posts, replies, quotes, likes, deletes, updates, identity, account)."""
-    return [decode_message(e.text, job=job)
-            for e in synthetic_events(n, seed=seed, accounts=accounts, start_us=START_US, real_cids=False)]
-
-
-def replayed(events: list[Event], job: str, seed: int) -> list[Event]:
-    """The same events, shuffled (older revisions after newer ones), as another job."""
-    out = [replace(e, job=job) for e in events]
-    random.Random(seed).shuffle(out)
-    return out
-
-
-def produce(kafka: KafkaSettings, events: list[Event], job: str) -> dict[str, dict[str, int]]:
-    """Run a producer job over ``events``; return the final offsets it recorded."""
-    runner = JobRunner(kafka, JobOptions(job=job, source="jetstream", checkpoint_events=1000), Metrics(),
-                       AvroCodec())
-    try:
-        state = asyncio.run(runner.run(lambda _prev: ListSource(events)))
-    finally:
-        runner.close()
-    assert state.status == "finished"
-    return state.offsets
-
-
-def _uri_did(uri: Any) -> str | None:
-    if isinstance(uri, str) and uri.startswith("at://did:"):
-        return uri[5:].split("/", 1)[0]
-    return None
-
-
-@dataclass
-class Tables:
-    """What the tables hold (or should hold)."""
-
-    records: dict[str, dict[tuple[str, ...], tuple[Any, ...]]] = field(default_factory=dict)
-    identities: set[tuple[Any, ...]] = field(default_factory=set)
-    accounts: set[tuple[Any, ...]] = field(default_factory=set)
-    actors: set[str] = field(default_factory=set)
-    cursors: dict[str, str] = field(default_factory=dict)
-
-
-def expected(events: list[Event]) -> Tables:
-    """The rows the sink must end with: per record key, the change with the highest revision."""
-    best: dict[tuple[str, str, str], RecordEvent] = {}
-    out = Tables(records={t.name: {} for t in RECORD_TABLES})
-    for e in events:
-        out.actors.add(e.did)
-        job_cursor = int(out.cursors.get(e.job, "-1"))
-        out.cursors[e.job] = str(max(job_cursor, e.cursor))
-        if isinstance(e, IdentityEvent):
-            out.identities.add((e.did, e.source, e.cursor, e.time_us))
-            continue
-        if isinstance(e, AccountEvent):
-            out.accounts.add((e.did, e.source, e.cursor, e.time_us))
-            continue
-        key = (e.did, e.collection, e.rkey)
-        if key not in best or (e.rev or "") > (best[key].rev or ""):
-            best[key] = e
-        rec = e.record or {}
-        refs: list[Any] = []
-        if e.collection in ("app.bsky.graph.follow", "app.bsky.graph.block"):
-            refs.append(rec.get("subject") if str(rec.get("subject", "")).startswith("did:") else None)
-        if e.collection in ("app.bsky.feed.like", "app.bsky.feed.repost"):
-            refs.append(_uri_did((rec.get("subject") or {}).get("uri")))
-        if e.collection == "app.bsky.feed.post":
-            reply = rec.get("reply") or {}
-            refs += [_uri_did((reply.get("root") or {}).get("uri")), _uri_did((reply.get("parent") or {}).get("uri"))]
-            embed = rec.get("embed") or {}
-            quoted = embed.get("record") or {}
-            if embed.get("$type") == "app.bsky.embed.recordWithMedia":
-                quoted = quoted.get("record") or {}
-            if embed.get("$type") in ("app.bsky.embed.record", "app.bsky.embed.recordWithMedia"):
-                refs.append(_uri_did(quoted.get("uri")))
-        out.actors.update(r for r in refs if r)
-    for (did, collection, rkey), e in best.items():
-        if e.operation == "delete":
-            continue
-        table = TABLE_FOR_COLLECTION.get(collection)
-        name = table.name if table is not None else "records"
-        out.records[name][(did, collection, rkey)] = (e.rev, e.cid, e.record)
-    return out
-
-
-def snapshot(pg_url: str, schema: str) -> Tables:
-    """What the tables in ``schema`` hold."""
-    out = Tables(records={t.name: {} for t in RECORD_TABLES})
-    s = sql.Identifier(schema)
-    with psycopg.connect(pg_url) as conn:
-        for table in RECORD_TABLES:
-            coll = sql.Literal(table.collection) if table.collection else sql.SQL("collection")
-            for did, collection, rkey, rev, cid, record in conn.execute(sql.SQL(
-                    "SELECT did, {coll}, rkey, rev, cid, record FROM {s}.{t} WHERE NOT deleted").format(
-                    coll=coll, s=s, t=sql.Identifier(table.name))):
-                out.records[table.name][(did, collection, rkey)] = (rev, cid, record)
-        out.identities = set(conn.execute(sql.SQL(
-            "SELECT did, source, cursor, time_us FROM {}.identity_events").format(s)).fetchall())
-        out.accounts = set(conn.execute(sql.SQL(
-            "SELECT did, source, cursor, time_us FROM {}.account_events").format(s)).fetchall())
-        out.actors = {r[0] for r in conn.execute(sql.SQL("SELECT did FROM {}.actors").format(s))}
-        # firehose_cursor is the low watermark over the job's partitions; compare the high mark
-        # (the newest position committed anywhere) with the events, and the low one with the rows.
-        marks = conn.execute(sql.SQL(
-            "SELECT service, min(cursor)::text, max(cursor)::text FROM {}.job_partitions GROUP BY service").format(
-                s)).fetchall()
-        low = dict(conn.execute(sql.SQL("SELECT service, cursor FROM {}.firehose_cursor").format(s)).fetchall())
-        assert low == {service: lo for service, lo, _ in marks}
-        out.cursors = {service: hi for service, _, hi in marks}
-    return out
-
-
-def assert_tables_equal(got: Tables, want: Tables) -> None:
-    """Compare table by table (a readable diff for the first mismatch)."""
-    for name in want.records:
-        g, w = got.records[name], want.records[name]
-        missing, extra = w.keys() - g.keys(), g.keys() - w.keys()
-        assert not missing, f"{name}: {len(missing)} rows missing"
-        assert not extra, f"{name}: {len(extra)} unexpected rows"
-        wrong = [k for k in w if g[k] != w[k]]
-        assert not wrong, f"{name}: {len(wrong)} rows differ, e.g. {wrong[0]}: {g[wrong[0]]} != {w[wrong[0]]}"
-    assert got.identities == want.identities
-    assert got.accounts == want.accounts
-    assert got.actors == want.actors
-    assert got.cursors == want.cursors
-
-
-def stored_offsets(pg_url: str, schema: str, group: str) -> dict[str, dict[str, int]]:
-    """The offsets the sink stored for ``group`` in the job-state shape (topic -> partition -> next)."""
-    out: dict[str, dict[str, int]] = {}
-    with psycopg.connect(pg_url) as conn:
-        try:
-            rows = conn.execute(sql.SQL("SELECT topic, partition, next_offset FROM {}.kafka_offsets "
-                                        "WHERE group_id = %s").format(sql.Identifier(schema)), (group,)).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return {}
-    for topic, partition, nxt in rows:
-        out.setdefault(topic, {})[str(partition)] = nxt
-    return out
-
-
-def consume(kafka: KafkaSettings, pg_url: str, schema: str, *, metrics: Metrics | None = None,
-            **options: Any) -> tuple[ConsumerStats, Metrics]:
-    """Run one in-process consumer group member into ``schema`` until it stops."""
-    metrics = metrics or Metrics()
-    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema,
-                                         max_concurrent=options.pop("max_concurrent", 2),
-                                         transform=options.pop("transform", TransformOptions())), metrics)
-    opts = ConsumerOptions(group=options.pop("group", f"g-{schema}"), linger=0.2, **options)
-    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec(), stop_event=options.get("stop_event"))
-    try:
-        stats = consumer.run()
-    finally:
-        sink.close()
-    return stats, metrics
-
-
-# ----------------------------------------------------------------------------------- tests
 
 @pytest.mark.tansu_smoke
 def test_until_done_with_replayed_and_shuffled_duplicates_gives_exact_tables(
@@ -288,18 +111,30 @@ def test_bad_messages_are_dead_lettered_with_their_origin(kafka: KafkaSettings, 
                                              {"stage": "consumer:postgres", "reason": "transform_failed"}) == 1
 
 
+@contextlib.contextmanager
+def consumer_thread(kafka: KafkaSettings, pg_url: str, schema: str, offsets: dict[str, dict[str, int]], *,
+                    max_memory_mb: int) -> Iterator[tuple[GroupConsumer, ConsumerOptions, threading.Thread]]:
+    """A consumer group member into ``schema`` running until ``offsets`` in a thread, under a memory
+    limit the test may change through the options; stopped and closed at the end."""
+    metrics = Metrics()
+    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
+    opts = ConsumerOptions(group=f"g-{schema}", batch_size=20, linger=0.05, until_offsets=offsets,
+                           max_memory_mb=max_memory_mb)
+    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    try:
+        yield consumer, opts, thread
+    finally:
+        consumer.stop_event.set()
+        thread.join(30)
+        sink.close()
+
+
 def test_memory_limit_pauses_consumption_until_memory_is_back(
         kafka: KafkaSettings, pg_url: str, schema: str) -> None:
     events = make_events(3000, seed=8, job="mem")
     offsets = produce(kafka, events, "mem")
-    metrics = Metrics()
-    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
-    opts = ConsumerOptions(group=f"g-{schema}", batch_size=20, linger=0.05, until_offsets=offsets,
-                           max_memory_mb=1_000_000)
-    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
-    thread = threading.Thread(target=consumer.run)
-    thread.start()
-    paused = metrics.registry.get_sample_value
 
     def wait_for(condition: Any, what: str) -> None:
         deadline = time.monotonic() + 30
@@ -307,7 +142,8 @@ def test_memory_limit_pauses_consumption_until_memory_is_back(
             assert time.monotonic() < deadline, what
             time.sleep(0.02)
 
-    try:
+    with consumer_thread(kafka, pg_url, schema, offsets, max_memory_mb=1_000_000) as (consumer, opts, thread):
+        paused = consumer.metrics.registry.get_sample_value
         wait_for(lambda: consumer.stats.consumed > 0, "nothing consumed")
         opts.max_memory_mb = 1  # far below the real RSS: the next check pauses every partition
         wait_for(lambda: paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 1, "never paused")
@@ -319,10 +155,6 @@ def test_memory_limit_pauses_consumption_until_memory_is_back(
         opts.max_memory_mb = 1_000_000  # memory is back: the next check resumes
         thread.join(60)
         assert not thread.is_alive()
-    finally:
-        consumer.stop_event.set()
-        thread.join(30)
-        sink.close()
     assert consumer.stats.stop_reason == "until_done"
     assert paused("atproto_backfill_consumer_paused", {"sink": "postgres"}) == 0
     assert_tables_equal(snapshot(pg_url, schema), expected(events))
@@ -332,14 +164,8 @@ def test_partitions_assigned_while_over_the_memory_limit_stay_paused(
         kafka: KafkaSettings, pg_url: str, schema: str) -> None:
     events = make_events(200, seed=9, job="mem2")
     offsets = produce(kafka, events, "mem2")
-    metrics = Metrics()
-    sink = PostgresSink(PostgresSettings(Secret(pg_url), db_schema=schema), metrics)
-    opts = ConsumerOptions(group=f"g-{schema}", batch_size=20, linger=0.05, until_offsets=offsets,
-                           max_memory_mb=1)  # over the limit before the group assigns anything
-    consumer = GroupConsumer(kafka, sink, opts, metrics, AvroCodec())
-    thread = threading.Thread(target=consumer.run)
-    thread.start()
-    try:
+    # over the limit before the group assigns anything
+    with consumer_thread(kafka, pg_url, schema, offsets, max_memory_mb=1) as (consumer, opts, thread):
         deadline = time.monotonic() + 30
         while not consumer.health.ready:
             assert time.monotonic() < deadline, "never assigned"
@@ -349,10 +175,6 @@ def test_partitions_assigned_while_over_the_memory_limit_stay_paused(
         opts.max_memory_mb = 1_000_000
         thread.join(60)
         assert not thread.is_alive()
-    finally:
-        consumer.stop_event.set()
-        thread.join(30)
-        sink.close()
     assert_tables_equal(snapshot(pg_url, schema), expected(events))
 
 

@@ -29,8 +29,8 @@ from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.process.options import Secret
 from tests.integration import pg_private
+from tests.integration.pg_pipeline import assert_tables_equal, expected, make_events, produce, snapshot
 from tests.integration.pg_private import PrivatePostgres, free_port
-from tests.integration.test_postgres_consumer import assert_tables_equal, expected, make_events, produce, snapshot
 
 pytestmark = pytest.mark.integration
 

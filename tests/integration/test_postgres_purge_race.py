@@ -19,7 +19,7 @@ from psycopg import sql
 
 from consumers.postgres.rows import TransformOptions
 from runtime.contract.records import AccountEvent
-from tests.integration.test_postgres_sink import A, B, post, posts, query, sink_for, write
+from tests.integration.sink_support import A, B, post, posts, query, sink_for, write
 
 pytestmark = pytest.mark.integration
 

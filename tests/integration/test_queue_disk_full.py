@@ -29,7 +29,7 @@ from runtime.errors import CommitError
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
-from tests.integration.test_postgres_consumer import make_events, produce
+from tests.integration.pg_pipeline import make_events, produce
 
 pytestmark = pytest.mark.integration
 

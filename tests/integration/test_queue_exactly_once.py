@@ -27,7 +27,7 @@ from runtime.contract.records import event_key, to_jetstream_json
 from runtime.kafka.offsets import Origin, StoredOffset
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
-from tests.integration.test_postgres_consumer import make_events, produce, replayed
+from tests.integration.pg_pipeline import make_events, produce, replayed
 
 pytestmark = pytest.mark.integration
 

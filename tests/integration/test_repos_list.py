@@ -22,17 +22,13 @@ from runtime.kafka.checkpoint import load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.simulator.pds import HostFaults, PdsNetwork
 from tests.integration.eos import kill_in_transaction
-
-try:
-    from tests.integration.test_repos_support import (
-        assert_limits_kept,
-        assert_same_keys,
-        expected_keys,
-        poison,
-        read_back,
-    )
-except ImportError:  # tests/ is not a package here: pytest put this directory on sys.path
-    from test_repos_support import assert_limits_kept, assert_same_keys, expected_keys, poison, read_back  # type: ignore[no-redef]
+from tests.integration.repos_support import (
+    assert_limits_kept,
+    assert_same_keys,
+    expected_keys,
+    poison,
+    read_back,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,37 +36,31 @@ from runtime.contract.topics import TopicMap
 from runtime.kafka.checkpoint import load_job, load_jobs
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
-from runtime.simulator.pds import HostFaults, PdsNetwork
+from runtime.simulator.pds import PdsNetwork
 from tests.integration.eos import kill_in_transaction
-
-try:
-    from tests.integration.test_repos_support import (
-        Backfilled,
-        assert_limits_kept,
-        assert_same_keys,
-        expected_keys,
-        poison,
-        read_back,
-    )
-except ImportError:  # tests/ is not a package here: pytest put this directory on sys.path
-    from test_repos_support import Backfilled, assert_limits_kept, assert_same_keys, expected_keys, poison, read_back  # type: ignore[no-redef]
+from tests.integration.repos_support import (
+    assert_limits_kept,
+    assert_same_keys,
+    expected_keys,
+    poison,
+    read_back,
+)
+from tests.integration.work_replicas import (
+    aborted_dids,
+    check_exact,
+    run_two,
+    simulated_network,
+    start_replica,
+    wait_replicas,
+)
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _network(accounts: int, seed: int) -> PdsNetwork:
-    # 40 requests per 2 s per host; two replicas at 6/s (burst 2) each stay under it together.
-    faults = HostFaults(rate_limit=40, rate_window=2.0, error_rate=0.02, truncate_rate=0.01)
-    return PdsNetwork(accounts=accounts, hosts=4, seed=seed, records_mean=20, faults=faults,
-                      inactive={"deactivated": 0.02, "deleted": 0.01}).start_in_thread()
 
 
 @pytest.fixture
 def net(request: pytest.FixtureRequest) -> Iterator[PdsNetwork]:
     accounts = getattr(request, "param", 200)
-    network = _network(accounts, seed=accounts)
+    network = simulated_network(accounts, seed=accounts)
     try:
         yield network
     finally:
@@ -93,88 +83,10 @@ def _enqueued(kafka: KafkaSettings, accounts: int, seed: int, records_mean: int)
 FAST_EVICTION = ("--kafka-config", "session.timeout.ms=6000")
 
 
-def _replica(kafka: KafkaSettings, net: PdsNetwork, replica: str, log: Path,
-             idle_exit: float = 3.0, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "producers.repos", "--from-topic", "--replica-id", replica,
-            "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix,
-            "--topic-partitions", "4", "--plc-url", net.plc_url, "--allow-private-network",
-            "--rate", "6", "--burst", "2", "--per-host-concurrency", "2", "--retry-backoff", "0.05",
-            "--idle-exit", str(idle_exit), "--txn-max-dids", "20", "--progress", "log", "--log-level", "INFO",
-            *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with log.open("ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-
-
-def _wait(procs: list[subprocess.Popen[bytes]], timeout: float, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        for p, log in zip(procs, logs, strict=True):
-            left = max(1.0, deadline - time.monotonic())
-            try:
-                code = p.wait(left)
-            except subprocess.TimeoutExpired:
-                for q in procs:  # each live replica logs where its tasks wait (producers.repos.taskdump)
-                    if q.poll() is None:
-                        q.send_signal(signal.SIGUSR1)
-                time.sleep(2)
-                pytest.fail("replica did not finish; log tails:\n" +
-                            "\n".join(f"== {lg.name}\n{lg.read_text()[-6000:]}" for lg in logs))
-            assert code == 0, log.read_text()[-3000:]
-    finally:
-        for p in procs:  # a failed wait leaves no replica behind to disturb the next test
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-
-
-_ABORTED = re.compile(r"transaction \d+ aborted .*?; its \d+ work items are redone: \[(.*)\]")
-
-
-def _aborted_dids(logs: list[Path]) -> set[str]:
-    """DIDs of the transactions the replicas aborted after a rebalance (and redid), from their logs."""
-    out: set[str] = set()
-    for log in logs:
-        for m in _ABORTED.finditer(log.read_text()):
-            out.update(d.strip(" '") for d in m.group(1).split(",") if d.strip())
-    return out
-
-
-def _check_exact(out: Backfilled, net: PdsNetwork, redone: set[str] | None = None,
-                 kafka: KafkaSettings | None = None) -> None:
-    """Every DID has exactly one status, every active repository's records are there exactly once
-    (transactions a replica aborted, after a rebalance or a kill, are invisible to read_committed).
-
-    ``redone``: DIDs of transactions the replicas aborted and redid (from their logs), named in a failure.
-    """
-    statuses = out.status_by_did()
-    assert set(statuses) == set(net.dids), set(net.dids) ^ set(statuses)
-    twice = {d: [(s["replica"], s["batch"], s["work_offset"]) for s in ss] for d, ss in statuses.items() if len(ss) > 1}
-    assert not twice, (f"DIDs with more than one status: {sorted(twice.items())[:5]}; of them in rebalance-aborted "
-                       f"transactions: {sorted(set(twice) & (redone or set()))[:5]}")
-    assert_same_keys(out.keys(), expected_keys(net), kafka)
-    for did, ss in statuses.items():
-        state = net.accounts[did].state
-        assert ss[-1]["outcome"] == {"active": "ok", "deleted": "not_found"}.get(state, state)
-    assert not out.dead
-
-
-def _run_two(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path, timeout: float) -> tuple[Backfilled, set[str]]:
-    """Two replicas to the end; what they wrote, and the DIDs of transactions they aborted and redid."""
-    assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
-    logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
-    procs = [_replica(kafka, net, f"r{i + 1}", logs[i]) for i in range(2)]
-    _wait(procs, timeout, logs)
-    out = read_back(kafka)
-    replicas = {s["replica"] for s in out.statuses}
-    assert replicas == {"r1", "r2"}  # the work was shared
-    return out, _aborted_dids(logs)
-
-
 @pytest.mark.slow
 def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
-    out, redone = _run_two(kafka, net, tmp_path, timeout=150)
-    _check_exact(out, net, redone, kafka)
+    out, redone = run_two(kafka, net, tmp_path, timeout=150)
+    check_exact(out, net, redone, kafka)
     assert_limits_kept(net)
 
 
@@ -183,9 +95,9 @@ def test_two_replicas_share_the_work(kafka: KafkaSettings, net: PdsNetwork, tmp_
 @pytest.mark.parametrize("net", [1000], indirect=True)
 def test_two_replicas_backfill_1000_accounts(kafka: KafkaSettings, net: PdsNetwork, tmp_path: Path) -> None:
     started = time.monotonic()
-    out, redone = _run_two(kafka, net, tmp_path, timeout=360)
+    out, redone = run_two(kafka, net, tmp_path, timeout=360)
     elapsed = time.monotonic() - started
-    _check_exact(out, net, redone, kafka)
+    check_exact(out, net, redone, kafka)
     assert_limits_kept(net)
     print(f"\n1000 accounts, {len(out.events)} records by 2 replicas in {elapsed:.1f} s "
           f"({len(net.dids) / elapsed:.1f} repos/s)")
@@ -196,7 +108,7 @@ def test_kill_9_of_a_replica_mid_transaction_loses_and_duplicates_nothing(kafka:
                                                                         tmp_path: Path) -> None:
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "r1.log", tmp_path / "r2.log"]
-    procs = [_replica(kafka, net, f"r{i + 1}", logs[i], extra=FAST_EVICTION) for i in range(2)]
+    procs = [start_replica(kafka, net, f"r{i + 1}", logs[i], extra=FAST_EVICTION) for i in range(2)]
     try:
         # Once a third of the repositories were served, kill -9 replica r1 while the broker holds data
         # of its open transaction (r2 is frozen meanwhile, so the open transaction is r1's).
@@ -208,12 +120,12 @@ def test_kill_9_of_a_replica_mid_transaction_loses_and_duplicates_nothing(kafka:
             procs[0].wait(10)
     assert held
     # Restart it with the same id (as a StatefulSet would): its open transaction is fenced and aborted.
-    procs[0] = _replica(kafka, net, "r1", logs[0], extra=FAST_EVICTION)
-    _wait(procs, 150, logs)
+    procs[0] = start_replica(kafka, net, "r1", logs[0], extra=FAST_EVICTION)
+    wait_replicas(procs, 150, logs)
     out = read_back(kafka)
     # Exactly once: the aborted transaction's statuses and records are invisible, its work items
     # were done again by whoever owned their partitions next.
-    _check_exact(out, net, _aborted_dids(logs), kafka)
+    check_exact(out, net, aborted_dids(logs), kafka)
     assert {s["replica"] for s in out.statuses} == {"r1", "r2"}
     assert_limits_kept(net)
 
@@ -226,7 +138,7 @@ def test_a_second_instance_of_a_replica_id_fences_the_first(kafka: KafkaSettings
     status and every record exactly once."""
     assert enqueue_dids(kafka, net.dids, origin="test") == len(net.dids)
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    first = _replica(kafka, net, "f1", logs[0])
+    first = start_replica(kafka, net, "f1", logs[0])
     second: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 60
@@ -235,9 +147,9 @@ def test_a_second_instance_of_a_replica_id_fences_the_first(kafka: KafkaSettings
             assert first.poll() is None, logs[0].read_text()[-3000:]
             assert time.monotonic() < deadline, "the first instance made no progress"
             time.sleep(0.05)
-        second = _replica(kafka, net, "f1", logs[1])
+        second = start_replica(kafka, net, "f1", logs[1])
         assert first.wait(60) == 1, logs[0].read_text()[-3000:]
-        _wait([second], 150, [logs[1]])
+        wait_replicas([second], 150, [logs[1]])
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
@@ -247,7 +159,7 @@ def test_a_second_instance_of_a_replica_id_fences_the_first(kafka: KafkaSettings
     [line] = [ln for ln in text.splitlines() if "CRITICAL" in ln]
     assert "replica f1: fenced by a newer instance with the same replica id" in line, line
     assert "Traceback" not in text, text[-3000:]
-    _check_exact(read_back(kafka), net, _aborted_dids(logs), kafka)
+    check_exact(read_back(kafka), net, aborted_dids(logs), kafka)
 
 
 class _CrashingProcessor(RepoProcessor):
@@ -390,8 +302,8 @@ def test_a_transaction_aborted_by_a_rebalance_is_redone(kafka: KafkaSettings, tm
                                                                    txn_max_dids=3), metrics=metrics)
         runner = replica.runner
         runner.prepare()
-        wrapped = _AbortOnce(runner._producer)
-        runner._producer = wrapped  # type: ignore[assignment]
+        wrapped = _AbortOnce(runner.publisher.producer)
+        runner.publisher.producer = wrapped  # type: ignore[assignment]
         asyncio.run(replica.run())
         assert wrapped.failed == 1
         assert runner.stats.aborted == 1
@@ -576,7 +488,7 @@ def test_transactions_are_bounded_by_records_and_time(kafka: KafkaSettings, tmp_
         asyncio.run(replica.run())
         assert runner.stats.stop_reason == "idle"
         out = read_back(kafka)
-        _check_exact(out, network, kafka=kafka)
+        check_exact(out, network, kafka=kafka)
         by_batch: dict[int, list[dict[str, Any]]] = {}
         for status in out.statuses:
             by_batch.setdefault(status["batch"], []).append(status)

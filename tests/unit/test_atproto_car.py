@@ -14,7 +14,7 @@ from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import encode
 from runtime.atproto.errors import BlockMismatchError, CarError, CarTooLargeError
 
-from .test_atproto_corpus import commit_bodies, fixture_path, repo_car_bytes
+from .atproto_corpus import commit_bodies, fixture_path, repo_car_bytes
 
 
 def _blocks(n: int, size: int = 40) -> list[tuple[CID, bytes]]:

@@ -29,7 +29,7 @@ from runtime.atproto.dagcbor import encode
 from runtime.atproto.errors import CommitFormatError, KeyFormatError, SignatureError
 from runtime.atproto.identity import parse_did_document
 
-from .test_atproto_corpus import REPO_DID, commit_bodies, did_docs, repo_car_bytes
+from .atproto_corpus import REPO_DID, commit_bodies, did_docs, repo_car_bytes
 
 ORDERS: dict[str, int] = {"p256": P256_CURVE_ORDER, "k256": SECP256K1_CURVE_ORDER}
 DATA = CID.from_str("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm")

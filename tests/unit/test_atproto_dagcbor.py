@@ -13,7 +13,7 @@ from runtime.atproto.cid import CID
 from runtime.atproto.dagcbor import decode, encode, from_json_form, record_json_form, to_json_form
 from runtime.atproto.errors import AtprotoFormatError, CBORError, CIDError
 
-from .test_atproto_corpus import record_blocks
+from .atproto_corpus import record_blocks
 
 LINK = CID.from_str("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm")
 BLOB = CID.from_str("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")

@@ -12,7 +12,7 @@ from runtime.atproto.crypto import KeyPair, parse_did_key
 from runtime.atproto.errors import IdentityError
 from runtime.atproto.identity import parse_did_document
 
-from .test_atproto_corpus import did_docs
+from .atproto_corpus import did_docs
 
 DID = "did:plc:2a7ygipkrbh544aqhcav53oy"
 

@@ -25,7 +25,7 @@ from runtime.atproto.mst import (
     walk,
 )
 
-from .test_atproto_corpus import commit_bodies, repo_car_bytes
+from .atproto_corpus import commit_bodies, repo_car_bytes
 
 # Published atproto interop vectors (repository spec examples and the reference MST test suite).
 CID1 = CID.from_str("bafyreie5cvv4h45feadgeuwhbcutmh6t2ceseocckahdoe6uat64zmz454")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -27,8 +26,10 @@ from runtime.atproto.mst import walk
 from runtime.atproto.repo import build_repo_blocks, read_commit
 from runtime.atproto.tid import make_tid
 from runtime.contract.records import RecordEvent
+from tests.native import missing_extension
 
-from .test_atproto_corpus import record_blocks, repo_car_bytes
+from .atproto_corpus import record_blocks, repo_car_bytes
+from .native_compare import Outcomes, mutated_node
 
 NATIVE = native.NATIVE
 needs_native = pytest.mark.skipif(NATIVE is None, reason="the native extension is not built")
@@ -37,16 +38,12 @@ LINK = CID.from_str("bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm
 BLOB = CID.from_str("bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku")
 
 
-@pytest.fixture
-def python_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(native, "NATIVE", None)
-    return
-
-
 def test_the_native_extension_is_built() -> None:
     # `pip install .` builds it wherever a C compiler and OpenSSL's headers exist (as in CI); the
     # benchmark figures in the README depend on it.
-    assert NATIVE is not None, "runtime/atproto/_fastrepo.c was not built: reinstall with a C compiler"
+    if NATIVE is None:
+        missing_extension("runtime/atproto/_fastrepo.c", openssl=True)
+    assert NATIVE is not None
 
 
 def _records(rng: random.Random, n: int) -> dict[str, dict[str, Any]]:
@@ -183,34 +180,16 @@ def test_mst_walk_never_accepts_what_the_python_walk_refuses() -> None:
     record_cids = set(built.record_cids.values())
     nodes = [c for c in built.blocks if c not in record_cids and c != built.commit_cid]
     rng = random.Random(9)
-    outcomes = {"both_refuse": 0, "both_accept": 0, "native_bails": 0}
+    outcomes = Outcomes()
     for _ in range(3000):
         blocks = dict(built.blocks)
         victim = rng.choice(nodes)
-        b = bytearray(blocks[victim])
-        how = rng.randrange(4)
-        if how == 0:
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        elif how == 1:
-            del b[rng.randrange(len(b)):]
-        elif how == 2:
-            b.insert(rng.randrange(len(b)), rng.randrange(256))
-        else:  # a key byte swapped for another key character: order and depth checks
-            i = rng.randrange(len(b))
-            b[i] = ord(rng.choice("az09.:-_~/"))
-        blocks[victim] = bytes(b)
+        blocks[victim] = mutated_node(rng, blocks[victim])
         if rng.randrange(10) == 0:
             del blocks[rng.choice(nodes)]
         expected = _python_walk(built.commit.data, blocks)
         got = NATIVE.mst_walk(built.commit.data.raw, {c.raw: v for c, v in blocks.items()}, False, 64, 1 << 30)
-        if expected is None:
-            assert got is None
-            outcomes["both_refuse"] += 1
-        elif got is None:
-            outcomes["native_bails"] += 1
-        else:
-            assert got == expected
-            outcomes["both_accept"] += 1
+        outcomes.add(expected, got)
     assert outcomes["both_refuse"] > 1000 and outcomes["both_accept"] > 50, outcomes
     # with verify on, any changed node is refused (its CID no longer matches)
     blocks = {c.raw: v for c, v in built.blocks.items()}

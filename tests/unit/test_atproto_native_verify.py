@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import libipld
@@ -32,16 +32,11 @@ from runtime.errors import DecodeError
 from runtime.simulator.plc import did_document
 from runtime.simulator.relay import RelayGenerator
 
-from .test_atproto_corpus import commit_bodies, did_docs, frames
+from .atproto_corpus import commit_bodies, did_docs, frames
+from .native_compare import Outcomes, mutated_node
 
 NATIVE = native.NATIVE
 needs_native = pytest.mark.skipif(NATIVE is None, reason="the native extension is not built")
-
-
-@pytest.fixture
-def python_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(native, "NATIVE", None)
-    return
 
 
 def _vals(n: int, seed: int) -> list[CID]:
@@ -142,19 +137,12 @@ def test_mst_invert_equals_the_python_inversion_on_generated_commits(seed: int) 
 @needs_native
 def test_mst_invert_never_accepts_what_the_python_inversion_refuses() -> None:
     rng = random.Random(42)
-    outcomes = {"both_refuse": 0, "both_accept": 0, "native_bails": 0}
+    outcomes = Outcomes()
 
     def check(root: CID, store: dict[CID, bytes], ops: list[RepoOp], verify: bool) -> None:
         expected = _python_invert(root, store, ops, verify)
         got = _native_invert(root, store, ops, verify)
-        if expected is None:
-            assert got is None
-            outcomes["both_refuse"] += 1
-        elif got is None:
-            outcomes["native_bails"] += 1
-        else:
-            assert got == expected
-            outcomes["both_accept"] += 1
+        outcomes.add(expected, got)
 
     others = _vals(5, 99)
     for case in range(400):
@@ -163,17 +151,7 @@ def test_mst_invert_never_accepts_what_the_python_inversion_refuses() -> None:
         # 1. a node block changed in place (its CID kept): both a verified and an unverified read
         nodes = list(store)
         victim = rng.choice(nodes)
-        b = bytearray(store[victim])
-        how = rng.randrange(4)
-        if how == 0:
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        elif how == 1:
-            del b[rng.randrange(len(b)):]
-        elif how == 2:
-            b.insert(rng.randrange(len(b)), rng.randrange(256))
-        else:  # a key character swapped for another: order and depth checks
-            b[rng.randrange(len(b))] = ord(rng.choice("az09.:-_~/"))
-        changed = {**store, victim: bytes(b)}
+        changed = {**store, victim: mutated_node(rng, store[victim])}
         check(new_root, changed, ops, True)
         check(new_root, changed, ops, False)
         # 2. a proof block missing
@@ -288,7 +266,7 @@ def _resliced(body: dict[str, Any], rng: random.Random) -> bytes:
 def test_commit_event_never_accepts_what_the_python_path_refuses() -> None:
     bodies = commit_bodies()
     rng = random.Random(7)
-    outcomes = {"both_refuse": 0, "both_accept": 0, "native_bails": 0}
+    outcomes = Outcomes()
     for _ in range(2500):
         body = dict(rng.choice(bodies))
         what = rng.randrange(5)
@@ -307,14 +285,7 @@ def test_commit_event_never_accepts_what_the_python_path_refuses() -> None:
             body["commit"] = rng.choice([CID.for_dag_cbor(b"\xa0").raw, body["commit"][:-1], body["commit"]])
         expected = _python_event(body)
         got = _native_event(body) if type(body["ops"]) is list else None
-        if expected is None:
-            assert got is None
-            outcomes["both_refuse"] += 1
-        elif got is None:
-            outcomes["native_bails"] += 1
-        else:
-            assert got == expected
-            outcomes["both_accept"] += 1
+        outcomes.add(expected, got)
     assert outcomes["both_refuse"] > 1000 and outcomes["both_accept"] > 100, outcomes
 
 

@@ -33,7 +33,7 @@ from runtime.atproto.repo import (
 )
 from runtime.atproto.tid import make_tid
 
-from .test_atproto_corpus import REPO_DID, commit_bodies, did_docs, fixture_path, repo_car_bytes
+from .atproto_corpus import REPO_DID, commit_bodies, did_docs, fixture_path, repo_car_bytes
 
 DID = "did:plc:testrepo000000000000000"
 BLOB = {"$link": "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"}

@@ -21,7 +21,7 @@ from runtime.atproto.tid import (
     validate_tid,
 )
 
-from .test_atproto_corpus import commit_bodies, manifest
+from .atproto_corpus import commit_bodies, manifest
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,7 @@ from runtime.contract.topics import schema_name_for
 from runtime.contract.typed import datum_for
 from runtime.errors import DecodeError
 from runtime.simulator.synthetic import Generator
-
-try:
-    from tests.unit.test_avrowrite import ALL_TYPES, captured_events
-except ImportError:  # tests/ is not a package here: pytest put this directory on sys.path
-    from test_avrowrite import ALL_TYPES, captured_events  # type: ignore[no-redef]
+from tests.avro_samples import ALL_TYPES, captured_events
 
 
 def _write(parsed: Any, datum: dict[str, Any]) -> bytes:

@@ -13,10 +13,8 @@ import fastavro
 import pytest
 
 import schemas
-from producers.firehose.decode import decode_frame
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.atproto.capture import read_capture
 from runtime.contract import avrowrite, codec
 from runtime.contract.avrowrite import (
     _HIGH_MAX,
@@ -27,11 +25,13 @@ from runtime.contract.avrowrite import (
     zz_long,
 )
 from runtime.contract.codec import AvroCodec, shipped
-from runtime.contract.records import Event, RecordEvent
+from runtime.contract.records import RecordEvent
 from runtime.contract.topics import TYPED_COLLECTIONS, schema_name_for, schema_name_for_collection
 from runtime.contract.typed import ENVELOPE, TYPED, datum_for, record_datum
-from runtime.errors import DropError, InvalidRecordError
+from runtime.errors import InvalidRecordError
 from runtime.simulator.synthetic import Generator
+from tests.avro_samples import ALL_TYPES, captured_events
+from tests.native import missing_extension
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
@@ -40,7 +40,7 @@ def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     if request.param == "python":
         monkeypatch.setattr(avrowrite, "WIRE", None)
     elif avrowrite.WIRE is None:
-        pytest.fail("runtime/contract/_avrowire.c was not built: reinstall with a C compiler")
+        missing_extension("runtime/contract/_avrowire.c")
     monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' encoders
     param: str = request.param
     return param
@@ -108,17 +108,6 @@ def test_synthetic_events_of_every_collection_encode_like_fastavro() -> None:
             "account"} <= seen
 
 
-def captured_events(fixtures_dir: Path) -> list[Event]:
-    """Every event of the captured firehose frames (shared with test_avroread)."""
-    out: list[Event] = []
-    for frame in read_capture(fixtures_dir / "frames.bin.zst"):
-        try:
-            out.extend(decode_frame(frame, job="fx").events)
-        except DropError:
-            continue
-    return out
-
-
 def test_captured_firehose_events_encode_like_fastavro(fixtures_dir: Path) -> None:
     events = captured_events(fixtures_dir)
     assert len(events) >= 150
@@ -159,26 +148,6 @@ def test_large_longs_stay_exact_when_their_cache_turns_over() -> None:
         expected = _fastavro(schema, {"v": v})
         assert zz_long(v) == expected
         assert _compiled(schema, {"v": v}) == expected  # the encoders' inline form of the same
-
-
-ALL_TYPES = {
-    "type": "record", "name": "All", "namespace": "t", "fields": [
-        {"name": "b", "type": "boolean"},
-        {"name": "i", "type": "int"},
-        {"name": "f", "type": "float"},
-        {"name": "d", "type": "double"},
-        {"name": "fx", "type": {"type": "fixed", "name": "F4", "size": 4}},
-        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["a", "b", "c"]}},
-        {"name": "e2", "type": "t.E"},
-        {"name": "sn", "type": ["string", "null"], "default": "x"},
-        {"name": "ln", "type": ["null", "long"], "default": None},
-        {"name": "en", "type": ["null", "E"], "default": None},
-        {"name": "inner", "type": {"type": "record", "name": "In", "fields": [
-            {"name": "x", "type": {"type": "array", "items": ["null", "string"]}},
-            {"name": "m", "type": {"type": "map", "values": {"type": "array", "items": "long"}}}]}},
-        {"name": "rs", "type": {"type": "array", "items": "t.In"}},
-        {"name": "by", "type": ["null", "bytes"], "default": None},
-    ]}
 
 
 @pytest.mark.parametrize("datum", [

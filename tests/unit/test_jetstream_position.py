@@ -278,15 +278,6 @@ def test_a_checkpoint_of_the_earlier_format_still_drops_its_overlap() -> None:
     assert again.check(events[45]) == DUPLICATE, "carried by the next checkpoint while within the lateness"
 
 
-def test_check_not_behind() -> None:
-    from runtime.errors import CursorRegressionError
-
-    pos = JetstreamPosition.restore({"v": 2, "cursor": 50, "clock": 50, "instance": A}, 10, 100)
-    pos.check_not_behind(50)
-    with pytest.raises(CursorRegressionError):
-        pos.check_not_behind(51)
-
-
 def test_a_dense_lateness_window_keeps_the_checkpoint_within_a_kafka_message(
         caplog: pytest.LogCaptureFixture) -> None:
     # A burst: 150,000 events inside half a second of time_us (a replay, a busy instance). Every

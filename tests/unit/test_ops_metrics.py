@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from consumers.base import Consumed, ConsumerOptions, GroupConsumer
 from consumers.queue import QueueSink
 from producers.jetstream.decode import decode_message
-from producers.job import LATENCY_SAMPLE_EVERY, JobOptions, JobRunner
+from producers.job import JobOptions, JobRunner
+from producers.publish import LATENCY_SAMPLE_EVERY
 from runtime.contract.codec import AvroCodec
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
@@ -52,7 +53,7 @@ def test_produce_latency_is_sampled_from_delivery_reports() -> None:
     runner = JobRunner(NOWHERE, JobOptions(job="j", source="jetstream"), metrics, AvroCodec())
     n = 3 * LATENCY_SAMPLE_EVERY + 5
     for i in range(n):
-        runner._on_delivery(None, Delivered(i, 0.004))  # type: ignore[arg-type]
+        runner.publisher.on_delivery(None, Delivered(i, 0.004))  # type: ignore[arg-type]
     count = sample(metrics, "atproto_backfill_producer_produce_latency_seconds_count", source="jetstream")
     assert count == 4  # deliveries 1, 65, 129, 193
     total = sample(metrics, "atproto_backfill_producer_produce_latency_seconds_sum", source="jetstream")

@@ -192,20 +192,51 @@ def report() -> StatusReport:
     ])
 
 
-def test_text_output_shows_every_job_and_group() -> None:
+def rendered(*, verbose: bool = False, width: int | None = 100) -> str:
     out = io.StringIO()
-    render_text(report(), out)
-    text = out.getvalue()
+    render_text(report(), out, verbose=verbose, width=width)
+    return out.getvalue()
+
+
+def has_row(text: str, *cells: str) -> bool:
+    """Some line of ``text`` holds ``cells`` as whole cells, in this order."""
+    for line in text.splitlines():
+        words = line.split("  ")
+        found = [w.strip() for w in words if w.strip()]
+        it = iter(found)
+        if all(any(c == w for w in it) for c in cells):
+            return True
+    return False
+
+
+def test_text_output_shows_every_job_and_group() -> None:
+    text = rendered()
     assert "done-job" in text
     assert "finished (end_cursor_reached)" in text
     assert "100.0%" in text
     assert "20.0%" in text
     assert "1m20s" in text  # ETA
-    assert "atproto-backfill-postgres: 1,234" in text
-    assert "atproto-backfill-queue: ≤90,000" in text, "an upper bound is marked"
+    assert has_row(text, "j", "atproto-backfill-postgres", "1,234")
+    assert has_row(text, "j", "atproto-backfill-queue", "≤90,000"), "an upper bound is marked"
+    assert has_row(text, "done-job", "atproto-backfill-postgres", "0")
     assert "app.bsky.feed.post=1,234" in text
     assert "app.bsky.feed.post=≤95,000" in text
     assert "1,300" in text, "the offset lag"
+
+
+def test_text_output_fits_the_terminal_and_details_are_verbose() -> None:
+    for verbose in (False, True):
+        for width in (100, 80):
+            assert max(len(line) for line in rendered(verbose=verbose, width=width).splitlines()) <= width
+    assert "collections=" not in rendered()
+    details = rendered(verbose=True, width=200)
+    assert "collections=app.bsky.feed.post" in details
+    assert has_row(details, "j", "jetstream", str(report().jobs[1].cursor))
+
+
+def test_text_output_width_follows_columns_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "90")
+    assert max(len(line) for line in rendered(width=None).splitlines()) <= 90
 
 
 def test_text_output_without_jobs_or_groups() -> None:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from producers.source import StreamPosition
 from runtime.contract.records import RecordEvent
-from runtime.errors import CursorRegressionError
 
 
 def ev(t: int, rkey: str = "k") -> RecordEvent:
@@ -50,13 +47,6 @@ def test_rewind_zero_keeps_the_same_cursor_events() -> None:
     again = StreamPosition.restore(pos.snapshot(), rewind=0)
     assert again.seen(ev(7, "a")) and again.seen(ev(7, "b")) and not again.seen(ev(7, "c"))
     assert again.seen(ev(6, "z")) and not again.seen(ev(8, "a"))
-
-
-def test_check_not_behind() -> None:
-    pos = StreamPosition.restore({"cursor": 50, "window": []}, rewind=0)
-    pos.check_not_behind(50)
-    with pytest.raises(CursorRegressionError):
-        pos.check_not_behind(51)
 
 
 def test_identities_are_the_checkpointed_fingerprints() -> None:

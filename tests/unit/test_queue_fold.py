@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.base import Consumed
+from consumers.options import removal_statuses
 from consumers.queue import (
     RECORD_TYPES,
     STATE_TABLES,
@@ -24,7 +25,6 @@ from consumers.queue import (
     QueueFold,
     QueueSink,
     by_type_router,
-    removal_statuses,
 )
 from runtime.atproto.tid import make_tid
 from runtime.commands.cli import build_parser
