@@ -89,7 +89,7 @@ from runtime.contract.topics import TopicMap  # noqa: E402
 from runtime.kafka.checkpoint import FINISHED, load_job  # noqa: E402
 from runtime.kafka.settings import KafkaSettings  # noqa: E402
 from runtime.simulator.jetstream import JetstreamSimulator, StoredEvent, synthetic_events  # noqa: E402
-from tests.integration.eos import committed_event_keys, open_transaction  # noqa: E402
+from tests.integration.eos import committed_event_keys, open_transaction, queue_in_write  # noqa: E402
 from tests.integration.pg_pipeline import Tables, expected, record_rows  # noqa: E402
 
 #: Event time of the first generated event (2023-11-14T22:13:20Z), as the tests use.
@@ -510,15 +510,7 @@ class Pipeline:
                 "AND application_name LIKE 'atproto-backfill-postgres%%' AND xact_start IS NOT NULL "
                 "AND client_port = ANY(%s)", (ports,)).fetchone()
             return row is not None and row[0] > 0
-        with contextlib.closing(sqlite3.connect(self.queue_path, timeout=0, isolation_level=None)) as conn:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                if "locked" in str(e) or "busy" in str(e):
-                    return True
-                raise
-            conn.execute("ROLLBACK")
-            return False
+        return queue_in_write(self.queue_path)
 
     def kill(self, m: Member, hunt: bool) -> tuple[int, bool | None]:
         """SIGKILL ``m``'s process group, then restart it. With ``hunt``, first look for a moment

@@ -222,7 +222,6 @@ class GroupConsumer:
         self._last_inform = 0.0
         self._paused = False
         self._proc = psutil.Process()
-        self._job_target: dict[TP, int] | None = None
         self._last_job_check = 0.0
         self._control_unreadable_since: float | None = None
         self._no_offsets_warned = False
@@ -827,11 +826,6 @@ class GroupConsumer:
             log.debug("consumer close: %s", e)
         if self._dlq_producer is not None:
             self._dlq_producer.flush(10)
-
-
-def topics_of(patterns: Iterable[str]) -> list[str]:
-    """Validate NSID patterns (helper for CLIs)."""
-    return list(CollectionFilter(patterns).patterns)
 
 
 _SAFE_GROUP = re.compile(r"[^A-Za-z0-9._-]")

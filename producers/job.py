@@ -58,7 +58,7 @@ from runtime.contract.timeparse import us_to_date
 from runtime.contract.topics import CONTROL_TOPIC_CONFIG
 from runtime.errors import ConfigError, DropError, SourceError
 from runtime.kafka import clients as kafka_util
-from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState, load_job
+from runtime.kafka.checkpoint import FINISHED, RUNNING, STOPPED, JobState, load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.process.options import Opt
@@ -66,7 +66,6 @@ from runtime.process.signals import handle_stop_signals
 
 log = logging.getLogger(__name__)
 
-STOPPED = "stopped"
 _DAY_US = 86_400_000_000
 #: ``--max-collections``: the distinct collections a job produces to, and the collection topics of
 #: its prefix it lets exist (it creates a topic for a new collection only while fewer do).
@@ -129,6 +128,30 @@ class JobStats:
     def elapsed(self) -> float:
         """Seconds from start to end (or to now while running)."""
         return (self.ended or time.monotonic()) - self.started
+
+    def seed_statistics(self, stored: int | None = None) -> dict[str, Any]:
+        """The seeds' statistics dict (every field of seed 001's), plus the job's own counts.
+
+        ``stored``: the records a sink stored, when one ran alongside (else the records produced).
+        """
+        total = self.elapsed
+        records = stored if stored is not None else self.records_produced
+        return {
+            "records_stored": records,
+            "messages_received": self.messages_received,
+            "total_time": round(total, 3),
+            "records_per_second": round(records / total, 1) if total > 0 else 0.0,
+            "collections": sorted(self.collections),
+            "target_reached": self.target_reached,
+            "latest_cursor": self.latest_cursor,
+            "current_date": self.current_date,
+            "end_cursor_reached": self.end_cursor_reached,
+            "records_produced": self.records_produced,
+            "events_produced": self.events_produced,
+            "stop_reason": self.stop_reason,
+            "skipped": dict(self.skipped),
+            "dropped": dict(self.dropped),
+        }
 
 
 def transactional_id(job: str) -> str:

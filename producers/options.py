@@ -80,6 +80,20 @@ def producer_options(job: str, *, max_time: float = 0.0, leave_out: Collection[s
     return tuple(out)
 
 
+def check_producer_options(ns: argparse.Namespace) -> None:
+    """Refuse values of the shared options no job can run with (those the command takes).
+
+    Raises:
+        ConfigError: a negative time or count, or a collection cap below 1.
+    """
+    for dest, flag in (("max_time", "--max-time"), ("checkpoint_events", "--checkpoint-every"),
+                       ("checkpoint_interval", "--checkpoint-interval")):
+        if getattr(ns, dest, 0) < 0:
+            raise ConfigError(f"{flag} must be >= 0")
+    if getattr(ns, "max_collections", 1) < 1:
+        raise ConfigError("--max-collections must be positive")
+
+
 def add_producer_arguments(parser: argparse.ArgumentParser, options: Sequence[Opt]) -> None:
     """Add a producer command's ``options``, then the Kafka and observability groups every producer has."""
     add_options(parser, options)

@@ -8,11 +8,14 @@ reconnect never re-delivers, and never skips) and serialises into the job checkp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection
 
 from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
 from runtime.contract.records import Source as Origin
@@ -206,3 +209,17 @@ class StreamPosition:
         self._window.clear()
         self._set.clear()
         self._restored = frozenset()
+
+
+class WebsocketHolder:
+    """A stream that holds at most one websocket connection at a time (``_ws``) and closes it on
+    :meth:`aclose`, whatever state it is in."""
+
+    _ws: ClientConnection | None = None
+
+    async def aclose(self) -> None:
+        """Close the websocket if open."""
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close()

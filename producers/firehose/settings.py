@@ -21,7 +21,7 @@ from producers.firehose.source import (
 from producers.firehose.verify import DictResolver, IdentityResolver
 from producers.identity.didlist import parse_dids
 from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobStats
-from producers.options import add_producer_arguments, producer_options
+from producers.options import add_producer_arguments, check_producer_options, producer_options
 from runtime.contract.nsid import validate_pattern
 from runtime.contract.timeparse import timestamp_us
 from runtime.errors import ConfigError
@@ -172,12 +172,11 @@ def settings_from_namespace(ns: argparse.Namespace, now: Callable[[], float] = t
         raise ConfigError("--start-cursor must be >= 0")
     if ns.workers < 1 or ns.batch_size < 1:
         raise ConfigError("--workers and --batch-size must be >= 1")
-    if ns.num_records < 0 or ns.max_time < 0:
-        raise ConfigError("--num-records and --max-time must be >= 0")
+    check_producer_options(ns)
+    if ns.num_records < 0:
+        raise ConfigError("--num-records must be >= 0")
     if ns.allowed_lateness < 0:
         raise ConfigError("--allowed-lateness must be >= 0")
-    if ns.max_collections < 1:
-        raise ConfigError("--max-collections must be positive")
     if ns.did_docs and not Path(ns.did_docs).is_file():
         raise ConfigError(f"--did-docs {ns.did_docs}: no such file")
     return FirehoseSettings(
@@ -254,25 +253,7 @@ class RunResult:
 
 def statistics(stats: JobStats, stream_counts: dict[str, Any], verified: int | None) -> dict[str, Any]:
     """The seed's statistics plus the firehose's own (frames, gaps, verification)."""
-    total = stats.elapsed
-    return {
-        "records_stored": stats.records_produced,
-        "messages_received": stats.messages_received,
-        "total_time": round(total, 3),
-        "records_per_second": round(stats.records_produced / total, 1) if total > 0 else 0.0,
-        "collections": sorted(stats.collections),
-        "target_reached": stats.target_reached,
-        "latest_cursor": stats.latest_cursor,
-        "current_date": stats.current_date,
-        "end_cursor_reached": stats.end_cursor_reached,
-        "records_produced": stats.records_produced,
-        "events_produced": stats.events_produced,
-        "stop_reason": stats.stop_reason,
-        "skipped": dict(stats.skipped),
-        "dropped": dict(stats.dropped),
-        "commits_verified": verified,
-        **stream_counts,
-    }
+    return {**stats.seed_statistics(), "commits_verified": verified, **stream_counts}
 
 
 def job_options(settings: FirehoseSettings, job: str, num_records: int) -> JobOptions:

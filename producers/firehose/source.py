@@ -61,7 +61,7 @@ from producers.firehose.decode import (
     parse_time_us,
 )
 from producers.firehose.verify import CommitVerifier
-from producers.source import Drop, End, Skip, SourceItem, StreamPosition
+from producers.source import Drop, End, Skip, SourceItem, StreamPosition, WebsocketHolder
 from runtime.contract.nsid import CollectionFilter
 from runtime.contract.records import Event
 from runtime.contract.timeparse import us_to_iso
@@ -313,7 +313,7 @@ class StreamCounters:
     info: dict[str, int] = field(default_factory=dict)
 
 
-class RelayStream:
+class RelayStream(WebsocketHolder):
     """Frames from a relay across reconnects, resuming after the last fully handled frame.
 
     Args:
@@ -531,13 +531,6 @@ class RelayStream:
                 log.warning("no frame from %s for %.0f s; reconnecting", self.opts.url, stall)
                 await ws.close()
                 return
-
-    async def aclose(self) -> None:
-        """Close the websocket if open."""
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                await ws.close()
 
 
 # ------------------------------------------------------------------------------------ the source

@@ -83,7 +83,7 @@ from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import ConfigError, DropError, FatalError, FencedError
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.broker import resolve_bootstrap
-from runtime.kafka.checkpoint import FINISHED, JobState, load_jobs
+from runtime.kafka.checkpoint import FINISHED, STOPPED, JobState, load_jobs
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.logs import configure
 from runtime.process.metrics import Health, Metrics, MetricsServer
@@ -99,7 +99,6 @@ _END: Final = 0x45
 _DROP: Final = 0x44
 _HEAD: Final = struct.Struct("<BI")
 _SEQ: Final = struct.Struct("<q")
-STOPPED: Final = "stopped"
 
 
 def worker_job(job: str, index: int) -> str:
@@ -157,7 +156,6 @@ class PipeSource:
         self._conn = conn
         self.handler = handler
         self._origin = origin
-        self._queue: asyncio.Queue[bytes | None] | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -190,7 +188,7 @@ class PipeSource:
 
     async def items(self) -> AsyncIterator[SourceItem]:
         """Items of the frames the coordinator sends, until its end (or its loss)."""
-        q = self._queue = self._start_reader()
+        q = self._start_reader()
         handler = self.handler
         position = handler.position
         origin = self._origin

@@ -30,7 +30,7 @@ from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
 from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobRunner, JobStats
-from producers.options import add_producer_arguments, api_namespace, producer_options
+from producers.options import add_producer_arguments, api_namespace, check_producer_options, producer_options
 from runtime.contract.codec import AvroCodec
 from runtime.contract.nsid import validate_pattern
 from runtime.contract.timeparse import timestamp_us
@@ -172,14 +172,13 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
     if end_us is not None and start_us is not None and end_us <= start_us:
         raise ConfigError("--end-timestamp must be after the start")
     instances = [instance_url(i) for i in (split_csv(ns.instance) or PUBLIC_INSTANCES)]
-    if ns.num_records < 0 or ns.max_time < 0:
-        raise ConfigError("--num-records and --max-time must be >= 0")
+    check_producer_options(ns)
+    if ns.num_records < 0:
+        raise ConfigError("--num-records must be >= 0")
     if ns.allowed_lateness < 0:
         raise ConfigError("--allowed-lateness must be >= 0")
     if ns.failover_rewind < 0:
         raise ConfigError("--failover-rewind must be >= 0")
-    if ns.max_collections < 1:
-        raise ConfigError("--max-collections must be positive")
     return JetstreamSettings(
         kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
         collections=collections, dids=parse_dids(ns.wanted_dids),
@@ -252,26 +251,7 @@ def seed_statistics(stats: JobStats, stored: int | None, queue_length: int | Non
     ``late_events``: events that arrived more than the allowed lateness late, delivered (they are
     in the produced counts too; a late event seen before counts as a ``duplicate`` skip).
     """
-    total = stats.elapsed
-    records = stored if stored is not None else stats.records_produced
-    return {
-        "records_stored": records,
-        "messages_received": stats.messages_received,
-        "total_time": round(total, 3),
-        "records_per_second": round(records / total, 1) if total > 0 else 0.0,
-        "collections": sorted(stats.collections),
-        "target_reached": stats.target_reached,
-        "latest_cursor": stats.latest_cursor,
-        "queue_length": queue_length,
-        "current_date": stats.current_date,
-        "end_cursor_reached": stats.end_cursor_reached,
-        "records_produced": stats.records_produced,
-        "events_produced": stats.events_produced,
-        "stop_reason": stats.stop_reason,
-        "skipped": dict(stats.skipped),
-        "dropped": dict(stats.dropped),
-        "late_events": late_events,
-    }
+    return {**stats.seed_statistics(stored), "queue_length": queue_length, "late_events": late_events}
 
 
 def run(settings: JetstreamSettings, *, metrics: Metrics | None = None,

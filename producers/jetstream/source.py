@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from producers.jetstream.decode import Decompressor, decode_message
 from producers.jetstream.position import DUPLICATE, FAILOVER_REWIND_US, LATE, JetstreamPosition
-from producers.source import Drop, End, Skip, SourceItem
+from producers.source import Drop, End, Skip, SourceItem, WebsocketHolder
 from runtime.contract.nsid import CollectionFilter
 from runtime.contract.records import RecordEvent
 from runtime.errors import ConfigError, DropError
@@ -160,7 +160,7 @@ def options_update(opts: JetstreamOptions) -> bytes:
 Connector = Callable[..., Any]
 
 
-class JetstreamSource:
+class JetstreamSource(WebsocketHolder):
     """Async source of Jetstream events.
 
     Args:
@@ -372,13 +372,6 @@ class JetstreamSource:
                 log.warning("no message from %s for %.0f s; reconnecting", self.url, stall)
                 await ws.close()
                 return
-
-    async def aclose(self) -> None:
-        """Close the websocket if open."""
-        ws = self._ws
-        if ws is not None:
-            with contextlib.suppress(Exception):
-                await ws.close()
 
 
 __all__ = ["PUBLIC_INSTANCES", "JetstreamOptions", "JetstreamSource", "instance_url", "websockets"]

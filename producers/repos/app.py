@@ -44,7 +44,7 @@ from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.identity.resolver import DEFAULT_PLC_URL, PLC_URL_ENV, DidResolver
 from producers.job import JobOptions, JobRunner, JobStats
 from producers.netsafety import NetworkPolicy
-from producers.options import add_producer_arguments, api_namespace, producer_options
+from producers.options import add_producer_arguments, api_namespace, check_producer_options, producer_options
 from producers.repos import taskdump
 from producers.repos.decode import RECORD_TYPES, RecordFilter, record_type
 from producers.repos.pds import PdsClient, PdsError, PdsLimits
@@ -249,8 +249,9 @@ def settings_from_namespace(ns: argparse.Namespace) -> ReposSettings:
                  "max_car_bytes", "max_car_blocks"):
         if getattr(ns, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive")
-    if ns.batch_size < 0 or ns.limit < 0 or ns.max_time < 0 or ns.idle_exit < 0 or ns.retry_backoff < 0:
-        raise ConfigError("--batch-size, --limit, --max-time, --idle-exit and --retry-backoff must be >= 0")
+    check_producer_options(ns)
+    if ns.batch_size < 0 or ns.limit < 0 or ns.idle_exit < 0 or ns.retry_backoff < 0:
+        raise ConfigError("--batch-size, --limit, --idle-exit and --retry-backoff must be >= 0")
     kafka = KafkaSettings.from_namespace(ns)
     txn_timeout = kafka.transaction_timeout()
     if ns.from_topic and ns.txn_max_seconds >= txn_timeout:

@@ -46,13 +46,12 @@ from runtime.contract.records import RecordEvent
 from runtime.contract.topics import CONTROL_TOPIC_CONFIG, TopicMap
 from runtime.errors import CommitError, DeliveryError, DropError, FencedError, SourceError
 from runtime.kafka import clients as kafka_util
-from runtime.kafka.checkpoint import FINISHED, RUNNING, JobState
+from runtime.kafka.checkpoint import FINISHED, RUNNING, STOPPED, JobState
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Health, Metrics
 
 log = logging.getLogger(__name__)
 
-STOPPED: Final = "stopped"
 #: Outcomes after which a DID needs no more work.
 TERMINAL: Final = frozenset({"ok", "not_found"})
 #: Outcomes an account can come back from (reactivation, a reversed takedown): not done.

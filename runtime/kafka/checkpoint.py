@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 RUNNING = "running"
 FINISHED = "finished"
+#: A job stopped before its end (interrupted, a limit reached); ``--resume`` continues it.
+STOPPED = "stopped"
 
 
 @dataclass

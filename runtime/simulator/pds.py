@@ -102,15 +102,6 @@ class HostStats:
     over_limit: int = 0
     injected: Counter[str] = field(default_factory=Counter)
 
-    def max_in_any(self, seconds: float) -> int:
-        """The most requests in any sliding interval of ``seconds``."""
-        times = self.times
-        best = 0
-        for i, t in enumerate(times):
-            j = bisect.bisect_right(times, t + seconds - 1e-9, lo=i)
-            best = max(best, j - i)
-        return best
-
 
 class _RepoGenerator(Generator):
     """The synthetic generator, remembering posts so later records can reply to or like them."""
@@ -409,10 +400,6 @@ class PdsNetwork(ThreadServed):
     def dids_in_state(self, state: str) -> list[str]:
         """DIDs of accounts in ``state`` (``active``, ``deactivated``, ``takendown``, ``deleted``)."""
         return [d for d, a in self.accounts.items() if a.state == state]
-
-    def expected_records(self, did: str) -> dict[str, str]:
-        """``collection/rkey`` -> record CID of an account's repository."""
-        return dict(self.accounts[did].record_cids)
 
     def host_stats(self) -> dict[str, HostStats]:
         """Per host URL (relay included) what it saw."""

@@ -2,6 +2,7 @@
 
 * :func:`committed` reads what the topics of a prefix hold for read_committed readers: what a
   producer really committed, whatever the sinks would de-duplicate.
+* :func:`queue_in_write` tells whether a queue consumer holds its SQLite write transaction now.
 * :func:`kill_in_transaction` kills a producer process with SIGKILL at a moment when the broker
   holds data of its open transaction: the process (group) is frozen with SIGSTOP, the topics are
   checked for a transaction in progress (a partition's last stable offset behind its high
@@ -10,12 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -155,3 +159,16 @@ def kill_in_transaction(proc: subprocess.Popen[bytes], kafka: KafkaSettings, *, 
             if others:
                 freeze_others(signal.SIGCONT)
         time.sleep(0.05)
+
+
+def queue_in_write(path: Path) -> bool:
+    """True when another connection holds the queue database's write transaction now."""
+    with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as conn:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                return True
+            raise
+        conn.execute("ROLLBACK")
+        return False

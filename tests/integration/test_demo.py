@@ -39,7 +39,8 @@ def test_the_demo_runs_end_to_end_on_the_embedded_broker(pg_url: str, tmp_path: 
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         assert tables, "the demo wrote no queue"
     assert queued > 1000
-    left = re.findall(r"atproto-backfill-(?:postgres|queue)-[\w-]+: (\d+)", out)
+    # the "records left of each job, by consumer group" table: job, group, records left
+    left = re.findall(r"^\s*demo\s+atproto-backfill-(?:postgres|queue)-[\w-]+\s+(\d+)\s*$", out, re.MULTILINE)
     assert left and all(n == "0" for n in left), out[-3000:]
 
     # The PostgreSQL stage ran into the given database and agrees with the printed counts.

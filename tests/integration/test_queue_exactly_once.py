@@ -27,6 +27,7 @@ from runtime.contract.records import event_key, to_jetstream_json
 from runtime.kafka.offsets import Origin, StoredOffset
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
+from tests.integration.eos import queue_in_write
 from tests.integration.pg_pipeline import make_events, produce, replayed
 
 pytestmark = pytest.mark.integration
@@ -122,19 +123,6 @@ END;
 """
 
 
-def _in_write(path: Path) -> bool:
-    """True when another connection holds the queue database's write transaction now."""
-    with closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as conn:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                return True
-            raise
-        conn.execute("ROLLBACK")
-        return False
-
-
 def _stored(path: Path, group: str) -> int:
     with closing(sqlite3.connect(path, timeout=30)) as conn:
         n: int = conn.execute("SELECT coalesce(sum(next_offset), 0) FROM kafka_offsets WHERE group_id = ?",
@@ -174,7 +162,7 @@ def test_sigkill_of_the_queue_consumer_mid_batch_then_restart_leaves_the_exact_q
             assert time.monotonic() < deadline, "the consumer was never caught writing a batch"
             if _stored(path, group) > 0:
                 proc.send_signal(signal.SIGSTOP)
-                if _in_write(path):
+                if queue_in_write(path):
                     proc.kill()
                     break
                 proc.send_signal(signal.SIGCONT)
