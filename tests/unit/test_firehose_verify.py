@@ -14,7 +14,6 @@ import pytest
 
 from producers.firehose.decode import Decoded, decode_frame, parse_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
-from runtime.atproto import native
 from runtime.atproto.capture import read_capture
 from runtime.atproto.car import read_car, write_car
 from runtime.atproto.cid import CID
@@ -26,14 +25,10 @@ from runtime.simulator.plc import did_document
 from runtime.simulator.relay import RelayGenerator, encode_frame
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+@pytest.fixture(autouse=True)
+def path(atproto_path: str) -> str:
     """Every test runs on the native fast path and on the pure-Python path alone: same verdicts."""
-    if request.param == "python":
-        monkeypatch.setattr(native, "NATIVE", None)
-    elif native.NATIVE is None:
-        pytest.skip("the native extension is not built")
-    return str(request.param)
+    return atproto_path
 
 
 @pytest.fixture(scope="module")

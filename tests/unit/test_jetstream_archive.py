@@ -62,13 +62,9 @@ def _block(rows: list[Row]) -> Block:
     return parse_block(encode_block(rows))
 
 
-@pytest.fixture(params=["native", "python"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "python":
-        monkeypatch.setattr(native, "NATIVE", None)
-    elif native.NATIVE is None:
-        pytest.skip("the native extension is not built")
-    return str(request.param)
+@pytest.fixture
+def path(atproto_path: str) -> str:
+    return atproto_path
 
 
 def test_golden_corpus_rows_become_events_with_the_listed_cids(path: str) -> None:
