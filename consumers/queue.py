@@ -13,6 +13,12 @@ Every item's ``metadata`` carries what a reader needs to fold it (:func:`fold_me
 * an account event: ``{"op": "account", "status_us", "seq", "removal", "source", "cursor"}``;
 * an identity event: ``{"op": "identity", "status_us", "seq", "source", "cursor"}``.
 
+``source`` is the event's (``jetstream``, ``jetstream2``, ``firehose``, ``repo``) and ``cursor`` its
+source's own position (for ``jetstream2`` the serving instance's ``seq``, not a time): kept for
+readers, never folded on. Jetstream v2's ``witnessed_at``/``indexed_at`` are not queued (the payload
+is the v1 shape); a jetstream2 event and the same event from Jetstream v1 have one de-duplication key
+(:func:`~runtime.contract.records.event_key`), so a queue holds it once.
+
 The sink folds as well, in the same database and transaction as the items and offsets: per record
 (did, collection, rkey) the newest version seen (``fold_versions``: rev, delete, as-of time) and,
 with ``--account-removal purge``, per DID the newest removal's status time R (``fold_removals``).

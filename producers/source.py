@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection
 
-from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
+from runtime.contract.records import JETSTREAM_SOURCES, Event, IdentityEvent, RecordEvent, event_key
 from runtime.contract.records import Source as Origin
 
 _JETSTREAM = Origin.JETSTREAM.value
@@ -94,16 +94,16 @@ def fingerprint(event: Event) -> bytes:
 def _identity(event: Event) -> tuple[Any, ...]:
     """The fields of :func:`~runtime.contract.records.event_key`, as a tuple: cheap to build and to hash."""
     if type(event) is RecordEvent:
-        if event.source == _JETSTREAM:
+        if event.source in JETSTREAM_SOURCES:
             if event.rev:
                 return (_JETSTREAM, event.did, event.collection, event.rkey, event.rev)
-            return (_JETSTREAM, event.did, event.collection, event.rkey, event.operation, "", event.cid or "",
+            return (event.source, event.did, event.collection, event.rkey, event.operation, "", event.cid or "",
                     event.time_us)
         return (event.source, event.did, event.collection, event.rkey, event.operation, event.rev or "",
                 event.cid or "", event.time_us)
     kind = "identity" if isinstance(event, IdentityEvent) else "account"
     seq = getattr(event, "seq", None)
-    if event.source == _JETSTREAM and seq is not None:
+    if event.source in JETSTREAM_SOURCES and seq is not None:
         return (_JETSTREAM, event.did, kind, seq)
     return (event.source, event.did, kind, seq, event.time_us)
 

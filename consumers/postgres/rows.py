@@ -19,7 +19,10 @@ Tables (one per typed collection, ``records`` for every other collection)::
 Every row also carries the envelope: did, rkey, rev, cid, the lossless record JSON, the createdAt
 chosen by the timestamp policy, source, source cursor, event time, producer job, and ``asof_us``:
 the version's as-of time, which an account removal is compared with (``runtime.contract.order`` rules 3-4).
-Status changes are ordered by their status time (rule 2), never by a receive clock.
+Status changes are ordered by their status time (rule 2), never by a receive clock. ``source`` is free
+text (``jetstream2`` included, whose source cursor is the Jetstream v2 instance's ``seq``); Jetstream
+v2's ``witnessed_at``/``indexed_at`` are not stored (its event time, ``time_us``, is the first of
+``indexed_at`` and ``witnessed_at`` that is set).
 """
 
 from __future__ import annotations

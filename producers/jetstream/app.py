@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -28,7 +29,10 @@ from producers.companion import Companion, CompanionFactory
 from producers.identity.didlist import parse_dids, split_csv
 from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
 from producers.jetstream.position import JetstreamPosition
+from producers.jetstream.replay import ReplayOptions, ReplaySource
+from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.source import PUBLIC_INSTANCES, JetstreamOptions, JetstreamSource, instance_url
+from producers.jetstream.v2client import ArchiveClient
 from producers.job import DEFAULT_MAX_COLLECTIONS, JobOptions, JobRunner, JobStats
 from producers.options import add_producer_arguments, api_namespace, check_producer_options, producer_options
 from runtime.contract.codec import AvroCodec
@@ -42,7 +46,9 @@ from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.options import (
     ObservabilitySettings,
     Opt,
+    Secret,
     parse_bool,
+    parse_secret,
     resolve_appends,
 )
 from runtime.process.plugins import COMPANIONS, load
@@ -52,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DICTIONARY_URL: Final = "https://raw.githubusercontent.com/bluesky-social/jetstream/main/pkg/models/zstd_dictionary"
 DAY_US: Final = 86_400 * 1_000_000
+#: A v2 cursor at or above this is unix microseconds of ``witnessed_at``, below it a seq.
+TIME_CURSOR_MIN: Final = 10**15
 
 
 JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
@@ -102,6 +110,14 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--end-idle",), "end_idle", "BACKFILL_END_IDLE", 10.0,
         "with an end watermark already in the past: stop after this many seconds without a message",
         type=float),
+    Opt(("--protocol",), "protocol", "BACKFILL_JETSTREAM_PROTOCOL", "auto",
+        "Jetstream protocol: v2 replays the archive (any start date) then the live tail; v1 the live "
+        "window only; auto asks the first instance whether it speaks v2", choices=("auto", "v1", "v2")),
+    Opt(("--api-key",), "api_key", "BACKFILL_JETSTREAM_API_KEY", None,
+        "v2: bearer key for the archive endpoints of a hosted instance", type=parse_secret),
+    Opt(("--verify",), "verify", "BACKFILL_JETSTREAM_VERIFY", False,
+        "v2: check each segment's checksum and recompute each record's CID from its payload (a "
+        "mismatch is dead-lettered, never produced)", action="store_true"),
     *producer_options("jetstream", max_time=900.0),
 )
 
@@ -139,6 +155,11 @@ class JetstreamSettings:
     end_idle: float
     progress: str
     max_collections: int = DEFAULT_MAX_COLLECTIONS
+    protocol: str = "auto"
+    api_key: Secret | None = None
+    verify: bool = False
+    #: ``--cursor`` as given (v2 reads a value below 1e15 as a seq).
+    raw_cursor: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,6 +213,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         consumer=ns.consumer, transactions=ns.transactions, checkpoint_events=max(1, ns.checkpoint_events),
         checkpoint_interval=ns.checkpoint_interval, stall_timeout=ns.stall_timeout, end_idle=ns.end_idle,
         progress=ns.progress, max_collections=ns.max_collections,
+        protocol=ns.protocol, api_key=ns.api_key, verify=bool(ns.verify), raw_cursor=ns.cursor,
     )
 
 
@@ -290,6 +312,54 @@ def run(settings: JetstreamSettings, *, metrics: Metrics | None = None,
             server.stop()
 
 
+def archive_base(instance: str) -> str:
+    """The HTTP root of a v2 instance from its websocket URL (``wss://host/subscribe`` -> ``https://host``)."""
+    parts = urlsplit(instance_url(instance))
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "", "", ""))
+
+
+def v2_start(cursor: int | None, start_us: int | None) -> tuple[int | None, int | None]:
+    """``(start_after, start_time_us)`` of a v2 replay from ``--cursor`` and ``-s``/``--days``.
+
+    A ``--cursor`` below 1e15 is a seq (inclusive, as the server reads it: the replay starts after
+    ``cursor - 1``), at or above it unix microseconds of ``witnessed_at``, like a start time.
+    ``--days -1`` (cursor 1) is the beginning of the archive.
+    """
+    if cursor is not None and cursor < TIME_CURSOR_MIN:
+        return max(0, cursor - 1), None
+    if cursor is not None:
+        return None, cursor
+    return None, start_us
+
+
+def choose_protocol(settings: JetstreamSettings, *, timeout: float = 10.0) -> str:
+    """``v1`` or ``v2``: ``--protocol``, or for ``auto`` what the first instance answers.
+
+    ``auto`` asks ``listSegments`` of the first instance; an instance that does not know it (or
+    cannot be asked) is read as v1, which keeps the seeds' behaviour against v1 instances.
+    """
+    if settings.protocol in ("v1", "v2"):
+        return settings.protocol
+    base = archive_base(settings.instances[0])
+
+    async def probe() -> bool:
+        client = ArchiveClient(base, api_key=settings.api_key.get() if settings.api_key else None,
+                               timeout=timeout, max_attempts=1)
+        try:
+            return await client.probe()
+        finally:
+            await client.aclose()
+
+    try:
+        v2 = asyncio.run(probe())
+    except Exception as e:  # noqa: BLE001 - auto: anything but a clear v2 answer means v1
+        log.info("protocol auto: %s did not answer as Jetstream v2 (%s); using v1", base, e)
+        return "v1"
+    log.info("protocol auto: %s speaks %s", base, "v2" if v2 else "v1")
+    return "v2" if v2 else "v1"
+
+
 def make_companion(settings: JetstreamSettings) -> Companion | None:
     """The consumer run alongside the producer (``--consumer``; None for ``none``), loaded by name from
     the ``atproto_backfill.companions`` entry points (``queue``: seed 000's queue consumer).
@@ -308,9 +378,10 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
          metrics: Metrics, health: Health, progress: Progress, date_changed: Callable[[str], None],
          print_table: bool) -> RunResult:
     codec = AvroCodec.from_config(kafka.registry_config())
+    protocol = choose_protocol(settings)
     filters = {"collections": settings.collections, "dids": len(dids), "instance": settings.instances[0],
-               "start_us": settings.start_us, "end_us": settings.end_us}
-    options = JobOptions(job=settings.job, source="jetstream", filters=filters,
+               "start_us": settings.start_us, "end_us": settings.end_us, "protocol": protocol}
+    options = JobOptions(job=settings.job, source="jetstream2" if protocol == "v2" else "jetstream", filters=filters,
                          num_records=settings.num_records, max_time=settings.max_time, resume=settings.resume,
                          start_cursor=settings.start_us, end_time_us=settings.end_us,
                          checkpoint_events=settings.checkpoint_events,
@@ -352,8 +423,24 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
         sources.append(source)
         return source
 
+    def make_replay(prev: JobState | None) -> ReplaySource:
+        base = archive_base(settings.instances[0])
+        start_after, start_time = v2_start(settings.raw_cursor, settings.start_us)
+        if prev is not None and start_after is None and start_time is None and prev.start_cursor is not None:
+            # a resume without --cursor/-s keeps the start the job was checkpointed with
+            start_after, start_time = v2_start(prev.start_cursor, None)
+        position = ReplayPosition.restore(prev.position if prev else None, base, start_after=start_after,
+                                          start_time_us=start_time)
+        ropts = ReplayOptions(instance=base, collections=settings.collections, dids=dids, end_us=settings.end_us,
+                              verify=settings.verify, job=settings.job,
+                              api_key=settings.api_key.get() if settings.api_key else None,
+                              compress=settings.compress, max_message_size=settings.max_message_size)
+        source = ReplaySource(ropts, position)
+        source.on_reconnect = lambda: metrics.reconnects.inc("jetstream2")
+        return source
+
     try:
-        final = asyncio.run(runner.run(make_source))
+        final = asyncio.run(runner.run(make_replay if protocol == "v2" else make_source))
     except BaseException:
         if companion is not None:
             companion.abort()

@@ -15,12 +15,14 @@ cannot tell the sources apart:
 * kind 6 (sync): a :class:`SyncMarker` (the DID's records older than it are replaced); the contract
   has no event for it yet, so it is returned for the caller to count or route.
 
-``cursor`` is the row's ``seq`` (local to the instance that served it); ``time_us`` is the row's
-``indexed_at``, or ``witnessed_at`` when that is 0. ``source`` is ``jetstream`` until the schemas get a
-``jetstream2`` symbol. Filters are exact (the server's plan may over-include): collections (exact or
-``prefix.*``, commits only: DID-level markers pass every collection filter), DIDs, kinds, and a seq
-window. A bad row becomes a :class:`~producers.source.Drop` with a reason from
-:data:`runtime.errors.DROP_REASONS`; it never stops the block. No sockets, no clock, no Kafka.
+``source`` is ``jetstream2`` (:attr:`runtime.contract.records.Source.JETSTREAM2`); ``cursor`` is the
+row's ``seq`` (local to the instance that served it); ``time_us`` is the row's ``indexed_at``, or
+``witnessed_at`` when that is 0. The event also carries both row times as they are: ``witnessed_at``,
+and ``indexed_at`` (None when the row's is 0, unknown). Filters are exact (the server's plan may
+over-include): collections (exact or ``prefix.*``, commits only: DID-level markers pass every
+collection filter), DIDs, kinds, and a seq window. A bad row becomes a
+:class:`~producers.source.Drop` with a reason from :data:`runtime.errors.DROP_REASONS`; it never stops
+the block. No sockets, no clock, no Kafka.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ __all__ = [
     "iter_block_chunks",
 ]
 
-#: ``source`` of the events (the Avro ``Source`` enum has no ``jetstream2`` symbol yet).
-SOURCE: Final = Source.JETSTREAM.value
+#: ``source`` of the events.
+SOURCE: Final = Source.JETSTREAM2.value
 #: ``Drop.origin`` of dead letters from the archive.
 ORIGIN: Final = "jetstream2"
 #: A record payload past this many bytes is dropped (``oversize``), as a repository's records are.
@@ -235,6 +237,8 @@ def _marker(row: Row, time_us: int, job: str) -> Item:
     event.source = SOURCE
     event.cursor = row.seq
     event.time_us = time_us
+    event.witnessed_at = row.witnessed_at
+    event.indexed_at = row.indexed_at or None
     return event
 
 
@@ -261,14 +265,16 @@ def decode_row(row: Row, *, job: str = "", verify_cid: bool = False, max_depth: 
         raise DropError("invalid_record", f"row {seq}: commit without an rkey")
     rev = row.rev or None
     if kind == KIND_DELETE:
-        return RecordEvent(did, collection, rkey, op, rev, None, None, SOURCE, seq, time_us, job)
+        return RecordEvent(did, collection, rkey, op, rev, None, None, SOURCE, seq, time_us, job,
+                           witnessed_at=row.witnessed_at, indexed_at=row.indexed_at or None)
     payload = row.payload
     if not payload:
         raise DropError("missing_block", f"row {seq}: {op} of {collection}/{rkey} without a record")
     if len(payload) > max_record_bytes:
         raise DropError("oversize", f"row {seq}: record of {len(payload)} bytes (cap {max_record_bytes})")
     cid, record, text = _record(payload, max_depth, verify_cid)
-    return RecordEvent(did, collection, rkey, op, rev, cid, record, SOURCE, seq, time_us, job, text)
+    return RecordEvent(did, collection, rkey, op, rev, cid, record, SOURCE, seq, time_us, job, text,
+                       row.witnessed_at, row.indexed_at or None)
 
 
 def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, verify_cid: bool = False,
@@ -318,7 +324,8 @@ def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, veri
             formed = record_form(payload, prefix + sha256(payload).digest(), max_depth)
             if formed.__class__ is tuple:
                 cid, record, text = formed
-                append(RecordEvent(did, collection, rkey, op, rev or None, cid, record, source, seq, t, job, text))
+                append(RecordEvent(did, collection, rkey, op, rev or None, cid, record, source, seq, t, job, text,
+                                   witnessed, indexed or None))
                 continue
         try:
             append(decode_row(Row(seq, witnessed, indexed, kind, collection, did, rkey, rev, payload), job=job,

@@ -57,7 +57,7 @@ MAX_URL_DIDS: Final = 50
 
 
 def instance_url(instance: str) -> str:
-    """A websocket URL for an instance name (``jetstream1.us-east``), host, or ws(s):// URL.
+    """A websocket URL for an instance name (``jetstream1.us-east``), host, or ws(s):// or http(s):// URL.
 
     Raises:
         ConfigError: not a usable instance.
@@ -65,12 +65,14 @@ def instance_url(instance: str) -> str:
     inst = instance.strip()
     if not inst:
         raise ConfigError("empty Jetstream instance")
+    if inst.startswith(("http://", "https://")):
+        inst = "ws" + inst[4:]  # a v2 instance is often named by its HTTP root
     if inst.startswith(("ws://", "wss://")):
         parts = urlsplit(inst)
         path = parts.path if parts.path not in ("", "/") else "/subscribe"
         return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
     if "://" in inst:
-        raise ConfigError(f"Jetstream instance must be a name or a ws(s):// URL, not {instance!r}")
+        raise ConfigError(f"Jetstream instance must be a name or a ws(s):// or http(s):// URL, not {instance!r}")
     host = f"{inst}.bsky.network" if _SHORT_NAME.fullmatch(inst) else inst
     return f"wss://{host}/subscribe"
 

@@ -9,6 +9,7 @@ in ``pyproject.toml``; this module only dispatches. Exit codes: 0 done, 1 fatal
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``backfill`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    if not faulthandler.is_enabled():
+        # A crash in native code (librdkafka, zstd, SQLite, the C extensions) prints every thread's
+        # Python stack to stderr before the process dies, instead of only an exit status of -11.
+        faulthandler.enable(all_threads=True)
     parser = build_parser()
     args = list(sys.argv[1:] if argv is None else argv)
     try:

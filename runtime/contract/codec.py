@@ -10,9 +10,18 @@ anything the compiled decoder refuses, so corrupt bytes still raise fastavro's e
   Avro binary; schemas are registered under ``<topic>-value`` (TopicNameStrategy).
 * Without: Avro single-object encoding (Avro specification), ``0xC3 0x01`` + 8-byte little-endian
   CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form + Avro binary, resolved against
-  the schemas shipped in ``schemas/``.
+  the schemas shipped in ``schemas/``, or against an earlier version of one (below).
 
 A decoder reads both, whatever the codec was configured with.
+
+Schema changes are compatible ones (fields added with defaults, ``Source`` symbols added at the end;
+the ``Source`` enum has a default, ``jetstream``, so a reader that does not know a symbol added later
+reads it as that). A registry-framed value names its writer schema, which is resolved against the
+shipped one. A single-object value names it by fingerprint only: so the codec also knows the
+fingerprints of the shipped schemas' earlier versions (:data:`CHANGES`), and a value written before
+a change (a backlog still in a topic when consumers are upgraded) reads as the current schema with
+the added fields at their defaults. The other way round (a consumer older than its producers) needs
+a registry: an old consumer does not know a newer fingerprint. Upgrade consumers first.
 """
 
 from __future__ import annotations
@@ -32,11 +41,75 @@ from runtime.contract.avroread import DECODE_ERRORS, Decoder, compile_decoder
 from runtime.contract.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder
 from runtime.contract.records import Event, RecordEvent
 from runtime.contract.topics import schema_name_for, schema_name_for_collection
-from runtime.contract.typed import ENVELOPE, datum_for, record_datum, record_parts
+from runtime.contract.typed import ENVELOPE, ENVELOPE_HEAD, datum_for, record_datum, record_parts
 from runtime.errors import DecodeError
 
 SINGLE_OBJECT_MAGIC: Final = b"\xc3\x01"
 REGISTRY_MAGIC: Final = 0
+
+
+#: The compatible changes made to the shipped schemas since values were first written, oldest first:
+#: each one's added fields (record fields with defaults) and ``Source`` symbols. The Parsing Canonical
+#: Form, hence the fingerprint, ignores docs and defaults, so the versions before each change are the
+#: shipped schemas without what the changes since added (the tests check them against the released
+#: baseline). Append a change here when it adds to a schema.
+CHANGES: Final[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
+    # Jetstream v2: its source and its two envelope times
+    (("witnessed_at", "indexed_at"), ("jetstream2",)),
+)
+
+
+@dataclass(frozen=True)
+class EarlierSchema:
+    """An earlier version of a shipped schema, values of which may still be in a topic."""
+
+    parsed: Any
+    fingerprint: bytes
+    #: Reads a value written with it as the current schema does (the added fields at their defaults).
+    decoder: Decoder | None = None
+
+
+def earlier_versions(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """The earlier versions of the schema ``raw`` (parsed JSON), newest first, each one before one of
+    :data:`CHANGES` (the changes that did not touch it are left out)."""
+    out: list[dict[str, Any]] = []
+    current = raw
+    for fields, symbols in reversed(CHANGES):
+        older = json.loads(json.dumps(current))
+        older["fields"] = [f for f in older.get("fields", ()) if f["name"] not in fields]
+        for f in older["fields"]:
+            ftype = f["type"]
+            if isinstance(ftype, dict) and ftype.get("type") == "enum" and ftype.get("name") == "Source":
+                ftype["symbols"] = [s for s in ftype["symbols"] if s not in symbols]
+        if older != current:
+            out.append(older)
+            current = older
+    return out
+
+
+def _fingerprint(parsed: Any) -> tuple[str, bytes]:
+    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
+    return canonical, bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+
+
+def _resolving(decoder: Decoder | None, reader: Any, writer: Any) -> Decoder | None:
+    """``decoder`` (of ``writer``'s values) completed with the defaults of ``reader``'s fields that
+    ``writer`` lacks: schema resolution, for a writer that is the reader less fields with defaults
+    (and less enum symbols, which its values cannot hold)."""
+    if decoder is None:
+        return None
+    have = {f["name"] for f in writer["fields"]}
+    defaults = {f["name"]: f["default"] for f in reader["fields"] if f["name"] not in have}
+    if any(isinstance(v, (dict, list)) for v in defaults.values()):
+        return None  # a mutable default would be shared between datums: fastavro resolves those
+    inner = decoder
+
+    def decode(data: bytes) -> dict[str, Any]:
+        datum = inner(data)
+        datum.update(defaults)
+        return datum
+
+    return decode
 
 
 @dataclass(frozen=True)
@@ -53,6 +126,8 @@ class ShippedSchema:
     #: For a record-event schema: the encoder taking the event, its record's JSON and its typed
     #: values (:func:`runtime.contract.typed.record_parts`) without a datum dict.
     parts_encoder: PartsEncoder | None = None
+    #: Its earlier versions (:data:`CHANGES`), newest first: single-object values name them too.
+    earlier: tuple[EarlierSchema, ...] = ()
 
 
 def _load_shipped() -> dict[str, ShippedSchema]:
@@ -60,20 +135,25 @@ def _load_shipped() -> dict[str, ShippedSchema]:
     for name in schemas.names():
         raw = schemas.load(name)
         parsed = fastavro.parse_schema(raw)
-        canonical = fastavro.schema.to_parsing_canonical_form(parsed)
-        fp = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
+        canonical, fp = _fingerprint(parsed)
         full = f"{raw.get('namespace')}.{raw['name']}" if raw.get("namespace") else raw["name"]
+        earlier = []
+        for old_raw in earlier_versions(raw):
+            old = fastavro.parse_schema(old_raw)
+            earlier.append(EarlierSchema(old, _fingerprint(old)[1],
+                                         _resolving(compile_decoder(old), parsed, old)))
         out[name] = ShippedSchema(name=name, full_name=full, parsed=parsed, fingerprint=fp,
                                   canonical=canonical, encoder=compile_encoder(parsed),
                                   decoder=compile_decoder(parsed),
                                   parts_encoder=compile_parts_encoder(parsed, ENVELOPE, "record_json")
-                                  if _is_record_event_schema(parsed) else None)
+                                  if _is_record_event_schema(parsed) else None,
+                                  earlier=tuple(earlier))
     return out
 
 
 def _is_record_event_schema(parsed: Any) -> bool:
     names = [f["name"] for f in parsed.get("fields", ())] if isinstance(parsed, dict) else []
-    return names[:len(ENVELOPE) + 1] == [*ENVELOPE, "record_json"]
+    return names[:len(ENVELOPE_HEAD) + 1] == [*ENVELOPE_HEAD, "record_json"] and set(ENVELOPE) <= set(names)
 
 
 _SHIPPED: dict[str, ShippedSchema] | None = None
@@ -103,7 +183,12 @@ class AvroCodec:
     def __init__(self, registry: Any | None = None) -> None:
         self._registry = registry
         self._shipped = shipped()
-        self._by_fp = {s.fingerprint: s for s in self._shipped.values()}
+        #: fingerprint -> (the shipped schema, the writer schema, its compiled decoder)
+        self._by_fp: dict[bytes, tuple[ShippedSchema, Any, Decoder | None]] = {}
+        for s in self._shipped.values():
+            for e in s.earlier:
+                self._by_fp.setdefault(e.fingerprint, (s, e.parsed, e.decoder))
+        self._by_fp.update({s.fingerprint: (s, s.parsed, s.decoder) for s in self._shipped.values()})
         self._by_full = {s.full_name: s for s in self._shipped.values()}
         self._headers: dict[tuple[str, str], bytes] = {}
         self._encoders: dict[tuple[str, str], Callable[[dict[str, Any]], bytes]] = {}
@@ -225,10 +310,11 @@ class AvroCodec:
         if value is None or len(value) < 5:
             raise DecodeError("decode_avro", "value too short or null")
         if value[:2] == SINGLE_OBJECT_MAGIC:
-            s = self._by_fp.get(bytes(value[2:10]))
-            if s is None:
+            hit = self._by_fp.get(bytes(value[2:10]))
+            if hit is None:
                 raise DecodeError("decode_avro", f"unknown schema fingerprint {value[2:10].hex()}")
-            return s.name, _read(bytes(value[10:]), s.parsed, s.parsed, s.decoder)
+            s, writer, decoder = hit
+            return s.name, _read(bytes(value[10:]), writer, s.parsed, decoder)
         if value[0] == REGISTRY_MAGIC:
             s, writer, same = self._registry_schema(int.from_bytes(value[1:5], "big"))
             return s.name, _read(bytes(value[5:]), writer, s.parsed, s.decoder if same else None)

@@ -23,6 +23,14 @@ order, through any replica. So no sink orders effects by arrival, and none compa
    getRepo snapshot row (a snapshot taken after a reversal shows the repository as it is now, even
    when its head commit is older than the takedown).
 
+No rule compares ``cursor``: it is each source's own resume position (a Jetstream instance's clock,
+a relay ``seq``, a repository job's ordinal) and, for Jetstream v2 (``jetstream2``), the serving
+instance's own ``seq``, not a time at all. Nor do they read Jetstream v2's ``witnessed_at`` (the
+instance's receive clock) or ``indexed_at`` (an imported time, possibly old and out of order). A
+``jetstream2`` event follows the rules as a Jetstream one: its commits' as-of time is their rev's,
+its status changes' the relay's ``time``; only where those fall back to ``time_us`` does the v2 row's
+time count (its ``indexed_at``, else ``witnessed_at``).
+
 Rules 1 and 3 are joins of per-key maxima (newest rev per record, newest removal per DID), so the
 final state is the same for every interleaving and any partition-to-replica assignment. The one
 assumption is that the PDS clock (TIDs), the relay clock (``time``) and the snapshot fetcher's clock

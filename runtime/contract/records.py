@@ -26,6 +26,9 @@ class Source(StrEnum):
     JETSTREAM = "jetstream"
     FIREHOSE = "firehose"
     REPO = "repo"
+    #: Jetstream v2 archive replay (and live v2): the same events as ``jetstream``, whose ``cursor``
+    #: is the serving instance's own ``seq`` (not a time), with ``witnessed_at``/``indexed_at`` set.
+    JETSTREAM2 = "jetstream2"
 
 
 @dataclass(slots=True)
@@ -33,8 +36,11 @@ class RecordEvent:
     """A create, update or delete of ``at://did/collection/rkey``.
 
     ``cursor`` is the source's own resume position (Jetstream ``time_us``, relay ``seq``, or the
-    DID's ordinal in a repo job); ``time_us`` is the event time on the source's clock. ``record`` is
-    None exactly for deletes.
+    DID's ordinal in a repo job, the instance's ``seq`` for Jetstream v2); ``time_us`` is the event
+    time on the source's clock. ``record`` is None exactly for deletes. ``witnessed_at`` and
+    ``indexed_at`` (unix microseconds) are set by Jetstream v2 only: when the serving instance first
+    saw the event, and the event's original indexed time as imported (may be old and out of order;
+    None when unknown).
     """
 
     did: str
@@ -51,6 +57,8 @@ class RecordEvent:
     #: ``record`` already serialised exactly as ``orjson.dumps`` would (the repository decoder's
     #: native path writes it while decoding); None when not known. Never differs from ``record``.
     record_json: bytes | None = field(default=None, repr=False, compare=False)
+    witnessed_at: int | None = None
+    indexed_at: int | None = None
 
     @property
     def uri(self) -> str:
@@ -70,6 +78,9 @@ class IdentityEvent:
     cursor: int
     time_us: int
     job: str = ""
+    #: Jetstream v2 only (see :class:`RecordEvent`); None for other sources.
+    witnessed_at: int | None = None
+    indexed_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +96,9 @@ class AccountEvent:
     cursor: int
     time_us: int
     job: str = ""
+    #: Jetstream v2 only (see :class:`RecordEvent`); None for other sources.
+    witnessed_at: int | None = None
+    indexed_at: int | None = None
 
 
 Event = RecordEvent | IdentityEvent | AccountEvent
@@ -115,6 +129,8 @@ def to_jetstream_json(event: Event) -> dict[str, Any]:
 
 
 _JETSTREAM = Source.JETSTREAM.value
+#: The sources whose events are Jetstream's: keyed without their (per-instance) clock.
+JETSTREAM_SOURCES: frozenset[str] = frozenset({_JETSTREAM, Source.JETSTREAM2.value})
 
 
 def event_key(event: Event) -> str:
@@ -128,16 +144,27 @@ def event_key(event: Event) -> str:
     (no ``rev``, no ``seq``) falls back to its ``time_us``. The relay's and the repositories' events
     keep ``time_us`` in their key: it is the relay's frame time (or the repository's), the same on
     every replay.
+
+    Jetstream v2 (``jetstream2``) serves the same events as v1, so its clock-free keys are v1's, with
+    the ``jetstream`` prefix: a v2 instance is one more instance serving the same event, and a
+    replay from a v2 archive overlapping a v1 (or another v2) job's window is the same set of
+    events, de-duplicated. Rows re-archived, or repeated by a resync, key the same too. Its
+    ``cursor`` (the instance's own ``seq``), ``witnessed_at`` and ``indexed_at`` stay out of the key:
+    another instance numbers and witnesses the same event differently. Its fallback keys (no
+    ``rev`` or ``seq``) include ``time_us``, which is on Jetstream v2's clock (the row's
+    ``indexed_at``, else ``witnessed_at``), not v1's: they keep the ``jetstream2`` prefix. The keys of
+    v1 events are unchanged (checkpoints and queue de-duplication state hold them).
     """
+    jetstream = event.source in JETSTREAM_SOURCES
     if isinstance(event, RecordEvent):
-        if event.source == _JETSTREAM:
+        if jetstream:
             if event.rev:
                 return f"{_JETSTREAM}|{event.did}|{event.collection}|{event.rkey}|{event.rev}"
-            return (f"{_JETSTREAM}|{event.did}|{event.collection}|{event.rkey}|{event.operation}||"
+            return (f"{event.source}|{event.did}|{event.collection}|{event.rkey}|{event.operation}||"
                     f"{event.cid or ''}|{event.time_us}")
         return (f"{event.source}|{event.did}|{event.collection}|{event.rkey}|{event.operation}|"
                 f"{event.rev or ''}|{event.cid or ''}|{event.time_us}")
     kind = "identity" if isinstance(event, IdentityEvent) else "account"
-    if event.source == _JETSTREAM and event.seq is not None:
+    if jetstream and event.seq is not None:
         return f"{_JETSTREAM}|{event.did}|{kind}|{event.seq}"
     return f"{event.source}|{event.did}|{kind}|{event.seq}|{event.time_us}"

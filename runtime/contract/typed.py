@@ -234,8 +234,14 @@ TYPED: Final[dict[str, Typed]] = {
                                       "pinned_post_uri", "labels"), _profile),
 }
 
+#: The envelope fields every record schema begins with, in schema order (``record_json`` follows them).
+ENVELOPE_HEAD: Final = ("did", "collection", "rkey", "operation", "rev", "cid", "source", "cursor", "time_us",
+                        "job")
+#: The envelope fields every event schema (record, identity, account) ends with, after its own: the
+#: Jetstream v2 times, None for other sources.
+ENVELOPE_TAIL: Final = ("witnessed_at", "indexed_at")
 #: The envelope fields every record schema has, in schema order: attributes of a RecordEvent.
-ENVELOPE: Final = ("did", "collection", "rkey", "operation", "rev", "cid", "source", "cursor", "time_us", "job")
+ENVELOPE: Final = (*ENVELOPE_HEAD, *ENVELOPE_TAIL)
 _NO_VALUES: Final[tuple[Any, ...]] = ()
 
 
@@ -291,20 +297,23 @@ def record_datum(event: RecordEvent, record_json: str | None = None) -> Datum:
     typed = TYPED.get(event.collection)
     if typed is not None:
         datum.update(zip(typed.names, values, strict=True))
+    datum["witnessed_at"] = event.witnessed_at
+    datum["indexed_at"] = event.indexed_at
     return datum
 
 
 def identity_datum(event: IdentityEvent) -> Datum:
     """The Avro datum of an identity event."""
     return {"did": event.did, "source": event.source, "cursor": event.cursor, "time_us": event.time_us,
-            "job": event.job, "seq": event.seq, "time": event.time, "handle": event.handle}
+            "job": event.job, "seq": event.seq, "time": event.time, "handle": event.handle,
+            "witnessed_at": event.witnessed_at, "indexed_at": event.indexed_at}
 
 
 def account_datum(event: AccountEvent) -> Datum:
     """The Avro datum of an account event."""
     return {"did": event.did, "source": event.source, "cursor": event.cursor, "time_us": event.time_us,
             "job": event.job, "seq": event.seq, "time": event.time, "active": event.active,
-            "status": event.status}
+            "status": event.status, "witnessed_at": event.witnessed_at, "indexed_at": event.indexed_at}
 
 
 def datum_for(event: Event, record_json: str | None = None) -> Datum:
@@ -331,14 +340,18 @@ def event_from_datum(schema_name: str, datum: Datum) -> Event:
     time_us = datum["time_us"]
     if type(time_us) is not int or not MIN_TIME_US <= time_us <= MAX_TIME_US:
         raise InvalidRecordError(f"time_us {str(time_us)[:40]} is not a storable event time")
+    # absent when an earlier schema wrote the value and nothing resolved it against the shipped one
+    witnessed_at, indexed_at = datum.get("witnessed_at"), datum.get("indexed_at")
     if schema_name == "identity":
         return IdentityEvent(did=datum["did"], handle=datum.get("handle"), seq=datum.get("seq"),
                              time=datum.get("time"), source=datum["source"], cursor=datum["cursor"],
-                             time_us=datum["time_us"], job=datum.get("job", ""))
+                             time_us=datum["time_us"], job=datum.get("job", ""), witnessed_at=witnessed_at,
+                             indexed_at=indexed_at)
     if schema_name == "account":
         return AccountEvent(did=datum["did"], active=datum["active"], status=datum.get("status"),
                             seq=datum.get("seq"), time=datum.get("time"), source=datum["source"],
-                            cursor=datum["cursor"], time_us=datum["time_us"], job=datum.get("job", ""))
+                            cursor=datum["cursor"], time_us=datum["time_us"], job=datum.get("job", ""),
+                            witnessed_at=witnessed_at, indexed_at=indexed_at)
     raw = datum.get("record_json")
     try:
         record = orjson.loads(raw) if raw is not None else None
@@ -347,4 +360,5 @@ def event_from_datum(schema_name: str, datum: Datum) -> Event:
     return RecordEvent(did=datum["did"], collection=datum["collection"], rkey=datum["rkey"],
                        operation=datum["operation"], rev=datum.get("rev"), cid=datum.get("cid"),
                        record=record, source=datum["source"], cursor=datum["cursor"],
-                       time_us=datum["time_us"], job=datum.get("job", ""))
+                       time_us=datum["time_us"], job=datum.get("job", ""), witnessed_at=witnessed_at,
+                       indexed_at=indexed_at)

@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 
 PREFIX: Final = "atproto_backfill"
 
-SOURCES: Final = ("jetstream", "firehose", "repo")
+SOURCES: Final = ("jetstream", "firehose", "repo", "jetstream2")
 #: Collection label values: the typed collections, identity/account, and "other" for the rest.
 COLLECTION_LABELS: Final = (*sorted(TYPED_COLLECTIONS), "identity", "account", "other")
 #: Why a well-formed event was not produced (filters and stop conditions; not errors).
 SKIP_REASONS: Final = (
     "collection_filter", "did_filter", "before_start", "after_end", "duplicate",
     "over_limit", "out_of_range_timestamp", "too_big", "unknown_type", "sync_frame",
+    # Jetstream v2: rows the exact client-side filter left out (collections, DIDs, kinds), rows at or
+    # below the resume seq, and #sync markers (no event in the contract yet)
+    "filtered", "before_cursor", "sync_marker",
 )
 #: Things a stream source tells us about the stream itself (relay firehose: info/error frames, gaps).
 STREAM_NOTICES: Final = (

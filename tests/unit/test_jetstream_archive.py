@@ -80,7 +80,8 @@ def test_golden_corpus_rows_become_events_with_the_listed_cids(path: str) -> Non
     assert {f"{e.collection}/{e.rkey}": e.cid for e in records} == CORPUS_RECORD_CIDS
     for i, e in enumerate(records, start=1):
         assert (e.cursor, e.time_us, e.operation, e.source, e.job) == (i, 1_750_000_000_000_000 + i, "create",
-                                                                       Source.JETSTREAM.value, "j")
+                                                                       Source.JETSTREAM2.value, "j")
+        assert e.time_us in (e.indexed_at, e.witnessed_at)
         assert e.record is not None and e.record["$type"] == e.collection
         if e.record_json is not None:
             assert orjson.loads(e.record_json) == e.record
@@ -116,15 +117,22 @@ def test_every_kind(path: str) -> None:
     assert isinstance(update, RecordEvent) and update.operation == "update"
     assert update.time_us == 1_700_000_000_000_000  # indexed_at wins over witnessed_at
     assert create.time_us == WITNESSED + 1
+    # both row times travel as they are; an indexed_at of 0 is unknown: None
+    assert (update.witnessed_at, update.indexed_at) == (WITNESSED + 2, 1_700_000_000_000_000)
+    assert (create.witnessed_at, create.indexed_at) == (WITNESSED + 1, None)
+    assert (delete.witnessed_at, delete.indexed_at) == (WITNESSED + 3, None)
+    assert all(e.source == Source.JETSTREAM2.value for e in (create, update, delete, resync, ident, acct))
     assert isinstance(delete, RecordEvent) and delete.operation == "delete"
     assert (delete.record, delete.cid, delete.rev) == (None, None, "3lrev")
     assert isinstance(resync, RecordEvent) and resync.operation == "create" and resync.record == LIKE
     assert isinstance(ident, IdentityEvent)
     assert (ident.did, ident.handle, ident.seq, ident.cursor, ident.time_us, ident.source, ident.job) == (
-        DID, "alice.test", 900, 5, WITNESSED + 5, Source.JETSTREAM.value, "j")
+        DID, "alice.test", 900, 5, WITNESSED + 5, Source.JETSTREAM2.value, "j")
+    assert (ident.witnessed_at, ident.indexed_at) == (WITNESSED + 5, None)
     assert ident.time == "2026-01-01T00:00:00.000Z"
     assert isinstance(acct, AccountEvent)
     assert (acct.active, acct.status, acct.seq, acct.cursor) == (False, "deleted", 901, 6)
+    assert (acct.witnessed_at, acct.indexed_at) == (WITNESSED + 6, None)
     assert sync == SyncMarker(DID, "3lnew", 902, "2026-01-01T00:00:02.000Z", 7, WITNESSED + 7, "j")
     assert [e.cursor for e in result.items] == list(range(1, 8))
 

@@ -59,6 +59,12 @@ def test_identities_are_the_checkpointed_fingerprints() -> None:
                             time_us=3),
               AccountEvent(did="did:plc:d", active=False, status="deleted", seq=12, time=None, source="firehose",
                            cursor=12, time_us=4)]
+    # Jetstream v2: clock-free keys shared with v1, fallback keys of its own (records.event_key)
+    events += [RecordEvent("did:plc:e", "app.bsky.feed.post", "3k", "create", "3rev", "c", {}, "jetstream2", 5, 6,
+                           witnessed_at=7, indexed_at=6),
+               RecordEvent("did:plc:e", "app.bsky.feed.post", "3k", "delete", None, None, None, "jetstream2", 5, 6),
+               IdentityEvent("did:plc:f", "h.test", 44, None, "jetstream2", 8, 9, witnessed_at=9),
+               AccountEvent("did:plc:f", True, None, None, None, "jetstream2", 8, 9, indexed_at=9)]
     for e in events:
         assert "|".join(map(str, _identity(e))) == event_key(e)
         assert _fingerprint_of(_identity(e)) == fingerprint(e)

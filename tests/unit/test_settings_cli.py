@@ -121,8 +121,11 @@ def test_instance_forms() -> None:
     assert instance_url("ws://127.0.0.1:6008") == "ws://127.0.0.1:6008/subscribe"
     assert instance_url("wss://js.example.com/subscribe?x=1") == "wss://js.example.com/subscribe"
     assert instance_url("js.example.com") == "wss://js.example.com/subscribe"
+    # a v2 instance is often named by its HTTP root
+    assert instance_url("http://127.0.0.1:6008") == "ws://127.0.0.1:6008/subscribe"
+    assert instance_url("https://js.example.com") == "wss://js.example.com/subscribe"
     with pytest.raises(ConfigError):
-        instance_url("http://x")
+        instance_url("ftp://x")
 
 
 def test_collection_patterns() -> None:

@@ -1,0 +1,161 @@
+"""``backfill jetstream --protocol v2`` against the v2 simulator, on the real broker (issue 14's "Done
+means"): a start older than the live window, an end inside the live tail, one collection; exactly the
+matching rows of the archive and the tail, in per-DID seq order; a kill -9 in a transaction and
+``--resume`` lose and repeat nothing; PostgreSQL ends with exactly what the fold of those rows says."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
+from runtime.atproto.segment import Row
+from runtime.contract.records import RecordEvent, event_key
+from runtime.contract.timeparse import us_to_iso
+from runtime.contract.typed import event_from_datum
+from runtime.kafka.checkpoint import load_job
+from runtime.kafka.settings import KafkaSettings
+from runtime.simulator.jetstream2 import Jetstream2Simulator, build_simulator
+from tests.integration.eos import committed, event_topics, kill_in_transaction
+
+pytestmark = [pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+LIKE = "app.bsky.feed.like"
+EVENTS = 3000
+TAIL = 300
+RATE = 100.0  # rows per second of witnessed time in the generated history
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKFILL_", "KAFKA_", "JETSTREAM_"))}
+    return {**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def _args(sim: Jetstream2Simulator, kafka: KafkaSettings, job: str, start_us: int, end_us: int,
+          *extra: str) -> list[str]:
+    return [sys.executable, "-m", "producers.jetstream", "--protocol", "v2", "--instance", sim.url,
+            "-s", us_to_iso(start_us), "-e", us_to_iso(end_us), "-c", LIKE, "-n", "0", "-t", "120",
+            "--consumer", "none", "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix",
+            kafka.topic_prefix, "--topic-partitions", "3", "--job", job, "--progress", "none",
+            "--checkpoint-interval", "0.3", *extra]
+
+
+def _run(args: list[str], log: Path, timeout: float = 180) -> None:
+    with log.open("ab") as out:
+        proc = subprocess.run(args, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT,
+                              check=False)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+
+
+def _expected(rows: list[Row], job: str, start_us: int, end_us: int, tip: int) -> list[RecordEvent | object]:
+    """The events a replay of ``rows`` must produce, in seq order: the like commits and the DID-level
+    identity and account events witnessed at or after the start (sync markers have no event yet),
+    until the end: in the archive (seq <= ``tip``) the first row witnessed at or after it; in the
+    live tail, whose frames carry only the event time, the first wanted row timed at or after it."""
+    flt = RowFilter.of(collections=[LIKE])
+    out: list[RecordEvent | object] = []
+    for row in rows:
+        if row.witnessed_at < start_us:
+            continue
+        if row.seq <= tip and row.witnessed_at >= end_us:
+            break
+        if not flt.wants(row):
+            continue
+        item = decode_row(row, job=job)
+        if row.seq > tip and item.time_us >= end_us:
+            break
+        if not isinstance(item, SyncMarker):
+            out.append(item)
+    return out
+
+
+@pytest.fixture
+def sim() -> Iterator[Jetstream2Simulator]:
+    now = time.time()
+    s = build_simulator(seed=33, accounts=25, events=EVENTS, tail=TAIL, rows_per_segment=400, rows_per_block=50,
+                        start_us=int((now - (EVENTS + TAIL) / RATE) * 1e6), rate=RATE, live_rate=150.0,
+                        plan_page_size=2).start_in_thread()
+    yield s
+    s.stop_thread()
+
+
+def _committed_events(kafka: KafkaSettings) -> list[tuple[str, object]]:
+    return [(topic, event_from_datum(name, datum)) for topic, name, datum in committed(kafka, event_topics(kafka))]
+
+
+@pytest.mark.slow
+def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matches(
+        sim: Jetstream2Simulator, kafka: KafkaSettings, pg_url: str, tmp_path: Path) -> None:
+    rows = sim.rows
+    start_us = rows[500].witnessed_at  # deep in the sealed archive
+    end_us = int((time.time() + 6.0) * 1e6)  # inside the live tail, still to come
+    job = "v2-exact"
+    log = tmp_path / "producer.log"
+    args = _args(sim, kafka, job, start_us, end_us)
+
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=ROOT)
+    control = f"{kafka.topic_prefix}.control.jobs"
+
+    def checkpointed_live() -> bool:
+        # killed in the live tail, after the killed run checkpointed (so the resume continues it)
+        if sim.frames_sent < 100:
+            return False
+        state = load_job(kafka.consumer_config("v2-probe"), control, job)
+        return state is not None and state.checkpoint >= 2
+
+    try:
+        held = kill_in_transaction(proc, kafka, group=True, timeout=90, ready=checkpointed_live)
+        assert held, "the kill left no open transaction"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    killed = load_job(kafka.consumer_config("v2-reader"), control, job)
+    assert killed is not None and killed.status == "running" and killed.position["live"] is True
+    _run([*args, "--resume"], log)
+
+    want = _expected(list(sim.rows), job, start_us, end_us, sim.sealed_tip)
+    assert want and any(isinstance(e, RecordEvent) for e in want)
+    got = _committed_events(kafka)
+    got_keys = Counter(event_key(e) for _, e in got)  # type: ignore[arg-type]
+    assert got_keys == Counter(event_key(e) for e in want)  # type: ignore[arg-type]
+    assert all(c == 1 for c in got_keys.values())
+    assert all(getattr(e, "source", None) == "jetstream2" for _, e in got)
+
+    # per DID (the Kafka key), each topic partition holds the DID's rows in seq order
+    by_did: dict[tuple[str, str], list[int]] = {}
+    for topic, e in got:
+        by_did.setdefault((topic, e.did), []).append(e.cursor)  # type: ignore[attr-defined]
+    assert all(seqs == sorted(seqs) for seqs in by_did.values())
+
+    state = load_job(kafka.consumer_config("v2-reader"), control, job)
+    assert state is not None and state.status == "finished" and state.stop_reason == "end_cursor_reached"
+    assert state.position["protocol"] == "v2" and state.position["instance"] == sim.url
+    # the resume continued the killed run from its checkpoint
+    assert state.run == killed.run and state.checkpoint > killed.checkpoint
+    assert state.position["seq"] > killed.position["seq"]
+
+    # PostgreSQL: the likes table holds exactly the likes whose last row (by seq) is not a delete
+    cmd = [sys.executable, "-m", "runtime", "consume", "postgres", "--until-done", job, "--database-url", pg_url,
+           "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+    _run(cmd, tmp_path / "consumer.log")
+    last: dict[tuple[str, str], RecordEvent] = {}
+    for e in want:
+        if isinstance(e, RecordEvent):
+            last[(e.did, e.rkey)] = e
+    alive = {k for k, e in last.items() if e.operation != "delete"}
+    with psycopg.connect(pg_url) as conn:
+        table = {(r[0], r[1]) for r in conn.execute("SELECT did, rkey FROM public.likes")}
+    assert table == alive
