@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -28,6 +29,17 @@ import httpx
 from producers.companion import Companion, CompanionFactory
 from producers.identity.didlist import parse_dids, split_csv
 from producers.identity.handles import DEFAULT_RESOLVER, resolve_handles
+from producers.jetstream.parts import (
+    PLAN_KEY,
+    Part,
+    merged_offsets,
+    merged_statistics,
+    part_job,
+    plan_filters,
+    plan_of,
+    run_parts,
+    split,
+)
 from producers.jetstream.position import JetstreamPosition
 from producers.jetstream.replay import ReplayOptions, ReplaySource
 from producers.jetstream.replaypos import ReplayPosition
@@ -38,9 +50,10 @@ from producers.options import add_producer_arguments, api_namespace, check_produ
 from runtime.contract.codec import AvroCodec
 from runtime.contract.nsid import validate_pattern
 from runtime.contract.timeparse import timestamp_us
+from runtime.contract.topics import TopicMap
 from runtime.errors import ConfigError
 from runtime.kafka.broker import resolve_bootstrap
-from runtime.kafka.checkpoint import JobState
+from runtime.kafka.checkpoint import FINISHED, JobState, load_job
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.options import (
@@ -75,7 +88,8 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--start-timestamp", "-s"), "start_timestamp", "BACKFILL_START_TIMESTAMP", None,
         "start timestamp: YYYY-MM-DD, YYYY-MM-DD-HH:MM:SS (UTC) or ISO 8601"),
     Opt(("--end-timestamp", "-e"), "end_timestamp", "BACKFILL_END_TIMESTAMP", None,
-        "end watermark: keep events before it, stop once the stream passed it by the allowed lateness"),
+        "end watermark: keep events before it, stop once the stream passed it by the allowed lateness; "
+        "with v2 also a seq (a plain number below 1e15: rows up to it)"),
     Opt(("--days",), "days", "BACKFILL_DAYS", None,
         "start N days ago (-1 = as far back as the instance keeps, 0 = disabled)", type=int),
     Opt(("--cursor",), "cursor", "BACKFILL_CURSOR", None, "start cursor in raw unix microseconds", type=int),
@@ -115,6 +129,9 @@ JETSTREAM_OPTIONS: Final[tuple[Opt, ...]] = (
         "window only; auto asks the first instance whether it speaks v2", choices=("auto", "v1", "v2")),
     Opt(("--api-key",), "api_key", "BACKFILL_JETSTREAM_API_KEY", None,
         "v2: bearer key for the archive endpoints of a hosted instance", type=parse_secret),
+    Opt(("--workers",), "workers", "BACKFILL_JETSTREAM_WORKERS", 1,
+        "v2: replay the archive as this many seq ranges in parallel processes (jobs <job>.part<i>; per-DID "
+        "order holds within a range)", type=int),
     Opt(("--verify",), "verify", "BACKFILL_JETSTREAM_VERIFY", False,
         "v2: check each segment's checksum and recompute each record's CID from its payload (a "
         "mismatch is dead-lettered, never produced)", action="store_true"),
@@ -160,6 +177,9 @@ class JetstreamSettings:
     verify: bool = False
     #: ``--cursor`` as given (v2 reads a value below 1e15 as a seq).
     raw_cursor: int | None = None
+    #: ``-e`` given as a seq (v2 only).
+    end_seq: int | None = None
+    workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +201,22 @@ def start_cursor(cursor: int | None, start_timestamp: str | None, days: int | No
     return int(now() * 1e6) - days * DAY_US
 
 
+def end_point(value: str | None) -> tuple[int | None, int | None]:
+    """``(end_us, end_seq)`` from ``-e``: a timestamp, unix microseconds (digits >= 1e15), or a v2 seq
+    (digits below that).
+
+    Raises:
+        ConfigError: not a timestamp.
+    """
+    if not value:
+        return None, None
+    text = value.strip()
+    if text.isdigit():
+        n = int(text)
+        return (n, None) if n >= TIME_CURSOR_MIN else (None, n)
+    return timestamp_us(text), None
+
+
 def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
     """Validate parsed flags into settings (timestamps, DIDs, NSIDs) before anything connects.
 
@@ -188,7 +224,7 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         ConfigError: a malformed value.
     """
     collections = [validate_pattern(c) for c in (ns.wanted_collections or [])]
-    end_us = timestamp_us(ns.end_timestamp) if ns.end_timestamp else None
+    end_us, end_seq = end_point(ns.end_timestamp)
     start_us = start_cursor(ns.cursor, ns.start_timestamp, ns.days)
     if end_us is not None and start_us is not None and end_us <= start_us:
         raise ConfigError("--end-timestamp must be after the start")
@@ -200,6 +236,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         raise ConfigError("--allowed-lateness must be >= 0")
     if ns.failover_rewind < 0:
         raise ConfigError("--failover-rewind must be >= 0")
+    if ns.workers < 1:
+        raise ConfigError("--workers must be at least 1")
     return JetstreamSettings(
         kafka=KafkaSettings.from_namespace(ns), obs=ObservabilitySettings.from_namespace(ns),
         collections=collections, dids=parse_dids(ns.wanted_dids),
@@ -213,7 +251,8 @@ def settings_from_namespace(ns: argparse.Namespace) -> JetstreamSettings:
         consumer=ns.consumer, transactions=ns.transactions, checkpoint_events=max(1, ns.checkpoint_events),
         checkpoint_interval=ns.checkpoint_interval, stall_timeout=ns.stall_timeout, end_idle=ns.end_idle,
         progress=ns.progress, max_collections=ns.max_collections,
-        protocol=ns.protocol, api_key=ns.api_key, verify=bool(ns.verify), raw_cursor=ns.cursor,
+        protocol=ns.protocol, api_key=ns.api_key, verify=bool(ns.verify), raw_cursor=ns.cursor, end_seq=end_seq,
+        workers=ns.workers,
     )
 
 
@@ -379,8 +418,17 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
          print_table: bool) -> RunResult:
     codec = AvroCodec.from_config(kafka.registry_config())
     protocol = choose_protocol(settings)
+    if protocol == "v1" and settings.end_seq is not None:
+        raise ConfigError(f"-e {settings.end_seq} is a v2 seq; Jetstream v1 ends at a time (-e YYYY-MM-DD...)")
+    if protocol == "v1" and settings.workers > 1:
+        raise ConfigError("--workers needs Jetstream v2 (the archive); v1 is one live stream")
+    if protocol == "v2" and settings.workers > 1:
+        return _run_parts(settings, kafka, progress)
     filters = {"collections": settings.collections, "dids": len(dids), "instance": settings.instances[0],
                "start_us": settings.start_us, "end_us": settings.end_us, "protocol": protocol}
+    if settings.end_seq is not None:
+        filters["end_seq"] = settings.end_seq
+    filters.update({k: v for k, v in settings.extra.items() if k in (PLAN_KEY, "part")})
     options = JobOptions(job=settings.job, source="jetstream2" if protocol == "v2" else "jetstream", filters=filters,
                          num_records=settings.num_records, max_time=settings.max_time, resume=settings.resume,
                          start_cursor=settings.start_us, end_time_us=settings.end_us,
@@ -432,6 +480,7 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
         position = ReplayPosition.restore(prev.position if prev else None, base, start_after=start_after,
                                           start_time_us=start_time)
         ropts = ReplayOptions(instance=base, collections=settings.collections, dids=dids, end_us=settings.end_us,
+                              end_seq=settings.end_seq,
                               verify=settings.verify, job=settings.job,
                               api_key=settings.api_key.get() if settings.api_key else None,
                               compress=settings.compress, max_message_size=settings.max_message_size)
@@ -459,6 +508,56 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
         progress.close()
         print_statistics(stats, title=f"Backfill statistics (job {settings.job})")
     return RunResult(stats, final)
+
+
+def _plan(settings: JetstreamSettings, kafka: KafkaSettings) -> list[Part]:
+    """The parts of a ``--workers`` run: a resume's stored plan, else a new split of the archive."""
+    if settings.resume:
+        control = TopicMap(kafka.topic_prefix).control
+        previous = load_job(kafka.consumer_config("atproto-backfill-control-reader"), control,
+                            part_job(settings.job, 0), max_wait=kafka.control_timeout)
+        stored = plan_of(previous.filters) if previous is not None else None
+        if stored is not None:
+            log.info("job %s: resuming its %d parts", settings.job, len(stored))
+            return stored
+    base = archive_base(settings.instances[0])
+
+    async def listing() -> list[Part]:
+        async with ArchiveClient(base, api_key=settings.api_key.get() if settings.api_key else None) as client:
+            after, start_time = v2_start(settings.raw_cursor, settings.start_us)
+            if after is None:
+                after = (await client.seq_at(start_time)) - 1 if start_time is not None else 0
+            segments = [seg async for seg in client.iter_segments()]
+        return split(segments, after, settings.workers, end_us=settings.end_us, end_seq=settings.end_seq)
+
+    return asyncio.run(listing())
+
+
+def _run_parts(settings: JetstreamSettings, kafka: KafkaSettings, progress: Progress) -> RunResult:
+    """``--workers N``: the parts in parallel processes, the companion (if any) here."""
+    plan = _plan(settings, kafka)
+    companion = make_companion(settings)
+    if companion is not None:
+        companion.start(kafka, Metrics())
+    child = dataclasses.replace(settings, kafka=kafka)
+    try:
+        results = run_parts(child, plan)
+    except BaseException:
+        if companion is not None:
+            companion.abort()
+        raise
+    offsets = merged_offsets(results)
+    stats = merged_statistics(results)
+    if companion is not None:
+        companion.finish(offsets)
+        stats["records_stored"] = companion.stored
+        stats["queue_length"] = companion.queue_length()
+        companion.close()
+    progress.close()
+    print_statistics(stats, title=f"Backfill statistics (job {settings.job}, {len(plan)} parts)")
+    state = JobState(job=settings.job, source="jetstream2", status=FINISHED, filters={PLAN_KEY: plan_filters(plan)},
+                     offsets=offsets)
+    return RunResult(stats, state)
 
 
 def run_backfill_sync(

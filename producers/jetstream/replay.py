@@ -58,6 +58,7 @@ class ReplayOptions:
         collections, dids, kinds: the exact filter (empty: everything).
         end_us: stop at the first row witnessed at or after this time (None: no end; the live tail
             follows the history).
+        end_seq: stop after this seq (inclusive; rows above it are not delivered).
         live: follow the history with the live tail (when no ``end_us`` has been reached).
         verify: check each segment's checksum and recompute each record's CID from its payload.
         job: the job name carried by every event.
@@ -70,6 +71,7 @@ class ReplayOptions:
     dids: Sequence[str] = ()
     kinds: Sequence[str] = ()
     end_us: int | None = None
+    end_seq: int | None = None
     live: bool = True
     verify: bool = False
     job: str = ""
@@ -151,6 +153,9 @@ class ReplaySource:
             except _EndReachedError:
                 yield End("end_cursor_reached")
                 return
+            if self.opts.end_seq is not None and self._covered >= self.opts.end_seq:
+                yield End("end_cursor_reached")
+                return
             if not self.opts.live:
                 yield End("exhausted")
                 return
@@ -192,13 +197,16 @@ class ReplaySource:
         opts = self.opts
         page_after = self._covered
         tip: int | None = None
+        if opts.end_seq is not None and opts.end_seq <= page_after:
+            return
         while True:
-            page = await self.client.plan_snapshot(after_seq=page_after, before_seq=tip, kinds=opts.kinds,
-                                                   dids=opts.dids, collections=opts.collections)
+            page = await self.client.plan_snapshot(after_seq=page_after, before_seq=tip or opts.end_seq,
+                                                   kinds=opts.kinds, dids=opts.dids, collections=opts.collections)
             self.stats.pages += 1
             if tip is None:
-                tip = page.sealed_tip_seq
-                pos.sealed_tip = tip
+                pos.sealed_tip = page.sealed_tip_seq
+                # the plan stops at the sealed tip pinned now, or at the end seq when that comes first
+                tip = page.sealed_tip_seq if opts.end_seq is None else min(page.sealed_tip_seq, opts.end_seq)
             pos.page_after = page_after
             async for item in self._page(page, tip):
                 yield item
@@ -361,11 +369,16 @@ class ReplaySource:
         try:
             async for item in live.rows(self._covered):
                 if isinstance(item, (Drop, Skip, End)):
+                    past = getattr(item, "seq", -1)
+                    if opts.end_seq is not None and isinstance(item, Skip) and past > opts.end_seq:
+                        raise _EndReachedError  # a filtered row past the end seq: nothing wanted can follow
                     yield item
                     continue
                 seq, event = item.seq, item.item
                 if seq <= self._covered:
                     continue
+                if opts.end_seq is not None and seq > opts.end_seq:
+                    raise _EndReachedError
                 if opts.end_us is not None and _witnessed(event) >= opts.end_us:
                     raise _EndReachedError
                 self._covered = seq

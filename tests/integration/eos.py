@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from runtime.contract.codec import AvroCodec
 from runtime.contract.records import event_key
@@ -76,6 +76,23 @@ def committed_event_keys(kafka: KafkaSettings) -> Counter[str]:
     return Counter(event_key(event_from_datum(name, datum)) for _, name, datum in committed(kafka, event_topics(kafka)))
 
 
+def _watermark(consumer: Consumer, tp: TopicPartition, wait: float = 10.0) -> int:
+    """The high watermark ``consumer`` sees (the last stable offset for a read_committed one), asked
+    again while a topic created a moment ago has no leader known yet."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1])
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            retriable = isinstance(err, KafkaError) and err.code() in (
+                KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                KafkaError.UNKNOWN_TOPIC_OR_PART)
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def open_transaction(kafka: KafkaSettings, topics: Iterable[str] | None = None) -> list[tuple[str, int]]:
     """Partitions holding data of a transaction still in progress: last stable offset < high watermark."""
     names = prefix_topics(kafka)
@@ -87,8 +104,7 @@ def open_transaction(kafka: KafkaSettings, topics: Iterable[str] | None = None) 
         for t in wanted:
             for p in range(names[t]):
                 tp = TopicPartition(t, p)
-                _, lso = committed_view.get_watermark_offsets(tp, timeout=10, cached=False)
-                _, hw = raw_view.get_watermark_offsets(tp, timeout=10, cached=False)
+                lso, hw = _watermark(committed_view, tp), _watermark(raw_view, tp)
                 if lso < hw:
                     out.append((t, p))
     finally:

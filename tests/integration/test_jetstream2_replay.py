@@ -24,7 +24,7 @@ from runtime.contract.timeparse import us_to_iso
 from runtime.contract.typed import event_from_datum
 from runtime.kafka.checkpoint import load_job
 from runtime.kafka.settings import KafkaSettings
-from runtime.simulator.jetstream2 import Jetstream2Simulator, build_simulator
+from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
 from tests.integration.eos import committed, event_topics, kill_in_transaction
 
 pytestmark = [pytest.mark.integration]
@@ -159,3 +159,50 @@ def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matche
     with psycopg.connect(pg_url) as conn:
         table = {(r[0], r[1]) for r in conn.execute("SELECT did, rkey FROM public.likes")}
     assert table == alive
+
+
+@pytest.mark.slow
+def test_workers_replay_parts_in_parallel_and_a_kill_9_of_all_then_resume_is_exact(
+        kafka: KafkaSettings, tmp_path: Path) -> None:
+    """``--workers 2`` over an archive-only window ending at a seq: the parts run as their own jobs;
+    killing every process in a transaction and resuming commits every row exactly once."""
+    s = build_simulator(seed=44, accounts=30, events=12000, tail=0, rows_per_segment=1500, rows_per_block=200,
+                        start_us=1_760_000_000_000_000, rate=1000.0,
+                        faults=Faults(rate_limit_fraction=0.25, retry_after=1)).start_in_thread()
+    try:
+        end_seq = 11000
+        job = "v2-parts"
+        args = [sys.executable, "-m", "producers.jetstream", "--protocol", "v2", "--instance", s.url, "--cursor", "1",
+                "-e", str(end_seq), "-c", "app.bsky.*", "-n", "0", "-t", "120", "--consumer", "none",
+                "--workers", "2", "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix",
+                kafka.topic_prefix, "--topic-partitions", "3", "--job", job, "--progress", "none",
+                "--checkpoint-interval", "0.2"]
+        log = tmp_path / "parts.log"
+        with log.open("ab") as out:
+            proc = subprocess.Popen(args, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=ROOT)
+        try:
+            held = kill_in_transaction(proc, kafka, group=True, timeout=90)
+            assert held, "the kill left no open transaction"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+        _run([*args, "--resume"], log)
+        assert "2 parts" in log.read_text()
+
+        flt = RowFilter.of(collections=["app.bsky.*"])
+        want: Counter[str] = Counter()
+        for row in s.rows:
+            if row.seq <= end_seq and flt.wants(row):
+                item = decode_row(row, job=job)
+                if not isinstance(item, SyncMarker):
+                    want[event_key(item)] += 1
+        got = Counter(event_key(e) for _, e in _committed_events(kafka))  # type: ignore[arg-type]
+        assert got == want
+        control = f"{kafka.topic_prefix}.control.jobs"
+        states = [load_job(kafka.consumer_config("v2-parts-reader"), control, f"{job}.part{i}") for i in (0, 1)]
+        assert all(st is not None and st.status == "finished" for st in states)
+        assert states[0] is not None and states[0].filters["parts"] == states[1].filters["parts"]  # type: ignore[union-attr]
+    finally:
+        s.stop_thread()

@@ -161,3 +161,31 @@ def test_a_checkpoint_of_another_instance_restarts_from_its_time_not_its_seq() -
     assert other.after is None and other.start_time_us == 1_760_000_123_000_000
     fresh = ReplayPosition.restore({"protocol": "v1"}, "http://b", start_after=9)
     assert fresh.after == 9
+
+
+def test_an_end_seq_in_the_archive_ends_there_and_one_in_the_tail_ends_there_live(sim: Jetstream2Simulator) -> None:
+    source = _source(sim, ReplayPosition(sim.url, start_after=150), end_seq=522, live=True)
+    events, other = _collect(source)
+    assert events == _expected(sim, after=150, through=522)
+    assert isinstance(other[-1], End) and other[-1].reason == "end_cursor_reached"
+    assert source.stats.live_rows == 0
+
+    end = sim.sealed_tip + TAIL // 2
+    source = _source(sim, ReplayPosition(sim.url, start_after=800), end_seq=end, live=True)
+    events, other = _collect(source)
+    assert events == _expected(sim, after=800, through=end)
+    assert isinstance(other[-1], End) and other[-1].reason == "end_cursor_reached"
+    assert source.stats.live_rows > 0
+
+
+def test_end_points_from_the_command_line() -> None:
+    from producers.jetstream.app import end_point, v2_start
+
+    assert end_point(None) == (None, None)
+    assert end_point("4500") == (None, 4500)
+    assert end_point("1760000000000000") == (1_760_000_000_000_000, None)
+    assert end_point("2025-10-09")[0] == 1_759_968_000_000_000
+    assert v2_start(1, None) == (0, None)  # --days -1: the archive's beginning
+    assert v2_start(300, None) == (299, None)  # a seq cursor is inclusive
+    assert v2_start(1_760_000_000_000_000, None) == (None, 1_760_000_000_000_000)
+    assert v2_start(None, 1_700_000_000_000_000) == (None, 1_700_000_000_000_000)
