@@ -25,13 +25,14 @@ import asyncio
 import bisect
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from producers.jetstream.archive import ORIGIN, RowFilter, SyncMarker, iter_block_chunks
 from producers.jetstream.replaypos import ReplayPosition
-from producers.jetstream.v2client import ArchiveClient, PlanPage, PlanUnit
+from producers.jetstream.v2client import ArchiveClient, PlanPage, PlanUnit, SegmentChangedError
 from producers.jetstream.v2live import CursorTooOldError, LiveTail
 from producers.source import Drop, End, Skip, SourceItem
 from runtime.atproto.segment import Block, Segment, SegmentError, decode_block
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 PREFETCH: Final = 2
 #: Plan/replay cycles after a ``CursorTooOld`` that may end without delivering anything new.
 MAX_IDLE_REPLANS: Final = 3
+#: ``getBlock`` requests in flight ahead of the block being decoded (a blocks unit).
+BLOCKS_AHEAD: Final = 4
 #: Rows decoded per chunk (bounded live objects; see ``iter_block_chunks``).
 CHUNK_ROWS: Final = 512
 #: Bytes of a bad block kept in its dead letter.
@@ -220,58 +223,110 @@ class ReplaySource:
             page_after = through
 
     async def _page(self, page: PlanPage, tip: int) -> AsyncIterator[SourceItem]:
+        """The page's units in plan order. Whole segments are fetched :data:`PREFETCH` units ahead (a
+        large one into a temporary file, mapped: the heap holds one block's rows at a time); a blocks
+        unit fetches its blocks just ahead of their decoding."""
         units = [u for u in page.units if u.max_seq > self._covered]
-        tasks: list[asyncio.Task[list[tuple[int, Block | Drop]]]] = []
+        # a finished unit's task is dropped (None): the segment it holds is freed (or unmapped) then
+        tasks: list[asyncio.Task[Segment | Drop | None] | None] = []
         try:
             for i in range(min(PREFETCH + 1, len(units))):
-                tasks.append(asyncio.ensure_future(self._fetch(units[i])))
+                tasks.append(asyncio.ensure_future(self._prepare(units[i])))
             for i, unit in enumerate(units):
-                blocks = await tasks[i]
+                task = tasks[i]
+                assert task is not None
+                prepared = await task
+                tasks[i] = None
                 nxt = i + PREFETCH + 1
                 if nxt < len(units):
-                    tasks.append(asyncio.ensure_future(self._fetch(units[nxt])))
+                    tasks.append(asyncio.ensure_future(self._prepare(units[nxt])))
                 self.stats.units += 1
-                for item in self._decode_unit(unit, blocks, tip):
-                    if isinstance(item, End):
-                        raise _EndReachedError
-                    yield item
-                await asyncio.sleep(0)  # let the prefetches and the job's ticker run
+                blocks = self._segment_blocks(unit, prepared) if prepared is not None else self._unit_blocks(unit)
+                async for block in blocks:
+                    if isinstance(block, Drop):
+                        yield block
+                        continue
+                    self.stats.blocks += 1
+                    for item in self._decode_block(block, tip):
+                        if isinstance(item, End):
+                            raise _EndReachedError
+                        yield item
+                    await asyncio.sleep(0)  # let the fetches and the job's ticker run
         finally:
-            for t in tasks:
+            pending = [t for t in tasks if t is not None]
+            for t in pending:
                 if not t.done():
                     t.cancel()
-            for t in tasks:
+            for t in pending:
                 with contextlib.suppress(BaseException):
                     await t
 
-    async def _fetch(self, unit: PlanUnit) -> list[tuple[int, Block | Drop]]:
-        """The unit's blocks, decoded (a bad block, fetched twice, becomes a drop)."""
-        out: list[tuple[int, Block | Drop]] = []
-        if unit.mode == "segment":
-            fetched = await self.client.get_segment(unit.name, unit.checksum)
+    async def _prepare(self, unit: PlanUnit) -> Segment | Drop | None:
+        """A whole segment unit fetched (or the drop it became); None for a blocks unit."""
+        if unit.mode != "segment":
+            return None
+        return await self._whole(unit)
+
+    async def _whole(self, unit: PlanUnit) -> Segment | Drop:
+        fetched = await self.client.get_segment(unit.name, unit.checksum)
+        try:
+            seg = Segment(fetched.data)
+            if self.opts.verify:
+                seg.verify_checksum()
+        except SegmentError as e:
+            head = bytes(fetched.data[:DEAD_LETTER_BYTES])
+            return Drop("malformed_frame", f"segment {unit.name}: {e}", head, ORIGIN, None, unit.min_seq)
+        return seg
+
+    async def _segment_blocks(self, unit: PlanUnit, seg: Segment | Drop) -> AsyncIterator[Block | Drop]:
+        """The blocks of a whole segment not yet covered, decoded one at a time."""
+        if isinstance(seg, Drop):
+            yield seg
+            return
+        for info in seg.blocks:
+            if info.count and info.max_seq <= self._covered:
+                continue
             try:
-                seg = Segment(fetched.data)
-                if self.opts.verify:
-                    seg.verify_checksum()
+                block: Block | Drop = seg.block(info.index)
             except SegmentError as e:
-                head = bytes(fetched.data[:DEAD_LETTER_BYTES])
-                return [(-1, Drop("malformed_frame", f"segment {unit.name}: {e}", head, ORIGIN, None, unit.min_seq))]
-            for info in seg.blocks:
-                if info.max_seq <= self._covered and info.count:
-                    continue
+                block = await self._refetch(unit, info.index, e)
+            yield block
+
+    async def _unit_blocks(self, unit: PlanUnit) -> AsyncIterator[Block | Drop]:
+        """A blocks unit's blocks by ``getBlock``, :data:`BLOCKS_AHEAD` requests ahead of the decoding.
+
+        When the segment was rewritten since the plan (its block numbers no longer apply), the whole
+        new version is read instead: rows already covered are skipped by seq, so nothing repeats.
+        """
+        indices = [i for first, last in unit.blocks for i in range(first, last + 1)]
+        ahead: deque[tuple[int, asyncio.Task[bytes]]] = deque()
+        pos = 0
+        try:
+            while pos < len(indices) or ahead:
+                while pos < len(indices) and len(ahead) < BLOCKS_AHEAD:
+                    index = indices[pos]
+                    ahead.append((index, asyncio.ensure_future(
+                        self.client.get_block(unit.name, index, expected_checksum=unit.checksum))))
+                    pos += 1
+                index, task = ahead.popleft()
                 try:
-                    out.append((info.index, seg.block(info.index)))
-                except SegmentError as e:
-                    out.append((info.index, await self._refetch(unit, info.index, e)))
-            return out
-        for first, last in unit.blocks:
-            for index in range(first, last + 1):
-                frame = await self.client.get_block(unit.name, index)
+                    frame = await task
+                except SegmentChangedError as e:
+                    log.info("%s: %s; reading its new version whole", unit.name, e)
+                    async for whole in self._segment_blocks(unit, await self._whole(unit)):
+                        yield whole
+                    return
                 try:
-                    out.append((index, decode_block(frame)))
+                    block: Block | Drop = decode_block(frame)
                 except SegmentError as e:
-                    out.append((index, await self._refetch(unit, index, e, frame)))
-        return out
+                    block = await self._refetch(unit, index, e, frame)
+                yield block
+        finally:
+            for _, task in ahead:
+                task.cancel()
+            for _, task in ahead:
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def _refetch(self, unit: PlanUnit, index: int, first_error: SegmentError,
                        frame: bytes | None = None) -> Block | Drop:
@@ -284,15 +339,6 @@ class ReplaySource:
             self.stats.bad_blocks += 1
             detail = f"segment {unit.name} block {index}: {first_error}; fetched again: {e}"
             return Drop("malformed_frame", detail, bytes(frame or b"")[:DEAD_LETTER_BYTES], ORIGIN, None, unit.min_seq)
-
-    def _decode_unit(self, unit: PlanUnit, blocks: list[tuple[int, Block | Drop]], tip: int) -> Iterator[SourceItem]:
-        """The unit's wanted rows in seq order, ending with :class:`End` when ``end_us`` is reached."""
-        for _index, block in blocks:
-            if isinstance(block, Drop):
-                yield block
-                continue
-            self.stats.blocks += 1
-            yield from self._decode_block(block, tip)
 
     def _decode_block(self, block: Block, tip: int) -> Iterator[SourceItem]:
         n = len(block)

@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import mmap
 import random
 import re
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import orjson
 
-from runtime.atproto.segment import SegmentError
+from runtime.atproto.segment import SegmentError, zstd_dictionary_id
 from runtime.atproto.segment import parse_header as parse_segment_header
 from runtime.errors import ConfigError, SourceError
 
@@ -57,7 +59,6 @@ MAX_BLOCK_BYTES: Final = 64 * MiB
 MAX_ERROR_BYTES: Final = 64 * 1024
 #: How many times :meth:`ArchiveClient.get_segment` starts a segment over after it changed under it.
 MAX_SEGMENT_RESTARTS: Final = 3
-ZSTD_DICT_MAGIC: Final = 0xEC30A437
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+)\s*$", re.IGNORECASE)
 _CHECKSUM = re.compile(r"^[0-9a-f]{16}$")
 _USER_AGENT: Final = "atproto-backfill (jetstream v2 archive client)"
@@ -160,7 +161,9 @@ class FetchedSegment:
 
     name: str
     checksum: str
-    data: bytes
+    #: the file: bytes, or for a segment past ``spool_bytes`` a read-only map of a temporary file (its
+    #: pages are the page cache's, not the process heap's; unmapped when the last reference goes).
+    data: bytes | mmap.mmap
 
     def __repr__(self) -> str:
         return f"FetchedSegment(name={self.name!r}, checksum={self.checksum!r}, {len(self.data)} bytes)"
@@ -380,7 +383,8 @@ class ArchiveClient:
 
     def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 30.0, max_attempts: int = 8,
                  backoff_base: float = 0.25, backoff_max: float = 30.0, stripes: int = 4,
-                 stripe_bytes: int = 8 * MiB, max_segment_bytes: int = 1 << 30,
+                 stripe_bytes: int = 8 * MiB, max_segment_bytes: int = 1 << 30, spool_bytes: int = 32 * MiB,
+                 spool_dir: str | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None,
                  on_request: OnRequest | None = None, client: httpx.AsyncClient | None = None) -> None:
         if max_attempts < 1 or stripes < 1 or stripe_bytes < 1 or max_segment_bytes < 1:
@@ -394,6 +398,8 @@ class ArchiveClient:
         self.stripes = stripes
         self.stripe_bytes = stripe_bytes
         self.max_segment_bytes = max_segment_bytes
+        self.spool_bytes = spool_bytes
+        self.spool_dir = spool_dir
         self._sleep = sleep
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._on_request = on_request
@@ -644,9 +650,7 @@ class ArchiveClient:
                 if not header.strip().isdigit():
                     raise ArchiveProtocolError(endpoint, 200, None, f"X-Zstd-Dictionary-Id {header!r} is not a number")
                 from_header = int(header)
-            from_bytes: int | None = None
-            if len(data) >= 8 and int.from_bytes(data[:4], "little") == ZSTD_DICT_MAGIC:
-                from_bytes = int.from_bytes(data[4:8], "little")
+            from_bytes = zstd_dictionary_id(data)
             if from_header is not None and from_bytes is not None and from_header != from_bytes:
                 raise ArchiveProtocolError(endpoint, 200, None, f"X-Zstd-Dictionary-Id {from_header} but the "
                                                                 f"dictionary says {from_bytes}")
@@ -663,7 +667,7 @@ class ArchiveClient:
 
     # ------------------------------------------------------------------ segments
 
-    async def _fetch_segment_once(self, name: str, want: str | None) -> tuple[str, bytes]:
+    async def _fetch_segment_once(self, name: str, want: str | None) -> tuple[str, bytes | mmap.mmap]:
         """One try at a whole segment pinned to checksum ``want`` (None: whatever the server has).
 
         Raises:
@@ -700,7 +704,9 @@ class ArchiveClient:
         total: int = first["total"]
         if len(head) == total:
             return checksum, self._checked_segment(name, checksum, head)
-        buf = bytearray(total)
+        # A large segment (real ones are about 256 MB) goes to a temporary file mapped in memory, not
+        # to the heap: the stripes write into the map, and nothing is copied afterwards.
+        buf: bytearray | mmap.mmap = bytearray(total) if total <= self.spool_bytes else _spool(total, self.spool_dir)
         buf[:len(head)] = head
         del head
         gate = asyncio.Semaphore(self.stripes)
@@ -729,7 +735,14 @@ class ArchiveClient:
                                           "accept-encoding": "identity"})
 
         spans = [(a, min(a + stripe, total) - 1) for a in range(stripe, total, stripe)]
-        await _all_or_nothing([fetch(a, b) for a, b in spans])
+        try:
+            await _all_or_nothing([fetch(a, b) for a, b in spans])
+        except BaseException:
+            if isinstance(buf, mmap.mmap):
+                buf.close()
+            raise
+        if isinstance(buf, mmap.mmap):
+            return checksum, self._checked_segment(name, checksum, buf)
         return checksum, self._checked_segment(name, checksum, bytes(buf))
 
     @staticmethod
@@ -752,11 +765,11 @@ class ArchiveClient:
             raise _RetryableError(resp.status_code, f"range body of {len(data)} bytes, expected {n}")
         return data
 
-    def _checked_segment(self, name: str, checksum: str, data: bytes) -> bytes:
+    def _checked_segment(self, name: str, checksum: str, data: _Buffer) -> _Buffer:
         """``data`` after checking its header carries ``checksum`` (the header and block index parse)."""
         endpoint = "getSegment"
         try:
-            header = parse_segment_header(data, file_size=len(data))
+            header = parse_segment_header(memoryview(data), file_size=len(data))
         except SegmentError as e:
             raise ArchiveProtocolError(endpoint, None, None, f"{name}: not a sealed segment: {e}") from e
         if f"{header.checksum:016x}" != checksum:
@@ -852,6 +865,17 @@ class ArchiveClient:
         if 400 <= status < 500:
             return ArchiveError(endpoint, status, error, message)
         return ArchiveProtocolError(endpoint, status, error, f"unexpected status: {message}")
+
+
+_Buffer = TypeVar("_Buffer", bytes, mmap.mmap)
+
+
+def _spool(size: int, directory: str | None) -> mmap.mmap:
+    """A writable map of a new temporary file of ``size`` bytes (the file is unlinked at once: it
+    lives as long as the map)."""
+    with tempfile.TemporaryFile(prefix="atproto-backfill-segment-", dir=directory) as f:
+        f.truncate(size)
+        return mmap.mmap(f.fileno(), size)
 
 
 async def _all_or_nothing(coros: Sequence[Awaitable[None]]) -> None:

@@ -51,6 +51,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from producers.firehose.decode import parse_time_us
 from producers.jetstream.archive import ALL, ORIGIN, Item, RowFilter, decode_row
 from producers.jetstream.decode import MAX_DECOMPRESSED, Decompressor
+from producers.jetstream.v2client import normalize_base_url
 from producers.source import Drop, Skip, WebsocketHolder
 from runtime.atproto import dagcbor
 from runtime.atproto.cid import CID
@@ -63,6 +64,7 @@ from runtime.atproto.segment import (
     KIND_SYNC,
     KIND_UPDATE,
     Row,
+    zstd_dictionary_id,
 )
 from runtime.contract.records import RecordEvent
 from runtime.errors import ConfigError, DecodeError, DropError, SourceError
@@ -87,7 +89,6 @@ _OVERSIZE_REPEATS: Final = 3
 _ROW_KINDS: Final = {"identity": KIND_IDENTITY, "account": KIND_ACCOUNT, "sync": KIND_SYNC}
 _OPERATIONS: Final = {"create": KIND_CREATE, "update": KIND_UPDATE, "delete": KIND_DELETE}
 _LONG_END: Final = 1 << 63
-_ZSTD_DICT_MAGIC: Final = b"\x37\xa4\x30\xec"
 _FLOOR: Final = re.compile(r"floor\D{0,40}?(\d+)")
 
 
@@ -175,9 +176,10 @@ def dictionary_id(dictionary: bytes) -> int:
     Raises:
         ConfigError: not a zstd dictionary.
     """
-    if len(dictionary) < 8 or dictionary[:4] != _ZSTD_DICT_MAGIC:
+    found = zstd_dictionary_id(dictionary)
+    if found is None:
         raise ConfigError("not a zstd dictionary (bad magic)")
-    return int.from_bytes(dictionary[4:8], "little")
+    return found
 
 
 def _seq(payload: dict[str, Any]) -> int:
@@ -336,14 +338,8 @@ def subscribe_url(base: str) -> str:
     Raises:
         ConfigError: another scheme, or no host.
     """
-    parts = urlsplit(base.strip())
-    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
-    if scheme is None or not parts.netloc:
-        raise ConfigError(f"Jetstream v2 instance must be a ws(s):// or http(s):// URL, not {base!r}")
-    path = parts.path.rstrip("/")
-    if not path.endswith(PATH):
-        path += PATH
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
+    parts = urlsplit(normalize_base_url(base))
+    return urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path + PATH, "", ""))
 
 
 def _server_patterns(flt: RowFilter) -> list[str] | None:

@@ -117,6 +117,8 @@ MAX_BLOCK_COUNT: Final = 1 << 20
 MAX_COLLECTIONS: Final = 1 << 20
 #: Default cap on one block's decompressed size (a block holds at most 4,096 rows of 30 s).
 MAX_BLOCK_BYTES: Final = 64 * 1024 * 1024
+#: The first four bytes of a zstd dictionary (``0xEC30A437`` little-endian).
+ZSTD_DICT_MAGIC: Final = b"\x37\xa4\x30\xec"
 
 _SENTINELS: Final = {KIND_IDENTITY: "$identity", KIND_ACCOUNT: "$account", KIND_SYNC: "$sync"}
 _BLOOM_FP_RATE: Final = 0.001
@@ -380,6 +382,14 @@ def segment_checksum(header: bytes | memoryview, footer: bytes | memoryview) -> 
 # --- blocks ---------------------------------------------------------------------------------------
 
 _LOCAL = threading.local()
+
+
+def zstd_dictionary_id(data: bytes) -> int | None:
+    """The id of a zstd dictionary (Jetstream's ``getZstdDictionary``): the little-endian u32 after
+    its magic; None when ``data`` is not a zstd dictionary."""
+    if len(data) < 8 or data[:4] != ZSTD_DICT_MAGIC:
+        return None
+    return int.from_bytes(data[4:8], "little")
 
 
 def _dctx() -> zstandard.ZstdDecompressor:

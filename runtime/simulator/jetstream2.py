@@ -63,6 +63,7 @@ from runtime.atproto.segment import (
     Segment,
     SegmentHeader,
     SegmentWriter,
+    zstd_dictionary_id,
 )
 from runtime.atproto.tid import make_tid
 from runtime.contract.timeparse import us_to_iso
@@ -89,7 +90,6 @@ MAX_DIDS: Final = 10_000
 MAX_COLLECTIONS: Final = 100
 #: Where a real dictionary captured from the hosted service may be (used when present, never copied).
 FIXTURE_DICTIONARY: Final = Path("/work/shared/fixtures/subscribe_events_20260811.zdict")
-_ZSTD_DICT_MAGIC: Final = b"\x37\xa4\x30\xec"
 _SENTINEL_KIND: Final = {"$identity": "identity", "$account": "account", "$sync": "sync"}
 
 
@@ -109,9 +109,10 @@ def dictionary_id(data: bytes) -> int:
     Raises:
         ValueError: not a zstd dictionary.
     """
-    if len(data) < 8 or data[:4] != _ZSTD_DICT_MAGIC:
+    found = zstd_dictionary_id(data)
+    if found is None:
         raise ValueError("not a zstd dictionary (bad magic)")
-    return int.from_bytes(data[4:8], "little")
+    return found
 
 
 # ------------------------------------------------------------------------------------------ rows

@@ -5,14 +5,16 @@ blocks, changed ETags, pages that do not advance, and a ``CursorTooOld`` on the 
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
-from producers.jetstream.replay import ReplayOptions, ReplaySource
+from producers.jetstream.replay import BLOCKS_AHEAD, ReplayOptions, ReplaySource
 from producers.jetstream.replaypos import ReplayPosition
+from producers.jetstream.v2client import ArchiveClient, PlanPage
 from producers.source import Drop, End, Skip
 from runtime.errors import CursorRegressionError, SourceError
 from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
@@ -111,7 +113,8 @@ def test_a_corrupt_block_is_fetched_again_and_a_twice_bad_one_is_one_dead_letter
     assert events == _expected(sim, after=after, through=sim.sealed_tip)
     assert source.stats.refetched_blocks == 1 and source.stats.bad_blocks == 0
 
-    sim.faults = Faults(corrupt_block_next=2)
+    # the first BLOCKS_AHEAD answers (the blocks requested ahead) and the first block's second try
+    sim.faults = Faults(corrupt_block_next=BLOCKS_AHEAD + 1)
     source = _source(sim, ReplayPosition(sim.url, start_after=after))
     events, other = _collect(source)
     drops = [d for d in other if isinstance(d, Drop)]
@@ -189,3 +192,43 @@ def test_end_points_from_the_command_line() -> None:
     assert v2_start(300, None) == (299, None)  # a seq cursor is inclusive
     assert v2_start(1_760_000_000_000_000, None) == (None, 1_760_000_000_000_000)
     assert v2_start(None, 1_700_000_000_000_000) == (None, 1_700_000_000_000_000)
+
+
+def test_a_segment_rewritten_after_the_plan_is_read_whole_in_its_new_version(sim: Jetstream2Simulator) -> None:
+    """getBlock's ETag names another version than the plan's: the block numbers no longer apply, so the
+    unit is read whole (rows already covered skipped by seq): nothing lost, nothing twice."""
+    after = 420
+
+    class Rewriting(ArchiveClient):
+        async def plan_snapshot(self, **kwargs: Any) -> PlanPage:
+            page = await super().plan_snapshot(**kwargs)
+            for unit in page.units:
+                if unit.mode == "blocks":
+                    sim.archive.rewrite(unit.name)
+            return page
+
+    async def go() -> list[int]:
+        async with Rewriting(sim.url) as client:
+            source = ReplaySource(ReplayOptions(instance=sim.url, live=False),
+                                  ReplayPosition(sim.url, start_after=after), client=client)
+            seqs = []
+            async for item in source.items():
+                if not isinstance(item, (Drop, Skip, End)):
+                    source.position.advance(item)
+                    seqs.append(item.cursor)
+            return seqs
+
+    assert asyncio.run(go()) == [seq for seq, _ in _expected(sim, after=after, through=sim.sealed_tip)]
+
+
+def test_a_large_segment_is_spooled_to_a_mapped_file_with_the_same_bytes(sim: Jetstream2Simulator) -> None:
+    seg = sim.archive.segments[1]
+
+    async def go() -> tuple[bool, bytes]:
+        async with ArchiveClient(sim.url, stripes=3, stripe_bytes=4096, spool_bytes=8192) as client:
+            fetched = await client.get_segment(seg.name, seg.checksum)
+            return isinstance(fetched.data, mmap.mmap), bytes(fetched.data[:])
+
+    mapped, data = asyncio.run(go())
+    assert mapped and len(data) > 8192
+    assert data == bytes(seg.data)
