@@ -484,7 +484,7 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
                               verify=settings.verify, job=settings.job,
                               api_key=settings.api_key.get() if settings.api_key else None,
                               compress=settings.compress, max_message_size=settings.max_message_size)
-        source = ReplaySource(ropts, position)
+        source = ReplaySource(ropts, position, metrics=metrics)
         source.on_reconnect = lambda: metrics.reconnects.inc("jetstream2")
         return source
 

@@ -34,9 +34,11 @@ from producers.jetstream.archive import ORIGIN, RowFilter, SyncMarker, iter_bloc
 from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.v2client import ArchiveClient, PlanPage, PlanUnit, SegmentChangedError
 from producers.jetstream.v2live import CursorTooOldError, LiveTail
+from producers.netsafety import status_class
 from producers.source import Drop, End, Skip, SourceItem
 from runtime.atproto.segment import Block, Segment, SegmentError, decode_block
 from runtime.errors import SourceError
+from runtime.process.metrics import ARCHIVE_ENDPOINTS, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +116,13 @@ class ReplaySource:
     name = "jetstream2"
 
     def __init__(self, opts: ReplayOptions, position: ReplayPosition, *, client: ArchiveClient | None = None,
-                 live_factory: Callable[..., LiveTail] | None = None) -> None:
+                 live_factory: Callable[..., LiveTail] | None = None, metrics: Metrics | None = None) -> None:
         self.opts = opts
         self._position = position
+        self._metrics = metrics
         self._own_client = client is None
-        self.client = client or ArchiveClient(opts.instance, api_key=opts.api_key)
+        self.client = client or ArchiveClient(opts.instance, api_key=opts.api_key,
+                                              on_request=self._on_request if metrics is not None else None)
         self._live_factory = live_factory or LiveTail
         self._live: LiveTail | None = None
         self.stats = ReplayStats()
@@ -127,6 +131,18 @@ class ReplaySource:
         self._covered: int = -1
         self._start_witnessed: int | None = None
         self.on_reconnect: Callable[[], None] | None = None
+
+    def _on_request(self, endpoint: str, status: int, _seconds: float, nbytes: int) -> None:
+        m = self._metrics
+        if m is None or endpoint not in ARCHIVE_ENDPOINTS:
+            return
+        m.archive_requests.inc(endpoint, status_class(status))
+        if nbytes:
+            m.archive_bytes.inc(endpoint, amount=nbytes)
+
+    def _block(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.archive_blocks.inc(outcome)
 
     @property
     def position(self) -> ReplayPosition:
@@ -247,6 +263,7 @@ class ReplaySource:
                         yield block
                         continue
                     self.stats.blocks += 1
+                    self._block("decoded")
                     for item in self._decode_block(block, tip):
                         if isinstance(item, End):
                             raise _EndReachedError
@@ -332,11 +349,13 @@ class ReplaySource:
                        frame: bytes | None = None) -> Block | Drop:
         """One more try of a bad block through ``getBlock``; a drop when it is bad again."""
         self.stats.refetched_blocks += 1
+        self._block("refetched")
         try:
             frame = await self.client.get_block(unit.name, index)
             return decode_block(frame)
         except SegmentError as e:
             self.stats.bad_blocks += 1
+            self._block("dead_lettered")
             detail = f"segment {unit.name} block {index}: {first_error}; fetched again: {e}"
             return Drop("malformed_frame", detail, bytes(frame or b"")[:DEAD_LETTER_BYTES], ORIGIN, None, unit.min_seq)
 

@@ -51,6 +51,8 @@ STAGES: Final = ("producer:jetstream", "producer:firehose", "producer:repo",
                  "consumer:postgres", "consumer:queue", "consumer:repos")
 HOST_CLASSES: Final = ("plc", "relay", "bsky_hosted", "self_hosted", "did_web")
 STATUS_CLASSES: Final = ("2xx", "3xx", "4xx", "429", "5xx", "error", "timeout")
+#: The Jetstream v2 archive's HTTP endpoints.
+ARCHIVE_ENDPOINTS: Final = ("listSegments", "planSnapshot", "getSegment", "getBlock", "getZstdDictionary")
 
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -255,6 +257,18 @@ class Metrics:
             f"{p}_repos_fetch_restarts_total",
             "Work-topic partitions of a replica that had work but delivered none, restarted at their "
             "committed offset.", registry=r)
+
+        # -- Jetstream v2 archive
+        self.archive_requests = ClosedCounter(Counter(
+            f"{p}_jetstream2_archive_requests_total", "HTTP requests to a Jetstream v2 instance's archive.",
+            ["endpoint", "status"], registry=r), [ARCHIVE_ENDPOINTS, STATUS_CLASSES])
+        self.archive_bytes = ClosedCounter(Counter(
+            f"{p}_jetstream2_archive_received_bytes_total", "Body bytes received from the archive endpoints.",
+            ["endpoint"], registry=r), [ARCHIVE_ENDPOINTS])
+        self.archive_blocks = ClosedCounter(Counter(
+            f"{p}_jetstream2_archive_blocks_total",
+            "Archive blocks replayed: decoded, fetched a second time, or dead-lettered after the second try.",
+            ["outcome"], registry=r), [("decoded", "refetched", "dead_lettered")])
 
         # -- process
         self.memory = Gauge(f"{p}_process_resident_memory_bytes", "Resident set size.", registry=r)

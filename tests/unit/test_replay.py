@@ -17,6 +17,7 @@ from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.v2client import ArchiveClient, PlanPage
 from producers.source import Drop, End, Skip
 from runtime.errors import CursorRegressionError, SourceError
+from runtime.process.metrics import Metrics
 from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
 
 EVENTS = 900
@@ -232,3 +233,17 @@ def test_a_large_segment_is_spooled_to_a_mapped_file_with_the_same_bytes(sim: Je
     mapped, data = asyncio.run(go())
     assert mapped and len(data) > 8192
     assert data == bytes(seg.data)
+
+
+def test_the_archive_is_measured(sim: Jetstream2Simulator) -> None:
+    metrics = Metrics()
+    sim.faults = Faults(corrupt_block_next=1)
+    _collect(ReplaySource(ReplayOptions(instance=sim.url, live=False), ReplayPosition(sim.url, start_after=410),
+                          metrics=metrics))
+    value = metrics.registry.get_sample_value
+    p = "atproto_backfill_jetstream2_archive"
+    assert (value(f"{p}_requests_total", {"endpoint": "planSnapshot", "status": "2xx"}) or 0) >= 2
+    assert (value(f"{p}_requests_total", {"endpoint": "getBlock", "status": "2xx"}) or 0) >= 2
+    assert (value(f"{p}_received_bytes_total", {"endpoint": "getSegment"}) or 0) > 0
+    assert value(f"{p}_blocks_total", {"outcome": "refetched"}) == 1
+    assert (value(f"{p}_blocks_total", {"outcome": "decoded"}) or 0) > 10
