@@ -17,20 +17,46 @@ v2 producer process would do too: decoding allocates millions of short-lived acy
 
 Targets (issue 14): (b) >= 100,000 rows/s per process and >= 3x (c).
 
-    python bench/bench_jetstream2.py [--rows N] [--repeats K] [--quick]
+End to end (``--e2e``; the default run does both parts): an in-process v2 simulator
+(``runtime.simulator.jetstream2.build_simulator``, the same row count, 4,096-row blocks, segments of
+``--per-segment`` rows, one unsealed row after them) served from a thread, a real Apache Kafka started
+as the other benchmarks start it (``bench/brokers.py``: ``--broker``, ``--bootstrap-servers`` /
+``KAFKA_BOOTSTRAP_SERVERS`` for an existing cluster), and four subprocesses per repeat, each timed from
+outside (wall time, and CPU time from ``getrusage(RUSAGE_CHILDREN)`` deltas, start-up included):
+
+* ours: ``python -m producers.jetstream --protocol v2`` over the whole archive (``--cursor 1``, ``-e`` one
+  microsecond after the last sealed row's ``witnessed_at``: the unsealed row ends it), every collection,
+  no consumer, topics created first (as ``bench_jetstream.py`` does); ``--workers 2`` too when the
+  producer has that flag;
+* bare: ``getSegment`` of every segment over HTTP (httpx, one request each) + zstd + column parse;
+* bare + produce: the same, then each row's raw payload produced to one topic keyed by DID with a plain
+  ``confluent_kafka.Producer`` (the job's producer settings: linger, zstd, idempotent; no transactions);
+* SDK: the same HTTP fetch, then (c) on the fetched bytes.
+
+Ratios are the medians of each repeat's own ratios (a repeat measures all of them back to back).
+Targets (issue 14): end to end >= 0.5 of bare, >= 3x the SDK's reader.
+
+    python bench/bench_jetstream2.py [--rows N] [--repeats K] [--quick] [--cpu | --e2e]
+                                     [--broker kafka|tansu] [--bootstrap-servers HOST:PORT]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -139,15 +165,18 @@ def sdk(paths: list[Path]) -> int:
     from atproto_jetstream.archive import segment as sdk_segment  # type: ignore[import-untyped]  # noqa: PLC0415
     from atproto_jetstream.archive.events import to_message  # type: ignore[import-untyped]  # noqa: PLC0415
 
+    return sum(sdk_segment_rows(path.read_bytes(), sdk_segment.decode_block, to_message) for path in paths)
+
+
+def sdk_segment_rows(data: bytes, decode_block: Callable[[bytes], Any], to_message: Callable[[Any], Any]) -> int:
+    """(c) on one segment's bytes: the SDK's ``decode_block`` of each frame, then ``to_message``; returns rows."""
     n = 0
-    for path in paths:
-        data = path.read_bytes()
-        seg = Segment(data)  # only for the frame offsets (the SDK walks length prefixes the same way)
-        for info in seg.blocks:
-            for event in sdk_segment.decode_block(data[info.frame_start:info.frame_end]):
-                if event.kind != KIND_RESYNC_CREATE:  # the SDK raises on kind 7 ("Unknown row kind")
-                    to_message(event)
-                n += 1
+    seg = Segment(data)  # only for the frame offsets (the SDK walks length prefixes the same way)
+    for info in seg.blocks:
+        for event in decode_block(data[info.frame_start:info.frame_end]):
+            if event.kind != KIND_RESYNC_CREATE:  # the SDK raises on kind 7 ("Unknown row kind")
+                to_message(event)
+            n += 1
     return n
 
 
@@ -168,17 +197,8 @@ def median_rate(fn: Callable[[list[Path]], int], paths: list[Path], repeats: int
     return statistics.median(cpu), statistics.median(wall), n
 
 
-def main() -> int:
-    """Run the benchmark and print rows/s and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=200_000, help="rows written (default 200,000)")
-    parser.add_argument("--per-segment", type=int, default=50_000, help="rows per segment file")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is reported)")
-    parser.add_argument("--quick", action="store_true", help="20,000 rows, 3 repeats")
-    parser.add_argument("--skip-sdk", action="store_true", help="leave out (c)")
-    ns = parser.parse_args()
-    if ns.quick:
-        ns.rows, ns.repeats = 20_000, 3
+def cpu_part(ns: argparse.Namespace) -> None:
+    """(a), (b), (c) on local segment files, with the default GC, then tuned."""
     t0 = time.perf_counter()
     rows = synthetic_rows(ns.rows)
     total = len(rows)
@@ -220,6 +240,281 @@ def main() -> int:
         gc.set_threshold(700, 10, 10)
         gc.unfreeze()
         assert n == total
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+#: witnessed_at of the end-to-end archive's first row (fixed: the run does not depend on the clock).
+E2E_START_US = 1_750_000_000_000_000
+E2E_BLOCK_ROWS = 4096
+XRPC_PREFIX = "/xrpc/network.bsky.jetstream."
+_STAT = re.compile(r"^\W*(events_produced|records_produced|messages_received|total_time)\W+([\d][\d,.]*)", re.MULTILINE)
+
+
+def fetched_segments(url: str) -> Iterator[bytes]:
+    """Every sealed segment of the instance at ``url``: ``listSegments`` pages, then one ``getSegment`` each."""
+    import httpx  # noqa: PLC0415 - only the end-to-end children need it
+
+    with httpx.Client(timeout=120) as client:
+        names: list[str] = []
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+            resp = client.get(f"{url}{XRPC_PREFIX}listSegments", params=params)
+            resp.raise_for_status()
+            body = resp.json()
+            names += [s["name"] for s in body["segments"]]
+            cursor = body.get("cursor")
+            if not cursor:
+                break
+        for name in names:
+            resp = client.get(f"{url}{XRPC_PREFIX}getSegment", params={"name": name})
+            resp.raise_for_status()
+            yield resp.content
+
+
+def child_bare(url: str) -> int:
+    """bare: fetch + zstd + column parse; returns rows."""
+    n = 0
+    for data in fetched_segments(url):
+        seg = Segment(data)
+        for info in seg.blocks:
+            n += len(seg.block(info.index))
+    return n
+
+
+def child_produce(url: str, bootstrap: str, topic: str) -> int:
+    """bare + produce: bare, then each row's raw payload to ``topic`` keyed by DID, flushed; returns rows."""
+    from confluent_kafka import Producer  # noqa: PLC0415
+
+    from runtime.kafka.settings import KafkaSettings  # noqa: PLC0415
+
+    # the job's producer settings (idempotent, linger, batching, zstd), minus transactions
+    producer = Producer(KafkaSettings(bootstrap_servers=bootstrap).producer_config())
+    produce, poll = producer.produce, producer.poll
+    n = 0
+    for data in fetched_segments(url):
+        seg = Segment(data)
+        for info in seg.blocks:
+            block = seg.block(info.index)
+            for did, payload in zip(block.did, block.payload, strict=True):
+                try:
+                    produce(topic, payload, did.encode())
+                except BufferError:
+                    poll(0.05)
+                    produce(topic, payload, did.encode())
+            poll(0)
+            n += len(block)
+    left = producer.flush(120)
+    if left:
+        raise RuntimeError(f"{left} messages not delivered")
+    return n
+
+
+def child_sdk(url: str) -> int:
+    """SDK: fetch, then (c) on the fetched bytes; returns rows."""
+    from atproto_jetstream.archive import segment as sdk_segment  # type: ignore[import-untyped]  # noqa: PLC0415
+    from atproto_jetstream.archive.events import to_message  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    return sum(sdk_segment_rows(data, sdk_segment.decode_block, to_message) for data in fetched_segments(url))
+
+
+def child_main(ns: argparse.Namespace) -> int:
+    """A baseline as its own process (``--child``): prints its rows and its own wall and CPU seconds as JSON."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    if ns.child == "bare":
+        n = child_bare(ns.url)
+    elif ns.child == "produce":
+        n = child_produce(ns.url, ns.bootstrap_servers, ns.topic)
+    else:
+        n = child_sdk(ns.url)
+    print(json.dumps({"rows": n, "wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}), flush=True)
+    return 0
+
+
+def timed_child(cmd: list[str], timeout: float = 1800) -> tuple[float, float, str]:
+    """Run ``cmd``; returns (wall seconds, CPU seconds of the child and its threads, stdout).
+
+    Raises:
+        RuntimeError: it failed.
+    """
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    wall = time.perf_counter() - w0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-4000:]}")
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), proc.stdout
+
+
+def producer_has_workers() -> bool:
+    """Whether ``python -m producers.jetstream`` takes ``--workers``."""
+    out = subprocess.run([sys.executable, "-m", "producers.jetstream", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=False).stdout
+    return "--workers" in out
+
+
+class Figure:
+    """One path's runs: rows/s of wall time and rows per CPU-second, from outside and from inside."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.inner: list[float] = []  # rows/s of the child's own measured span (start-up excluded)
+
+    def add(self, rows: int, wall: float, cpu: float, inner: float | None) -> tuple[float, float]:
+        self.wall.append(rows / wall)
+        self.cpu.append(rows / cpu)
+        if inner:
+            self.inner.append(rows / inner)
+        return self.wall[-1], self.cpu[-1]
+
+
+def run_ours(url: str, bootstrap: str, end_iso: str, patterns: list[str],
+             workers: int | None) -> tuple[float, float, dict[str, float]]:
+    """The real producer over the whole archive; returns (wall, CPU, its final statistics)."""
+    from bench.bench_jetstream import create_topics  # noqa: PLC0415 - the same topics, created first
+
+    prefix = f"e2e{uuid.uuid4().hex[:8]}"
+    create_topics(bootstrap, prefix)
+    cmd = [sys.executable, "-m", "producers.jetstream", "--protocol", "v2", "--instance", url, "--cursor", "1",
+           "-e", end_iso, *[a for c in patterns for a in ("-c", c)], "-n", "0", "--consumer", "none",
+           "--bootstrap-servers", bootstrap, "--topic-prefix", prefix, "--job", f"bench-{prefix}",
+           "--progress", "none", "--log-level", "WARNING"]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    wall, cpu, out = timed_child(cmd)
+    stats = {k: float(v.replace(",", "")) for k, v in _STAT.findall(out)}
+    if "events_produced" not in stats:
+        raise RuntimeError(f"no final statistics in the producer's output:\n{out[-3000:]}")
+    return wall, cpu, stats
+
+
+def run_baseline(kind: str, url: str, bootstrap: str) -> tuple[float, float, dict[str, Any]]:
+    """A baseline child; returns (wall, CPU, what it printed)."""
+    topic = f"e2ebare{uuid.uuid4().hex[:8]}"
+    if kind == "produce":
+        from runtime.kafka.clients import admin, ensure_topics  # noqa: PLC0415
+
+        ensure_topics(admin({"bootstrap.servers": bootstrap}), [topic], partitions=6, replication=1)
+    wall, cpu, out = timed_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--url", url,
+                                  "--bootstrap-servers", bootstrap, "--topic", topic])
+    return wall, cpu, json.loads(out.strip().splitlines()[-1])
+
+
+def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
+    """The end-to-end section: simulator + Kafka + the producer process, against the baselines."""
+    from bench.brokers import broker, describe  # noqa: PLC0415
+    from runtime.atproto.segment import KIND_SYNC  # noqa: PLC0415
+    from runtime.contract.timeparse import us_to_iso  # noqa: PLC0415
+    from runtime.simulator.jetstream2 import build_simulator  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    # one unsealed row after the archive: the producer's -e (just past the last sealed row) ends on it
+    sim = build_simulator(seed=11, accounts=2000, events=ns.rows, tail=1, rows_per_segment=ns.per_segment,
+                          rows_per_block=E2E_BLOCK_ROWS, start_us=E2E_START_US)
+    sealed = [r for s in sim.archive.segments for r in s.rows]
+    total = len(sealed)
+    expected = sum(1 for r in sealed if r.kind != KIND_SYNC)  # events: sync markers are skipped, never produced
+    end_iso = us_to_iso(sealed[-1].witnessed_at + 1)
+    # -c: "<a>.<b>.*" prefixes covering every collection the archive holds (the shortest the CLI accepts)
+    patterns = sorted({".".join(r.collection.split(".")[:2]) + ".*" for r in sealed if r.collection})
+    size = sum(len(s.data) for s in sim.archive.segments)
+    del sealed
+    sim.start_in_thread()
+    workers = producer_has_workers()
+    print(f"\nEnd to end: {total:,} rows in {len(sim.archive.segments)} segments ({size / 1e6:.1f} MB, "
+          f"{E2E_BLOCK_ROWS:,}-row blocks) served by the in-process simulator at {sim.url}, built in "
+          f"{time.perf_counter() - t0:.1f}s; broker: {describe(ns)}; median of {repeats}; "
+          f"producer --workers: {'present' if workers else 'absent (not measured)'}; "
+          f"-e {end_iso}; -c {' -c '.join(patterns)}", flush=True)
+    paths = ["ours", *(["ours2"] if workers else []), "bare", "produce", *([] if ns.skip_sdk else ["sdk"])]
+    labels = {"ours": "ours: producer, 1 process", "ours2": "ours: producer --workers 2",
+              "bare": "bare: HTTP+zstd+columns", "produce": "bare + produce (no decode)",
+              "sdk": "SDK: HTTP+decode_block+to_message"}
+    figs = {p: Figure(labels[p]) for p in paths}
+    ratios: dict[str, list[float]] = {}
+    try:
+        with broker(ns) as bootstrap:
+            for rep in range(repeats):
+                now: dict[str, tuple[float, float]] = {}
+                for p in paths:
+                    if p.startswith("ours"):
+                        wall, cpu, stats = run_ours(sim.url, bootstrap, end_iso, patterns, 2 if p == "ours2" else None)
+                        got = int(stats["events_produced"])
+                        if got != expected:
+                            print(f"  WARNING: {p} produced {got:,} events, expected {expected:,}", flush=True)
+                        now[p] = figs[p].add(total, wall, cpu, stats.get("total_time"))
+                        extra = f"produced {got:,} events, job's own span {stats.get('total_time', 0):.1f}s"
+                    else:
+                        wall, cpu, out = run_baseline(p, sim.url, bootstrap)
+                        if out["rows"] != total:
+                            raise RuntimeError(f"{p} read {out['rows']:,} rows, expected {total:,}")
+                        now[p] = figs[p].add(total, wall, cpu, out["wall"])
+                        extra = f"own span {out['wall']:.1f}s, {out['cpu']:.1f} CPU-s"
+                    print(f"  run {rep + 1} {labels[p]:<36} {now[p][0]:>9,.0f} rows/s wall "
+                          f"{now[p][1]:>9,.0f} rows/CPU-s   ({wall:.1f}s wall, {cpu:.1f} CPU-s; {extra})", flush=True)
+                for o in [p for p in paths if p.startswith("ours")]:
+                    for b in [p for p in paths if not p.startswith("ours")]:
+                        ratios.setdefault(f"{o}/{b} wall", []).append(now[o][0] / now[b][0])
+                        ratios.setdefault(f"{o}/{b} cpu", []).append(now[o][1] / now[b][1])
+    finally:
+        sim.stop_thread()
+    med = statistics.median
+    print(f"\nEnd to end, {total:,} rows, median of {repeats} (rows/s of wall time from the process's start "
+          f"to its exit; rows per CPU-second of the process and its threads; start-up included)", flush=True)
+    print(f"  {'path':<36} {'rows/s wall':>12} {'rows/CPU-s':>12} {'rows/s excl. start-up':>22}")
+    for p in paths:
+        f = figs[p]
+        inner = f"{med(f.inner):>22,.0f}" if f.inner else f"{'-':>22}"
+        print(f"  {f.label:<36} {med(f.wall):>12,.0f} {med(f.cpu):>12,.0f} {inner}")
+    targets = {"bare": (0.5, ">= 0.5"), "sdk": (3.0, ">= 3x")}
+    names = {"bare": "bare", "produce": "bare+produce", "sdk": "SDK"}
+    print(f"  {'ratio (median of the runs ratios)':<36} {'wall':>12} {'CPU':>12}   target (issue 14)")
+    for o in [p for p in paths if p.startswith("ours")]:
+        for b in [p for p in paths if not p.startswith("ours")]:
+            w, c = med(ratios[f"{o}/{b} wall"]), med(ratios[f"{o}/{b} cpu"])
+            goal = targets.get(b)
+            note = (f"{goal[1]}: {'met' if w >= goal[0] else 'NOT met'} (wall), "
+                    f"{'met' if c >= goal[0] else 'NOT met'} (CPU)") if goal else "(no target)"
+            print(f"  {o + '/' + names[b]:<36} {w:>12.2f} {c:>12.2f}   {note}")
+    cpu_rate = med(figs["ours"].cpu)
+    print(f"  ours end to end, per process: {cpu_rate:,.0f} rows/CPU-s (start-up, HTTP, librdkafka's threads and "
+          f"checkpoints included); the per-process target >= 100,000 rows/s is the CPU part's: (b) above", flush=True)
+
+
+def main() -> int:
+    """Run the benchmark and print rows/s and ratios."""
+    from bench.brokers import add_broker_arguments  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000, help="rows (default 200,000)")
+    parser.add_argument("--per-segment", type=int, default=50_000, help="rows per segment file")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per figure, the median is reported (default 5 for the CPU part, 3 end to end)")
+    parser.add_argument("--quick", action="store_true", help="20,000 rows; 3 repeats (CPU part), 1 (end to end)")
+    parser.add_argument("--skip-sdk", action="store_true", help="leave out (c) and the SDK end to end")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--cpu", action="store_true", help="the CPU part only")
+    only.add_argument("--e2e", action="store_true", help="the end-to-end part only")
+    add_broker_arguments(parser)
+    parser.add_argument("--child", choices=("bare", "produce", "sdk"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        return child_main(ns)
+    if ns.quick:
+        ns.rows = 20_000
+    e2e_repeats = ns.repeats or (1 if ns.quick else 3)
+    ns.repeats = ns.repeats or (3 if ns.quick else 5)
+    if not ns.e2e:
+        cpu_part(ns)
+    if not ns.cpu:
+        e2e_part(ns, e2e_repeats)
     return 0
 
 

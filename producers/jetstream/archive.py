@@ -92,6 +92,8 @@ KIND_NAMES: Final = {KIND_CREATE: "commit", KIND_UPDATE: "commit", KIND_DELETE: 
 _OPERATION: Final = {KIND_CREATE: Operation.CREATE.value, KIND_UPDATE: Operation.UPDATE.value,
                      KIND_DELETE: Operation.DELETE.value, KIND_RESYNC_CREATE: Operation.CREATE.value}
 _MARKER_TYPE: Final = {KIND_IDENTITY: "#identity", KIND_ACCOUNT: "#account", KIND_SYNC: "#sync"}
+#: Kinds about a whole DID: they pass every collection filter.
+_DID_LEVEL: Final = frozenset(_MARKER_TYPE)
 _DAG_CBOR_SHA256: Final = b"\x01\x71\x12\x20"
 
 
@@ -139,7 +141,7 @@ class RowFilter:
         if self.kinds is not None and KIND_NAMES.get(row.kind) not in self.kinds:
             return False
         kind = row.kind
-        if self.collections is not None and kind not in (KIND_IDENTITY, KIND_ACCOUNT, KIND_SYNC):
+        if self.collections is not None and kind not in _DID_LEVEL:
             return self.collections(row.collection)
         return True
 
@@ -299,6 +301,9 @@ def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, veri
     append = items.append
     restricted = flt is not ALL
     after, before = flt.after_seq, flt.before_seq
+    want_dids, want_kinds, want_collections = flt.dids, flt.kinds, flt.collections
+    kind_name, did_level = KIND_NAMES.get, _DID_LEVEL
+    verdicts: dict[str, bool] = {}
     fast = native.NATIVE
     record_form = None if fast is None or verify_cid else fast.record_form
     sha256 = hashlib.sha256
@@ -312,9 +317,18 @@ def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, veri
             if seq <= after or (before is not None and seq > before):
                 skipped["before_cursor" if seq <= after else "after_end"] += 1
                 continue
-            if not flt.wants(Row(seq, witnessed, indexed, kind, collection, did, rkey, rev, payload)):
+            # RowFilter.wants, inline: the collection verdict is cached per block (a handful of NSIDs)
+            if ((want_dids is not None and did not in want_dids)
+                    or (want_kinds is not None and kind_name(kind) not in want_kinds)):
                 skipped["filtered"] += 1
                 continue
+            if want_collections is not None and kind not in did_level:
+                verdict = verdicts.get(collection)
+                if verdict is None:
+                    verdict = verdicts[collection] = want_collections(collection)
+                if not verdict:
+                    skipped["filtered"] += 1
+                    continue
         op = operation(kind)
         t = indexed or witnessed
         # the fast path: a well-formed create/update whose record the native code takes

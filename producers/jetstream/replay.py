@@ -127,6 +127,8 @@ class ReplaySource:
         self._live: LiveTail | None = None
         self.stats = ReplayStats()
         self._flt = RowFilter.of(collections=opts.collections, dids=opts.dids, kinds=opts.kinds)
+        #: The collection patterns the server is asked for: none when they cover everything (``*``).
+        self._server_collections: list[str] = [] if self._flt.collections is None else list(opts.collections)
         #: Rows with a seq at or below this were covered (delivered, filtered, or before the start).
         self._covered: int = -1
         self._start_witnessed: int | None = None
@@ -220,7 +222,8 @@ class ReplaySource:
             return
         while True:
             page = await self.client.plan_snapshot(after_seq=page_after, before_seq=tip or opts.end_seq,
-                                                   kinds=opts.kinds, dids=opts.dids, collections=opts.collections)
+                                                   kinds=opts.kinds, dids=opts.dids,
+                                                   collections=self._server_collections)
             self.stats.pages += 1
             if tip is None:
                 pos.sealed_tip = page.sealed_tip_seq
@@ -426,7 +429,7 @@ class ReplaySource:
         opts = self.opts
         pos.live = True
         live = self._live = self._live_factory(
-            opts.instance, collections=list(opts.collections), dids=list(opts.dids), kinds=list(opts.kinds),
+            opts.instance, collections=self._server_collections, dids=list(opts.dids), kinds=list(opts.kinds),
             job=opts.job, api_key=opts.api_key, max_message_size=opts.max_message_size,
             dictionary=await self._dictionary() if opts.compress else None,
             refetch_dictionary=self._refetch_dictionary if opts.compress else None,
