@@ -202,6 +202,9 @@ class ReplaySource:
         after = pos.after
         if after is not None:
             self._covered = after
+            if pos.seq is None and pos.start_time_us is not None:
+                # resumed before anything was delivered: the start time still cuts the first rows
+                self._start_witnessed = pos.start_time_us
             return
         if pos.start_time_us is not None:
             seq = await self.client.seq_at(pos.start_time_us)

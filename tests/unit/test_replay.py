@@ -247,3 +247,21 @@ def test_the_archive_is_measured(sim: Jetstream2Simulator) -> None:
     assert (value(f"{p}_received_bytes_total", {"endpoint": "getSegment"}) or 0) > 0
     assert value(f"{p}_blocks_total", {"outcome": "refetched"}) == 1
     assert (value(f"{p}_blocks_total", {"outcome": "decoded"}) or 0) > 10
+
+
+def test_a_resume_before_anything_was_delivered_still_starts_at_the_start_time(sim: Jetstream2Simulator) -> None:
+    start = sim.rows[333].witnessed_at
+    first = ReplayPosition(sim.url, start_time_us=start)
+
+    async def resolve() -> int | None:
+        source = ReplaySource(ReplayOptions(instance=sim.url, live=False), first)
+        try:
+            await source._resolve_start()
+        finally:
+            await source.aclose()
+        return first.start_after
+
+    assert asyncio.run(resolve()) is not None  # the checkpoint now holds the seq the time became
+    resumed = ReplayPosition.restore(first.snapshot(), sim.url)
+    events, _ = _collect(_source(sim, resumed))
+    assert events == _expected(sim, start_us=start, through=sim.sealed_tip)
