@@ -141,7 +141,7 @@ def test_every_query_is_scoped_to_the_chosen_namespace_and_components(dashboard:
 
 #: Units Grafana may use for one dimension.
 UNIT_FAMILIES = {"s": {"s"}, "ops": {"ops", "reqps"}, "short": {"short"}, "bytes": {"bytes"},
-                 "percentunit": {"percentunit"}}
+                 "Bps": {"Bps"}, "percentunit": {"percentunit"}}
 
 
 def dimension(expr: str) -> str:
@@ -150,6 +150,8 @@ def dimension(expr: str) -> str:
         return "s"
     if re.search(r"\brate\(\w+_seconds_total\b", expr):
         return "percentunit"  # seconds spent per second
+    if re.search(r"\brate\(\w+_bytes_total\b", expr):
+        return "Bps"  # bytes per second
     if "_sum{" in expr and "_count{" in expr:
         return "short"  # the mean of a histogram of counts
     if re.search(r"\brate\(", expr):
@@ -193,6 +195,7 @@ def test_every_axis_has_one_unit_and_it_is_the_querys(dashboard: dict[str, Any])
 def test_unit_check_catches_seconds_and_counts_on_one_axis() -> None:
     assert dimension('histogram_quantile(0.99, sum by (le) (rate(x_duration_seconds_bucket{a="b"}[1m])))') == "s"
     assert dimension('sum(rate(atproto_backfill_producer_checkpoints_total{a="b"}[1m]))') == "ops"
+    assert dimension('sum(rate(atproto_backfill_jetstream2_archive_received_bytes_total{a="b"}[1m]))') == "Bps"
     mean = 'sum(rate(x_batch_size_messages_sum{a="b"}[1m])) / sum(rate(x_batch_size_messages_count{a="b"}[1m]))'
     assert dimension(mean) == "short"
 
