@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
 from runtime.atproto.segment import Row
@@ -95,7 +96,7 @@ def _committed_events(kafka: KafkaSettings) -> list[tuple[str, object]]:
 
 @pytest.mark.slow
 def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matches(
-        sim: Jetstream2Simulator, kafka: KafkaSettings, pg_url: str, tmp_path: Path) -> None:
+        sim: Jetstream2Simulator, kafka: KafkaSettings, pg_url: str, schema: str, tmp_path: Path) -> None:
     rows = sim.rows
     start_us = rows[500].witnessed_at  # deep in the sealed archive
     end_us = int((time.time() + 12.0) * 1e6)  # inside the live tail, still to come (slow machines too)
@@ -113,7 +114,7 @@ def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matche
         if sim.frames_sent < 100:
             return False
         state = load_job(kafka.consumer_config("v2-probe"), control, job)
-        return state is not None and state.checkpoint >= 2
+        return state is not None and state.checkpoint >= 2 and state.position.get("live") is True
 
     try:
         held = kill_in_transaction(proc, kafka, group=True, timeout=90, ready=checkpointed_live)
@@ -148,8 +149,9 @@ def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matche
     assert state.position["seq"] > killed.position["seq"]
 
     # PostgreSQL: the likes table holds exactly the likes whose last row (by seq) is not a delete
+    # the session's database is shared with other tests (the demo writes public.likes): a schema of its own
     cmd = [sys.executable, "-m", "runtime", "consume", "postgres", "--until-done", job, "--database-url", pg_url,
-           "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
+           "--db-schema", schema, "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix", kafka.topic_prefix]
     _run(cmd, tmp_path / "consumer.log")
     last: dict[tuple[str, str], RecordEvent] = {}
     for e in want:
@@ -157,7 +159,8 @@ def test_archive_then_live_with_a_kill_9_and_resume_is_exact_and_the_fold_matche
             last[(e.did, e.rkey)] = e
     alive = {k for k, e in last.items() if e.operation != "delete"}
     with psycopg.connect(pg_url) as conn:
-        table = {(r[0], r[1]) for r in conn.execute("SELECT did, rkey FROM public.likes")}
+        table = {(r[0], r[1]) for r in conn.execute(
+            sql.SQL("SELECT did, rkey FROM {}.likes").format(sql.Identifier(schema)))}
     assert table == alive
 
 
