@@ -27,6 +27,7 @@ from runtime.simulator.jetstream2 import (
     dictionary_id,
     row_frame,
 )
+from tests.jetstream2_support import without_faults
 
 M = NSID_PREFIX
 EVENTS = 1200
@@ -47,10 +48,8 @@ def shared() -> Iterator[Jetstream2Simulator]:
 
 @pytest.fixture
 def sim(shared: Jetstream2Simulator) -> Iterator[Jetstream2Simulator]:
-    """The shared simulator with no faults (faults and rewrites are undone after each test)."""
-    shared.faults = Faults()
-    yield shared
-    shared.faults = Faults()
+    """The shared simulator with no faults (faults are undone after each test)."""
+    yield from without_faults(shared)
 
 
 @pytest.fixture

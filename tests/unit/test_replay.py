@@ -19,6 +19,7 @@ from producers.source import Drop, End, Skip
 from runtime.errors import CursorRegressionError, SourceError
 from runtime.process.metrics import Metrics
 from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
+from tests.jetstream2_support import served, without_faults
 
 EVENTS = 900
 TAIL = 60
@@ -27,17 +28,13 @@ LIKE = "app.bsky.feed.like"
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Jetstream2Simulator]:
-    s = build_simulator(seed=12, accounts=12, events=EVENTS, tail=TAIL, rows_per_segment=200, rows_per_block=25,
-                        start_us=1_760_000_000_000_000, plan_page_size=2).start_in_thread()
-    yield s
-    s.stop_thread()
+    yield from served(seed=12, accounts=12, events=EVENTS, tail=TAIL, rows_per_segment=200, rows_per_block=25,
+                      plan_page_size=2)
 
 
 @pytest.fixture
 def sim(shared: Jetstream2Simulator) -> Iterator[Jetstream2Simulator]:
-    shared.faults = Faults()
-    yield shared
-    shared.faults = Faults()
+    yield from without_faults(shared)
 
 
 def _expected(sim: Jetstream2Simulator, *, after: int = 0, start_us: int = 0, through: int | None = None,

@@ -31,6 +31,7 @@ from runtime.atproto.segment import Segment
 from runtime.errors import ConfigError, SourceError
 from runtime.simulator.httpd import HttpServer, Request, Response
 from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
+from tests.jetstream2_support import without_faults
 
 T = TypeVar("T")
 EVENTS = 1200
@@ -51,9 +52,7 @@ def shared() -> Iterator[Jetstream2Simulator]:
 @pytest.fixture
 def sim(shared: Jetstream2Simulator) -> Iterator[Jetstream2Simulator]:
     """The shared simulator without faults (tests that rewrite segments use a fresh one)."""
-    shared.faults = Faults()
-    yield shared
-    shared.faults = Faults()
+    yield from without_faults(shared)
 
 
 @pytest.fixture
