@@ -27,23 +27,25 @@ from runtime.simulator.jetstream2 import (
     dictionary_id,
     row_frame,
 )
-from tests.jetstream2_support import without_faults
+from tests.jetstream2_support import START_US, served, without_faults
 
 M = NSID_PREFIX
 EVENTS = 1200
 TAIL = 90
 
 
+def _options(seed: int = 21, **options: Any) -> dict[str, Any]:
+    return {"seed": seed, "accounts": 15, "events": EVENTS, "tail": TAIL, "rows_per_segment": 300,
+            "rows_per_block": 40, "start_us": START_US, **options}
+
+
 def _sim(seed: int = 21, **options: Any) -> Jetstream2Simulator:
-    return build_simulator(seed=seed, accounts=15, events=EVENTS, tail=TAIL, rows_per_segment=300,
-                           rows_per_block=40, start_us=1_760_000_000_000_000, **options)
+    return build_simulator(**_options(seed, **options))
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Jetstream2Simulator]:
-    sim = _sim(plan_page_size=2).start_in_thread()
-    yield sim
-    sim.stop_thread()
+    yield from served(**_options(plan_page_size=2))
 
 
 @pytest.fixture

@@ -31,22 +31,24 @@ from runtime.atproto.segment import Segment
 from runtime.errors import ConfigError, SourceError
 from runtime.simulator.httpd import HttpServer, Request, Response
 from runtime.simulator.jetstream2 import Faults, Jetstream2Simulator, build_simulator
-from tests.jetstream2_support import without_faults
+from tests.jetstream2_support import START_US, served, without_faults
 
 T = TypeVar("T")
 EVENTS = 1200
 
 
+def _options(**options: Any) -> dict[str, Any]:
+    return {"seed": 5, "accounts": 15, "events": EVENTS, "tail": 30, "rows_per_segment": 300, "rows_per_block": 40,
+            "start_us": START_US, **options}
+
+
 def _sim(**options: Any) -> Jetstream2Simulator:
-    return build_simulator(seed=5, accounts=15, events=EVENTS, tail=30, rows_per_segment=300, rows_per_block=40,
-                           start_us=1_760_000_000_000_000, **options)
+    return build_simulator(**_options(**options))
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[Jetstream2Simulator]:
-    sim = _sim(plan_page_size=1).start_in_thread()
-    yield sim
-    sim.stop_thread()
+    yield from served(**_options(plan_page_size=1))
 
 
 @pytest.fixture
