@@ -168,6 +168,9 @@ class JetstreamSimulator(ThreadServed):
         self.connections = 0
         self.disconnects_done = 0
         self.messages_sent = 0
+        #: Sending pauses once ``messages_sent`` reaches this (None = never): a test holds the
+        #: stream at a known point, does what must happen mid-run, then sets it back to None.
+        self.hold_after: int | None = None
         self.requests: list[dict[str, list[str]]] = []
         self.options_updates: list[dict[str, Any]] = []
         self._prepare()
@@ -278,6 +281,8 @@ class JetstreamSimulator(ThreadServed):
                 await ws.send(b"\x00garbage{" if cctx else "{not json")
             if f.oversize_every and sent and sent % f.oversize_every == 0:
                 await ws.send("x" * f.oversize_bytes)
+            while self.hold_after is not None and self.messages_sent >= self.hold_after:
+                await asyncio.sleep(0.01)
             await pacer.wait()
             data: str | bytes
             if cctx is None:
