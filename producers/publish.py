@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 #: Every Nth delivery report feeds the produce-latency histogram.
 LATENCY_SAMPLE_EVERY: Final = 64
 #: Messages held while a checkpoint commits in the background; at this many the runner waits for it.
-MAX_PENDING: Final = 100_000
+#: About a second of a full-speed job: 100,000 held messages made the Jetstream producer's RSS peak
+#: at 314 MB, 20,000 keep it at 187 MB at the same 27,000 events/s (bench/bench_memory.py, issue 16).
+MAX_PENDING: Final = 20_000
 #: A transaction Kafka aborts (one of its messages undelivered within ``transaction.timeout.ms``: a
 #: broker away that long) is redone: its messages are sent again in a new one. The publisher keeps the
 #: open transaction's messages for that, up to this many and REDO_MAX_BYTES of values; a larger

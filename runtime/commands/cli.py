@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from runtime import __version__
 from runtime.errors import BackfillError, ConfigError, FatalError, FencedError, HandleResolutionError
 from runtime.process.logs import configure
+from runtime.process.memory import start_heap_trimmer
 from runtime.process.options import redacted_namespace
 from runtime.process.plugins import COMMANDS, declared
 
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # its settings; a tool a user reads in a terminal (status, inspect, demo) keeps them for DEBUG.
     level = logging.INFO if hasattr(ns, "metrics_port") else logging.DEBUG
     log.log(level, "backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
+    start_heap_trimmer(getattr(ns, "heap_trim_interval", 0.0))
     try:
         code: int = ns._main(ns)
         return code

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Final
 
 from runtime.errors import ConfigError
+from runtime.process.memory import DEFAULT_INTERVAL as DEFAULT_TRIM_INTERVAL
 
 
 class Secret:
@@ -230,6 +231,9 @@ OBSERVABILITY_OPTIONS: Final[tuple[Opt, ...]] = (
     log_level_option(),
     Opt(("--log-format",), "log_format", "BACKFILL_LOG_FORMAT", "text", "log line format",
         choices=("text", "json")),
+    Opt(("--heap-trim-interval",), "heap_trim_interval", "BACKFILL_HEAP_TRIM_INTERVAL", DEFAULT_TRIM_INTERVAL,
+        "give the heap's freed memory back to the system every this many seconds (glibc; 0 = never): "
+        "keeps the resident size near what is in use after a burst", type=float),
 )
 
 
@@ -241,6 +245,7 @@ class ObservabilitySettings:
     metrics_host: str = "0.0.0.0"  # noqa: S104 - see OBSERVABILITY_OPTIONS
     log_level: str = "INFO"
     log_format: str = "text"
+    heap_trim_interval: float = DEFAULT_TRIM_INTERVAL
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> ObservabilitySettings:

@@ -251,3 +251,24 @@ def test_the_embedded_broker_gets_short_group_timing(monkeypatch: pytest.MonkeyP
     assert "session.timeout.ms" not in KafkaSettings(bootstrap_servers="127.0.0.1:1235").consumer_config("g")
     custom = KafkaSettings(bootstrap_servers="127.0.0.1:1234", extra={"session.timeout.ms": "9000"})
     assert custom.consumer_config("g")["session.timeout.ms"] == "9000"
+
+
+def test_client_buffers_are_bounded_and_librdkafka_accepts_them() -> None:
+    """The producers' local queue and the consumers' fetch responses (issue 16: memory), with an
+    operator's larger message.max.bytes raising the fetch size librdkafka would otherwise refuse."""
+    from confluent_kafka import Consumer, Producer
+
+    from runtime.kafka.settings import CONSUMER_FETCH_MAX_BYTES, PRODUCER_QUEUE_KBYTES, PRODUCER_QUEUE_MESSAGES
+
+    plain = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    p = plain.producer_config()
+    assert (p["queue.buffering.max.kbytes"], p["queue.buffering.max.messages"]) == (
+        PRODUCER_QUEUE_KBYTES, PRODUCER_QUEUE_MESSAGES)
+    assert plain.consumer_config("g")["fetch.max.bytes"] == CONSUMER_FETCH_MAX_BYTES
+    big = KafkaSettings(bootstrap_servers="127.0.0.1:1", extra={"message.max.bytes": "20000000"})
+    assert big.consumer_config("g")["fetch.max.bytes"] == 20_000_000
+    own = KafkaSettings(bootstrap_servers="127.0.0.1:1", extra={"fetch.max.bytes": "1048576"})
+    assert own.consumer_config("g")["fetch.max.bytes"] == "1048576"  # the operator's value stands
+    for settings in (plain, big):
+        Consumer(settings.consumer_config("g")).close()
+        Producer(settings.producer_config()).flush(0)

@@ -1,0 +1,71 @@
+"""The heap trimmer: a daemon thread calling the trim every interval, nothing where it cannot."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from runtime.process.memory import HeapTrimmer, _libc_trim, start_heap_trimmer
+from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings
+
+
+def test_trims_every_interval_until_stopped() -> None:
+    calls = threading.Semaphore(0)
+
+    def trim() -> int:
+        calls.release()
+        return 1
+
+    trimmer = HeapTrimmer(0.001, trim).start()
+    thread = trimmer._thread
+    assert thread is not None and thread.daemon  # never keeps a finished process alive
+    try:
+        for _ in range(3):
+            assert calls.acquire(timeout=10)
+    finally:
+        trimmer.stop()
+    assert not thread.is_alive() and trimmer.trims >= 3
+
+
+def test_trim_once_without_a_thread() -> None:
+    seen: list[int] = []
+
+    def trim() -> int:
+        seen.append(1)
+        return 0
+
+    trimmer = HeapTrimmer(60, trim)
+    trimmer.trim_once()
+    trimmer.trim_once()
+    assert seen == [1, 1] and trimmer.trims == 2
+
+
+def test_a_c_library_without_malloc_trim_starts_no_thread() -> None:
+    trimmer = HeapTrimmer(0.001, None)
+    trimmer._trim = None  # what _libc_trim() gives on musl or macOS
+    assert not trimmer.available
+    trimmer.start()
+    assert trimmer._thread is None
+    trimmer.trim_once()
+    assert trimmer.trims == 0
+    trimmer.stop()
+
+
+def test_off_and_bad_intervals() -> None:
+    assert start_heap_trimmer(0) is None
+    with pytest.raises(ValueError, match="positive"):
+        HeapTrimmer(-1, lambda: 0)
+
+
+def test_glibc_trim_runs_here() -> None:
+    trim = _libc_trim()
+    if trim is None:
+        pytest.skip("this C library has no malloc_trim")
+    assert trim() in (0, 1)
+
+
+def test_the_option_reaches_the_settings() -> None:
+    assert any(o.dest == "heap_trim_interval" and o.env == "BACKFILL_HEAP_TRIM_INTERVAL"
+               for o in OBSERVABILITY_OPTIONS)
+    assert ObservabilitySettings().heap_trim_interval == 5.0
