@@ -229,16 +229,14 @@ class KafkaSettings:
             # same measured throughput.
             "queued.min.messages": 1000,
             "queued.max.messages.kbytes": 16 * 1024,
-            # A fetch response stays allocated while any message of it is in the local queue or in
-            # the sink's batch: 50 MB responses (the default) kept a PostgreSQL consumer at 270 MB
-            # RSS on a backlog, 8 MiB at 210 MB with the same rows per second (issue 16).
-            "fetch.max.bytes": CONSUMER_FETCH_MAX_BYTES,
         })
         conf.update(self.extra)  # the operator's settings over these defaults
         conf.update(overrides)
-        if "fetch.max.bytes" not in self.extra and "fetch.max.bytes" not in overrides:
-            # librdkafka refuses a fetch.max.bytes under message.max.bytes: an operator's larger
-            # message.max.bytes raises the default with it.
+        if "fetch.max.bytes" not in conf:
+            # A fetch response stays allocated while any message of it is in the local queue or in
+            # the sink's batch: 50 MB responses (the default) kept a PostgreSQL consumer at 270 MB
+            # RSS on a backlog, 8 MiB at 210 MB with the same rows per second (issue 16). librdkafka
+            # refuses a fetch.max.bytes under message.max.bytes: an operator's larger one raises it.
             conf["fetch.max.bytes"] = max(CONSUMER_FETCH_MAX_BYTES, int(conf.get("message.max.bytes", 0)))
         if conf["group.protocol"] == "consumer":
             for key, broker_side in CLASSIC_ONLY.items():
