@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from runtime.contract.codec import AvroCodec
 from runtime.contract.nsid import CollectionFilter
 from runtime.contract.records import Event, RecordEvent
-from runtime.contract.topics import TopicMap
+from runtime.contract.topics import DID_LEVEL, TopicMap
 from runtime.contract.typed import event_from_datum
 from runtime.errors import (
     CommitError,
@@ -128,7 +128,8 @@ class ConsumerOptions:
 
     Args:
         collections: NSID patterns selecting collection topics (empty = every collection topic).
-        include_account_events: also consume ``<prefix>.identity`` and ``<prefix>.account``.
+        include_account_events: also consume the DID-level topics: ``<prefix>.identity``,
+            ``<prefix>.account`` and ``<prefix>.sync``.
         batch_size: messages per sink transaction.
         linger: seconds to wait for a batch to fill.
         end_time_us: skip (and count) events whose time is at or past this watermark.
@@ -244,7 +245,7 @@ class GroupConsumer:
             coll = self.topics.collection_of(topic)
             if coll is None:
                 continue
-            if coll in ("identity", "account"):
+            if coll in DID_LEVEL:
                 if self.opts.include_account_events:
                     out.append(topic)
             elif self.filter(coll):
@@ -715,7 +716,7 @@ class GroupConsumer:
         coll = self.topics.collection_of(topic)
         if coll is None:
             return False
-        if coll in ("identity", "account"):
+        if coll in DID_LEVEL:
             return self.opts.include_account_events
         return self.filter(coll)
 

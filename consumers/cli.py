@@ -49,7 +49,7 @@ CONSUMER_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--idle-exit",), "idle_exit", "BACKFILL_IDLE_EXIT", 0.0,
         "exit after this many seconds without messages (0 = never)", type=float),
     Opt(("--no-account-events",), "no_account_events", "BACKFILL_NO_ACCOUNT_EVENTS", False,
-        "do not consume the identity and account topics", action="store_true"),
+        "do not consume the DID-level topics (identity, account and sync)", action="store_true"),
     Opt(("--offset-mismatch",), "offset_mismatch", "BACKFILL_OFFSET_MISMATCH", "restart",
         "stored offsets of another Kafka cluster or topic incarnation, or past a partition's end (a "
         "cluster or topic created anew while the sink's database was kept): restart reads those "

@@ -11,7 +11,10 @@ Every item's ``metadata`` carries what a reader needs to fold it (:func:`fold_me
 
 * a record version: ``{"op": "create"|"update"|"delete", "rev", "asof_us", "source", "cursor"}``;
 * an account event: ``{"op": "account", "status_us", "seq", "removal", "source", "cursor"}``;
-* an identity event: ``{"op": "identity", "status_us", "seq", "source", "cursor"}``.
+* an identity event: ``{"op": "identity", "status_us", "seq", "source", "cursor"}``;
+* a repository replacement (Jetstream v2 ``#sync``): ``{"op": "sync", "rev", "removal_us", "seq",
+  "removal", "source", "cursor"}``: ``removal_us`` is rule 5's R (null when the rev is not a usable
+  TID), and ``removal`` is true under ``--resync purge`` (the default) when R is known.
 
 ``source`` is the event's (``jetstream``, ``jetstream2``, ``firehose``, ``repo``) and ``cursor`` its
 source's own position (for ``jetstream2`` the serving instance's ``seq``, not a time): kept for
@@ -21,12 +24,13 @@ is the v1 shape); a jetstream2 event and the same event from Jetstream v1 have o
 
 The sink folds as well, in the same database and transaction as the items and offsets: per record
 (did, collection, rkey) the newest version seen (``fold_versions``: rev, delete, as-of time) and,
-with ``--account-removal purge``, per DID the newest removal's status time R (``fold_removals``).
+with ``--account-removal purge`` or ``--resync purge``, per DID the newest removal time R
+(``fold_removals``: an account removal's status time, a sync's R).
 A record version that does not supersede the stored one (:func:`runtime.contract.order.supersedes`) is not
 queued (``consumer_messages_skipped{reason="stale_rev"}``, or ``duplicate`` for the same version),
 so a delete or a newer version that arrived first drops an older one arriving later; a version
-whose as-of time is <= R is not queued (``reason="filtered"``). Account and identity events are
-always queued (a reader needs them), and with ``--split-by-type`` every account event reaches the
+whose as-of time is <= R is not queued (``reason="filtered"``). Account, identity and sync events
+are always queued (a reader needs them), and with ``--split-by-type`` every account event reaches the
 base queue and every type queue, so each queue folds alone. A post delete carries no record, so it
 reaches both ``<queue>_post`` and ``<queue>_reply``.
 
@@ -80,10 +84,18 @@ import orjson
 
 from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer, group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
-from consumers.options import account_removal_options, removal_statuses
+from consumers.options import account_removal_options, removal_statuses, resync_purge
 from runtime.contract.codec import AvroCodec
-from runtime.contract.order import asof_us, is_delete, removes, status_time_us, supersedes
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key, to_jetstream_json
+from runtime.contract.order import asof_us, is_delete, removes, status_time_us, supersedes, sync_removal_us
+from runtime.contract.records import (
+    AccountEvent,
+    Event,
+    IdentityEvent,
+    RecordEvent,
+    SyncEvent,
+    event_key,
+    to_jetstream_json,
+)
 from runtime.errors import BackfillError, CommitError, ConfigError, SinkUnavailableError
 from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
 from runtime.kafka.settings import KafkaSettings
@@ -279,15 +291,21 @@ def _item(row: tuple[Any, ...]) -> QueueItem:
 
 # ------------------------------------------------------------------------------------ the fold
 
-def fold_metadata(event: Event, removal_statuses: frozenset[str] = frozenset()) -> dict[str, Any]:
+def fold_metadata(event: Event, removal_statuses: frozenset[str] = frozenset(),
+                  resync_purge: bool = False) -> dict[str, Any]:
     """What a reader needs to fold ``event`` (the item's ``metadata``).
 
     ``removal``: the account event is a removal (:func:`runtime.contract.order.removes`) under a sink
-    purging on ``removal_statuses`` (empty: ``--account-removal keep``, never a removal).
+    purging on ``removal_statuses`` (empty: ``--account-removal keep``, never a removal); the sync
+    event is one under ``resync_purge`` (``--resync purge``) when its R is known.
     """
     if isinstance(event, RecordEvent):
         return {"op": event.operation, "rev": event.rev, "asof_us": asof_us(event), "source": event.source,
                 "cursor": event.cursor}
+    if isinstance(event, SyncEvent):
+        when = sync_removal_us(event)
+        return {"op": "sync", "rev": event.rev, "removal_us": when, "seq": event.seq,
+                "removal": resync_purge and when is not None, "source": event.source, "cursor": event.cursor}
     if isinstance(event, AccountEvent):
         return {"op": "account", "status_us": status_time_us(event), "seq": event.seq,
                 "removal": removes(event, removal_statuses), "source": event.source, "cursor": event.cursor}
@@ -317,6 +335,9 @@ def _metadata_from_payload(payload: Any) -> dict[str, Any] | None:
             i = payload["identity"]
             return fold_metadata(IdentityEvent(did, i.get("handle"), i.get("seq"), i.get("time"), "jetstream", 0,
                                                time_us))
+        if kind == "sync":
+            s = payload["sync"]
+            return fold_metadata(SyncEvent(did, str(s["rev"]), s.get("seq"), s.get("time"), "jetstream", 0, time_us))
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
     return None
@@ -394,11 +415,11 @@ class QueueFold:
                 if changed:
                     table[did] = status
                 if meta.get("removal"):
-                    removed = self.removals.get(did)
-                    if removed is None or status.status_us > removed:
-                        self.removals[did] = status.status_us
-                        changed = True
+                    changed = self._raise(did, status.status_us) or changed
                 return changed
+            if op == "sync":
+                when = meta.get("removal_us")
+                return bool(meta.get("removal")) and when is not None and self._raise(did, int(when))
             commit = payload["commit"]
             key = (did, commit["collection"], commit["rkey"])
             version = FoldedVersion(meta.get("rev") or "", op == "delete", int(meta["asof_us"]), payload)
@@ -410,6 +431,13 @@ class QueueFold:
             return False
         self.versions[key] = version
         return True
+
+    def _raise(self, did: str, when: int) -> bool:
+        removed = self.removals.get(did)
+        if removed is None or when > removed:
+            self.removals[did] = when
+            return True
+        return False
 
     def is_live(self, key: RecordKey) -> bool:
         """True when the record ``key`` (did, collection, rkey) is live."""
@@ -538,8 +566,8 @@ Route = str | tuple[str, ...] | None
 def by_type_router(base: str) -> Callable[[Event], Route]:
     """Route records to ``<base>_<type>`` queues (seed 002's type-specific queues); others to ``base``.
 
-    Every queue folds alone: an account event (DID-level, a removal among them) reaches ``base``
-    and every type queue; a post delete (no record, so reply or not is unknown) reaches
+    Every queue folds alone: an account or sync event (DID-level, a removal among them) reaches
+    ``base`` and every type queue; a post delete (no record, so reply or not is unknown) reaches
     ``<base>_post`` and ``<base>_reply``. Identity events and other collections go to ``base``.
     """
     everywhere = (base, *(f"{base}_{kind}" for kind in RECORD_TYPES))
@@ -553,7 +581,7 @@ def by_type_router(base: str) -> Callable[[Event], Route]:
             if kind == "post" and is_delete(event):
                 return post_delete
             return f"{base}_{kind}"
-        if isinstance(event, AccountEvent):
+        if isinstance(event, (AccountEvent, SyncEvent)):
             return everywhere
         return base
     return route
@@ -702,6 +730,8 @@ class QueueSink:
         removal_statuses: account statuses that are removals (``--account-removal purge``): a record
             version of the DID with an as-of time <= the newest removal's is not queued. Empty
             (``keep``): no account event removes anything.
+        resync_purge: a sync event is a removal at its R (``--resync purge``; runtime.contract.order
+            rule 5).
         state_max: keys kept in each of :data:`STATE_TABLES` (module docstring: bounded state).
 
     Raises:
@@ -712,7 +742,8 @@ class QueueSink:
 
     def __init__(self, queue_name: str, path: Path | str | None = None,
                  route: Callable[[Event], Route] | None = None, metrics: Metrics | None = None, *,
-                 removal_statuses: frozenset[str] = frozenset(), state_max: int = DEFAULT_STATE_MAX) -> None:
+                 removal_statuses: frozenset[str] = frozenset(), state_max: int = DEFAULT_STATE_MAX,
+                 resync_purge: bool = False) -> None:
         if state_max < 1:
             raise ValueError(f"state_max must be >= 1, not {state_max}")
         self.queue_name = queue_name
@@ -720,6 +751,7 @@ class QueueSink:
         self.path = Path(path) if path is not None else default_queue_path()
         self._route: Callable[[Event], Route] = route or (lambda _e: queue_name)
         self._removal_statuses = removal_statuses
+        self._resync_purge = resync_purge
         self._state_max = state_max
         self._rows: list[_Pending] = []
         #: Queues known to be in the ``queues`` table (committed).
@@ -782,13 +814,15 @@ class QueueSink:
         # The event's identity, the same through any replay: a Jetstream event served again by
         # another instance (another time_us) is the same item.
         key = hashlib.blake2b(event_key(event).encode(), digest_size=16).digest()
-        meta = fold_metadata(event, self._removal_statuses)
+        meta = fold_metadata(event, self._removal_statuses, self._resync_purge)
         version: tuple[bytes, str, str, bool, int] | None = None
         removal: tuple[str, int] | None = None
         if isinstance(event, RecordEvent):
             version = (_fold_key(event), event.did, event.rev or "", is_delete(event), meta["asof_us"])
         elif meta["op"] == "account" and meta["removal"]:
             removal = (event.did, meta["status_us"])
+        elif meta["op"] == "sync" and meta["removal"]:
+            removal = (event.did, meta["removal_us"])
         self._rows.append(_Pending(queues, key, orjson.dumps(to_jetstream_json(event)).decode(),
                                    orjson.dumps(meta).decode(), version, removal))
 
@@ -814,7 +848,7 @@ class QueueSink:
         per_queue: dict[str, int] = {}
         skipped: dict[str, int] = {}
         new_queues: set[str] = set()
-        purge = bool(self._removal_statuses)
+        purge = bool(self._removal_statuses) or self._resync_purge
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -985,7 +1019,9 @@ QUEUE_OPTIONS: Final = (
         "(account events reach every queue)", action="store_true"),
     *account_removal_options(
         "what an account deletion/takedown event does to that account's records: keep them, or purge: "
-        "queue no record version of the DID as of that time or older (the event is queued either way)"),
+        "queue no record version of the DID as of that time or older (the event is queued either way)",
+        "what a repository replacement (Jetstream v2 #sync) does: purge: queue no record version of the DID "
+        "written by an older commit (the sync is queued either way, with removal=true for readers), or keep"),
     Opt(("--queue-state-max",), "queue_state_max", "BACKFILL_QUEUE_STATE_MAX", DEFAULT_STATE_MAX,
         "keys kept in each of the queue database's de-duplication and fold tables, the oldest pruned first",
         type=int, metavar="KEYS"),
@@ -1013,7 +1049,8 @@ def main(ns: argparse.Namespace) -> int:
     metrics = Metrics()
     try:
         run_consumer(settings, lambda: QueueSink(ns.queue_name, path, route=route, metrics=metrics,
-                                                 removal_statuses=statuses, state_max=ns.queue_state_max),
+                                                 removal_statuses=statuses, state_max=ns.queue_state_max,
+                                                 resync_purge=resync_purge(ns)),
                      metrics=metrics)
     except QueueFullError as e:
         log.critical("stopping: %s", e)  # the message says it all: no traceback

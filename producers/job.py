@@ -53,7 +53,7 @@ import orjson
 from producers.publish import Msg, Publisher
 from producers.source import Drop, End, Skip, Source
 from runtime.contract.codec import AvroCodec
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, to_jetstream_json
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, SyncEvent, to_jetstream_json
 from runtime.contract.timeparse import us_to_date
 from runtime.contract.topics import CONTROL_TOPIC_CONFIG
 from runtime.errors import ConfigError, DropError, SourceError
@@ -235,7 +235,7 @@ class JobRunner:
         kafka_util.check_reachable(publisher.admin, self.kafka.bootstrap_servers)
         publisher.ensure([self.topics.control], config=CONTROL_TOPIC_CONFIG, partitions=1)
         publisher.ensure([self.topics.dead_letters, f"{self.kafka.topic_prefix}.identity",
-                          f"{self.kafka.topic_prefix}.account"])
+                          f"{self.kafka.topic_prefix}.account", f"{self.kafka.topic_prefix}.sync"])
         if publisher.start(self.opts.transactions):
             log.info("job %s: Kafka transactions enabled (data and checkpoint commit atomically)",
                      self.opts.job)
@@ -486,7 +486,7 @@ class JobRunner:
         self.publisher.begin()
         async for item in source.items():
             n += 1
-            if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent)):
+            if isinstance(item, (RecordEvent, IdentityEvent, AccountEvent, SyncEvent)):
                 stats.messages_received += 1
                 self._n_received += 1
                 try:

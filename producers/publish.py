@@ -38,7 +38,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer, Topic
 from producers.source import Drop
 from runtime.contract.codec import AvroCodec
 from runtime.contract.records import Event, RecordEvent
-from runtime.contract.topics import ACCOUNT, IDENTITY, TopicMap, schema_name_for, schema_name_for_collection
+from runtime.contract.topics import DID_LEVEL, TopicMap, schema_name_for, schema_name_for_collection
 from runtime.contract.typed import datum_for
 from runtime.errors import CommitError, DeliveryError, DropError, FatalError, FencedError
 from runtime.kafka import clients as kafka_util
@@ -268,7 +268,7 @@ class Publisher:
         topics = list(topics)
         self._known_topics.update(topics)
         collection_of = self.topics.collection_of
-        self._collection_topics.update(t for t in topics if collection_of(t) not in (None, IDENTITY, ACCOUNT))
+        self._collection_topics.update(t for t in topics if collection_of(t) not in (None, *DID_LEVEL))
 
     # ------------------------------------------------------------------ routing
 
@@ -309,7 +309,7 @@ class Publisher:
         return route
 
     def _route_event(self, event: Event) -> Route:
-        """The route of identity or account events."""
+        """The route of DID-level events (identity, account, sync)."""
         schema = schema_name_for(event)
         topic = self.topics.for_event(event)
         encode_datum = self.codec.encoder_for(schema, topic)

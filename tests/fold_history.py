@@ -9,9 +9,11 @@ API:
   events in source order (creates, updates and deletes with increasing revs across collections;
   account deactivation, reactivation, deletion, takedown and its reversal, and handle changes,
   each with the relay's time and seq; getRepo snapshots at the head rev with their fetch time;
-  the same events delivered again, as they are or through the other source).
+  repository replacements (Jetstream v2's ``#sync`` then resync-creates at its rev of the records
+  the repository still holds, the others lost); the same events delivered again, as they are or
+  through the other source).
 * :func:`split_by_topic` - a history's per-topic streams (a topic per collection, plus
-  ``"account"`` and ``"identity"``), each in source order: a consumer reads each in order and
+  ``"account"``, ``"identity"`` and ``"sync"``), each in source order: a consumer reads each in order and
   the streams in any relative order.
 * :func:`reference_fold` - the final state under :mod:`runtime.contract.order`, computed from the whole
   history at once: :class:`FoldState` (live records with their rev and cid, each DID's newest
@@ -33,9 +35,9 @@ from typing import Any, Final
 
 from hypothesis import strategies as st
 
-from runtime.atproto.tid import make_tid
+from runtime.atproto.tid import make_tid, tid_to_time_us
 from runtime.contract.order import asof_us, is_delete, removes, status_time_us
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, SyncEvent
 
 #: Collections the histories write: typed ones, the profile (rkey ``self``, updated in place) and
 #: one without a type of its own.
@@ -45,6 +47,7 @@ PROFILE: Final = "app.bsky.actor.profile"
 POST: Final = "app.bsky.feed.post"
 ACCOUNT_TOPIC: Final = "account"
 IDENTITY_TOPIC: Final = "identity"
+SYNC_TOPIC: Final = "sync"
 #: Account changes: (active, status). ``None`` status and active: a reactivation or a reversal.
 ACCOUNT_CHANGES: Final = ((False, "deactivated"), (False, "deleted"), (False, "takendown"), (True, None))
 #: The removal statuses of ``--account-removal purge`` by default.
@@ -52,7 +55,7 @@ DEFAULT_REMOVAL_STATUSES: Final = frozenset({"deleted", "takendown"})
 
 _T0: Final = 1_700_000_000_000_000
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_ACTIONS: Final = ("create", "create", "update", "delete", "account", "account", "identity", "snapshot")
+_ACTIONS: Final = ("create", "create", "update", "delete", "account", "account", "identity", "snapshot", "sync")
 _SOURCES: Final = ("jetstream", "firehose")
 
 RecordKey = tuple[str, str, str]
@@ -134,6 +137,19 @@ def histories(draw: st.DrawFn, *, max_dids: int = 3, max_steps: int = 40, max_sn
             events.append(IdentityEvent(repo.did, f"h{n}.test", seq, relay_time(t), source, seq, time_us))
         elif action == "snapshot":
             snapshot(repo, t)
+        elif action == "sync":
+            if not repo.active:
+                continue
+            # Sync 1.1: the repository diverged; the archive holds a #sync row at the new rev, then
+            # the records the repository holds (a subset: the others were lost) at that rev
+            rev = make_tid(t, 5)
+            kept = [k for k in sorted(repo.records) if draw(st.booleans())]
+            repo.records = {k: repo.records[k] for k in kept}
+            events.append(SyncEvent(repo.did, rev, seq, relay_time(t), "jetstream2", seq, t))
+            for coll, rkey in kept:
+                cid, record = repo.records[(coll, rkey)]
+                events.append(RecordEvent(repo.did, coll, rkey, "create", rev, cid, record, "jetstream2", seq, t))
+            repo.head = rev
         elif repo.active:
             rev = make_tid(t, 5)
             if action == "create":
@@ -174,21 +190,23 @@ def histories(draw: st.DrawFn, *, max_dids: int = 3, max_steps: int = 40, max_sn
 
 
 def split_by_topic(events: Iterable[Event]) -> dict[str, list[Event]]:
-    """Per topic (the collection, ``"account"``, ``"identity"``), its events in source order."""
+    """Per topic (the collection, ``"account"``, ``"identity"``, ``"sync"``), its events in source order."""
     out: dict[str, list[Event]] = {}
     for e in events:
         topic = e.collection if isinstance(e, RecordEvent) else (
-            ACCOUNT_TOPIC if isinstance(e, AccountEvent) else IDENTITY_TOPIC)
+            ACCOUNT_TOPIC if isinstance(e, AccountEvent) else SYNC_TOPIC if isinstance(e, SyncEvent)
+            else IDENTITY_TOPIC)
         out.setdefault(topic, []).append(e)
     return out
 
 
-def reference_fold(events: Iterable[Event], removal_statuses: frozenset[str]) -> FoldState:
+def reference_fold(events: Iterable[Event], removal_statuses: frozenset[str], resync: bool = False) -> FoldState:
     """The final state of ``events`` under :mod:`runtime.contract.order`, computed from all of them at once.
 
     Per record the kept version is the greatest by (rev, delete over write, as-of time); it is live
     when it is not a delete and its as-of time is later than the DID's newest removal (an account
-    event with a status in ``removal_statuses``; empty: keep, nothing is removed). Per DID the
+    event with a status in ``removal_statuses``; empty: keep, nothing is removed; with ``resync``, a
+    sync at rev X: every version written before X's time is gone). Per DID the
     account status and the handle are those of the event with the greatest (status time, seq).
     """
     kept: dict[RecordKey, tuple[tuple[str, bool, int], RecordEvent]] = {}
@@ -201,6 +219,11 @@ def reference_fold(events: Iterable[Event], removal_statuses: frozenset[str]) ->
             key = record_key(e)
             if key not in kept or order > kept[key][0]:
                 kept[key] = (order, e)
+            continue
+        if isinstance(e, SyncEvent):
+            if resync:
+                gone_before = tid_to_time_us(e.rev)  # versions as of an earlier time are gone
+                removed[e.did] = max(removed.get(e.did, gone_before - 1), gone_before - 1)
             continue
         when = (status_time_us(e), -1 if e.seq is None else e.seq)
         if isinstance(e, AccountEvent):
@@ -224,6 +247,8 @@ def describe(events: Iterable[Event]) -> str:
         if isinstance(e, RecordEvent):
             lines.append(f"{e.source:9} {e.did[-3:]} {e.collection}/{e.rkey} {e.operation} rev={e.rev} "
                          f"asof={asof_us(e)}")
+        elif isinstance(e, SyncEvent):
+            lines.append(f"{e.source:9} {e.did[-3:]} sync rev={e.rev} at={tid_to_time_us(e.rev)}")
         else:
             what = f"account active={e.active} status={e.status}" if isinstance(e, AccountEvent) \
                 else f"identity handle={e.handle}"

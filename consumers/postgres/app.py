@@ -15,7 +15,7 @@ from typing import Final
 
 from consumers.base import group_name
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
-from consumers.options import account_removal_options, removal_statuses
+from consumers.options import account_removal_options, removal_statuses, resync_purge
 from consumers.postgres.rows import TransformOptions
 from consumers.postgres.sink import DatabaseUnreachableError, PostgresSettings, PostgresSink, StartStoppedError
 from runtime.contract.created_at import OutOfRange, TimestampPolicy
@@ -44,7 +44,10 @@ POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
         "tombstone stops an older change from bringing it back", choices=("delete", "flag")),
     *account_removal_options(
         "what an account deletion/takedown event does to that account's rows: keep them (the event and "
-        "the actor's status are recorded either way) or purge them (and skip older ones arriving later)"),
+        "the actor's status are recorded either way) or purge them (and skip older ones arriving later)",
+        "what a repository replacement (Jetstream v2 #sync, followed by the repository's current records) does "
+        "to the DID's rows written by older commits: purge them (and skip older ones arriving later), or keep "
+        "them; the event is recorded in sync_events either way"),
     Opt(("--created-at-start",), "created_at_start", "BACKFILL_CREATED_AT_START", None,
         "seed 002's range: records whose createdAt is before this are out of range"),
     Opt(("--created-at-end",), "created_at_end", "BACKFILL_CREATED_AT_END", None,
@@ -82,7 +85,7 @@ def postgres_settings(ns: argparse.Namespace, max_concurrent: int) -> PostgresSe
         out_of_range=OutOfRange(ns.out_of_range))
     if ns.db_wait < 0:
         raise ConfigError("--db-wait must be >= 0 seconds")
-    transform = TransformOptions(policy=policy, removal_statuses=removal_statuses(ns))
+    transform = TransformOptions(policy=policy, removal_statuses=removal_statuses(ns), resync_purge=resync_purge(ns))
     return PostgresSettings(database_url=url, db_schema=ns.db_schema, deletes=ns.deletes, transform=transform,
                             max_concurrent=max_concurrent, connect_wait=ns.db_wait)
 

@@ -36,8 +36,8 @@ from typing import Any, Final
 import orjson
 
 from runtime.contract.created_at import Outcome, TimestampPolicy
-from runtime.contract.order import asof_us, newer_version, removes, status_time_us
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.order import asof_us, newer_version, removes, status_time_us, sync_removal_us
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, SyncEvent
 from runtime.contract.typed import record_datum
 from runtime.errors import DropError, InvalidRecordError
 
@@ -69,6 +69,11 @@ IDENTITY_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
 ACCOUNT_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("did", "text"), ("source", "text"), ("cursor", "bigint"), ("time_us", "bigint"), ("seq", "bigint"),
     ("time", "text"), ("active", "boolean"), ("status", "text"), ("job", "text"),
+)
+
+SYNC_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("did", "text"), ("source", "text"), ("cursor", "bigint"), ("time_us", "bigint"), ("seq", "bigint"),
+    ("time", "text"), ("rev", "text"), ("job", "text"),
 )
 
 Row = tuple[Any, ...]
@@ -242,8 +247,10 @@ class Batch:
         identities, accounts: event-log rows by their primary key.
         actors: every DID seen as author or referenced as subject.
         actor_updates: DIDs whose handle or account status changes.
-        removals: DID -> status time of the newest account removal to purge (purge mode only;
-            runtime.contract.order rule 3).
+        syncs: repository replacements (the ``sync_events`` log) by their primary key.
+        removals: DID -> time R of the newest removal to purge: an account removal's status time
+            (``--account-removal purge``; runtime.contract.order rule 3) or a sync's
+            (``--resync purge``; rule 5).
         progress: (producer job, topic, partition) -> (newest source cursor, its event time in
             microseconds); the job's ``firehose_cursor`` is the low watermark over its partitions.
         event_times: event time of every event in the batch (for the latency hook).
@@ -254,6 +261,7 @@ class Batch:
     changes: dict[tuple[str, str, str], Change] = field(default_factory=dict)
     identities: dict[tuple[Any, ...], Row] = field(default_factory=dict)
     accounts: dict[tuple[Any, ...], Row] = field(default_factory=dict)
+    syncs: dict[tuple[Any, ...], Row] = field(default_factory=dict)
     actors: set[str] = field(default_factory=set)
     actor_updates: dict[str, ActorUpdate] = field(default_factory=dict)
     removals: dict[str, int] = field(default_factory=dict)
@@ -265,12 +273,12 @@ class Batch:
     _last_position: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        return len(self.changes) + len(self.identities) + len(self.accounts)
+        return len(self.changes) + len(self.identities) + len(self.accounts) + len(self.syncs)
 
     @property
     def empty(self) -> bool:
         """True when nothing would be written (offsets may still be)."""
-        return not (self.changes or self.identities or self.accounts or self.actors or self.actor_updates
+        return not (self.changes or self.identities or self.accounts or self.syncs or self.actors or self.actor_updates
                     or self.removals or self.progress)
 
     def upserts(self) -> dict[str, list[Row]]:
@@ -324,10 +332,18 @@ class TransformOptions:
     Args:
         policy: seed 002's createdAt range and what to do with records outside it.
         removal_statuses: account statuses whose events purge the account's rows; empty = keep rows.
+        resync_purge: a repository replacement (a sync event) purges the DID's older record
+            versions (``--resync purge``); False keeps them (the event is logged only).
     """
 
     policy: TimestampPolicy = field(default_factory=TimestampPolicy)
     removal_statuses: frozenset[str] = frozenset()
+    resync_purge: bool = False
+
+    @property
+    def purges(self) -> bool:
+        """True when any event can remove records (the sink then guards every write)."""
+        return bool(self.removal_statuses) or self.resync_purge
 
 
 def add_event(batch: Batch, event: Event, options: TransformOptions, datum: dict[str, Any] | None = None,
@@ -358,7 +374,17 @@ def add_event(batch: Batch, event: Event, options: TransformOptions, datum: dict
     _check_storable(event.time or "", "time")
     _check_storable(event.job, "job")
     key = (event.did, event.source, event.cursor, event.time_us)
-    if isinstance(event, IdentityEvent):
+    if isinstance(event, SyncEvent):
+        _check_storable(event.rev, "rev")
+        batch.syncs[key] = (event.did, event.source, event.cursor, event.time_us, event.seq, event.time,
+                            event.rev, event.job)
+        if options.resync_purge:
+            when = sync_removal_us(event)
+            if when is not None:
+                prev = batch.removals.get(event.did)
+                if prev is None or when > prev:
+                    batch.removals[event.did] = when
+    elif isinstance(event, IdentityEvent):
         _check_storable(event.handle or "", "handle")
         batch.identities[key] = (event.did, event.source, event.cursor, event.time_us, event.seq, event.time,
                                  event.handle, event.job)

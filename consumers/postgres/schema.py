@@ -176,6 +176,20 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     PRIMARY KEY (service, topic, partition)
 )""",
     )),
+    Migration(4, "repository replacements (Jetstream v2 #sync): the sync_events log", (
+        """CREATE TABLE {s}.sync_events (
+    did TEXT NOT NULL,
+    source TEXT NOT NULL,
+    cursor BIGINT NOT NULL,
+    time_us BIGINT NOT NULL,
+    seq BIGINT,
+    time TEXT,
+    rev TEXT NOT NULL,
+    job TEXT NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (did, source, cursor, time_us)
+)""",
+    )),
 )
 
 #: The schema version this code writes.

@@ -50,6 +50,7 @@ from consumers.postgres.rows import (
     DELETE_COLUMNS,
     IDENTITY_COLUMNS,
     RECORD_TABLES,
+    SYNC_COLUMNS,
     Batch,
     Table,
     TransformOptions,
@@ -66,14 +67,59 @@ from runtime.process.options import Secret
 log = logging.getLogger(__name__)
 
 SINK: Final = "postgres"
-#: Known-committed actors remembered per process (skips re-inserting them); cleared when full.
-KNOWN_ACTORS_MAX: Final = 1_000_000
+#: Known-committed actors remembered per process (skips re-inserting them), in two generations of
+#: at most this many DIDs each (about 11 MB per generation): recently seen actors stay known.
+KNOWN_ACTORS_GENERATION: Final = 100_000
 #: GIL switch interval (seconds) while a background writer runs.
 SWITCH_INTERVAL: Final = 0.0005
 #: Waits between connection attempts while the database is unreachable at start: doubling from
 #: the first, capped (a database coming back is noticed within this many seconds).
 START_BACKOFF_FIRST: Final = 0.5
 START_BACKOFF_MAX: Final = 5.0
+
+
+class KnownActors:
+    """The DIDs whose ``actors`` row is committed, bounded: two generations of ``generation`` each.
+
+    Lookups see both generations; new and re-seen DIDs go to the young one. When it is full it
+    becomes the old one and the previous old one is dropped, so memory stays under
+    ``2 * generation`` DIDs whatever the input, and an actor seen in the last generation stays
+    known (a hot actor is never re-inserted just because the cache turned over).
+    """
+
+    def __init__(self, generation: int) -> None:
+        if generation < 1:
+            raise ValueError("generation must be positive")
+        self.generation = generation
+        self._young: set[str] = set()
+        self._old: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
+
+    def __contains__(self, did: object) -> bool:
+        return did in self._young or did in self._old
+
+    def unknown(self, dids: Iterable[str]) -> list[str]:
+        """The DIDs of ``dids`` not known to be committed, in their order."""
+        young, old = self._young, self._old
+        return [d for d in dids if d not in young and d not in old]
+
+    def add(self, dids: Iterable[str]) -> None:
+        """Remember ``dids`` as committed (after the transaction that inserted them)."""
+        young, limit = self._young, self.generation
+        for did in dids:
+            if did in young:
+                continue
+            if len(young) >= limit:
+                self._old, young = young, set()
+                self._young = young
+            young.add(did)
+
+    def clear(self) -> None:
+        """Forget every DID (the database may have lost rows)."""
+        self._young = set()
+        self._old = set()
 
 
 @dataclass(frozen=True)
@@ -252,12 +298,14 @@ class Statements:
 
         stage("identity", IDENTITY_COLUMNS)
         stage("account", ACCOUNT_COLUMNS)
+        stage("sync", SYNC_COLUMNS)
         self.events = {
             name: sql.SQL("INSERT INTO {s}.{t} ({cols}) SELECT {cols} FROM pg_temp.{st} "
                           "ON CONFLICT DO NOTHING").format(
                 s=s, t=sql.Identifier(target), cols=_columns(cols), st=sql.Identifier(f"_stage_{name}"))
             for name, target, cols in (("identity", "identity_events", IDENTITY_COLUMNS),
-                                       ("account", "account_events", ACCOUNT_COLUMNS))}
+                                       ("account", "account_events", ACCOUNT_COLUMNS),
+                                       ("sync", "sync_events", SYNC_COLUMNS))}
 
         self.actors = sql.SQL(
             "INSERT INTO {s}.actors (did) SELECT d FROM unnest(%s::text[]) AS d ORDER BY d "
@@ -424,6 +472,8 @@ def prepare(batch: Batch, cursor: psycopg.Cursor[Any], statements: Statements) -
         copy("identity", batch.identities.values())
     if batch.accounts:
         copy("account", batch.accounts.values())
+    if batch.syncs:
+        copy("sync", batch.syncs.values())
     out.actors = sorted(batch.actors)
     if statements.purge_mode:
         # with the actor rows the batch updates, so that every row lock is taken in DID order
@@ -458,7 +508,7 @@ class Writer:
         self.sql = statements
         self._connect = connect
         self._conn: psycopg.Connection[Any] | None = None
-        self.known_actors: set[str] = set()
+        self.known_actors = KnownActors(KNOWN_ACTORS_GENERATION)
 
     def connection(self) -> psycopg.Connection[Any]:
         """The open connection (reconnecting and re-creating the staging tables when needed).
@@ -499,7 +549,7 @@ class Writer:
         """
         conn = self.connection()
         known = self.known_actors
-        new_actors = [a for a in prepared.actors if a not in known]
+        new_actors = known.unknown(prepared.actors)
         try:
             with conn.transaction():
                 result = self._write(conn, prepared, group, offsets, new_actors)
@@ -509,9 +559,7 @@ class Writer:
                     self.reset()
                 raise SinkUnavailableError(f"PostgreSQL: {type(e).__name__}: {e}") from e
             raise CommitError(f"PostgreSQL refused a batch: {type(e).__name__}: {e}") from e
-        if len(known) + len(new_actors) > KNOWN_ACTORS_MAX:
-            known.clear()
-        known.update(new_actors)
+        known.add(prepared.actors)
         return result
 
     def _copy(self, cur: psycopg.Cursor[Any], name: str, data: bytes) -> None:
@@ -553,7 +601,7 @@ class Writer:
             written = max(0, cur.rowcount)
             rows[table.name] = rows.get(table.name, 0) + written
             result.stale += p.staged[table.name] - written
-        for name in ("identity", "account"):
+        for name in ("identity", "account", "sync"):
             data = p.copies.get(name)
             if data is not None:
                 self._copy(cur, name, data)
@@ -619,7 +667,7 @@ class PostgresSink:
         self._sleep = sleep if sleep is not None else (stop or threading.Event()).wait
         opts = settings.transform
         self.sql = Statements(settings.db_schema, flag_deletes=settings.deletes == "flag",
-                              purge=bool(opts.removal_statuses))
+                              purge=opts.purges)
         self._control: psycopg.Connection[Any] | None = None
         try:
             self._wait_for_database()
@@ -642,9 +690,10 @@ class PostgresSink:
         self._skipped_range = metrics.consumer_skipped.child(SINK, "out_of_range_timestamp")
         self._skipped_stale = metrics.consumer_skipped.child(SINK, "stale_rev")
         self._retries = metrics.db_retries.child(SINK)
-        log.info("PostgreSQL sink on %s schema %s (deletes: %s, account removal: %s, max concurrent %d)",
+        log.info("PostgreSQL sink on %s schema %s (deletes: %s, account removal: %s, resync: %s, max concurrent %d)",
                  describe_dsn(settings.database_url.get()), settings.db_schema, settings.deletes,
-                 ",".join(sorted(opts.removal_statuses)) or "keep", settings.max_concurrent)
+                 ",".join(sorted(opts.removal_statuses)) or "keep", "purge" if opts.resync_purge else "keep",
+                 settings.max_concurrent)
 
     # ------------------------------------------------------------------ control connection
 

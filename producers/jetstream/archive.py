@@ -12,8 +12,8 @@ cannot tell the sources apart:
 * kinds 4 and 5 (identity, account): the upstream ``subscribeRepos`` body's CBOR, decoded by the
   relay decoder (:func:`producers.firehose.decode.decode`) and turned into a Jetstream event:
   :class:`~runtime.contract.records.IdentityEvent` / :class:`~runtime.contract.records.AccountEvent`.
-* kind 6 (sync): a :class:`SyncMarker` (the DID's records older than it are replaced); the contract
-  has no event for it yet, so it is returned for the caller to count or route.
+* kind 6 (sync): a :class:`~runtime.contract.records.SyncEvent` (the DID's repository was replaced at
+  its ``rev``; the replacement records follow as resync-creates at that rev).
 
 ``source`` is ``jetstream2`` (:attr:`runtime.contract.records.Source.JETSTREAM2`); ``cursor`` is the
 row's ``seq`` (local to the instance that served it); ``time_us`` is the row's ``indexed_at``, or
@@ -61,6 +61,7 @@ from runtime.contract.records import (
     Operation,
     RecordEvent,
     Source,
+    SyncEvent,
     to_jetstream_json,
 )
 from runtime.contract.typed import MAX_TIME_US
@@ -72,7 +73,6 @@ __all__ = [
     "ORIGIN",
     "BlockResult",
     "RowFilter",
-    "SyncMarker",
     "decode_block_rows",
     "decode_row",
     "event_json",
@@ -149,23 +149,8 @@ class RowFilter:
 ALL: Final = RowFilter()
 
 
-@dataclass(slots=True)
-class SyncMarker:
-    """A ``#sync`` row: the DID's repository was replaced at ``rev``; its records with a lower seq go.
-
-    ``seq``/``time`` are the relay's, ``cursor``/``time_us`` the archive row's (as for the events).
-    """
-
-    did: str
-    rev: str
-    seq: int | None
-    time: str | None
-    cursor: int
-    time_us: int
-    job: str = ""
-
-
-Item = Event | SyncMarker
+#: What a row decodes to (kept as a name: the archive's readers say ``Item``).
+Item = Event
 
 
 @dataclass(slots=True)
@@ -173,7 +158,7 @@ class BlockResult:
     """What one block decodes to.
 
     Attributes:
-        items: the events and sync markers, in seq order.
+        items: the events, in seq order.
         drops: the bad rows (dead letters).
         skipped: rows left out, by reason (``filtered``, ``before_cursor``).
         last_seq: the highest seq of the block (filtered or not), or None for an empty block.
@@ -233,7 +218,8 @@ def _marker(row: Row, time_us: int, job: str) -> Item:
         if type(rev) is not str or not rev:
             raise DropError("malformed_frame", f"row {row.seq}: #sync body has no rev")
         when = body.get("time")
-        return SyncMarker(row.did, rev, decoded.seq, when if type(when) is str else None, row.seq, time_us, job)
+        return SyncEvent(row.did, rev, decoded.seq, when if type(when) is str else None, SOURCE, row.seq, time_us,
+                         job, witnessed_at=row.witnessed_at, indexed_at=row.indexed_at or None)
     event = decoded.events[0]
     assert isinstance(event, (IdentityEvent, AccountEvent))
     event.source = SOURCE
@@ -246,7 +232,7 @@ def _marker(row: Row, time_us: int, job: str) -> Item:
 
 def decode_row(row: Row, *, job: str = "", verify_cid: bool = False, max_depth: int = DEFAULT_MAX_DEPTH,
                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Item:
-    """One row as an event (or a sync marker), unfiltered.
+    """One row as an event, unfiltered.
 
     Raises:
         DropError: the row is bad; its ``reason`` is one of :data:`runtime.errors.DROP_REASONS`.
@@ -367,10 +353,7 @@ def _good_collection(collection: str, good: set[str]) -> bool:
 
 
 def event_json(item: Item) -> dict[str, Any]:
-    """The Jetstream (v1) shape of an event plus its ``seq``; a sync marker as Jetstream v2 shows it."""
-    if isinstance(item, SyncMarker):
-        sync: dict[str, Any] = {"did": item.did, "rev": item.rev, "seq": item.seq, "time": item.time}
-        return {"did": item.did, "time_us": item.time_us, "kind": "sync", "sync": sync, "seq": item.cursor}
+    """The Jetstream (v1) shape of an event plus its ``seq`` (a sync as Jetstream v2 shows it)."""
     line = to_jetstream_json(item)
     line["seq"] = item.cursor
     return line

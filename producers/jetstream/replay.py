@@ -15,8 +15,8 @@ Every row comes out in seq order, history and live, so the position is one numbe
 first row witnessed at or after it (witnessed times grow with seq, so nothing later can be older).
 
 A block that cannot be decoded is fetched once more by ``getBlock``; if it is still bad it becomes one
-dead letter (its rows are not emitted) and the replay goes on. A ``#sync`` row has no event in the
-contract yet: it is counted (``Skip("sync_marker")``), not produced.
+dead letter (its rows are not emitted) and the replay goes on. A ``#sync`` row is a
+:class:`~runtime.contract.records.SyncEvent`, produced like the others.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from producers.jetstream.archive import ORIGIN, RowFilter, SyncMarker, iter_block_chunks
+from producers.jetstream.archive import ORIGIN, RowFilter, iter_block_chunks
 from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.v2client import ArchiveClient, PlanPage, PlanUnit, SegmentChangedError
 from producers.jetstream.v2live import CursorTooOldError, LiveTail
@@ -410,14 +410,9 @@ class ReplaySource:
                 yield Skip(reason, count)
             if chunk.drops:
                 # keep seq order between the events and the dead letters
-                yield from _merge(chunk.items, chunk.drops, self)
+                yield from _merge(chunk.items, chunk.drops)
             else:
-                for item in chunk.items:
-                    if isinstance(item, SyncMarker):
-                        self._skip("sync_marker", 1)
-                        yield Skip("sync_marker")
-                    else:
-                        yield item
+                yield from chunk.items
             if chunk.last_seq is not None:
                 self._covered = max(self._covered, chunk.last_seq)
 
@@ -454,11 +449,7 @@ class ReplaySource:
                     raise _EndReachedError
                 self._covered = seq
                 self.stats.live_rows += 1
-                if isinstance(event, SyncMarker):
-                    self._skip("sync_marker", 1)
-                    yield Skip("sync_marker")
-                else:
-                    yield event
+                yield event
         finally:
             self._live = None
             with contextlib.suppress(Exception):
@@ -476,17 +467,13 @@ def _witnessed(item: Any) -> int:
     return w if isinstance(w, int) and w > 0 else int(item.time_us)
 
 
-def _merge(items: list[Any], drops: list[Drop], source: ReplaySource) -> Iterator[SourceItem]:
-    """Events and drops of one chunk in seq order (sync markers counted as skips)."""
+def _merge(items: list[Any], drops: list[Drop]) -> Iterator[SourceItem]:
+    """Events and drops of one chunk in seq order."""
     queue = sorted(drops, key=lambda d: d.cursor or 0)
     j = 0
     for item in items:
         while j < len(queue) and (queue[j].cursor or 0) < item.cursor:
             yield queue[j]
             j += 1
-        if isinstance(item, SyncMarker):
-            source._skip("sync_marker", 1)
-            yield Skip("sync_marker")
-        else:
-            yield item
+        yield item
     yield from queue[j:]

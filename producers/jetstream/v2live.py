@@ -4,7 +4,7 @@ Two layers:
 
 * :func:`decode_frame` is pure (no sockets, no clock): one websocket message (a JSON text frame, or a
   binary frame holding one zstd frame made with the instance's dictionary whose content is exactly
-  that text) becomes a :class:`LiveRow` (an event or a :class:`~producers.jetstream.archive.SyncMarker`
+  that text) becomes a :class:`LiveRow` (an event, a :class:`~runtime.contract.records.SyncEvent` for ``#sync``
   with its ``seq``), a :class:`RowSkip` (a row the filter rejects), an :class:`Info` (``#info``, such as
   ``OutdatedCursor``), an :class:`UnknownFrame` (a ``$type`` this version does not know), an
   :class:`ErrorFrame` (terminal: ``ConsumerTooSlow``, ``InternalError``) or a

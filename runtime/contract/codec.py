@@ -57,6 +57,11 @@ CHANGES: Final[tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]] = (
     # Jetstream v2: its source and its two envelope times
     (("witnessed_at", "indexed_at"), ("jetstream2",)),
 )
+#: Schemas added after some of :data:`CHANGES`: how many of them came before the schema existed (no
+#: value of it was ever written without what those changes added).
+BORN_AFTER: Final[dict[str, int]] = {
+    "sync": 1,  # Jetstream v2's #sync rows (issue 14), with the times from the start
+}
 
 
 @dataclass(frozen=True)
@@ -69,12 +74,13 @@ class EarlierSchema:
     decoder: Decoder | None = None
 
 
-def earlier_versions(raw: dict[str, Any]) -> list[dict[str, Any]]:
+def earlier_versions(raw: dict[str, Any], born: int = 0) -> list[dict[str, Any]]:
     """The earlier versions of the schema ``raw`` (parsed JSON), newest first, each one before one of
-    :data:`CHANGES` (the changes that did not touch it are left out)."""
+    :data:`CHANGES` (the changes that did not touch it are left out, and so are the first ``born``:
+    the schema did not exist before them; see :data:`BORN_AFTER`)."""
     out: list[dict[str, Any]] = []
     current = raw
-    for fields, symbols in reversed(CHANGES):
+    for fields, symbols in reversed(CHANGES[born:]):
         older = json.loads(json.dumps(current))
         older["fields"] = [f for f in older.get("fields", ()) if f["name"] not in fields]
         for f in older["fields"]:
@@ -138,7 +144,7 @@ def _load_shipped() -> dict[str, ShippedSchema]:
         canonical, fp = _fingerprint(parsed)
         full = f"{raw.get('namespace')}.{raw['name']}" if raw.get("namespace") else raw["name"]
         earlier = []
-        for old_raw in earlier_versions(raw):
+        for old_raw in earlier_versions(raw, BORN_AFTER.get(name, 0)):
             old = fastavro.parse_schema(old_raw)
             earlier.append(EarlierSchema(old, _fingerprint(old)[1],
                                          _resolving(compile_decoder(old), parsed, old)))

@@ -22,6 +22,14 @@ order, through any replica. So no sink orders effects by arrival, and none compa
    of its ``rev`` for a commit (Jetstream, relay), and the time the repository was fetched for a
    getRepo snapshot row (a snapshot taken after a reversal shows the repository as it is now, even
    when its head commit is older than the takedown).
+5. **A repository replacement** (a :class:`~runtime.contract.records.SyncEvent`: Jetstream v2's
+   ``#sync`` row, after which the DID's current records come again as resync-creates at the sync's
+   ``rev``) is a removal at R = (TID time of that ``rev``) - 1 us: every version written by an older
+   commit goes, whenever it arrives; the replacement rows (as-of time = the rev's TID time) and
+   every later commit stay. A snapshot fetched after the sync stays too (its as-of time is the fetch
+   time). A sync whose ``rev`` is not a usable TID removes nothing (it cannot be placed in time). Two
+   commits of one repository within the same microsecond (TIDs differing in their clock id only)
+   are the one case rule 5 cannot separate: the older stays.
 
 No rule compares ``cursor``: it is each source's own resume position (a Jetstream instance's clock,
 a relay ``seq``, a repository job's ordinal) and, for Jetstream v2 (``jetstream2``), the serving
@@ -31,7 +39,7 @@ instance's receive clock) or ``indexed_at`` (an imported time, possibly old and 
 its status changes' the relay's ``time``; only where those fall back to ``time_us`` does the v2 row's
 time count (its ``indexed_at``, else ``witnessed_at``).
 
-Rules 1 and 3 are joins of per-key maxima (newest rev per record, newest removal per DID), so the
+Rules 1, 3 and 5 are joins of per-key maxima (newest rev per record, newest removal per DID), so the
 final state is the same for every interleaving and any partition-to-replica assignment. The one
 assumption is that the PDS clock (TIDs), the relay clock (``time``) and the snapshot fetcher's clock
 agree to within the time between a commit and a removal of the same account (NTP: milliseconds).
@@ -44,7 +52,7 @@ from typing import Final
 
 from runtime.atproto.errors import TIDError
 from runtime.atproto.tid import tid_to_time_us
-from runtime.contract.records import AccountEvent, IdentityEvent, Operation, RecordEvent, Source
+from runtime.contract.records import AccountEvent, IdentityEvent, Operation, RecordEvent, Source, SyncEvent
 from runtime.contract.timeparse import to_us
 
 #: Times outside [year 2000, year 2200) are not trusted as event times (a bogus ``time`` string or
@@ -95,6 +103,15 @@ def asof_us(event: RecordEvent) -> int:
 def removes(event: AccountEvent, statuses: frozenset[str]) -> bool:
     """Rule 3: True when ``event`` is a removal under a sink purging on ``statuses``."""
     return not event.active and event.status in statuses
+
+
+def sync_removal_us(event: SyncEvent) -> int | None:
+    """Rule 5: the removal time R of a repository replacement, or None when its rev is not a usable TID."""
+    try:
+        us = tid_to_time_us(event.rev)
+    except TIDError:
+        return None
+    return us - 1 if _sane(us) else None
 
 
 def newer_version(rev: str | None, deleted: bool, than_rev: str | None, than_deleted: bool) -> bool:

@@ -1,8 +1,9 @@
 """Typed events: what every source decodes into and every consumer reads back.
 
 An event is one of :class:`RecordEvent` (a create/update/delete of one record),
-:class:`IdentityEvent` or :class:`AccountEvent`. Records are kept losslessly in their atproto JSON
-form (``$type``, ``{"$link": ...}``, ``{"$bytes": ...}``), the form Jetstream serves.
+:class:`IdentityEvent`, :class:`AccountEvent` or :class:`SyncEvent` (a repository replaced). Records are
+kept losslessly in their atproto JSON form (``$type``, ``{"$link": ...}``, ``{"$bytes": ...}``), the form
+Jetstream serves.
 """
 
 from __future__ import annotations
@@ -101,7 +102,31 @@ class AccountEvent:
     indexed_at: int | None = None
 
 
-Event = RecordEvent | IdentityEvent | AccountEvent
+@dataclass(slots=True)
+class SyncEvent:
+    """A repository replaced at ``rev`` (Jetstream v2's ``#sync`` row: Sync 1.1's ``#sync`` as archived).
+
+    The source delivers the DID's replacement records after it, at ``rev``; every older version of
+    the DID's records is gone from the repository (``runtime.contract.order`` rule 5). ``seq`` and
+    ``time`` are the upstream relay event's.
+    """
+
+    did: str
+    rev: str
+    seq: int | None
+    time: str | None
+    source: str
+    cursor: int
+    time_us: int
+    job: str = ""
+    #: Jetstream v2 only (see :class:`RecordEvent`); None for other sources.
+    witnessed_at: int | None = None
+    indexed_at: int | None = None
+
+
+Event = RecordEvent | IdentityEvent | AccountEvent | SyncEvent
+#: The DID-level events (no record): status changes and repository replacements.
+DidEvent = IdentityEvent | AccountEvent | SyncEvent
 
 
 def to_jetstream_json(event: Event) -> dict[str, Any]:
@@ -122,6 +147,9 @@ def to_jetstream_json(event: Event) -> dict[str, Any]:
         if event.handle is not None:
             identity["handle"] = event.handle
         return {"did": event.did, "time_us": event.time_us, "kind": "identity", "identity": identity}
+    if isinstance(event, SyncEvent):
+        sync = {"did": event.did, "rev": event.rev, "seq": event.seq, "time": event.time}
+        return {"did": event.did, "time_us": event.time_us, "kind": "sync", "sync": sync}
     account: dict[str, Any] = {"active": event.active, "did": event.did, "seq": event.seq, "time": event.time}
     if event.status is not None:
         account["status"] = event.status
@@ -139,7 +167,8 @@ def event_key(event: Event) -> str:
     A Jetstream event's ``time_us`` is the receive time on the clock of the instance that served it,
     so another instance (or the same one after a restore) serves the same event with another
     ``time_us``: its key leaves the clock out. A commit is the record's ``did``, ``collection``,
-    ``rkey`` and ``rev`` (a repository revision changes a record path once at most); an identity or
+    ``rkey`` and ``rev`` (a repository revision changes a record path once at most); a sync is the
+    DID and its ``rev`` (one replacement per revision); an identity or
     account event is the relay's ``seq``, which Jetstream passes on. Only an event lacking those
     (no ``rev``, no ``seq``) falls back to its ``time_us``. The relay's and the repositories' events
     keep ``time_us`` in their key: it is the relay's frame time (or the repository's), the same on
@@ -164,6 +193,9 @@ def event_key(event: Event) -> str:
                     f"{event.cid or ''}|{event.time_us}")
         return (f"{event.source}|{event.did}|{event.collection}|{event.rkey}|{event.operation}|"
                 f"{event.rev or ''}|{event.cid or ''}|{event.time_us}")
+    if isinstance(event, SyncEvent):
+        # a repository replacement is one per (did, rev), whoever serves it
+        return f"{_JETSTREAM if jetstream else event.source}|{event.did}|sync|{event.rev}"
     kind = "identity" if isinstance(event, IdentityEvent) else "account"
     if jetstream and event.seq is not None:
         return f"{_JETSTREAM}|{event.did}|{kind}|{event.seq}"

@@ -1,7 +1,7 @@
 """The one place that maps an event to its topic, schema and key.
 
-Topics are ``<prefix>.<collection>`` for records, ``<prefix>.identity`` and ``<prefix>.account``
-for account-level events; the key is always the DID, so each repository stays ordered within one
+Topics are ``<prefix>.<collection>`` for records, ``<prefix>.identity``, ``<prefix>.account`` and
+``<prefix>.sync`` for DID-level events; the key is always the DID, so each repository stays ordered within one
 partition. Internal topics: ``<prefix>.control.jobs`` (job checkpoints, compacted),
 ``<prefix>.dlq`` (producer dead letters), ``<topic>.dlq`` (consumer dead letters),
 ``<prefix>.backfill.dids`` (the DID work topic) and ``<prefix>.backfill.repo_status``.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from runtime.contract.records import AccountEvent, Event, IdentityEvent
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, SyncEvent
 from runtime.errors import InvalidRecordError
 
 #: Collections with their own typed schema; every other collection uses ``generic``.
@@ -39,6 +39,9 @@ MAX_DATA_TOPIC_LEN: Final = 249 - len(".dlq")
 
 IDENTITY: Final = "identity"
 ACCOUNT: Final = "account"
+SYNC: Final = "sync"
+#: The topics (and schemas) of DID-level events, by suffix.
+DID_LEVEL: Final[frozenset[str]] = frozenset({IDENTITY, ACCOUNT, SYNC})
 #: Topic suffixes that are not collections (never matched by collection filters).
 INTERNAL_SUFFIXES: Final = ("control.", "backfill.", "dlq")
 
@@ -54,6 +57,8 @@ def schema_name_for(event: Event) -> str:
         return IDENTITY
     if isinstance(event, AccountEvent):
         return ACCOUNT
+    if isinstance(event, SyncEvent):
+        return SYNC
     return schema_name_for_collection(event.collection)
 
 
@@ -88,6 +93,8 @@ class TopicMap:
             return f"{self.prefix}.{IDENTITY}"
         if isinstance(event, AccountEvent):
             return f"{self.prefix}.{ACCOUNT}"
+        if isinstance(event, SyncEvent):
+            return f"{self.prefix}.{SYNC}"
         return self.for_collection(event.collection)
 
     @staticmethod
@@ -96,7 +103,7 @@ class TopicMap:
         return event.did.encode()
 
     def collection_of(self, topic: str) -> str | None:
-        """The collection (or ``identity``/``account``) a data topic carries; None for others."""
+        """The collection (or ``identity``/``account``/``sync``) a data topic carries; None for others."""
         head = self.prefix + "."
         if not topic.startswith(head):
             return None

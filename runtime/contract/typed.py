@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import orjson
 
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, SyncEvent
 from runtime.errors import InvalidRecordError
 
 Datum = dict[str, Any]
@@ -316,12 +316,21 @@ def account_datum(event: AccountEvent) -> Datum:
             "status": event.status, "witnessed_at": event.witnessed_at, "indexed_at": event.indexed_at}
 
 
+def sync_datum(event: SyncEvent) -> Datum:
+    """The Avro datum of a sync event."""
+    return {"did": event.did, "source": event.source, "cursor": event.cursor, "time_us": event.time_us,
+            "job": event.job, "seq": event.seq, "time": event.time, "rev": event.rev,
+            "witnessed_at": event.witnessed_at, "indexed_at": event.indexed_at}
+
+
 def datum_for(event: Event, record_json: str | None = None) -> Datum:
     """The Avro datum of any event (see :func:`record_datum`)."""
     if isinstance(event, RecordEvent):
         return record_datum(event, record_json)
     if isinstance(event, IdentityEvent):
         return identity_datum(event)
+    if isinstance(event, SyncEvent):
+        return sync_datum(event)
     return account_datum(event)
 
 
@@ -352,6 +361,10 @@ def event_from_datum(schema_name: str, datum: Datum) -> Event:
                             seq=datum.get("seq"), time=datum.get("time"), source=datum["source"],
                             cursor=datum["cursor"], time_us=datum["time_us"], job=datum.get("job", ""),
                             witnessed_at=witnessed_at, indexed_at=indexed_at)
+    if schema_name == "sync":
+        return SyncEvent(did=datum["did"], rev=datum["rev"], seq=datum.get("seq"), time=datum.get("time"),
+                         source=datum["source"], cursor=datum["cursor"], time_us=datum["time_us"],
+                         job=datum.get("job", ""), witnessed_at=witnessed_at, indexed_at=indexed_at)
     raw = datum.get("record_json")
     try:
         record = orjson.loads(raw) if raw is not None else None

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from runtime.contract.created_at import OUTCOMES as CREATED_AT_OUTCOMES
-from runtime.contract.topics import TYPED_COLLECTIONS
+from runtime.contract.topics import DID_LEVEL, TYPED_COLLECTIONS
 from runtime.errors import DROP_REASONS
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 PREFIX: Final = "atproto_backfill"
 
 SOURCES: Final = ("jetstream", "firehose", "repo", "jetstream2")
-#: Collection label values: the typed collections, identity/account, and "other" for the rest.
-COLLECTION_LABELS: Final = (*sorted(TYPED_COLLECTIONS), "identity", "account", "other")
+#: Collection label values: the typed collections, the DID-level events, and "other" for the rest.
+COLLECTION_LABELS: Final = (*sorted(TYPED_COLLECTIONS), *sorted(DID_LEVEL), "other")
 #: Why a well-formed event was not produced (filters and stop conditions; not errors).
 SKIP_REASONS: Final = (
     "collection_filter", "did_filter", "before_start", "after_end", "duplicate",
     "over_limit", "out_of_range_timestamp", "too_big", "unknown_type", "sync_frame",
-    # Jetstream v2: rows the exact client-side filter left out (collections, DIDs, kinds), rows at or
-    # below the resume seq, and #sync markers (no event in the contract yet)
-    "filtered", "before_cursor", "sync_marker",
+    # Jetstream v2: rows the exact client-side filter left out (collections, DIDs, kinds), and rows
+    # at or below the resume seq
+    "filtered", "before_cursor",
 )
 #: Things a stream source tells us about the stream itself (relay firehose: info/error frames, gaps).
 STREAM_NOTICES: Final = (
@@ -59,7 +59,7 @@ LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 def collection_label(collection: str) -> str:
     """The closed label value for a collection (typed collections by name, the rest ``other``)."""
-    if collection in TYPED_COLLECTIONS or collection in ("identity", "account"):
+    if collection in TYPED_COLLECTIONS or collection in DID_LEVEL:
         return collection
     return "other"
 

@@ -65,7 +65,6 @@ from runtime.atproto.segment import (
     SegmentWriter,
     zstd_dictionary_id,
 )
-from runtime.atproto.tid import make_tid
 from runtime.contract.timeparse import us_to_iso
 from runtime.simulator.httpd import HttpServer, Request, Response, ThreadServed
 from runtime.simulator.synthetic import Generator
@@ -128,15 +127,17 @@ class RowFactory:
         start_us: witnessed time of the first row.
         rate: mean rows per second of witnessed time.
         first_seq: seq of the first row.
-        marker_rate: fraction of extra identity/account/sync rows.
-        resync_rate: fraction of creates stored as resync-creates (kind 7).
+        marker_rate: fraction of extra identity/account/sync rows. A sync row (the repository replaced)
+            is followed by resync-creates (kind 7) at its rev of the records the repository keeps
+            (at most ``resync_keep``); its other records are gone.
+        resync_rate: fraction of other creates stored as resync-creates (kind 7).
         imported_rate: fraction of commit rows whose ``indexed_at`` is an imported, older time (the
             rest have 0: use ``witnessed_at``).
     """
 
     def __init__(self, *, seed: int = 1, accounts: int = 50, start_us: int = 1_750_000_000_000_000,
                  rate: float = 1000.0, first_seq: int = 1, marker_rate: float = 0.03,
-                 resync_rate: float = 0.02, imported_rate: float = 0.3) -> None:
+                 resync_rate: float = 0.02, imported_rate: float = 0.3, resync_keep: int = 3) -> None:
         self.gen = Generator(seed=seed, accounts=accounts, start_us=start_us, rate=rate, real_cids=False)
         self.rng = random.Random(seed ^ 0x5EED5)  # noqa: S311 - synthetic data
         self.seq = first_seq - 1
@@ -144,6 +145,9 @@ class RowFactory:
         self.marker_rate = marker_rate
         self.resync_rate = resync_rate
         self.imported_rate = imported_rate
+        self.resync_keep = resync_keep
+        #: replacement rows still to come after a sync row: (collection, did, rkey, rev, payload)
+        self._pending: list[tuple[str, str, str, str, bytes]] = []
         self._relay_seq = 100_000
         self._keys: dict[str, KeyPair] = {}
 
@@ -169,7 +173,9 @@ class RowFactory:
         key = self._keys.get(did)
         if key is None:
             key = self._keys[did] = KeyPair.generate("k256", self.rng)
-        rev = make_tid(w, 7)
+        rev, kept = self.gen.resync(did, self.resync_keep)
+        self._pending.extend((collection, did, rkey, rev, dagcbor.encode(dagcbor.from_json_form(record)))
+                             for collection, rkey, record in kept)
         data = CID.for_dag_cbor(encode_node(None, []))
         cid, block = sign_commit(UnsignedCommit(did=did, data=data, rev=rev), key)
         car = write_car([cid], [(cid, block)])
@@ -179,6 +185,10 @@ class RowFactory:
         """The next row (``witnessed_at``: at least this witnessed time, for a live tail on a clock)."""
         rng = self.rng
         self.seq += 1
+        if self._pending:
+            collection, did, rkey, rev, payload = self._pending.pop(0)
+            w = self._next_witnessed(witnessed_at)
+            return Row(self.seq, w, 0, KIND_RESYNC_CREATE, collection, did, rkey, rev, payload)
         roll = rng.random()
         if roll < self.marker_rate:
             acct = rng.choice(self.gen.accounts)

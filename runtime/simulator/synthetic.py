@@ -253,6 +253,21 @@ class Generator:
                 "commit": {"rev": rev, "operation": op, "collection": collection, "rkey": rkey,
                            "record": record, "cid": cid}}
 
+    def resync(self, did: str, keep: int) -> tuple[str, list[tuple[str, str, dict[str, Any]]]]:
+        """A repository replaced (Sync 1.1 ``#sync``): its rev and the records it still holds.
+
+        The repository keeps at most ``keep`` of its records (each with fresh content, as the
+        authoritative copy may differ from what was streamed); the others are gone and never touched
+        again. The rev is newer than every rev issued so far and older than every later one.
+        """
+        self.t += 1
+        rev = make_tid(self.t, self._clock_id)
+        existing = self._records.get(did, [])
+        self.rng.shuffle(existing)
+        kept = existing[:keep]
+        self._records[did] = list(kept)
+        return rev, [(collection, rkey, self.record(collection, did, self.t)) for collection, rkey in kept]
+
     def events(self, n: int) -> Iterator[dict[str, Any]]:
         """``n`` events."""
         for _ in range(n):

@@ -39,7 +39,7 @@ def prefix_topics(kafka: KafkaSettings) -> dict[str, int]:
 
 
 def event_topics(kafka: KafkaSettings) -> list[str]:
-    """The topics of the prefix that hold events: one per collection, identity and account."""
+    """The topics of the prefix that hold events: one per collection, identity, account and sync."""
     topics = TopicMap(kafka.topic_prefix)
     return sorted(t for t in prefix_topics(kafka) if topics.collection_of(t) is not None)
 

@@ -38,8 +38,8 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("BACKFILL_FOLD_EXAMPLES", "150"))
 GROUP = "g"
-_TABLES = ("actors", "tombstones", "identity_events", "account_events", "kafka_offsets", "job_partitions",
-           "firehose_cursor", *(t.name for t in RECORD_TABLES))
+_TABLES = ("actors", "tombstones", "identity_events", "account_events", "sync_events", "kafka_offsets",
+           "job_partitions", "firehose_cursor", *(t.name for t in RECORD_TABLES))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def _empty(pg_url: str, schema: str, sinks: list[PostgresSink]) -> None:
 
 def _sink(pg_url: str, schema: str, statuses: frozenset[str]) -> PostgresSink:
     settings = PostgresSettings(Secret(pg_url), db_schema=schema, retries=3,
-                                transform=TransformOptions(removal_statuses=statuses))
+                                transform=TransformOptions(removal_statuses=statuses, resync_purge=bool(statuses)))
     return PostgresSink(settings, Metrics(), retry_wait=wait_none(), migrate_schema=False)
 
 
@@ -177,7 +177,7 @@ def test_any_interleaving_over_any_replicas_folds_to_the_in_order_state(
     finally:
         for replica in replicas:
             replica.sink.discard()
-    want = reference_fold(events, statuses)
+    want = reference_fold(events, statuses, resync=purge)
     got = _snapshot(pg_url, schema)
     context: dict[str, Any] = {"history": "\n" + describe(events), "purge": purge}
     assert got.records == want.records, context

@@ -3,13 +3,14 @@ drops, the native and Python paths, and the events' Avro encoding."""
 
 from __future__ import annotations
 
+from typing import Final
+
 import orjson
 import pytest
 
 from producers.jetstream.archive import (
     ORIGIN,
     RowFilter,
-    SyncMarker,
     decode_block_rows,
     decode_row,
     event_json,
@@ -33,7 +34,7 @@ from runtime.atproto.segment import (
     parse_block,
 )
 from runtime.contract.codec import AvroCodec
-from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, Source
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, Source, SyncEvent
 from runtime.contract.topics import TopicMap
 from runtime.errors import DROP_REASONS, DropError
 from tests.unit.jetstream2_golden import CORPUS_RECORD_CIDS, GOLDEN_CORPUS_SEGMENT
@@ -52,6 +53,11 @@ def _row(seq: int, kind: int = KIND_CREATE, *, did: str = DID, collection: str =
         payload = b"" if kind in (KIND_DELETE,) else encode(POST)
     return Row(seq, WITNESSED + seq if witnessed is None else witnessed, indexed, kind, collection, did, rkey, rev,
                payload)
+
+
+#: A #sync body (the upstream subscribeRepos event) whose rev is a real TID.
+SYNC_BODY: Final = {"seq": 903, "did": DID, "time": "2026-01-01T00:00:03.000Z", "rev": "3lnewrev22222",
+                    "blocks": b"\x00"}
 
 
 def _marker_row(seq: int, kind: int, body: dict[str, object], did: str = DID) -> Row:
@@ -133,7 +139,8 @@ def test_every_kind(path: str) -> None:
     assert isinstance(acct, AccountEvent)
     assert (acct.active, acct.status, acct.seq, acct.cursor) == (False, "deleted", 901, 6)
     assert (acct.witnessed_at, acct.indexed_at) == (WITNESSED + 6, None)
-    assert sync == SyncMarker(DID, "3lnew", 902, "2026-01-01T00:00:02.000Z", 7, WITNESSED + 7, "j")
+    assert sync == SyncEvent(DID, "3lnew", 902, "2026-01-01T00:00:02.000Z", Source.JETSTREAM2.value, 7,
+                             WITNESSED + 7, "j", witnessed_at=WITNESSED + 7, indexed_at=None)
     assert [e.cursor for e in result.items] == list(range(1, 8))
 
 
@@ -255,9 +262,9 @@ def test_events_encode_as_avro() -> None:
     items = decode_block_rows(Segment(GOLDEN_CORPUS_SEGMENT).block(0)).items + decode_block_rows(_block([
         _marker_row(1, KIND_IDENTITY, {"seq": 1, "did": DID, "time": "2026-01-01T00:00:00Z", "handle": "a.test"}),
         _marker_row(2, KIND_ACCOUNT, {"seq": 2, "did": DID, "time": "2026-01-01T00:00:00Z", "active": True}),
-        _row(3, KIND_DELETE)])).items
+        _row(3, KIND_DELETE), _marker_row(4, KIND_SYNC, SYNC_BODY)])).items
+    assert any(isinstance(item, SyncEvent) for item in items)
     for item in items:
-        assert not isinstance(item, SyncMarker)
         topic = topics.for_event(item)
         _schema, datum = codec.decode(codec.encode_event(item, topic))
         assert datum["did"] == item.did

@@ -70,10 +70,10 @@ def test_results_merge_offsets_by_maximum_and_counts_by_sum() -> None:
                                           "skipped": {"filtered": 1}, "collections": ["x.y.z"]},
                    {"t": {"0": 4, "1": 9}})
     b = PartResult(Part(1, 10, None), True, {"records_produced": 7, "messages_received": 8, "total_time": 1.0,
-                                             "skipped": {"filtered": 2, "sync_marker": 1}, "collections": ["a.b.c"]},
+                                             "skipped": {"filtered": 2, "before_cursor": 1}, "collections": ["a.b.c"]},
                    {"t": {"0": 6}, "u": {"0": 1}})
     assert merged_offsets([a, b]) == {"t": {"0": 6, "1": 9}, "u": {"0": 1}}
     stats = merged_statistics([a, b])
     assert stats["records_produced"] == 12 and stats["messages_received"] == 14 and stats["total_time"] == 2.0
-    assert stats["skipped"] == {"filtered": 3, "sync_marker": 1} and stats["collections"] == ["a.b.c", "x.y.z"]
+    assert stats["skipped"] == {"filtered": 3, "before_cursor": 1} and stats["collections"] == ["a.b.c", "x.y.z"]
     assert stats["parts"] == 2 and stats["records_per_second"] == 6.0

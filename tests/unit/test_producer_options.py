@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from consumers.options import account_removal_options, removal_statuses
+from consumers.options import account_removal_options, removal_statuses, resync_purge
 from consumers.postgres import app as postgres_app
 from producers.firehose import settings as firehose_settings
 from producers.jetstream import app as jetstream_app
@@ -75,7 +75,8 @@ def test_both_consumers_take_the_same_account_removal_options() -> None:
 
     queue_opts = {o.dest: o for o in queue.QUEUE_OPTIONS}
     pg_opts = {o.dest: o for o in postgres_app.POSTGRES_OPTIONS}
-    shared = account_removal_options("...")
+    shared = account_removal_options("...", "...")
+    assert [o.flags for o in shared] == [("--account-removal",), ("--removal-statuses",), ("--resync",)]
     for opt in shared:
         for theirs in (queue_opts[opt.dest], pg_opts[opt.dest]):
             assert (theirs.flags, theirs.env, theirs.default, theirs.choices) == (opt.flags, opt.env, opt.default,
@@ -88,6 +89,13 @@ def test_both_consumers_take_the_same_account_removal_options() -> None:
 ])
 def test_removal_statuses(mode: str, statuses: str, want: frozenset[str]) -> None:
     assert removal_statuses(argparse.Namespace(account_removal=mode, removal_statuses=statuses)) == want
+
+
+@pytest.mark.parametrize(("mode", "want"), [("purge", True), ("keep", False)])
+def test_resync_purge(mode: str, want: bool) -> None:
+    assert resync_purge(argparse.Namespace(resync=mode)) is want
+    default = {o.dest: o for o in postgres_app.POSTGRES_OPTIONS}["resync"]
+    assert (default.default, default.env) == ("purge", "BACKFILL_RESYNC")
 
 
 def test_purge_without_statuses_is_a_usage_error() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from consumers.queue import (
 )
 from runtime.atproto.tid import make_tid
 from runtime.commands.cli import build_parser
-from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, event_key
+from runtime.contract.records import AccountEvent, Event, IdentityEvent, RecordEvent, SyncEvent, event_key
 from runtime.errors import ConfigError
 from runtime.process.metrics import Metrics
 from tests.fold_history import relay_time
@@ -185,6 +186,64 @@ def test_an_account_deletion_after_a_create_removes_it_in_the_readers_fold(tmp_p
         sink.close()
     assert ops(path) == ["create", "account"]
     assert fold(path).live() == {}
+
+
+def sync(at: int) -> SyncEvent:
+    """A repository replaced at true time ``at`` (its rev is the TID of ``at``), as Jetstream v2 archives it."""
+    return SyncEvent(DID, make_tid(at, 1), at - T0, relay_time(at), "jetstream2", at - T0, at)
+
+
+def test_a_sync_drops_older_versions_in_any_order_and_keeps_its_replacement_rows(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    at = T0 + 10_000_000
+    sink = QueueSink("q", path, resync_purge=True)
+    try:
+        feed = Feed(sink)
+        assert feed.batch(commit("create", T0 + 1_000_000, rkey="3kold")) == 1  # before the sync is known
+        feed.batch(sync(at), topic="sync")
+        # an older version arriving after the sync (another topic, a lagging replica): not queued
+        assert feed.batch(commit("create", T0 + 2_000_000, rkey="3klike", collection=LIKE), topic="like") == 0
+        # the replacement row at the sync's rev, and a later commit: queued
+        replacement = replace(commit("create", at, rkey="3kkept"), source="jetstream2")
+        assert feed.batch(replacement, commit("create", at + 1_000_000, rkey="3knew")) == 2
+        assert sink.skipped == {"filtered": 1}
+    finally:
+        sink.close()
+    assert ops(path) == ["create", "sync", "create", "create"]
+    payload, meta = items(path)[1]
+    assert payload == {"did": DID, "time_us": at, "kind": "sync",
+                       "sync": {"did": DID, "rev": make_tid(at, 1), "seq": at - T0, "time": relay_time(at)}}
+    assert meta is not None and meta["op"] == "sync" and meta["removal"] is True
+    assert meta["removal_us"] == at - 1
+    # the reader's fold: the create queued before the sync is gone too
+    assert set(fold(path).live()) == {(DID, POST, "3kkept"), (DID, POST, "3knew")}
+
+
+def test_resync_keep_queues_the_sync_and_removes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    sink = QueueSink("q", path)
+    try:
+        feed = Feed(sink)
+        feed.batch(sync(T0 + 10_000_000), topic="sync")
+        assert feed.batch(commit("create", T0 + 1_000_000)) == 1
+    finally:
+        sink.close()
+    meta = items(path)[0][1]
+    assert meta is not None and meta["removal"] is False
+    assert set(fold(path).live()) == {(DID, POST, "3kpost")}
+
+
+def test_a_sync_whose_rev_is_not_a_tid_removes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite"
+    sink = QueueSink("q", path, resync_purge=True)
+    try:
+        feed = Feed(sink)
+        feed.batch(replace(sync(T0 + 10_000_000), rev="not-a-tid"), topic="sync")
+        assert feed.batch(commit("create", T0 + 1_000_000)) == 1
+    finally:
+        sink.close()
+    meta = items(path)[0][1]
+    assert meta is not None and meta["removal"] is False and meta["removal_us"] is None
 
 
 def test_keep_queues_every_version_whatever_the_account_status(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ class Replicas:
         route = by_type_router(BASE) if split else None
         self.sinks: list[QueueSink] = []
         for _ in range(replicas):
-            self.sinks.append(QueueSink(BASE, path, route=route, removal_statuses=statuses, state_max=state_max))
+            self.sinks.append(QueueSink(BASE, path, route=route, removal_statuses=statuses, state_max=state_max,
+                                        resync_purge=bool(statuses)))
         self.streams = streams
         self.owners = owners
         self.position = dict.fromkeys(streams, 0)
@@ -162,6 +163,10 @@ def check_queue_order(path: Path) -> None:
                 if meta["removal"]:
                     removed[payload["did"]] = max(removed.get(payload["did"], 0), meta["status_us"])
                 continue
+            if meta["op"] == "sync":
+                if meta["removal"]:
+                    removed[payload["did"]] = max(removed.get(payload["did"], 0), meta["removal_us"])
+                continue
             if meta["op"] == "identity":
                 continue
             key = (payload["did"], payload["commit"]["collection"], payload["commit"]["rkey"])
@@ -195,7 +200,7 @@ def test_any_interleaving_over_replicas_folds_to_the_reference(events: list[Even
             replicas.close()
         # exactly once of the offsets: every stream stored to its end
         assert {t: o.offset for (t, _), o in stored.items()} == {t: len(s) for t, s in streams.items()}
-        check(path, reference_fold(events, statuses), split=split)
+        check(path, reference_fold(events, statuses, resync=purge), split=split)
         with closing(sqlite3.connect(path)) as conn:
             for table in STATE_TABLES:
                 assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] <= state_max, table

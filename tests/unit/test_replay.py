@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
+from producers.jetstream.archive import RowFilter, decode_row
 from producers.jetstream.replay import BLOCKS_AHEAD, ReplayOptions, ReplaySource
 from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.v2client import ArchiveClient, PlanPage
@@ -45,9 +45,7 @@ def _expected(sim: Jetstream2Simulator, *, after: int = 0, start_us: int = 0, th
         if row.seq <= after or row.witnessed_at < start_us or (through is not None and row.seq > through):
             continue
         if flt.wants(row):
-            item = decode_row(row)
-            if not isinstance(item, SyncMarker):
-                out.append((row.seq, type(item).__name__))
+            out.append((row.seq, type(decode_row(row)).__name__))
     return out
 
 
@@ -148,7 +146,6 @@ def test_the_position_refuses_a_seq_that_goes_backwards() -> None:
     pos = ReplayPosition("http://x")
     event = decode_row(build_simulator(seed=1, accounts=2, events=5, tail=0, rows_per_segment=5,
                                        rows_per_block=5).rows[0])
-    assert not isinstance(event, SyncMarker)
     pos.advance(event)
     with pytest.raises(CursorRegressionError):
         pos.advance(event)

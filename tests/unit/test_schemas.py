@@ -12,7 +12,7 @@ from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibi
 
 import schemas
 from runtime.contract.codec import SINGLE_OBJECT_MAGIC, AvroCodec, shipped
-from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, SyncEvent
 from runtime.contract.topics import TYPED_COLLECTIONS, TopicMap, schema_name_for
 from runtime.contract.typed import datum_for, event_from_datum
 from runtime.errors import DecodeError, InvalidRecordError
@@ -38,7 +38,9 @@ def test_every_schema_is_a_named_record() -> None:
 def test_record_schemas_carry_the_envelope(name: str) -> None:
     fields = {f["name"] for f in schemas.load(name)["fields"]}
     assert {"did", "source", "cursor", "time_us", "job"} <= fields
-    if name not in ("identity", "account"):
+    if name == "sync":
+        assert "rev" in fields
+    elif name not in ("identity", "account"):
         assert {"collection", "rkey", "operation", "rev", "cid", "record_json"} <= fields
 
 
@@ -154,6 +156,8 @@ def test_fuzz_a_collection_too_long_for_a_topic_name_is_invalid() -> None:
 # --- the Jetstream v2 change: the ``jetstream2`` source symbol, the enum default, two envelope times ---
 
 _EVENT_SCHEMAS = [n for n in schemas.names() if n not in ("dead_letter", "repo_status")]
+#: The event schemas the Jetstream v2 change evolved (those released before it, in the baseline).
+_EVOLVED = [n for n in _EVENT_SCHEMAS if (BASELINE / f"{n}.avsc").exists()]
 _TIMES = ("witnessed_at", "indexed_at")
 _W, _I = 1_760_000_000_123_456, 1_700_000_000_000_001
 
@@ -182,7 +186,7 @@ def _with_enum_default(schema: dict) -> dict:
 
 
 def _v2_events(witnessed: int | None = _W, indexed: int | None = _I) -> dict[str, RecordEvent | IdentityEvent
-                                                                               | AccountEvent]:
+                                                                               | AccountEvent | SyncEvent]:
     """A jetstream2 event for every event schema, with the two times given."""
     records: dict[str, dict | None] = {
         "app.bsky.feed.post": {"$type": "app.bsky.feed.post", "text": "hé", "createdAt": "2026-01-01T00:00:00Z",
@@ -195,7 +199,7 @@ def _v2_events(witnessed: int | None = _W, indexed: int | None = _I) -> dict[str
         "app.bsky.actor.profile": {"$type": "app.bsky.actor.profile", "displayName": "A"},
         "generic": {"$type": "com.example.thing", "n": 1},
     }
-    out: dict[str, RecordEvent | IdentityEvent | AccountEvent] = {}
+    out: dict[str, RecordEvent | IdentityEvent | AccountEvent | SyncEvent] = {}
     for name, record in records.items():
         collection = "com.example.thing" if name == "generic" else name
         out[name] = RecordEvent("did:plc:a", collection, "3kabc", "create" if record else "delete", "3lrev",
@@ -205,6 +209,8 @@ def _v2_events(witnessed: int | None = _W, indexed: int | None = _I) -> dict[str
                                     _W, "j", witnessed_at=witnessed, indexed_at=indexed)
     out["account"] = AccountEvent("did:plc:a", False, "deleted", 901, None, "jetstream2", 44, _W, "j",
                                   witnessed_at=witnessed, indexed_at=indexed)
+    out["sync"] = SyncEvent("did:plc:a", "3lrevsync2222", 902, "2026-01-01T00:00:00Z", "jetstream2", 45, _W, "j",
+                            witnessed_at=witnessed, indexed_at=indexed)
     assert set(out) == set(_EVENT_SCHEMAS)
     return out
 
@@ -251,7 +257,12 @@ def test_the_other_schemas_have_no_source_enum_and_no_times(name: str) -> None:
     assert "Source" not in json.dumps(raw) and not set(_TIMES) & {f["name"] for f in raw["fields"]}
 
 
-@pytest.mark.parametrize("name", _EVENT_SCHEMAS)
+def test_only_the_sync_schema_is_newer_than_the_baseline() -> None:
+    assert set(_EVENT_SCHEMAS) - set(_EVOLVED) == {"sync"}
+    assert shipped()["sync"].earlier == ()  # born with the times: no earlier version to read
+
+
+@pytest.mark.parametrize("name", _EVOLVED)
 def test_new_data_read_with_the_old_schema(name: str) -> None:
     """(b) A jetstream2 event with both times, written with the new schema: a reader whose schema has the
     enum default (every reader from this change on) reads ``jetstream`` and drops the times; a reader of
@@ -276,7 +287,7 @@ def test_new_data_read_with_the_old_schema(name: str) -> None:
     assert got == {k: v for k, v in firehose.items() if k not in _TIMES}
 
 
-@pytest.mark.parametrize("name", _EVENT_SCHEMAS)
+@pytest.mark.parametrize("name", _EVOLVED)
 def test_old_data_read_with_the_new_schema(name: str) -> None:
     """(c) Data the old schema wrote reads with the new one: null times, the source as written."""
     new, old = schemas.load(name), _old_text(name)
@@ -289,7 +300,7 @@ def test_old_data_read_with_the_new_schema(name: str) -> None:
     assert event_from_datum(name, got).witnessed_at is None
 
 
-@pytest.mark.parametrize("name", _EVENT_SCHEMAS)
+@pytest.mark.parametrize("name", _EVOLVED)
 def test_the_change_is_backward_and_forward_compatible(name: str) -> None:
     """The registry's checks: BACKWARD (new reader, old writer) holds against the schema before the change;
     FORWARD (old reader, new writer) holds for a reader with the enum default, and only the new symbol keeps
@@ -332,8 +343,10 @@ def test_the_earlier_versions_are_the_released_baseline() -> None:
 
     for name, s in shipped().items():
         base = json.loads((BASELINE / f"{name}.avsc").read_text()) if (BASELINE / f"{name}.avsc").exists() else None
-        if name in ("dead_letter", "repo_status"):
-            assert s.earlier == () and earlier_versions(schemas.load(name)) == []
+        if name in ("dead_letter", "repo_status", "sync"):
+            assert s.earlier == ()
+            if name != "sync":
+                assert earlier_versions(schemas.load(name)) == []
             continue
         assert base is not None
         canonical = fastavro.schema.to_parsing_canonical_form(fastavro.parse_schema(base))
@@ -344,7 +357,7 @@ def test_the_earlier_versions_are_the_released_baseline() -> None:
     assert len(set(fps)) == len(fps)
 
 
-@pytest.mark.parametrize("name", _EVENT_SCHEMAS)
+@pytest.mark.parametrize("name", _EVOLVED)
 def test_single_object_values_of_the_old_schema_still_decode(name: str) -> None:
     """A backlog written before the change (the old fingerprint) reads after an upgrade: null times;
     the compiled path and fastavro's resolution agree."""
@@ -392,6 +405,10 @@ def test_event_keys_of_jetstream2_events() -> None:
     assert event_key(norev) != event_key(replace(norev, source="jetstream"))
     assert event_key(replace(norev, time_us=5)) != event_key(norev)
     assert event_key(replace(acct, seq=None)) == f"jetstream2|did:plc:a|account|None|{acct.time_us}"
+    # a repository replacement is one per (DID, rev), whichever instance served it
+    sync = v2["sync"]
+    assert event_key(sync) == "jetstream|did:plc:a|sync|3lrevsync2222"
+    assert event_key(replace(sync, cursor=1, seq=None, time_us=3)) == event_key(sync)
 
 
 def test_registry_values_of_the_old_schema_resolve_to_null_times() -> None:
@@ -403,7 +420,7 @@ def test_registry_values_of_the_old_schema_resolve_to_null_times() -> None:
     codec = AvroCodec.from_config({"url": "mock://schemas-test-v2-old"})
     registry = codec._registry
     assert registry is not None
-    for name in _EVENT_SCHEMAS:
+    for name in _EVOLVED:
         old = _old_text(name)
         schema_id = registry.register_schema(f"old.{name}-value", Schema(json.dumps(old), "AVRO"))
         event = replace(_v2_events(None, None)[name], source="firehose")

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
+from producers.jetstream.archive import RowFilter, decode_row
 from runtime.atproto.car import read_car
 from runtime.atproto.segment import (
     KIND_ACCOUNT,
@@ -24,6 +24,7 @@ from runtime.atproto.segment import (
     Row,
     Segment,
 )
+from runtime.contract.records import SyncEvent
 from runtime.simulator import jetstream2_cli
 from runtime.simulator.jetstream2 import (
     Archive,
@@ -76,9 +77,9 @@ def test_every_row_decodes_with_the_producer_decoder() -> None:
     for row in rows:
         item = decode_row(row, verify_cid=True)
         seen[type(item).__name__] += 1
-        if isinstance(item, SyncMarker):
+        if isinstance(item, SyncEvent):
             assert item.did == row.did and item.cursor == row.seq
-    assert {"RecordEvent", "IdentityEvent", "AccountEvent", "SyncMarker"} <= set(seen), seen
+    assert {"RecordEvent", "IdentityEvent", "AccountEvent", "SyncEvent"} <= set(seen), seen
 
 
 def test_marker_payloads_are_upstream_shaped() -> None:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import zstandard
 
-from producers.jetstream.archive import RowFilter, SyncMarker, decode_row
+from producers.jetstream.archive import RowFilter, decode_row
 from producers.jetstream.decode import MAX_DECOMPRESSED, Decompressor
 from producers.jetstream.v2live import (
     CursorTooOldError,
@@ -32,7 +32,7 @@ from producers.jetstream.v2live import (
 )
 from producers.source import Drop, Skip
 from runtime.atproto.segment import KIND_DELETE, Row
-from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, SyncEvent
 from runtime.errors import DROP_REASONS, ConfigError
 from runtime.simulator.jetstream2 import (
     NSID_PREFIX,
@@ -102,7 +102,7 @@ def test_every_row_decodes_as_the_archive_decodes_it(compressed: bool) -> None:
         item = frame.item
         kinds[type(item).__name__ + (f":{item.operation}" if isinstance(item, RecordEvent) else "")] += 1
     assert set(kinds) == {"RecordEvent:create", "RecordEvent:update", "RecordEvent:delete", "IdentityEvent",
-                          "AccountEvent", "SyncMarker"}, kinds
+                          "AccountEvent", "SyncEvent"}, kinds
 
 
 def test_commit_frames_create_update_delete() -> None:
@@ -128,13 +128,13 @@ def test_commit_frames_create_update_delete() -> None:
 
 def test_identity_account_and_sync_frames() -> None:
     rows = _rows()
-    for kind, cls in ((4, IdentityEvent), (5, AccountEvent), (6, SyncMarker)):
+    for kind, cls in ((4, IdentityEvent), (5, AccountEvent), (6, SyncEvent)):
         row = next(r for r in rows if r.kind == kind)
         item = _decode(row_frame(row)).item
         assert isinstance(item, cls)
         assert item == _expected(row, "j")
         assert item.did == row.did and item.cursor == row.seq and item.time_us == row.witnessed_at
-        if isinstance(item, SyncMarker):
+        if isinstance(item, SyncEvent):
             assert item.rev
 
 
