@@ -125,8 +125,6 @@ class SyncEvent:
 
 
 Event = RecordEvent | IdentityEvent | AccountEvent | SyncEvent
-#: The DID-level events (no record): status changes and repository replacements.
-DidEvent = IdentityEvent | AccountEvent | SyncEvent
 
 
 def to_jetstream_json(event: Event) -> dict[str, Any]:

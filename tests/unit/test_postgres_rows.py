@@ -19,8 +19,9 @@ from consumers.postgres.rows import (
     post_type,
     uri_did,
 )
+from runtime.atproto.tid import make_tid
 from runtime.contract.created_at import Outcome, OutOfRange, TimestampPolicy
-from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent
+from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, SyncEvent
 from runtime.contract.typed import record_datum
 from runtime.errors import DropError, InvalidRecordError
 
@@ -282,3 +283,29 @@ def test_job_positions_are_noted_per_partition_and_status_times_come_from_the_re
     assert b.progress == {("j", "t.account", 0): (10, 10), ("j", "t.account", 1): (99, 99)}
     b.note_partition("t.account", 0)  # nothing added since: no change
     assert b.progress[("j", "t.account", 0)] == (10, 10)
+
+
+def _sync(rev: str) -> SyncEvent:
+    return SyncEvent("did:plc:s", rev, 77, "2026-01-01T00:00:00Z", "jetstream2", 9, 1_700_000_000_000_000, "j")
+
+
+def test_a_sync_is_logged_and_with_resync_purge_is_a_removal_before_its_rev() -> None:
+    rev = make_tid(1_750_000_000_000_000, 3)
+    keep, purge = Batch(), Batch()
+    add_event(keep, _sync(rev), TransformOptions())
+    add_event(purge, _sync(rev), TransformOptions(resync_purge=True))
+    row = ("did:plc:s", "jetstream2", 9, 1_700_000_000_000_000, 77, "2026-01-01T00:00:00Z", rev, "j")
+    assert list(keep.syncs.values()) == list(purge.syncs.values()) == [row]
+    assert keep.removals == {} and "did:plc:s" in keep.actors
+    assert purge.removals == {"did:plc:s": 1_750_000_000_000_000 - 1}
+    assert TransformOptions(resync_purge=True).purges and not TransformOptions().purges
+    # two syncs of one DID in a batch: the newest rev's R
+    add_event(purge, _sync(make_tid(1_760_000_000_000_000, 3)), TransformOptions(resync_purge=True))
+    add_event(purge, _sync(make_tid(1_740_000_000_000_000, 3)), TransformOptions(resync_purge=True))
+    assert purge.removals == {"did:plc:s": 1_760_000_000_000_000 - 1}
+
+
+def test_a_sync_whose_rev_is_not_a_tid_is_logged_and_removes_nothing() -> None:
+    batch = Batch()
+    add_event(batch, _sync("not-a-tid"), TransformOptions(resync_purge=True))
+    assert len(batch.syncs) == 1 and batch.removals == {}
