@@ -70,7 +70,7 @@ async def run_job(settings: FirehoseSettings, kafka: KafkaSettings, metrics: Met
     position = FirehosePosition.restore(previous.position if (settings.resume and previous) else None)
     cursor = await initial_cursor(settings, position)
     resolver = make_resolver(settings, metrics) if settings.verify else None
-    verifier = CommitVerifier(resolver) if resolver is not None else None
+    verifier = CommitVerifier(resolver, batch_size=settings.verify_batch) if resolver is not None else None
     stream = RelayStream(StreamOptions(settings.relay_url, max_frame_size=settings.max_frame_size,
                                        stall_timeout=settings.stall_timeout,
                                        max_attempts=settings.max_reconnects), cursor, metrics=metrics)
@@ -85,6 +85,8 @@ async def run_job(settings: FirehoseSettings, kafka: KafkaSettings, metrics: Met
         final = await runner.run(lambda _prev: source)
     finally:
         runner.close()
+        if verifier is not None:
+            verifier.close()
         await close_resolver(resolver)
     return runner, final, source
 

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -60,7 +61,7 @@ from producers.firehose.decode import (
     parse_frame,
     parse_time_us,
 )
-from producers.firehose.verify import CommitVerifier
+from producers.firehose.verify import CommitVerifier, PendingCheck
 from producers.source import Drop, End, Skip, SourceItem, StreamPosition, WebsocketHolder
 from runtime.contract.nsid import CollectionFilter
 from runtime.contract.records import Event
@@ -205,34 +206,41 @@ class FrameHandler:
 
     async def handle(self, raw: bytes, frame: Frame | None, error: DropError | None, origin: str) -> Handled:
         """Items for one frame (``frame`` parsed from ``raw``, or ``error`` when it did not parse)."""
+        begun = await self.begin(raw, frame, error, origin)
+        if self.verifier is not None:
+            self.verifier.flush()
+        return await self.finish(begun)
+
+    async def begin(self, raw: bytes, frame: Frame | None, error: DropError | None, origin: str) -> Begun:
+        """Everything of :meth:`handle` but waiting for a batched signature (:meth:`finish` does)."""
         if frame is None:
             assert error is not None
-            return Handled(None, "malformed", [Drop(error.reason, error.detail, raw, origin)])
+            return Begun(Handled(None, "malformed", [Drop(error.reason, error.detail, raw, origin)]))
         seq = frame.seq
         if self._dids and frame.op == 1 and frame.type in (COMMIT, IDENTITY, ACCOUNT, SYNC):
             did = frame.did
             if did is not None and did not in self._dids:
-                return Handled(seq, "filtered", [Skip("did_filter", _count_ops(frame))])
+                return Begun(Handled(seq, "filtered", [Skip("did_filter", _count_ops(frame))]))
         try:
             decoded = decode(frame, job=self.job, collections=self._collections)
         except DropError as e:
-            return Handled(seq, "malformed", [Drop(e.reason, e.detail, raw, origin, did=frame.did, cursor=seq)])
+            return Begun(Handled(seq, "malformed", [Drop(e.reason, e.detail, raw, origin, did=frame.did, cursor=seq)]))
         kind = decoded.kind
         if kind in (KIND_INFO, KIND_ERROR):
-            return Handled(None, kind, [], decoded)
+            return Begun(Handled(None, kind, [], decoded))
         if kind == KIND_UNKNOWN:
-            return Handled(seq, kind, [Skip("unknown_type")], decoded)
+            return Begun(Handled(seq, kind, [Skip("unknown_type")], decoded))
         items: list[SourceItem] = []
         t = decoded.time_us
         events = decoded.events
         if t is not None:
             if self._start_us is not None and t < self._start_us:
-                return Handled(seq, kind, [Skip("before_start", max(1, len(events)))], decoded)
+                return Begun(Handled(seq, kind, [Skip("before_start", max(1, len(events)))], decoded))
             if self.end_us is not None and t >= self.end_us:
                 assert self.hard_end_us is not None
                 if t >= self.hard_end_us:
-                    return Handled(seq, kind, [End("end_cursor_reached")], decoded)
-                return Handled(seq, kind, [Skip("after_end", max(1, len(events)))], decoded)
+                    return Begun(Handled(seq, kind, [End("end_cursor_reached")], decoded))
+                return Begun(Handled(seq, kind, [Skip("after_end", max(1, len(events)))], decoded))
         if decoded.filtered:
             items.append(Skip("collection_filter", decoded.filtered))
         if decoded.too_big:
@@ -245,17 +253,41 @@ class FrameHandler:
             fresh = [e for e in events if not position.seen(e)]
             if len(fresh) < len(events):
                 items.append(Skip("duplicate", len(events) - len(fresh)))
+        handled = Handled(seq, kind, items, decoded)
         verifier = self.verifier
         if verifier is not None and (fresh or kind in (KIND_SYNC,) or decoded.type == IDENTITY):
+            return Begun(handled, fresh, await verifier.begin(decoded), raw, origin)
+        items.extend(fresh)
+        return Begun(handled)
+
+    async def finish(self, begun: Begun) -> Handled:
+        """The items of a begun frame, once its verification (if any) is decided."""
+        handled, check = begun.handled, begun.check
+        if check is not None:
+            assert self.verifier is not None
+            decoded = check.decoded
             try:
-                await verifier.check(decoded)
+                await self.verifier.finish(check)
             except DecodeError as e:
-                items.append(Drop(e.reason, e.detail, raw, origin, did=decoded.did, cursor=seq))
-                return Handled(seq, kind, items, decoded)
+                handled.items.append(Drop(e.reason, e.detail, begun.raw, begun.origin, did=decoded.did,
+                                          cursor=handled.seq))
+                return handled
             if self._verified is not None and decoded.type in (COMMIT, SYNC):
                 self._verified.inc()
-        items.extend(fresh)
-        return Handled(seq, kind, items, decoded)
+        handled.items.extend(begun.fresh)
+        return handled
+
+
+@dataclass(slots=True)
+class Begun:
+    """A frame :meth:`FrameHandler.begin` handled up to its verification: ``check`` (None: nothing
+    to wait for, ``handled`` is final) and the events that follow a passed check."""
+
+    handled: Handled
+    fresh: list[Event] = field(default_factory=list)
+    check: PendingCheck | None = None
+    raw: bytes = b""
+    origin: str = ""
 
 
 # ------------------------------------------------------------------------------------ the stream
@@ -331,6 +363,8 @@ class RelayStream(WebsocketHolder):
                  connector: Connector | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.opts = opts
         self.last_seq: int | None = cursor
+        #: The newest seq received (handled or not): with a pipelined consumer it runs ahead of last_seq.
+        self.received_seq: int | None = cursor
         self._metrics = metrics
         self._sleep = sleep
         self._wait = wait or (wait_exponential(multiplier=opts.backoff_initial, max=opts.backoff_max)
@@ -420,16 +454,27 @@ class RelayStream(WebsocketHolder):
             await self._sleep(0)
 
     def _oversize(self) -> Drop | None:
-        skipped = self.last_seq + 1 if self.last_seq is not None else None
+        # the oversize frame follows the last one received (a pipelined consumer may not be done with it)
+        known = [s for s in (self.last_seq, self.received_seq) if s is not None]
+        last = max(known) if known else None
+        skipped = last + 1 if last is not None else None
         self._notice("oversize_skip")
         self._log_once("oversize", logging.WARNING, "a frame after seq %s is over %d bytes; stepping over seq %s",
-                       self.last_seq, self.opts.max_frame_size, skipped)
+                       last, self.opts.max_frame_size, skipped)
         if skipped is None:
             return Drop("oversize", f"frame over {self.opts.max_frame_size} bytes on the live stream", b"",
                         self.opts.url)
         self.last_seq = skipped
         return Drop("oversize", f"frame over {self.opts.max_frame_size} bytes (seq {skipped} skipped)", b"",
                     self.opts.url, cursor=skipped)
+
+    def buffered(self) -> int:
+        """Messages received and not read yet (0 when unknown: then none are assumed)."""
+        ws = self._ws
+        try:
+            return len(ws.recv_messages.frames) if ws is not None else 0
+        except (AttributeError, TypeError):  # another websockets layout
+            return 0
 
     def done(self, seq: int) -> None:
         """Frame ``seq`` was fully handled: a reconnect resumes after it."""
@@ -486,6 +531,8 @@ class RelayStream(WebsocketHolder):
                                                "relay sequence went back: expected seq %d, got %d", expected, seq)
                         outdated = False
                         expected = seq + 1
+                        if self.received_seq is None or seq > self.received_seq:
+                            self.received_seq = seq
                 yield RawFrame(data, frame, error)
         finally:
             if watchdog is not None:
@@ -557,6 +604,11 @@ class FirehoseSource:
 
     async def items(self) -> AsyncIterator[SourceItem]:
         """Events, drops and skips, until the end watermark (then an End) or forever."""
+        verifier = self.handler.verifier
+        if verifier is not None and verifier.batching:
+            async for item in self._pipelined(verifier):
+                yield item
+            return
         stream = self.stream
         handler = self.handler
         position = handler.position
@@ -576,6 +628,69 @@ class FirehoseSource:
             if seq is not None:
                 position.frame_done(seq)
                 stream.done(seq)
+
+    async def _pipelined(self, verifier: CommitVerifier) -> AsyncIterator[SourceItem]:
+        """:meth:`items` with ``--verify`` signatures checked in batches on a thread.
+
+        Frames are begun (decoded, filtered, checked but for their signature) while more are at
+        hand; a group of them is finished (its verdicts awaited, its items yielded, in frame order)
+        once the next group is begun, so the thread verifies one group while the interpreter
+        decodes the next. Whenever the connection has nothing more buffered, every begun frame is
+        finished before waiting for the network: a reconnect, an oversize frame or the end of the
+        stream never finds a frame half handled, and a quiet stream is not held back. A frame the
+        relay sends again after a reconnect while its first copy was still begun is left out (the
+        first copy is delivered); older ones are de-duplicated by the position as without batches.
+        """
+        stream = self.stream
+        handler = self.handler
+        position = handler.position
+        origin = stream.opts.url
+        group: list[Begun] = []
+        groups: deque[list[Begun]] = deque()
+        begun_seq: int | None = None
+
+        async def finished(keep: int) -> list[Handled]:
+            """Finish the oldest groups until ``keep`` are left (their frames in order)."""
+            out: list[Handled] = []
+            while len(groups) > keep:
+                for begun in groups.popleft():
+                    out.append(await handler.finish(begun))
+            return out
+
+        async for raw in stream.frames():
+            done: list[Handled] = []
+            if isinstance(raw, Drop):
+                verifier.flush()
+                groups.append(group)
+                group = []
+                done = await finished(0)
+            else:
+                seq = raw.frame.seq if raw.frame is not None else None
+                if seq is not None and begun_seq is not None and seq <= begun_seq and (
+                        position.cursor is None or seq > position.cursor):
+                    continue  # sent again after a reconnect while its first copy was begun
+                group.append(await handler.begin(raw.data, raw.frame, raw.error, origin))
+                if seq is not None and (begun_seq is None or seq > begun_seq):
+                    begun_seq = seq
+                idle = stream.buffered() == 0
+                if idle or len(group) >= verifier.batch_size:
+                    verifier.flush()
+                    groups.append(group)
+                    group = []
+                    done = await finished(0 if idle else 1)
+            # a frame's items are handed over before the position counts the frame (checkpoints)
+            for handled in done:
+                for item in handled.items:
+                    yield item
+                    if isinstance(item, End):
+                        return
+                if handled.seq is not None:
+                    position.frame_done(handled.seq)
+                    stream.done(handled.seq)
+            if isinstance(raw, Drop):
+                yield raw
+                if raw.cursor is not None:
+                    position.frame_done(raw.cursor)
 
     async def aclose(self) -> None:
         """Close the connection."""

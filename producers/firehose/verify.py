@@ -10,6 +10,14 @@ identity side: resolving the key (cached by the resolver), dropping the cached d
 ``#identity`` frame, and re-resolving once when a signature fails (the key may have rotated before
 the ``#identity`` frame reached us).
 
+Batches (``batch_size`` > 0): :meth:`CommitVerifier.begin` runs every check but the signature on
+the interpreter (the native path), and collects the signature into the current batch;
+:meth:`CommitVerifier.flush` hands the batch to a thread, which verifies it in one native call
+without the GIL (:func:`runtime.atproto.crypto.verify_batch`) while the interpreter decodes the next
+frames; :meth:`CommitVerifier.finish` waits for the frame's verdict. A commit the batch does not
+accept, a P-256 key, a ``#sync`` and anything off the native path are checked whole, on the
+interpreter, exactly as without batches: the batch only ever accepts.
+
 A failure raises :class:`~runtime.errors.DecodeError` whose reason is one of ``bad_signature``,
 ``bad_mst_proof``, ``missing_block``, ``bad_cid``, ``malformed_car``, ``malformed_cbor``, or the
 resolution failure's reason (``repo_unavailable`` for a DID the directory does not know, ...); the
@@ -18,11 +26,13 @@ source turns it into a dead letter holding the raw frame.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 import zstandard
@@ -30,9 +40,10 @@ import zstandard
 from producers.firehose.decode import KIND_COMMIT, KIND_IDENTITY, KIND_SYNC, Decoded
 from runtime.atproto.car import read_car
 from runtime.atproto.commit import verify_commit
+from runtime.atproto.crypto import batch_key, verify_batch, verify_batch_available
 from runtime.atproto.errors import AtprotoFormatError, IdentityError, SignatureError
 from runtime.atproto.identity import Identity, parse_did_document
-from runtime.atproto.repo import check_commit_event
+from runtime.atproto.repo import check_commit_event, commit_event_signature
 from runtime.errors import DecodeError, SourceError
 
 log = logging.getLogger(__name__)
@@ -138,18 +149,126 @@ class VerifyStats:
     identity_refreshes: int = 0
 
 
+class _Batch:
+    """Signatures collected for one native call, and (once flushed) the call's verdicts."""
+
+    __slots__ = ("items", "result")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[bytes, bytes, bytes]] = []
+        self.result: asyncio.Future[list[bool]] | None = None
+
+
+@dataclass(slots=True)
+class PendingCheck:
+    """One frame's verification, begun by :meth:`CommitVerifier.begin`, ended by :meth:`CommitVerifier.finish`.
+
+    ``batch``/``index``: where its signature waits (None: nothing waits, ``error`` or success is known).
+    """
+
+    decoded: Decoded
+    error: DecodeError | None = None
+    batch: _Batch | None = None
+    index: int = 0
+
+
+#: Signatures per native call when batches are on (``--verify`` in the firehose source).
+DEFAULT_BATCH: Final = 64
+
+
 class CommitVerifier:
     """Verifies decoded frames; keeps the resolver's cache in step with ``#identity`` frames.
 
     Args:
         resolver: the identity source.
         invert: also check the Sync 1.1 MST proof (ops invert to ``prevData``).
+        batch_size: signatures per native batch verified on a thread (module docstring); 0 = every
+            frame checked whole by :meth:`check`. Batches need the native extension and coincurve;
+            without them the verifier checks every frame whole.
     """
 
-    def __init__(self, resolver: IdentityResolver, *, invert: bool = True) -> None:
+    def __init__(self, resolver: IdentityResolver, *, invert: bool = True, batch_size: int = 0) -> None:
         self.resolver = resolver
         self.invert = invert
         self.stats = VerifyStats()
+        self.batch_size = batch_size if batch_size > 0 and verify_batch_available() else 0
+        self._batch = _Batch()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def batching(self) -> bool:
+        """True when signatures are verified in batches on a thread."""
+        return self.batch_size > 0
+
+    def close(self) -> None:
+        """Stop the batch thread (batches already handed to it finish first)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    async def begin(self, decoded: Decoded) -> PendingCheck:
+        """Start verifying ``decoded``: everything but a batched signature is checked now.
+
+        Never raises a verification failure: :meth:`finish` does, in frame order.
+        """
+        pending = PendingCheck(decoded)
+        kind = decoded.kind
+        if not self.batching or kind != KIND_COMMIT or decoded.did is None:
+            try:
+                await self.check(decoded)
+            except DecodeError as e:
+                pending.error = e
+            return pending
+        try:
+            key = await self._signing_key(decoded.did)
+        except DecodeError as e:
+            self.stats.failed[e.reason] = self.stats.failed.get(e.reason, 0) + 1
+            pending.error = e
+            return pending
+        signed = commit_event_signature(decoded.frame.body, invert=self.invert)
+        parsed = batch_key(key) if signed is not None else None
+        if signed is None or parsed is None:
+            try:
+                await self.check(decoded)  # off the native path, or a P-256 key: checked whole, now
+            except DecodeError as e:
+                pending.error = e
+            return pending
+        batch = self._batch
+        pending.batch, pending.index = batch, len(batch.items)
+        batch.items.append((parsed, signed[1], signed[0]))
+        if len(batch.items) >= self.batch_size:
+            self.flush()
+        return pending
+
+    def flush(self) -> None:
+        """Hand the current batch to the verifying thread (call it when no more frames are at hand)."""
+        batch = self._batch
+        if not batch.items:
+            return
+        self._batch = _Batch()
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        batch.result = asyncio.wrap_future(pool.submit(verify_batch, batch.items))
+
+    async def finish(self, pending: PendingCheck) -> None:
+        """The verdict of a begun frame.
+
+        Raises:
+            DecodeError: the frame fails verification.
+        """
+        if pending.error is not None:
+            raise pending.error
+        batch = pending.batch
+        if batch is None:
+            return
+        if batch.result is None:
+            self.flush()
+        assert batch.result is not None
+        if (await batch.result)[pending.index]:
+            self.stats.verified += 1
+            return
+        await self.check(pending.decoded)  # not accepted by the batch: the whole check decides
 
     async def _signing_key(self, did: str) -> str:
         try:
@@ -220,4 +339,5 @@ class CommitVerifier:
             raise DecodeError("bad_signature", f"#sync rev {body.get('rev')!r} differs from its commit's {commit.rev}")
 
 
-__all__ = ["CommitVerifier", "DictResolver", "IdentityResolver", "UnresolvedDidError", "VerifyStats"]
+__all__ = ["DEFAULT_BATCH", "CommitVerifier", "DictResolver", "IdentityResolver", "PendingCheck", "UnresolvedDidError",
+           "VerifyStats"]

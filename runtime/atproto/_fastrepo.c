@@ -17,6 +17,7 @@
  *   cid_str(cid bytes) -> str | None
  *   mst_invert(root, lookup, ops, verify) -> root cid bytes | None
  *   commit_event(blocks, commit, ops, invert) -> (did, rev, unsigned, sig, inverted root | None) | None
+ *   ecdsa_verify_batch(verify, parse, ctx, [(pubkey, sig, data)]) -> [bool]  (see its comment)
  *
  * sha2-256 comes from OpenSSL's libcrypto (the same library CPython's hashlib uses).
  */
@@ -1702,6 +1703,91 @@ static PyObject *cid_str(PyObject *self, PyObject *arg) {
     return cid_string((const uint8_t *)PyBytes_AS_STRING(arg));
 }
 
+/* ------------------------------------------------------------------------- signatures, batched */
+
+/* libsecp256k1's secp256k1_ecdsa_verify and secp256k1_ecdsa_signature_parse_compact; their
+ * signature and public key arguments are 64-byte opaque structs (unsigned char data[64]). */
+typedef int (*ecdsa_verify_fn)(const void *ctx, const unsigned char *sig, const unsigned char *msg32,
+                               const unsigned char *pubkey);
+typedef int (*ecdsa_parse_fn)(const void *ctx, unsigned char *sig, const unsigned char *input64);
+
+/* ecdsa_verify_batch(verify, parse, ctx, items) -> [bool]
+ *
+ * secp256k1 ECDSA over sha2-256 for every (pubkey, sig, data) of the list items, without the GIL:
+ * pubkey is libsecp256k1's parsed public key (64 bytes, as coincurve holds it), sig the 64-byte
+ * compact r || s, data the signed bytes. verify, parse and ctx are the addresses of libsecp256k1's
+ * two functions and of a verification context (coincurve's, which outlives every call). A
+ * high-S signature does not verify (libsecp256k1 refuses it); an item that is not three bytes
+ * objects of those lengths is False. Like the rest of this module it only ever accepts: the caller
+ * decides a False with the reference path. Items are read while the GIL is held; the list is
+ * copied first, so the bytes stay alive whatever another thread does to it. */
+static PyObject *ecdsa_verify_batch(PyObject *self, PyObject *args) {
+    unsigned long long verify_addr, parse_addr, ctx_addr;
+    PyObject *items;
+    if (!PyArg_ParseTuple(args, "KKKO!", &verify_addr, &parse_addr, &ctx_addr, &PyList_Type, &items)) return NULL;
+    if (verify_addr == 0 || parse_addr == 0 || ctx_addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "null libsecp256k1 address");
+        return NULL;
+    }
+    ecdsa_verify_fn verify = (ecdsa_verify_fn)(uintptr_t)verify_addr;
+    ecdsa_parse_fn parse = (ecdsa_parse_fn)(uintptr_t)parse_addr;
+    const void *ctx = (const void *)(uintptr_t)ctx_addr;
+    PyObject *held = PyList_GetSlice(items, 0, PyList_GET_SIZE(items));
+    if (held == NULL) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(held);
+    const unsigned char **keys = PyMem_Calloc((size_t)n + 1, sizeof(*keys));
+    const unsigned char **sigs = PyMem_Calloc((size_t)n + 1, sizeof(*sigs));
+    const unsigned char **data = PyMem_Calloc((size_t)n + 1, sizeof(*data));
+    size_t *lens = PyMem_Calloc((size_t)n + 1, sizeof(*lens));
+    char *ok = PyMem_Calloc((size_t)n + 1, 1);
+    EVP_MD_CTX *mctx = EVP_MD_CTX_new();
+    PyObject *out = NULL;
+    if (keys == NULL || sigs == NULL || data == NULL || lens == NULL || ok == NULL || mctx == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(held, i);
+        if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 3) continue;
+        PyObject *k = PyTuple_GET_ITEM(t, 0), *s = PyTuple_GET_ITEM(t, 1), *d = PyTuple_GET_ITEM(t, 2);
+        if (!PyBytes_Check(k) || PyBytes_GET_SIZE(k) != 64 || !PyBytes_Check(s) || PyBytes_GET_SIZE(s) != 64 ||
+            !PyBytes_Check(d))
+            continue;
+        keys[i] = (const unsigned char *)PyBytes_AS_STRING(k);
+        sigs[i] = (const unsigned char *)PyBytes_AS_STRING(s);
+        data[i] = (const unsigned char *)PyBytes_AS_STRING(d);
+        lens[i] = (size_t)PyBytes_GET_SIZE(d);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (keys[i] == NULL) continue;
+        unsigned char digest[DIGEST_LEN], sig[64];
+        unsigned int len = 0;
+        if (!EVP_DigestInit_ex2(mctx, SHA256_MD, NULL) || !EVP_DigestUpdate(mctx, data[i], lens[i]) ||
+            !EVP_DigestFinal_ex(mctx, digest, &len) || len != DIGEST_LEN)
+            continue;
+        if (!parse(ctx, sig, sigs[i])) continue;
+        ok[i] = verify(ctx, sig, digest, keys[i]) == 1;
+    }
+    Py_END_ALLOW_THREADS
+    out = PyList_New(n);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *b = ok[i] ? Py_True : Py_False;
+        Py_INCREF(b);
+        PyList_SET_ITEM(out, i, b);
+    }
+done:
+    if (mctx != NULL) EVP_MD_CTX_free(mctx);
+    PyMem_Free(keys);
+    PyMem_Free(sigs);
+    PyMem_Free(data);
+    PyMem_Free(lens);
+    PyMem_Free(ok);
+    Py_DECREF(held);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"car_index", car_index, METH_VARARGS, "car_index(data, verify, max_blocks) -> (header, blocks) | None"},
     {"mst_walk", mst_walk, METH_VARARGS,
@@ -1712,6 +1798,8 @@ static PyMethodDef methods[] = {
      "mst_invert(root, lookup, [(action, path, cid | None, prev | None)], verify) -> root cid | None"},
     {"commit_event", commit_event, METH_VARARGS,
      "commit_event(blocks, commit, ops, invert) -> (did, rev, unsigned, sig, inverted root | None) | None"},
+    {"ecdsa_verify_batch", ecdsa_verify_batch, METH_VARARGS,
+     "ecdsa_verify_batch(verify, parse, ctx, [(pubkey, sig, data)]) -> [bool], without the GIL"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,6 +11,11 @@ serves a stale key). secp256k1, the curve of nearly every atproto account, is ve
 libsecp256k1 (the ``coincurve`` binding): about 15 times faster than OpenSSL's generic curve code.
 P-256 (and secp256k1 when ``coincurve`` is not installed) is verified by OpenSSL through
 ``cryptography``. Both check the same thing; the tests run both on the same signatures.
+
+:func:`verify_batch` verifies many secp256k1 signatures in one call of the native extension
+(``_fastrepo.ecdsa_verify_batch``: the same libsecp256k1 functions, reached through coincurve's
+library) that runs without the GIL, so a thread can verify one batch while the interpreter decodes
+the next. Like every native path it only accepts: a False is decided again by :func:`verify_signature`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ try:
 except ImportError:  # pragma: no cover - a declared dependency; OpenSSL verifies secp256k1 without it
     _HAVE_COINCURVE = False
 
+from runtime.atproto import native
 from runtime.atproto.errors import KeyFormatError
 
 __all__ = [
@@ -51,11 +57,14 @@ __all__ = [
     "Curve",
     "KeyPair",
     "Verifier",
+    "batch_key",
     "clear_verifier_cache",
     "did_key_curve",
     "low_s",
     "parse_did_key",
     "signature_verifier",
+    "verify_batch",
+    "verify_batch_available",
     "verify_signature",
 ]
 
@@ -214,10 +223,21 @@ def _der(signature: bytes) -> bytes:
 class _Secp256k1Verifier:
     """secp256k1 through libsecp256k1 (which refuses high-S signatures itself; checked here too)."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_internal", "_key")
 
     def __init__(self, point: bytes) -> None:
         self._key = coincurve.PublicKey(point)
+        self._internal: bytes | None = None
+
+    @property
+    def internal(self) -> bytes:
+        """The key as libsecp256k1 holds it once parsed (64 bytes): what :func:`verify_batch` takes."""
+        got = self._internal
+        if got is None:
+            from coincurve._libsecp256k1 import ffi  # noqa: PLC0415 - only where batches are used
+
+            got = self._internal = bytes(ffi.buffer(self._key.public_key, 64))
+        return got
 
     def __call__(self, data: bytes, signature: bytes) -> bool:
         if signature[32:] > _K256_HALF_ORDER:  # equal-length big-endian: compares as integers
@@ -295,6 +315,58 @@ def _cached_verifier(did_key: str) -> Verifier:
 def clear_verifier_cache() -> None:
     """Forget every cached verifier (benchmarks measuring a cold start; tests switching backends)."""
     _cached_verifier.cache_clear()
+
+
+def _batch_addresses() -> tuple[int, int, int] | None:
+    """libsecp256k1's verify and compact-parse functions and coincurve's context, as addresses."""
+    if not _HAVE_COINCURVE or not LIBSECP256K1:
+        return None
+    try:
+        from coincurve._libsecp256k1 import ffi, lib  # noqa: PLC0415 - coincurve's compiled library
+        from coincurve.context import GLOBAL_CONTEXT  # noqa: PLC0415
+
+        return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "secp256k1_ecdsa_verify"))),
+                int(ffi.cast("uintptr_t", ffi.addressof(lib, "secp256k1_ecdsa_signature_parse_compact"))),
+                int(ffi.cast("uintptr_t", GLOBAL_CONTEXT.ctx)))
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - another coincurve layout
+        return None
+
+
+_BATCH: Final = _batch_addresses()
+
+
+def verify_batch_available() -> bool:
+    """True when :func:`verify_batch` verifies natively (the extension and coincurve's library are there)."""
+    fast = native.NATIVE
+    return _BATCH is not None and fast is not None and hasattr(fast, "ecdsa_verify_batch")
+
+
+def batch_key(did_key: str) -> bytes | None:
+    """The parsed form of a secp256k1 ``did_key`` for :func:`verify_batch`; None for a P-256 key, a
+    key that does not parse, or when batches are unavailable (verify those with :func:`verify_signature`)."""
+    if not verify_batch_available():
+        return None
+    try:
+        verifier = _cached_verifier(did_key)
+    except KeyFormatError:
+        return None
+    return verifier.internal if isinstance(verifier, _Secp256k1Verifier) else None
+
+
+def verify_batch(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
+    """Verify ``(batch_key, signature, data)`` items in one native call that releases the GIL.
+
+    True: the signature is a valid compact low-S signature of ``sha256(data)`` by the key. False
+    means only "not accepted here": decide it with :func:`verify_signature`.
+
+    Raises:
+        RuntimeError: batches are unavailable (check :func:`verify_batch_available`).
+    """
+    fast = native.NATIVE
+    if _BATCH is None or fast is None:
+        raise RuntimeError("native signature batches are unavailable")
+    verify, parse, ctx = _BATCH
+    return fast.ecdsa_verify_batch(verify, parse, ctx, items)
 
 
 def verify_signature(did_key: str, data: bytes, signature: bytes) -> bool:

@@ -41,6 +41,10 @@ class Native(Protocol):
         """A ``#commit``'s slice checked: ``(did, rev, unsigned commit bytes, sig, inverted root or None)``,
         or None."""
 
+    def ecdsa_verify_batch(self, verify: int, parse: int, ctx: int, items: list[tuple[bytes, bytes, bytes]],
+                           /) -> list[bool]:
+        """secp256k1 signatures ``(parsed key, compact sig, data)`` checked without the GIL (True: valid)."""
+
 
 def _load() -> Native | None:
     try:

@@ -42,6 +42,7 @@ __all__ = [
     "build_repo",
     "build_repo_blocks",
     "check_commit_event",
+    "commit_event_signature",
     "iter_repo_records",
     "read_commit",
     "verify_commit_event",
@@ -300,12 +301,37 @@ def check_commit_event(body: Mapping[str, Any], *, signing_key: str | None, inve
     verify_commit_event(body, signing_key=signing_key, invert=invert)
 
 
-def _fast_accepts(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, bytes | None], signing_key: str | None,
-                  invert: bool) -> bool:
-    did, rev, unsigned, sig, inverted = out
+def commit_event_signature(body: Mapping[str, Any], *, invert: bool = True) -> tuple[bytes, bytes] | None:
+    """Every check of :func:`check_commit_event` but the signature, on the native path only.
+
+    Returns:
+        ``(unsigned commit bytes, signature)`` when the native path accepts the event apart from
+        its signature: the event is valid exactly when the signature verifies. None when it does
+        not accept (or is not built): run :func:`check_commit_event` for the verdict.
+    """
+    fast = native.NATIVE
+    if fast is None:
+        return None
+    blocks, commit, ops = body.get("blocks"), body.get("commit"), body.get("ops")
+    if type(blocks) is not bytes or type(commit) is not bytes or type(ops) is not list:
+        return None
+    out = fast.commit_event(blocks, commit, ops, invert)
+    if out is None or not _fast_prechecks(body, out, invert):
+        return None
+    return out[2], out[3]
+
+
+def _fast_prechecks(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, bytes | None], invert: bool) -> bool:
+    did, rev, _unsigned, _sig, inverted = out
     if did != body.get("repo") or not did.startswith("did:") or rev != body.get("rev") or not is_valid_tid(rev):
         return False
-    if invert and (inverted is None or inverted != body.get("prevData")):
+    return not (invert and (inverted is None or inverted != body.get("prevData")))
+
+
+def _fast_accepts(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, bytes | None], signing_key: str | None,
+                  invert: bool) -> bool:
+    _did, _rev, unsigned, sig, _inverted = out
+    if not _fast_prechecks(body, out, invert):
         return False
     if signing_key is None:
         return True

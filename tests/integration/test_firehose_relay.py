@@ -32,7 +32,7 @@ from producers.firehose.source import (
 from producers.firehose.verify import CommitVerifier, DictResolver
 from producers.source import Drop, End, SourceItem
 from runtime.atproto.capture import read_capture
-from runtime.contract.records import Event
+from runtime.contract.records import Event, RecordEvent
 from runtime.errors import SourceError
 from runtime.process.metrics import Metrics
 from runtime.simulator import relay_cli
@@ -257,8 +257,9 @@ def test_an_unreachable_relay_gives_up_after_the_declared_attempts(
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("batch", [0, 8, 64])
 def test_the_source_yields_verified_events_until_the_end_watermark(
-        generated: tuple[RelayGenerator, list[StoredFrame]]) -> None:
+        generated: tuple[RelayGenerator, list[StoredFrame]], batch: int) -> None:
     gen, frames = generated
     end = frames[150].time_us
 
@@ -266,7 +267,7 @@ def test_the_source_yields_verified_events_until_the_end_watermark(
         async with RelaySimulator(frames, faults=RelayFaults(disconnect_after=70)) as sim:
             position = FirehosePosition()
             handler = FrameHandler(position, end_us=end, lateness_us=50_000, job="t",
-                                   verifier=CommitVerifier(DictResolver(gen.did_documents())))
+                                   verifier=CommitVerifier(DictResolver(gen.did_documents()), batch_size=batch))
             source = FirehoseSource(_stream(sim, 0), handler)
             items = []
             async with asyncio.timeout(20):
@@ -285,6 +286,49 @@ def test_the_source_yields_verified_events_until_the_end_watermark(
             continue
         expected.extend(decode_frame(f.data, job="t").events)
     assert events == expected
+
+
+@pytest.mark.parametrize("fault", ["disconnect", "mid_frame", "oversize", "garbage", "too_slow"])
+def test_batched_verification_delivers_what_frame_by_frame_does_through_stream_faults(
+        generated: tuple[RelayGenerator, list[StoredFrame]], fault: str) -> None:
+    """Signatures verified in batches on a thread (frames begun ahead of their verdicts): through
+    reconnects, a frame cut mid-way, an oversize frame, garbage and ConsumerTooSlow, the source
+    yields the same events, drops and skips, in the same order, as with every frame checked in
+    turn; every event once."""
+    gen, frames = generated
+    end = frames[170].time_us
+    faults = {"disconnect": RelayFaults(disconnect_after=45, disconnect_times=3),
+              "mid_frame": RelayFaults(disconnect_after=33, disconnect_times=2, mid_frame=True),
+              "oversize": RelayFaults(oversize_seqs=frozenset({57}), oversize_bytes=300_000),
+              "garbage": RelayFaults(garbage_every=25),
+              "too_slow": RelayFaults(too_slow_after=60)}[fault]
+
+    def run(batch: int) -> list[SourceItem]:
+        async def scenario() -> list[SourceItem]:
+            async with RelaySimulator(frames, faults=faults) as sim:
+                position = FirehosePosition()
+                verifier = CommitVerifier(DictResolver(gen.did_documents()), batch_size=batch)
+                handler = FrameHandler(position, end_us=end, lateness_us=50_000, job="t", verifier=verifier)
+                source = FirehoseSource(_stream(sim, 0, max_frame_size=200_000), handler)
+                items = []
+                async with asyncio.timeout(30):
+                    async for item in source.items():
+                        items.append(item)
+                await source.aclose()
+                verifier.close()
+                return items
+
+        return asyncio.run(scenario())
+
+    def shape(items: list[SourceItem]) -> list[object]:
+        return [(type(i).__name__, getattr(i, "reason", None), getattr(i, "cursor", None),
+                 getattr(i, "did", None), getattr(i, "rkey", None)) for i in items]
+
+    one_by_one, batched = run(0), run(16)
+    assert isinstance(batched[-1], End)
+    assert shape(batched) == shape(one_by_one)
+    events = [i for i in batched if isinstance(i, RecordEvent)]
+    assert len({(e.did, e.collection, e.rkey, e.rev) for e in events}) == len(events)
 
 
 def test_seek_time_finds_the_first_frame_at_the_start(generated: tuple[RelayGenerator, list[StoredFrame]]) -> None:

@@ -318,3 +318,44 @@ def test_the_openssl_backend_alone_verifies(monkeypatch: pytest.MonkeyPatch) -> 
         assert not verify_signature(key.did_key(), b"n", key.sign(b"m"))
     finally:
         _cached_verifier.cache_clear()
+
+
+@pytest.mark.skipif(not crypto.verify_batch_available(), reason="the native extension is not built")
+def test_native_batches_agree_with_single_verification() -> None:
+    """verify_batch on valid, tampered, high-S, foreign-key, zero and malformed items: every True is a
+    valid signature, and for well-formed items the verdicts are verify_signature's."""
+    rng = random.Random(5)
+    keys = [KeyPair.generate("k256", rng) for _ in range(6)]
+    order = ORDERS["k256"]
+    items: list[tuple[bytes, bytes, bytes]] = []
+    want: list[bool] = []
+    for i in range(300):
+        key = keys[i % len(keys)]
+        msg = rng.randbytes(rng.randrange(0, 600))
+        sig = key.sign(msg)
+        kind = i % 6
+        signer = key
+        if kind == 1:
+            msg += b"!"
+        elif kind == 2:
+            sig = sig[:32] + (order - int.from_bytes(sig[32:], "big")).to_bytes(32, "big")  # high-S twin
+        elif kind == 3:
+            signer = keys[(i + 1) % len(keys)]
+        elif kind == 4:
+            sig = bytes(64)
+        parsed = crypto.batch_key(signer.did_key())
+        assert parsed is not None and len(parsed) == 64
+        items.append((parsed, sig, msg))
+        want.append(verify_signature(signer.did_key(), msg, sig))
+    assert crypto.verify_batch(items) == want
+    assert want.count(True) == 100  # only kinds 0 and 5 verify
+    # malformed items are False, never an error; an empty batch is empty
+    good = items[0]
+    assert crypto.verify_batch([(good[0][:63], good[1], good[2]), (good[0], good[1][:63], good[2]),
+                                 ("x", good[1], good[2]), (good[0], good[1]), good]) == [False] * 4 + [True]  # type: ignore[list-item]
+    assert crypto.verify_batch([]) == []
+
+
+def test_p256_keys_have_no_batch_form() -> None:
+    assert crypto.batch_key(KeyPair.generate("p256", b"p").did_key()) is None
+    assert crypto.batch_key("did:key:zzzz") is None

@@ -14,6 +14,7 @@ import pytest
 
 from producers.firehose.decode import Decoded, decode_frame, parse_frame
 from producers.firehose.verify import CommitVerifier, DictResolver
+from runtime.atproto import native
 from runtime.atproto.capture import read_capture
 from runtime.atproto.car import read_car, write_car
 from runtime.atproto.cid import CID
@@ -191,3 +192,51 @@ def test_generated_commits_verify_and_tampering_is_caught() -> None:
         for did in gen.accounts}))
     commit = next(f for f in frames if libipld.decode_dag_cbor_multi(f.data)[0]["t"] == "#commit")
     assert _reason(impostor, commit.data) == "bad_signature"
+
+
+def _batched_verdicts(verifier: CommitVerifier, datas: list[bytes]) -> list[str | None]:
+    """Begin every frame, then finish them in order: each frame's failure reason, or None."""
+
+    async def go() -> list[str | None]:
+        begun = [await verifier.begin(decode_frame(d)) for d in datas]
+        verifier.flush()
+        out: list[str | None] = []
+        for pending in begun:
+            try:
+                await verifier.finish(pending)
+                out.append(None)
+            except DecodeError as e:
+                out.append(e.reason)
+        return out
+
+    try:
+        return asyncio.run(go())
+    finally:
+        verifier.close()
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_batched_signatures_give_the_whole_checks_verdicts(frames: list[bytes], resolver: DictResolver,
+                                                           batch: int) -> None:
+    """Signatures verified in native batches on a thread: the same verdicts, in frame order, as
+    every frame checked whole (a bad signature, a foreign key, a bad proof among good frames)."""
+    data = _first_commit(frames)
+    bad_sig = _resigned(data, mutate_sig=True)
+    foreign = _resigned(data, key=KeyPair.generate("k256", b"another key"))
+    bad_proof = _resigned(data, prev_data=CID.for_dag_cbor(b"\xa0"))
+    mixed = [*frames[:40], bad_sig, *frames[40:90], foreign, bad_proof, *frames[90:]]
+    batched = CommitVerifier(resolver, batch_size=batch)
+    assert batched.batching == (native.NATIVE is not None)  # the pure-Python path checks whole
+    got = _batched_verdicts(batched, mixed)
+    reference = CommitVerifier(resolver)
+    want: list[str | None] = []
+    for d in mixed:
+        try:
+            _check(reference, d)
+            want.append(None)
+        except DecodeError as e:
+            want.append(e.reason)
+    assert got == want
+    assert want.count(None) == len(mixed) - 3 and {"bad_signature", "bad_mst_proof"} <= set(want)
+    assert batched.stats.verified == reference.stats.verified
+    assert batched.stats.failed == reference.stats.failed
