@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -174,6 +175,10 @@ class PendingCheck:
 
 #: Signatures per native call when batches are on (``--verify`` in the firehose source).
 DEFAULT_BATCH: Final = 64
+#: The interpreter's thread switch interval (seconds) while the batch thread exists: the thread
+#: needs the GIL for a moment at the start and end of every batch, and the default 5 ms would
+#: keep it waiting longer than the batch takes to verify.
+SWITCH_INTERVAL: Final = 0.001
 
 
 class CommitVerifier:
@@ -194,6 +199,7 @@ class CommitVerifier:
         self.batch_size = batch_size if batch_size > 0 and verify_batch_available() else 0
         self._batch = _Batch()
         self._pool: ThreadPoolExecutor | None = None
+        self._switch: float | None = None
 
     @property
     def batching(self) -> bool:
@@ -205,6 +211,9 @@ class CommitVerifier:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if self._switch is not None:
+            sys.setswitchinterval(self._switch)
+            self._switch = None
 
     async def begin(self, decoded: Decoded) -> PendingCheck:
         """Start verifying ``decoded``: everything but a batched signature is checked now.
@@ -249,6 +258,8 @@ class CommitVerifier:
         pool = self._pool
         if pool is None:
             pool = self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+            self._switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
         batch.result = asyncio.wrap_future(pool.submit(verify_batch, batch.items))
 
     async def finish(self, pending: PendingCheck) -> None:
