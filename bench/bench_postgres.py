@@ -55,7 +55,7 @@ from runtime.contract.codec import AvroCodec
 from runtime.contract.records import Event
 from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
-from runtime.kafka.offsets import Origin, StoredOffset
+from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.metrics import Metrics
 from runtime.process.options import Secret
@@ -206,7 +206,8 @@ def baseline_run(url: str, events: list[Event], batch_size: int) -> tuple[float,
             staged = written = 0
             t0 = time.perf_counter()
             for n, b in enumerate(batches):
-                result = writer.write(prepare(b, conn.cursor(), statements), "baseline", {("baseline", 0): n})
+                result = writer.write(prepare(b, conn.cursor(), statements), "baseline",
+                                      {("baseline", 0): StoredOffset(n, UNKNOWN)})
                 staged += len(b)
                 written += result.total
             elapsed = time.perf_counter() - t0
