@@ -19,7 +19,7 @@ import pytest
 from producers.job import JobOptions, JobRunner
 from runtime.contract.codec import AvroCodec
 from runtime.contract.records import RecordEvent
-from runtime.contract.topics import TopicMap
+from runtime.contract.topics import DID_LEVEL, TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.checkpoint import JobState
 from runtime.kafka.settings import KafkaSettings
@@ -58,7 +58,7 @@ def run_job(kafka: KafkaSettings, job: str, events: list[RecordEvent], metrics: 
 
 def collection_topics(kafka: KafkaSettings) -> set[str]:
     topics = TopicMap(kafka.topic_prefix)
-    return {t for t in prefix_topics(kafka) if topics.collection_of(t) not in (None, "identity", "account")}
+    return {t for t in prefix_topics(kafka) if topics.collection_of(t) not in (None, *DID_LEVEL)}
 
 
 def dead_letters(kafka: KafkaSettings) -> list[dict[str, object]]:
