@@ -188,7 +188,9 @@ def test_kill_minus_nine_mid_transaction_then_resume_gives_every_event_once(kafk
     gen = RelayGenerator(seed=33, accounts=10, start_us=1_760_000_000_000_000, rate=50)
     frames = gen.frames(700)
     end = frames[600].time_us
-    sim = RelaySimulator(frames, rate_limit=120).start_in_thread()
+    # 60 frames/s: after the 200th frame the watcher has about six seconds to catch an open
+    # transaction, even on a loaded machine (at 120/s it once ran out of frames first)
+    sim = RelaySimulator(frames, rate_limit=60).start_in_thread()
     common = ["--relay-url", sim.url, "--start-cursor", "0", "--end-timestamp", us_to_iso(end),
               "--allowed-lateness", "0.2", "--bootstrap-servers", kafka.bootstrap_servers, "--topic-prefix",
               kafka.topic_prefix, "--topic-partitions", "3", "--progress", "none", "--checkpoint-interval", "0.2",
@@ -198,8 +200,8 @@ def test_kill_minus_nine_mid_transaction_then_resume_gives_every_event_once(kafk
         with log.open("wb") as out:
             proc = subprocess.Popen(_command(*common), stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
         try:
-            # SIGKILL after 250 frames, while the broker holds data of the open transaction
-            held = kill_in_transaction(proc, kafka, ready=_sent(sim, 250))
+            # SIGKILL after 200 frames, while the broker holds data of the open transaction
+            held = kill_in_transaction(proc, kafka, ready=_sent(sim, 200))
         finally:
             if proc.poll() is None:
                 proc.kill()
