@@ -221,13 +221,8 @@ class CommitVerifier:
         Never raises a verification failure: :meth:`finish` does, in frame order.
         """
         pending = PendingCheck(decoded)
-        kind = decoded.kind
-        if not self.batching or kind != KIND_COMMIT or decoded.did is None:
-            try:
-                await self.check(decoded)
-            except DecodeError as e:
-                pending.error = e
-            return pending
+        if not self.batching or decoded.kind != KIND_COMMIT or decoded.did is None:
+            return await self._whole(pending)
         try:
             key = await self._signing_key(decoded.did)
         except DecodeError as e:
@@ -237,16 +232,20 @@ class CommitVerifier:
         signed = commit_event_signature(decoded.frame.body, invert=self.invert)
         parsed = batch_key(key) if signed is not None else None
         if signed is None or parsed is None:
-            try:
-                await self.check(decoded)  # off the native path, or a P-256 key: checked whole, now
-            except DecodeError as e:
-                pending.error = e
-            return pending
+            return await self._whole(pending)  # off the native path, or a P-256 key
         batch = self._batch
         pending.batch, pending.index = batch, len(batch.items)
         batch.items.append((parsed, signed[1], signed[0]))
         if len(batch.items) >= self.batch_size:
             self.flush()
+        return pending
+
+    async def _whole(self, pending: PendingCheck) -> PendingCheck:
+        """Check the frame whole, now; its verdict waits in ``pending`` for :meth:`finish`."""
+        try:
+            await self.check(pending.decoded)
+        except DecodeError as e:
+            pending.error = e
         return pending
 
     def flush(self) -> None:

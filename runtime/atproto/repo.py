@@ -291,13 +291,9 @@ def check_commit_event(body: Mapping[str, Any], *, signing_key: str | None, inve
     path bails (anything but the canonical case) or any check fails, :func:`verify_commit_event`
     runs on the same body and gives the verdict: the fast path only ever accepts.
     """
-    fast = native.NATIVE
-    if fast is not None:
-        blocks, commit, ops = body.get("blocks"), body.get("commit"), body.get("ops")
-        if type(blocks) is bytes and type(commit) is bytes and type(ops) is list:
-            out = fast.commit_event(blocks, commit, ops, invert)
-            if out is not None and _fast_accepts(body, out, signing_key, invert):
-                return
+    signed = commit_event_signature(body, invert=invert)
+    if signed is not None and (signing_key is None or _signature_accepts(signing_key, *signed)):
+        return
     verify_commit_event(body, signing_key=signing_key, invert=invert)
 
 
@@ -328,13 +324,7 @@ def _fast_prechecks(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, 
     return not (invert and (inverted is None or inverted != body.get("prevData")))
 
 
-def _fast_accepts(body: Mapping[str, Any], out: tuple[str, str, bytes, bytes, bytes | None], signing_key: str | None,
-                  invert: bool) -> bool:
-    _did, _rev, unsigned, sig, _inverted = out
-    if not _fast_prechecks(body, out, invert):
-        return False
-    if signing_key is None:
-        return True
+def _signature_accepts(signing_key: str, unsigned: bytes, sig: bytes) -> bool:
     try:
         return verify_signature(signing_key, unsigned, sig)
     except KeyFormatError:  # the Python path raises it in its own order of checks
