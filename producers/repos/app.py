@@ -31,7 +31,7 @@ import random
 import socket
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +328,7 @@ class RepoJobRunner(JobRunner):
 
 @dataclass
 class ReposRun:
-    """What a run returns: statistics and per-user metadata."""
+    """What a run returns: statistics and per-user metadata (a replica's: its latest ``RECENT_USERS``)."""
 
     statistics: dict[str, Any]
     users: dict[str, dict[str, Any]]
@@ -390,22 +390,38 @@ async def gather_dids(settings: ReposSettings, pds: PdsClient) -> list[str]:
     return dids[:limit] if limit else dids
 
 
-def _statistics(results: Sequence[RepoResult], elapsed: float, stop_reason: str, batches: int) -> dict[str, Any]:
-    by_type: Counter[str] = Counter()
-    outcomes: Counter[str] = Counter()
-    records = 0
-    car_bytes = 0
-    for r in results:
-        by_type.update(r.by_type)
-        outcomes[r.outcome] += 1
-        records += r.records
-        car_bytes += r.car_bytes
-    return {
-        "users": len(results), "records_produced": records, "records_by_type": dict(by_type),
-        "outcomes": dict(outcomes), "car_bytes": car_bytes, "batches": batches,
-        "total_time": round(elapsed, 3), "records_per_second": round(records / elapsed, 1) if elapsed > 0 else 0.0,
-        "repos_per_second": round(len(results) / elapsed, 2) if elapsed > 0 else 0.0, "stop_reason": stop_reason,
-    }
+#: A replica's run keeps the metadata of this many of its latest repositories (its statistics
+#: count every one): a replica serves the work topic for as long as it runs.
+RECENT_USERS: Final = 1000
+
+
+class Tally:
+    """The run statistics of repository results, counted as they come (no result is kept)."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.records = 0
+        self.car_bytes = 0
+        self.by_type: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+
+    def add(self, result: RepoResult) -> None:
+        """Count ``result``."""
+        self.users += 1
+        self.records += result.records
+        self.car_bytes += result.car_bytes
+        self.by_type.update(result.by_type)
+        self.outcomes[result.outcome] += 1
+
+    def statistics(self, elapsed: float, stop_reason: str, batches: int) -> dict[str, Any]:
+        """The statistics table of the run."""
+        return {
+            "users": self.users, "records_produced": self.records, "records_by_type": dict(self.by_type),
+            "outcomes": dict(self.outcomes), "car_bytes": self.car_bytes, "batches": batches,
+            "total_time": round(elapsed, 3),
+            "records_per_second": round(self.records / elapsed, 1) if elapsed > 0 else 0.0,
+            "repos_per_second": round(self.users / elapsed, 2) if elapsed > 0 else 0.0, "stop_reason": stop_reason,
+        }
 
 
 async def _run_list(settings: ReposSettings, kafka: KafkaSettings, metrics: Metrics, health: Health,
@@ -423,7 +439,8 @@ async def _run_list(settings: ReposSettings, kafka: KafkaSettings, metrics: Metr
     options = JobOptions(job=settings.job, source="repo", filters=filters, max_time=settings.max_time,
                          resume=settings.resume, checkpoint_events=_NEVER,
                          checkpoint_interval=settings.checkpoint_interval, transactions=settings.transactions)
-    results: list[RepoResult] = []
+    results: list[RepoResult] = []  # one per DID of the list given (its per-user metadata)
+    tally = Tally()
     batches = 0
 
     def show(stats: JobStats) -> None:
@@ -438,6 +455,7 @@ async def _run_list(settings: ReposSettings, kafka: KafkaSettings, metrics: Metr
         runner.produce_status(result)
         count_outcome(metrics, result)
         results.append(result)
+        tally.add(result)
 
     def on_batch(batch_no: int, batch: list[RepoResult]) -> None:
         nonlocal batches
@@ -457,7 +475,7 @@ async def _run_list(settings: ReposSettings, kafka: KafkaSettings, metrics: Metr
         final = await runner.run(make_source)
     finally:
         runner.close()
-    stats = _statistics(results, runner.stats.elapsed, runner.stats.stop_reason, batches)
+    stats = tally.statistics(runner.stats.elapsed, runner.stats.stop_reason, batches)
     stats["dropped"] = dict(runner.stats.dropped)
     return ReposRun(stats, {r.did: r.metadata() for r in results}, state=final)
 
@@ -469,16 +487,16 @@ async def _run_topic(settings: ReposSettings, kafka: KafkaSettings, metrics: Met
                        prefetch=settings.prefetch, txn_max_dids=settings.txn_max_dids,
                        txn_max_records=settings.txn_max_records, txn_max_seconds=settings.txn_max_seconds,
                        idle_exit=settings.idle_exit, max_time=settings.max_time, skip_done=not settings.redo)
-    results: list[RepoResult] = []
+    tally = Tally()
+    recent: deque[RepoResult] = deque(maxlen=RECENT_USERS)
     started = time.monotonic()
-    records = 0
 
     def on_result(result: RepoResult) -> None:
-        nonlocal records
-        results.append(result)
-        records += result.records
+        tally.add(result)
+        recent.append(result)
         elapsed = time.monotonic() - started
-        progress.update({"repos": len(results), "records": records, "repos/s": len(results) / max(elapsed, 1e-9)})
+        progress.update({"repos": tally.users, "records": tally.records,
+                         "repos/s": tally.users / max(elapsed, 1e-9)})
 
     runner = WorkTopicRunner(kafka, opts, ctx.fetcher, ctx.processor, metrics, codec, health=health,
                              on_result=on_result)
@@ -487,9 +505,9 @@ async def _run_topic(settings: ReposSettings, kafka: KafkaSettings, metrics: Met
     # Only the main thread of a process takes signals (not a replica run from a test thread).
     with handle_stop_signals(runner.stop, "signal"):
         work = await runner.run()
-    stats = _statistics(results, time.monotonic() - started, work.stop_reason, 0)
+    stats = tally.statistics(time.monotonic() - started, work.stop_reason, 0)
     stats.update({"replica": settings.replica, "skipped_done": work.skipped, "transactions": work.transactions})
-    return ReposRun(stats, {r.did: r.metadata() for r in results}, work=work)
+    return ReposRun(stats, {r.did: r.metadata() for r in recent}, work=work)
 
 
 def run(settings: ReposSettings, *, metrics: Metrics | None = None, print_table: bool = True) -> ReposRun:
