@@ -67,6 +67,8 @@ DESCRIBE_PATIENCE: Final = 120.0
 #: Seconds an ``--until-done`` consumer goes on asking for its job's checkpoint while the control
 #: topic cannot be read (a broker restarting); past them the failure stops it.
 CONTROL_PATIENCE: Final = 300.0
+#: Seconds a consume call waits for messages at most (less while a batch's linger runs out).
+POLL_TIMEOUT: Final = 0.1
 #: ``--offset-mismatch``: what a consumer does with stored offsets of another cluster or topic.
 OFFSET_MISMATCH_POLICIES: Final = ("restart", "refuse")
 
@@ -745,7 +747,12 @@ class GroupConsumer:
                         break
                     self.stop_event.wait(0.2)
                     continue
-                msgs = consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1)
+                # A batch consume waits out its whole timeout unless it fills: never past the open
+                # batch's linger, and a new batch's linger counts from this call (its first message
+                # may have come at once).
+                polled = now
+                msgs = consumer.consume(num_messages=min(self.opts.batch_size, 5000),
+                                        timeout=poll_timeout(batch_started, now, self.opts.linger))
                 self.health.beat()
                 if self._fatal is not None:
                     raise self._fatal
@@ -754,7 +761,7 @@ class GroupConsumer:
                 if msgs:
                     last_msg = now
                     if batch_started is None:
-                        batch_started = now
+                        batch_started = polled
                 batch_msgs += len(msgs)
                 if self._pending_offsets and (
                         batch_msgs >= self.opts.batch_size or not msgs
@@ -830,6 +837,13 @@ class GroupConsumer:
 
 
 _SAFE_GROUP = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def poll_timeout(batch_started: float | None, now: float, linger: float) -> float:
+    """Seconds the next consume call may wait: ``POLL_TIMEOUT`` at most, never past the open
+    batch's linger (``batch_started`` + ``linger``) nor longer than a linger."""
+    wait = POLL_TIMEOUT if batch_started is None else batch_started + linger - now
+    return max(0.0, min(wait, linger, POLL_TIMEOUT))
 
 
 def group_name(kind: str, suffix: str) -> str:

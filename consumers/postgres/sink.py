@@ -237,12 +237,24 @@ class Statements:
         # DID's older record then run one after the other, whichever topic and replica each came
         # from: the write waits for the purge's commit and its guard sees the removal, or the
         # purge waits for the write's commit and its DELETE sees the row. FOR NO KEY UPDATE leaves
-        # the foreign keys' KEY SHARE checks unblocked.
+        # the foreign keys' KEY SHARE checks unblocked. It returns the locked actors' removal
+        # times: while the locks are held no other removal can reach the batch's DIDs, so the
+        # upserts are guarded by those (and the batch's own removals) as a parameter, a few
+        # DIDs, instead of by an anti-join with the whole actors table per record table; a
+        # batch none of whose actors has a removal is not guarded at all.
+        # (MATERIALIZED: the outer filter must not be pushed down to the scan, where it would
+        # pass over, and not lock, the rows without a removal time.)
         self.lock_actors = sql.SQL(
-            "SELECT 1 FROM {s}.actors WHERE did = ANY(%s::text[]) ORDER BY did FOR NO KEY UPDATE").format(s=s)
+            "WITH l AS MATERIALIZED (SELECT a.did, a.removed_time_us FROM {s}.actors AS a "
+            "WHERE a.did = ANY(%s::text[]) ORDER BY a.did FOR NO KEY UPDATE) "
+            "SELECT l.did, l.removed_time_us FROM l WHERE l.removed_time_us IS NOT NULL").format(s=s)
         self.stage_ddl: list[sql.Composed] = []
         self.copy: dict[str, sql.Composed] = {}
+        #: the upserts: guarded by tombstones, and in purge mode by the removals given as two
+        #: parameters (DIDs, removal times; see lock_actors)
         self.upsert: dict[str, sql.Composed] = {}
+        #: the upserts without the removal guard (purge mode: no actor of the batch has a removal)
+        self.upsert_unguarded: dict[str, sql.Composed] = {}
         self.delete: dict[str, sql.Composed] = {}
         self.purge: dict[str, sql.Composed] = {}
 
@@ -265,6 +277,7 @@ class Statements:
         for table in RECORD_TABLES:
             st = stage(table.name, table.columns)
             self.upsert[table.name] = self._upsert(s, table, st, purge)
+            self.upsert_unguarded[table.name] = self._upsert(s, table, st, False)
             match: sql.Composable
             if table.collection is not None:
                 match = sql.SQL("d.collection = {c}").format(c=sql.Literal(table.collection))
@@ -376,13 +389,13 @@ class Statements:
             coll: sql.Composable = sql.Literal(table.collection)
         else:
             coll = sql.SQL("x.collection")
-        guards = [sql.SQL(
+        guards: list[sql.Composable] = [sql.SQL(
             "NOT EXISTS (SELECT 1 FROM {s}.tombstones AS tb WHERE tb.did = x.did AND tb.collection = {coll} "
             "AND tb.rkey = x.rkey AND tb.rev >= x.rev)").format(s=s, coll=coll)]
         if purge:
             guards.append(sql.SQL(
-                "NOT EXISTS (SELECT 1 FROM {s}.actors AS a WHERE a.did = x.did "
-                "AND a.removed_time_us >= x.asof_us)").format(s=s))
+                "NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::bigint[]) AS r(did, t_us) "
+                "WHERE r.did = x.did AND r.t_us >= x.asof_us)"))
         updates = sql.SQL(", ").join(
             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in cols if c not in key)
         return sql.SQL(
@@ -575,8 +588,16 @@ class Writer:
         if new_actors:
             cur.execute(st.actors, (new_actors,))
             rows["actors"] = max(0, cur.rowcount)
+        upsert, guard = st.upsert_unguarded, None
         if p.locked:
             cur.execute(st.lock_actors, (p.locked,))
+            removed: dict[str, int] = dict(cur.fetchall())
+            if p.removals is not None:
+                for did, t_us in zip(*p.removals, strict=True):
+                    removed[did] = max(t_us, removed.get(did, t_us))
+            if removed:
+                dids = sorted(removed)
+                upsert, guard = st.upsert, (dids, [removed[d] for d in dids])
         if p.actor_updates is not None:
             cur.execute(st.actor_updates, p.actor_updates)
         if p.removals is not None:
@@ -597,7 +618,7 @@ class Writer:
             if data is None:
                 continue
             self._copy(cur, table.name, data)
-            cur.execute(st.upsert[table.name])
+            cur.execute(upsert[table.name], guard)
             written = max(0, cur.rowcount)
             rows[table.name] = rows.get(table.name, 0) + written
             result.stale += p.staged[table.name] - written

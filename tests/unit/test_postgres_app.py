@@ -110,8 +110,10 @@ def test_statements_follow_the_modes() -> None:
     assert as_text(plain.delete["posts"]).startswith("DELETE FROM")
     assert as_text(flagged.delete["posts"]).startswith("UPDATE")
     assert "deleted = true" in as_text(flagged.delete["posts"])
-    assert "removed_time_us" not in as_text(plain.upsert["posts"])
-    assert "removed_time_us" in as_text(flagged.upsert["posts"])
+    assert "r.t_us >= x.asof_us" not in as_text(plain.upsert["posts"])
+    assert "r.t_us >= x.asof_us" in as_text(flagged.upsert["posts"])  # the removals, as parameters
+    assert "r.t_us" not in as_text(flagged.upsert_unguarded["posts"])
+    assert as_text(plain.upsert_unguarded["posts"]) == as_text(plain.upsert["posts"])
     assert "t.rev < EXCLUDED.rev" in as_text(plain.upsert["records"])
     assert "FORMAT BINARY" in as_text(plain.copy["likes"])
     assert plain.copy_types["posts"][4] == "text"  # the record travels as text, cast to jsonb by the upsert
