@@ -13,6 +13,15 @@
  *   utf8(out, b)                   Avro string whose UTF-8 bytes are given
  *   opt_utf8(out, b, null_index)   union of null and such a string
  *   long(out, v)                   Avro long
+ *
+ * And one reader, the twin of runtime/contract/avroread.py's compiled decoders:
+ *
+ *   decode(program, data)          the datum of a record schema, as a dict
+ *
+ * `program` is the schema flattened by avroread.native_program into nested tuples (op, a, b); the
+ * reader walks it. Bytes that are not a value of the schema raise the error class given to
+ * set_corrupt_error (CorruptError) or UnicodeDecodeError; the codec then lets fastavro decide,
+ * as it does for the pure-Python decoders. Trailing bytes are ignored, as fastavro does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -143,6 +152,260 @@ static PyObject *w_long(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+
+/* ------------------------------------------------------------------ the reader */
+
+enum { OP_NULL = 0, OP_BOOL = 1, OP_LONG = 2, OP_FLOAT = 3, OP_DOUBLE = 4, OP_STRING = 5, OP_BYTES = 6,
+       OP_ENUM = 7, OP_FIXED = 8, OP_ARRAY = 9, OP_MAP = 10, OP_RECORD = 11, OP_OPT = 12 };
+
+static PyObject *corrupt_error = NULL; /* avroread.CorruptError, set once at import */
+
+typedef struct {
+    const uint8_t *p;
+    const uint8_t *end;
+    Py_ssize_t size;
+} Reader;
+
+static PyObject *corrupt(const char *why) {
+    PyErr_SetString(corrupt_error ? corrupt_error : PyExc_ValueError, why);
+    return NULL;
+}
+
+/* A zigzag varint; at most 10 bytes whose value fits 64 bits. Returns -1 with an error set. */
+static int read_varint(Reader *r, int64_t *out) {
+    uint64_t n = 0;
+    int shift = 0;
+    for (;;) {
+        if (r->p >= r->end) {
+            corrupt("value truncated");
+            return -1;
+        }
+        uint8_t b = *r->p++;
+        if (shift == 63 && (b & 0x7E)) {
+            corrupt("varint beyond 64 bits");
+            return -1;
+        }
+        n |= (uint64_t)(b & 0x7F) << shift;
+        if (!(b & 0x80)) break;
+        shift += 7;
+        if (shift > 63) {
+            corrupt("varint longer than 10 bytes");
+            return -1;
+        }
+    }
+    *out = (int64_t)(n >> 1) ^ -(int64_t)(n & 1);
+    return 0;
+}
+
+/* A length (string, bytes) that the rest of the value holds. */
+static int read_length(Reader *r, Py_ssize_t *out) {
+    int64_t n;
+    if (read_varint(r, &n) < 0) return -1;
+    if (n < 0) {
+        corrupt("negative length");
+        return -1;
+    }
+    if (n > (int64_t)(r->end - r->p)) {
+        corrupt("value truncated");
+        return -1;
+    }
+    *out = (Py_ssize_t)n;
+    return 0;
+}
+
+static int op_of(PyObject *node, PyObject **a, PyObject **b) {
+    if (!PyTuple_CheckExact(node) || PyTuple_GET_SIZE(node) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a program node is a tuple (op, a, b)");
+        return -1;
+    }
+    *a = PyTuple_GET_ITEM(node, 1);
+    *b = PyTuple_GET_ITEM(node, 2);
+    long op = PyLong_AsLong(PyTuple_GET_ITEM(node, 0));
+    if (op == -1 && PyErr_Occurred()) return -1;
+    return (int)op;
+}
+
+static PyObject *read_value(Reader *r, PyObject *node, int depth);
+
+static PyObject *read_block(Reader *r, int map, PyObject *item, int depth) {
+    PyObject *out = map ? PyDict_New() : PyList_New(0);
+    if (out == NULL) return NULL;
+    for (;;) {
+        int64_t count;
+        if (read_varint(r, &count) < 0) goto fail;
+        if (count == 0) break;
+        if (count < 0) {
+            int64_t ignored; /* the block's size in bytes */
+            if (count == INT64_MIN) {
+                corrupt("bad block count");
+                goto fail;
+            }
+            count = -count;
+            if (read_varint(r, &ignored) < 0) goto fail;
+        }
+        if (count > r->size) {
+            corrupt("block count beyond the value");
+            goto fail;
+        }
+        for (int64_t i = 0; i < count; i++) {
+            if (map) {
+                Py_ssize_t n;
+                if (read_length(r, &n) < 0) goto fail;
+                PyObject *key = PyUnicode_DecodeUTF8((const char *)r->p, n, NULL);
+                if (key == NULL) goto fail;
+                r->p += n;
+                PyObject *v = read_value(r, item, depth + 1);
+                if (v == NULL) {
+                    Py_DECREF(key);
+                    goto fail;
+                }
+                int rc = PyDict_SetItem(out, key, v);
+                Py_DECREF(key);
+                Py_DECREF(v);
+                if (rc < 0) goto fail;
+            } else {
+                PyObject *v = read_value(r, item, depth + 1);
+                if (v == NULL) goto fail;
+                int rc = PyList_Append(out, v);
+                Py_DECREF(v);
+                if (rc < 0) goto fail;
+            }
+        }
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *read_record(Reader *r, PyObject *names, PyObject *fields, int depth) {
+    if (!PyTuple_CheckExact(names) || !PyTuple_CheckExact(fields) ||
+        PyTuple_GET_SIZE(names) != PyTuple_GET_SIZE(fields)) {
+        PyErr_SetString(PyExc_TypeError, "a record node holds a tuple of names and one of programs");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(names);
+    PyObject *out = PyDict_New();
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = read_value(r, PyTuple_GET_ITEM(fields, i), depth + 1);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        int rc = PyDict_SetItem(out, PyTuple_GET_ITEM(names, i), v);
+        Py_DECREF(v);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyObject *read_value(Reader *r, PyObject *node, int depth) {
+    PyObject *a, *b;
+    if (depth > 64) {
+        PyErr_SetString(PyExc_ValueError, "program nested deeper than 64");
+        return NULL;
+    }
+    int op = op_of(node, &a, &b);
+    if (op < 0) return NULL;
+    switch (op) {
+    case OP_NULL:
+        Py_RETURN_NONE;
+    case OP_BOOL:
+        if (r->p >= r->end) return corrupt("value truncated");
+        if (*r->p++ == 1) Py_RETURN_TRUE;
+        Py_RETURN_FALSE;
+    case OP_LONG: {
+        int64_t v;
+        if (read_varint(r, &v) < 0) return NULL;
+        return PyLong_FromLongLong((long long)v);
+    }
+    case OP_FLOAT: {
+        if (r->end - r->p < 4) return corrupt("value truncated");
+        double v = PyFloat_Unpack4((const char *)r->p, 1);
+        if (v == -1.0 && PyErr_Occurred()) return NULL;
+        r->p += 4;
+        return PyFloat_FromDouble(v);
+    }
+    case OP_DOUBLE: {
+        if (r->end - r->p < 8) return corrupt("value truncated");
+        double v = PyFloat_Unpack8((const char *)r->p, 1);
+        if (v == -1.0 && PyErr_Occurred()) return NULL;
+        r->p += 8;
+        return PyFloat_FromDouble(v);
+    }
+    case OP_STRING:
+    case OP_BYTES: {
+        Py_ssize_t n;
+        if (read_length(r, &n) < 0) return NULL;
+        const char *start = (const char *)r->p;
+        r->p += n;
+        return op == OP_STRING ? PyUnicode_DecodeUTF8(start, n, NULL) : PyBytes_FromStringAndSize(start, n);
+    }
+    case OP_ENUM: {
+        int64_t i;
+        if (read_varint(r, &i) < 0) return NULL;
+        if (!PyTuple_CheckExact(a)) {
+            PyErr_SetString(PyExc_TypeError, "an enum node holds its symbols' tuple");
+            return NULL;
+        }
+        if (i < 0 || i >= PyTuple_GET_SIZE(a)) return corrupt("enum index out of range");
+        PyObject *symbol = PyTuple_GET_ITEM(a, (Py_ssize_t)i);
+        Py_INCREF(symbol);
+        return symbol;
+    }
+    case OP_FIXED: {
+        Py_ssize_t n = PyLong_AsSsize_t(a);
+        if (n == -1 && PyErr_Occurred()) return NULL;
+        if (n < 0 || n > r->end - r->p) return corrupt("value truncated");
+        const char *start = (const char *)r->p;
+        r->p += n;
+        return PyBytes_FromStringAndSize(start, n);
+    }
+    case OP_ARRAY:
+    case OP_MAP:
+        return read_block(r, op == OP_MAP, a, depth);
+    case OP_RECORD:
+        return read_record(r, a, b, depth);
+    case OP_OPT: {
+        /* a union of null and one other branch: a = null's index (0 or 1), b = the other's program */
+        if (r->p >= r->end) return corrupt("value truncated");
+        uint8_t index = *r->p++;
+        long null_index = PyLong_AsLong(a);
+        if (null_index == -1 && PyErr_Occurred()) return NULL;
+        if (index == 2 * null_index) Py_RETURN_NONE;
+        if (index == 2 * (1 - null_index)) return read_value(r, b, depth + 1);
+        return corrupt("bad union index");
+    }
+    default:
+        PyErr_Format(PyExc_ValueError, "unknown program op %d", op);
+        return NULL;
+    }
+}
+
+static PyObject *r_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_args(nargs, 2, "decode") < 0) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Reader r = {(const uint8_t *)view.buf, (const uint8_t *)view.buf + view.len, view.len};
+    PyObject *out = read_value(&r, args[0], 0);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyObject *r_set_corrupt_error(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_Exception)) {
+        PyErr_SetString(PyExc_TypeError, "an exception class");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(corrupt_error, cls);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"string", (PyCFunction)(void (*)(void))w_string, METH_FASTCALL, "string(out, s): an Avro string"},
     {"opt_string", (PyCFunction)(void (*)(void))w_opt_string, METH_FASTCALL,
@@ -151,10 +414,14 @@ static PyMethodDef methods[] = {
     {"opt_utf8", (PyCFunction)(void (*)(void))w_opt_utf8, METH_FASTCALL,
      "opt_utf8(out, b, null_index): a union of null and a string given as UTF-8"},
     {"long", (PyCFunction)(void (*)(void))w_long, METH_FASTCALL, "long(out, v): an Avro long"},
+    {"decode", (PyCFunction)(void (*)(void))r_decode, METH_FASTCALL,
+     "decode(program, data): the datum the bytes hold, read by a program of avroread.native_program"},
+    {"set_corrupt_error", r_set_corrupt_error, METH_O,
+     "set_corrupt_error(cls): the exception raised for bytes that are not a value"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_avrowire", "Native writers of common Avro values.",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_avrowire", "Native writers of common Avro values, and a reader of whole values.",
                                     -1, methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__avrowire(void) { return PyModule_Create(&module); }

@@ -9,14 +9,21 @@ stays with fastavro. The tests compare both readers on every shipped schema, and
 truncated or corrupt bytes raise instead of returning a short datum.
 
 Supported: what :mod:`runtime.contract.avrowrite` supports. :func:`compile_decoder` returns None otherwise.
+
+Where the C extension ``_avrowire`` is built, the same schemas are read natively instead: the schema
+becomes a small program of nested tuples (:func:`native_program`) that ``_avrowire.decode`` walks,
+about four times faster than the straight-line Python. Both read the same bytes into the same datum
+(the tests run both); bytes either refuses go to fastavro, which decides.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any, Final
 
+from runtime.contract import avrowrite
 from runtime.contract.avrowrite import CodeGen, UnsupportedSchemaError, null_union, resolve_named
 
 #: ``decode(data) -> datum``; raises one of :data:`DECODE_ERRORS` on bytes that do not decode.
@@ -157,10 +164,70 @@ class _Gen(CodeGen):
         self.emit(indent, f"{target} = {{" + ", ".join(f"{n!r}: {v}" for n, v in names) + "}")
 
 
-def compile_decoder(parsed: Any) -> Decoder | None:
-    """A decoder for values written with the parsed record schema ``parsed`` (None if unsupported)."""
+#: The ops of a native program node ``(op, a, b)`` (``_avrowire.c`` has the same numbers).
+_OPS: Final = {"null": 0, "boolean": 1, "int": 2, "long": 2, "float": 3, "double": 4, "string": 5, "bytes": 6,
+               "enum": 7, "fixed": 8, "array": 9, "map": 10, "record": 11}
+_OPT: Final = 12
+
+#: A program node: ``(op, a, b)``.
+Program = tuple[int, Any, Any]
+
+
+def native_program(schema: Any) -> Program:
+    """The program ``_avrowire.decode`` reads a value of the resolved ``schema`` with.
+
+    Raises:
+        UnsupportedSchemaError: a type the compiled decoders do not read.
+    """
+    if isinstance(schema, list):
+        null_index = null_union(schema)
+        return (_OPT, null_index, native_program(schema[1 - null_index]))
+    kind = schema if isinstance(schema, str) else schema.get("type")
+    if isinstance(schema, dict) and schema.get("logicalType"):
+        raise UnsupportedSchemaError(f"logical type {schema['logicalType']}")
+    op = _OPS.get(kind) if isinstance(kind, str) else None
+    if op is None:
+        raise UnsupportedSchemaError(f"type {kind!r}")
+    if kind == "enum":
+        return (op, tuple(schema["symbols"]), None)
+    if kind == "fixed":
+        return (op, int(schema["size"]), None)
+    if kind == "array":
+        return (op, native_program(schema["items"]), None)
+    if kind == "map":
+        return (op, native_program(schema["values"]), None)
+    if kind == "record":
+        fields = schema["fields"]
+        return (op, tuple(f["name"] for f in fields), tuple(native_program(f["type"]) for f in fields))
+    return (op, None, None)
+
+
+def _native_reader() -> Any:
+    """``_avrowire`` when it is built with its reader (None: the pure-Python decoders)."""
+    wire = avrowrite.WIRE
+    if wire is None or not hasattr(wire, "decode"):
+        return None
+    wire.set_corrupt_error(CorruptError)
+    return wire
+
+
+def compile_decoder(parsed: Any, *, native: bool = True) -> Decoder | None:
+    """A decoder for values written with the parsed record schema ``parsed`` (None if unsupported).
+
+    Args:
+        parsed: a parsed record schema.
+        native: read with ``_avrowire.decode`` when the extension is built (False: always the
+            straight-line Python; the tests compare both).
+    """
     if not isinstance(parsed, dict) or parsed.get("type") != "record":
         return None
+    wire = _native_reader() if native else None
+    if wire is not None:
+        try:
+            program = native_program(resolve_named(parsed, {}))
+        except UnsupportedSchemaError:
+            return None
+        return functools.partial(wire.decode, program)
     gen = _Gen()
     try:
         gen.record(resolve_named(parsed, {}), "datum", 1)

@@ -1,4 +1,7 @@
-"""The compiled Avro decoders read exactly what fastavro reads, and refuse what is not a value."""
+"""The compiled Avro decoders read exactly what fastavro reads, and refuse what is not a value.
+
+Every test runs twice: with the native reader (``_avrowire.decode``) and with the straight-line Python.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,33 @@ from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.contract.avroread import DECODE_ERRORS, compile_decoder, read_long
+from runtime.contract import avrowrite, codec
+from runtime.contract.avroread import DECODE_ERRORS, compile_decoder, native_program, read_long
+from runtime.contract.avrowrite import resolve_named
 from runtime.contract.codec import AvroCodec, shipped
 from runtime.contract.topics import schema_name_for
 from runtime.contract.typed import datum_for
 from runtime.errors import DecodeError
 from runtime.simulator.synthetic import Generator
 from tests.avro_samples import ALL_TYPES, captured_events
+from tests.native import missing_extension
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The decoders compiled in a test are native (``_avrowire.c``) or the pure-Python ones."""
+    if request.param == "python":
+        monkeypatch.setattr(avrowrite, "WIRE", None)
+    elif avrowrite.WIRE is None:
+        missing_extension("runtime/contract/_avrowire.c")
+    monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' decoders
+    param: str = request.param
+    return param
 
 
 def _write(parsed: Any, datum: dict[str, Any]) -> bytes:
@@ -129,3 +149,64 @@ def test_jetstream2_events_decode_like_fastavro() -> None:
             assert got_name == name and got == decoded
             assert event_from_datum(name, got) == v2
     assert {"identity", "account", "generic", "app.bsky.feed.post"} <= seen
+
+
+def test_the_native_reader_is_the_one_compiled_where_built(reader: str) -> None:
+    decoder = shipped()["app.bsky.feed.like"].decoder
+    assert decoder is not None
+    native = avrowrite.WIRE is not None and getattr(decoder, "func", None) is avrowrite.WIRE.decode
+    assert native == (reader == "native")
+
+
+def test_native_reader_refuses_longs_beyond_64_bits_and_bad_programs(reader: str) -> None:
+    w = avrowrite.WIRE
+    if w is None:
+        return
+    program = native_program({"type": "record", "name": "L", "fields": [{"name": "n", "type": "long"}]})
+    assert w.decode(program, b"\xfe\xff\xff\xff\xff\xff\xff\xff\xff\x01") == {"n": 2**63 - 1}
+    with pytest.raises(DECODE_ERRORS):
+        w.decode(program, b"\xfe\xff\xff\xff\xff\xff\xff\xff\xff\x03")  # a 65th bit
+    with pytest.raises(DECODE_ERRORS):
+        w.decode(program, b"\xff" * 10 + b"\x00")  # 11 bytes
+    with pytest.raises(TypeError):
+        w.decode((11, ("n",), "not a tuple"), b"\x00")
+    with pytest.raises(ValueError, match="unknown program op"):
+        w.decode((99, None, None), b"\x00")
+    deep: tuple[object, ...] = (2, None, None)
+    for _ in range(70):
+        deep = (11, ("x",), (deep,))
+    with pytest.raises(ValueError, match="deeper"):
+        w.decode(deep, b"\x00")
+
+
+_SAMPLE_SCHEMA = resolve_named(fastavro.parse_schema(ALL_TYPES), {})
+_SAMPLE = _write(fastavro.parse_schema(ALL_TYPES), {
+    "b": True, "i": -5, "f": 1.5, "d": -2.25, "fx": b"abcd", "e": "c", "e2": "a", "sn": None, "ln": 2**40, "en": "b",
+    "inner": {"x": [None, "q", ""], "m": {"k": [1, -2], "": []}}, "rs": [{"x": ["a"], "m": {"z": [0]}}],
+    "by": b"\x00\xff"})
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=200),
+                 st.tuples(st.integers(0, len(_SAMPLE) - 1), st.integers(0, 255)).map(
+                     lambda t: _SAMPLE[:t[0]] + bytes([t[1]]) + _SAMPLE[t[0] + 1:])))
+def test_native_and_python_readers_agree_on_any_bytes(reader: str, data: bytes) -> None:
+    """Whatever the bytes: what the native reader returns, the Python one returns too, and what the
+    Python one refuses, the native one refuses (it also refuses longs beyond 64 bits, which fastavro then decides)."""
+    if reader == "python" or avrowrite.WIRE is None:
+        return
+    native = compile_decoder(_SAMPLE_SCHEMA)
+    python = compile_decoder(_SAMPLE_SCHEMA, native=False)
+    assert native is not None and python is not None
+    try:
+        got = native(data)
+    except DECODE_ERRORS:
+        got = None
+    try:
+        want = python(data)
+    except DECODE_ERRORS:
+        want = None
+    if got is not None:
+        assert repr(got) == repr(want)  # NaN floats compare by their text
+    if want is None:
+        assert got is None
