@@ -56,7 +56,7 @@ from runtime.contract.records import Event
 from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
-from runtime.kafka.settings import KafkaSettings
+from runtime.kafka.settings import KafkaSettings, parse_kafka_config
 from runtime.process.metrics import Metrics
 from runtime.process.options import Secret
 from runtime.simulator.jetstream import synthetic_events
@@ -215,20 +215,26 @@ def baseline_run(url: str, events: list[Event], batch_size: int) -> tuple[float,
     return elapsed, staged, written
 
 
-def live_run(kafka: KafkaSettings, url: str, args: argparse.Namespace) -> list[float]:
-    """Produce at ``--live-rate`` with current timestamps while one consumer writes; return latencies (s)."""
+def live_run(kafka: KafkaSettings, url: str, args: argparse.Namespace) -> list[tuple[float, float]]:
+    """Produce at ``--live-rate`` with current timestamps while one consumer writes.
+
+    Returns:
+        ``(seconds since the producer started, latency in seconds)`` of every event committed after
+        the first second.
+    """
     n = int(args.live_rate * args.live_seconds)
     events = make_events(n, seed=99, job="live")
     topics = TopicMap(kafka.topic_prefix)
     admin = kafka_util.admin(kafka.client_config())
     kafka_util.ensure_topics(admin, {topics.for_event(e) for e in events}, partitions=kafka.topic_partitions,
                              replication=1)
-    latencies: list[float] = []
-    warmup_until = [0.0]
+    latencies: list[tuple[float, float]] = []
+    started = [0.0]
     with bench_schema(url) as schema:
         def committed(c: Committed) -> None:
-            if time.time() >= warmup_until[0]:
-                latencies.extend(c.committed_at - t / 1e6 for t in c.event_times_us)
+            since = c.committed_at - started[0]
+            if since >= 1.0:
+                latencies.extend((since, c.committed_at - t / 1e6) for t in c.event_times_us)
 
         metrics = Metrics()
         stop = threading.Event()
@@ -242,7 +248,7 @@ def live_run(kafka: KafkaSettings, url: str, args: argparse.Namespace) -> list[f
         deadline = time.monotonic() + 30
         while not consumer.health.ready and time.monotonic() < deadline:
             time.sleep(0.05)
-        warmup_until[0] = time.time() + 1.0
+        started[0] = time.time()
         runner = JobRunner(kafka, JobOptions(job="live", source="jetstream", checkpoint_events=1_000_000,
                                              checkpoint_interval=args.live_checkpoint), Metrics(), AvroCodec())
         try:
@@ -276,25 +282,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=200,
                         help="distinct accounts (DIDs) of the generated events")
     parser.add_argument("--live-rate", type=float, default=2000.0, help="events/s in live mode")
-    parser.add_argument("--live-seconds", type=float, default=15.0)
+    parser.add_argument("--live-seconds", type=float, default=20.0)
+    parser.add_argument("--live-warmup", type=float, default=3.0,
+                        help="seconds of live mode before the steady-state latency is measured")
     parser.add_argument("--live-checkpoint", type=float, default=0.1,
                         help="producer checkpoint (transaction) interval in live mode, seconds")
     parser.add_argument("--live-linger", type=float, default=0.05, help="consumer linger in live mode")
     parser.add_argument("--database-url", default=os.environ.get(
         "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="a librdkafka setting for the consumers, over the defaults (repeatable)")
     add_broker_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.events = min(args.events, 40_000)
         args.repeat = 1
         args.live_seconds = min(args.live_seconds, 6.0)
+        args.live_warmup = min(args.live_warmup, 2.0)
 
     print(f"generating {args.events} synthetic events ...", flush=True)
     events = make_events(args.events, seed=7, job="bench", accounts=args.accounts)
     print(f"broker: {describe(args)}", flush=True)
     with broker(args) as bootstrap:
         kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}",
-                              topic_partitions=6)
+                              topic_partitions=6, extra=parse_kafka_config(args.kafka_config))
+        # Live mode first: a live tail is measured on a broker and database that are not still
+        # absorbing the throughput runs' bursts (after them, the producer's first transactions
+        # commit in 0.2-0.5 s for a few seconds, whatever the consumer does).
+        live_kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"live{uuid.uuid4().hex[:6]}",
+                                   topic_partitions=6, extra=parse_kafka_config(args.kafka_config))
+        print(f"live mode: {args.live_rate:.0f} events/s for {args.live_seconds:.0f} s ...", flush=True)
+        lat = live_run(live_kafka, args.database_url, args)
         t0 = time.perf_counter()
         offsets = produce(kafka, events, "bench")
         print(f"produced {len(events)} events in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -312,10 +330,6 @@ def main(argv: list[str] | None = None) -> int:
             consumer_rates.append(msgs / secs)
             print(f"  run {r + 1} consumer : {msgs} events ({written} rows written) in {secs:.2f} s "
                   f"= {msgs / secs:,.0f} rows/s", flush=True)
-        live_kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=f"live{uuid.uuid4().hex[:6]}",
-                                   topic_partitions=6)
-        print(f"live mode: {args.live_rate:.0f} events/s for {args.live_seconds:.0f} s ...", flush=True)
-        lat = live_run(live_kafka, args.database_url, args)
         gc.collect()  # release the Kafka clients (they hold reference cycles) before the broker goes
 
     base = statistics.median(baseline_rates)
@@ -327,13 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio consumer / baseline':34}{cons / base:>15.2f}")
     print(f"consumer --resync {args.resync}, {args.accounts:,} accounts; target (issue 16): >= 0.9 of the "
           f"baseline: {'met' if cons / base >= 0.9 else 'NOT met'}")
-    if lat:
-        p50, p99 = percentile(lat, 0.5), percentile(lat, 0.99)
-        print(f"live at {args.live_rate:.0f} events/s: {len(lat)} rows, latency source event -> committed row "
-              f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
-              f"(target p99 < 500 ms: {'met' if p99 < 0.5 else 'NOT met'})")
+    steady = [x for since, x in lat if since >= args.live_warmup]
+    if steady:
+        every = [x for _since, x in lat]
+        p50, p99 = percentile(steady, 0.5), percentile(steady, 0.99)
+        print(f"live at {args.live_rate:.0f} events/s after {args.live_warmup:.0f} s: {len(steady)} rows, latency "
+              f"source event -> committed row p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+              f"max {max(steady) * 1000:.0f} ms (target p99 < 500 ms: {'met' if p99 < 0.5 else 'NOT met'})")
+        print(f"  from the first second on: {len(every)} rows, p50 {percentile(every, 0.5) * 1000:.0f} ms, "
+              f"p99 {percentile(every, 0.99) * 1000:.0f} ms, max {max(every) * 1000:.0f} ms")
     else:
-        print("live mode: no rows committed")
+        print("live mode: no rows committed after the warm-up")
     return 0
 
 
