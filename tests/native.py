@@ -36,3 +36,15 @@ def missing_extension(source: str, *, openssl: bool = False) -> NoReturn:
     if openssl and not _openssl_headers():
         pytest.skip(f"{source} is not built: no OpenSSL headers here")
     pytest.fail(f"{source} was not built though a C compiler is here: reinstall (pip install .)")
+
+
+def select_wire(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compile the codec's Avro writers and readers with ``_avrowire`` (``kind`` "native") or without
+    it ("python"), for the rest of the calling test."""
+    from runtime.contract import avrowrite, codec
+
+    if kind == "python":
+        monkeypatch.setattr(avrowrite, "WIRE", None)
+    elif avrowrite.WIRE is None:
+        missing_extension("runtime/contract/_avrowire.c")
+    monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' encoders and decoders

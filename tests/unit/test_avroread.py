@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.contract import avrowrite, codec
+from runtime.contract import avrowrite
 from runtime.contract.avroread import DECODE_ERRORS, compile_decoder, native_program, read_long
 from runtime.contract.avrowrite import resolve_named
 from runtime.contract.codec import AvroCodec, shipped
@@ -25,17 +25,13 @@ from runtime.contract.typed import datum_for
 from runtime.errors import DecodeError
 from runtime.simulator.synthetic import Generator
 from tests.avro_samples import ALL_TYPES, captured_events
-from tests.native import missing_extension
+from tests.native import select_wire
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
 def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The decoders compiled in a test are native (``_avrowire.c``) or the pure-Python ones."""
-    if request.param == "python":
-        monkeypatch.setattr(avrowrite, "WIRE", None)
-    elif avrowrite.WIRE is None:
-        missing_extension("runtime/contract/_avrowire.c")
-    monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' decoders
+    select_wire(request.param, monkeypatch)
     param: str = request.param
     return param
 

@@ -15,7 +15,7 @@ import pytest
 import schemas
 from producers.jetstream.decode import decode_event
 from producers.repos.source import RepoResult
-from runtime.contract import avrowrite, codec
+from runtime.contract import avrowrite
 from runtime.contract.avrowrite import (
     _HIGH_MAX,
     ENCODE_ERRORS,
@@ -31,17 +31,13 @@ from runtime.contract.typed import ENVELOPE, TYPED, datum_for, record_datum
 from runtime.errors import InvalidRecordError
 from runtime.simulator.synthetic import Generator
 from tests.avro_samples import ALL_TYPES, captured_events
-from tests.native import missing_extension
+from tests.native import select_wire
 
 
 @pytest.fixture(autouse=True, params=["native", "python"])
 def wire(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs with the native writers (``_avrowire.c``) and with the pure-Python code."""
-    if request.param == "python":
-        monkeypatch.setattr(avrowrite, "WIRE", None)
-    elif avrowrite.WIRE is None:
-        missing_extension("runtime/contract/_avrowire.c")
-    monkeypatch.setattr(codec, "_SHIPPED", None)  # recompile the shipped schemas' encoders
+    select_wire(request.param, monkeypatch)
     param: str = request.param
     return param
 
