@@ -494,7 +494,10 @@ def reference_section(bootstrap: str, ns: argparse.Namespace) -> None:
         with feed([sys.executable, str(ROOT / "bench" / "bench_memory.py"), "--serve", "jetstream", str(port),
                    "--pool", str(ns.pool)], Path(tmp) / "feed.log", port):
             n = 20_000 if ns.quick else 60_000
-            rates = [bench_jetstream.ours(f"ws://127.0.0.1:{port}/subscribe", bootstrap, n) for _ in range(repeats)]
+            prefix = f"scaleref{os.getpid()}"
+            bench_jetstream.create_topics(bootstrap, prefix)
+            rates = [bench_jetstream.ours(f"ws://127.0.0.1:{port}/subscribe", bootstrap, n, prefix, f"ref{i}")
+                     for i in range(repeats)]
         print(f"  bench_jetstream.ours (Jetstream job, {n:,} events)            {statistics.median(rates):10,.0f} "
               "events/s", flush=True)
     fixtures = Path(ns.fixtures)
