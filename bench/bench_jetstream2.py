@@ -61,7 +61,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from producers.jetstream.archive import SyncMarker, iter_block_chunks  # noqa: E402
+from producers.jetstream.archive import iter_block_chunks  # noqa: E402
 from runtime.atproto import native  # noqa: E402
 from runtime.atproto.dagcbor import encode, from_json_form  # noqa: E402
 from runtime.atproto.segment import (  # noqa: E402
@@ -153,7 +153,7 @@ def ours(codec: AvroCodec, topics: TopicMap, chunk: int = 256) -> Callable[[list
                     for item in result.items:
                         if type(item) is RecordEvent:
                             (get(item.collection) or record_encoder(item))(item)
-                        elif not isinstance(item, SyncMarker):
+                        else:  # identity, account and sync events
                             codec.encode_event(item, topics.for_event(item))
                 n += info.count
         return n
