@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted(p.name for p in (ROOT / "bench").glob("bench_*.py")) + ["kill_storm.py"]
+SCRIPTS = [*sorted(p.name for p in (ROOT / "bench").glob("bench_*.py")), "kill_storm.py"]
 
 
 def test_every_benchmark_is_listed() -> None:
