@@ -608,7 +608,7 @@ class GroupConsumer:
                 return
             if all(positions[tp] >= end for tp, end in ends.items() if tp in positions):
                 return
-            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1))
+            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=POLL_TIMEOUT))
             if self._fatal is not None:
                 raise self._fatal
             if len(self._pending) >= self.opts.batch_size:
@@ -808,7 +808,7 @@ class GroupConsumer:
             if self.clock() >= deadline:
                 log.info("offsets not committed to Kafka at exit (informational; the sink has them)")
                 return
-            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=0.1))
+            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=POLL_TIMEOUT))
             if self._fatal is not None:
                 raise self._fatal
             self._flush()

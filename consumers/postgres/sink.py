@@ -277,7 +277,8 @@ class Statements:
         for table in RECORD_TABLES:
             st = stage(table.name, table.columns)
             self.upsert[table.name] = self._upsert(s, table, st, purge)
-            self.upsert_unguarded[table.name] = self._upsert(s, table, st, False)
+            # without purge the guarded upsert has no removal guard: the same statement serves
+            self.upsert_unguarded[table.name] = self._upsert(s, table, st, False) if purge else self.upsert[table.name]
             match: sql.Composable
             if table.collection is not None:
                 match = sql.SQL("d.collection = {c}").format(c=sql.Literal(table.collection))
