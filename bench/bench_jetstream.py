@@ -3,8 +3,10 @@
 The baseline reads the same events from the same simulator and does only the bare work: JSON parse,
 Avro encode (the generic schema) and produce to a topic per collection keyed by DID, then flush. The
 measured path is the real job: ``JetstreamSource`` (filters, de-duplication, watermark) ->
-``JobRunner`` (typed Avro per collection, transactions, checkpoints). Runs alternate; medians are
-reported. The simulator runs in its own process, sharing the machine's cores.
+``JobRunner`` (typed Avro per collection, transactions, checkpoints), in a process set up as
+``backfill jetstream`` sets itself up (the cyclic GC tuned: ``runtime.process.memory.tune_gc``); the
+baseline runs with Python's defaults, as naive code does. Runs alternate; medians are reported.
+The simulator runs in its own process, sharing the machine's cores.
 
     python bench/bench_jetstream.py [--events N] [--runs K] [--quick] [--broker kafka|tansu]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import io
 import statistics
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import fastavro
@@ -39,6 +43,7 @@ from runtime.contract.topics import TYPED_COLLECTIONS  # noqa: E402
 from runtime.kafka.broker import free_port, port_open  # noqa: E402
 from runtime.kafka.clients import admin, ensure_topics  # noqa: E402
 from runtime.kafka.settings import KafkaSettings  # noqa: E402
+from runtime.process.memory import tune_gc  # noqa: E402
 from runtime.process.metrics import Metrics  # noqa: E402
 from runtime.simulator.synthetic import OTHER_COLLECTIONS  # noqa: E402
 
@@ -99,6 +104,18 @@ def baseline(url: str, bootstrap: str, n: int, prefix: str) -> float:
         gc.collect()  # the producer's threads end before the broker of this run goes away
 
 
+@contextlib.contextmanager
+def service_gc() -> Iterator[None]:
+    """The cyclic GC as a service process runs with it (``tune_gc``), then Python's defaults again."""
+    before = gc.get_threshold()
+    tune_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
 def ours(url: str, bootstrap: str, n: int, prefix: str, job: str) -> float:
     """The real Jetstream job ``job`` (producer only) for ``n`` records into the topics of ``prefix``;
     returns events/s."""
@@ -112,9 +129,10 @@ def ours(url: str, bootstrap: str, n: int, prefix: str, job: str) -> float:
         return JetstreamSource(JetstreamOptions(instances=[url], start_us=START, job="bench"),
                                JetstreamPosition(1_000_000))
 
-    t0 = time.perf_counter()
-    asyncio.run(runner.run(make))
-    elapsed = time.perf_counter() - t0
+    with service_gc():
+        t0 = time.perf_counter()
+        asyncio.run(runner.run(make))
+        elapsed = time.perf_counter() - t0
     runner.close()
     rate = runner.stats.messages_received / elapsed
     del runner

@@ -11,9 +11,10 @@ in the same run, three ways, each the median of ``--repeats`` runs:
     ``to_message`` (the SDK's own typed events, with CIDs), i.e. the SDK's equivalent of (b) minus Avro.
 
 Each figure is rows per second of the process's CPU time (the machine may be shared) and of wall
-time. The three run twice: with Python's default cyclic GC, then with it tuned as the PostgreSQL
-consumer tunes it (``gc.freeze()`` of the start-up heap, first-generation threshold 50,000), which a
-v2 producer process would do too: decoding allocates millions of short-lived acyclic containers.
+time. The three run twice: with Python's default cyclic GC, then with it tuned as every service
+process (a v2 producer too) tunes it: ``runtime.process.memory.tune_gc`` (``gc.freeze()`` of the
+start-up heap, first-generation threshold 50,000); decoding allocates millions of short-lived acyclic
+containers.
 
 Targets (issue 14): (b) >= 100,000 rows/s per process and >= 3x (c).
 
@@ -78,6 +79,7 @@ from runtime.atproto.segment import (  # noqa: E402
 from runtime.contract.codec import AvroCodec  # noqa: E402
 from runtime.contract.records import RecordEvent  # noqa: E402
 from runtime.contract.topics import TopicMap, schema_name_for_collection  # noqa: E402
+from runtime.process.memory import tune_gc  # noqa: E402
 from runtime.simulator.synthetic import Generator  # noqa: E402
 
 _OPS = {"create": KIND_CREATE, "update": KIND_UPDATE, "delete": KIND_DELETE}
@@ -223,11 +225,9 @@ def cpu_part(ns: argparse.Namespace) -> None:
             print(f"(c) SDK decode_block+to_message  {theirs:>10,.0f} rows/s CPU ({theirs_wall:,.0f} wall)   "
                   f"(b)/(c) = {mine / theirs:.2f}x   target >= 3x: {'met' if mine >= 3 * theirs else 'NOT met'}",
                   flush=True)
-        # the same three with the cyclic GC tuned as consumers/postgres/app.py tune_gc() does (start-up
-        # objects frozen, first-generation threshold 50,000): what a v2 producer process would run with
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 50)
+        # the same three with the cyclic GC tuned as a v2 producer process runs (tune_gc: start-up
+        # objects frozen, first-generation threshold 50,000)
+        tune_gc()
         base_t, _, _ = median_rate(baseline, paths, ns.repeats)
         tuned, tuned_wall, _ = median_rate(ours(codec, topics), paths, ns.repeats)
         print(f"GC tuned: (a) {base_t:,.0f}   (b) {tuned:,.0f} rows/s CPU ({tuned_wall:,.0f} wall)   "

@@ -37,7 +37,6 @@ from psycopg import sql
 
 from bench.brokers import add_broker_arguments, broker, describe
 from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer
-from consumers.postgres.app import tune_gc
 from consumers.postgres.rows import Batch, TransformOptions, add_event
 from consumers.postgres.schema import migrate
 from consumers.postgres.sink import (
@@ -57,6 +56,7 @@ from runtime.contract.topics import TopicMap
 from runtime.kafka import clients as kafka_util
 from runtime.kafka.offsets import UNKNOWN, Origin, StoredOffset
 from runtime.kafka.settings import KafkaSettings, parse_kafka_config
+from runtime.process.memory import tune_gc
 from runtime.process.metrics import Metrics
 from runtime.process.options import Secret
 from runtime.simulator.jetstream import synthetic_events

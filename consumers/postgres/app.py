@@ -8,7 +8,6 @@ shared consumer options (collections, group, stop conditions) come from :mod:`co
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import threading
 from typing import Final
@@ -27,8 +26,6 @@ from runtime.process.options import Opt, Secret, add_options, parse_secret
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH: Final = 5000
-#: First-generation threshold of the cyclic GC while consuming (the default is 700).
-GC_THRESHOLD: Final = 50_000
 
 POSTGRES_OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(("--database-url",), "database_url", "DATABASE_URL", None,
@@ -90,19 +87,6 @@ def postgres_settings(ns: argparse.Namespace, max_concurrent: int) -> PostgresSe
                             max_concurrent=max_concurrent, connect_wait=ns.db_wait)
 
 
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for the consumer loop.
-
-    Objects alive at start-up (modules, schemas, settings) are frozen out of collection, and the
-    first-generation threshold is raised: a batch allocates hundreds of thousands of short-lived,
-    acyclic containers that reference counting frees anyway, and the default threshold (700) made
-    the collector rescan every live batch object many times per batch (about 15% of the
-    throughput in ``bench/bench_postgres.py``).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 50, 50)
-
 
 def main(ns: argparse.Namespace) -> int:
     """Entry point of ``backfill consume postgres``; returns the exit code."""
@@ -117,7 +101,6 @@ def main(ns: argparse.Namespace) -> int:
             PostgresSink(pg, metrics, stop=stop).close()
             log.info("schema %s is up to date", pg.db_schema)
             return 0
-        tune_gc()
         run_consumer(settings, lambda: PostgresSink(pg, metrics, stop=stop), metrics=metrics, stop_event=stop)
     except StartStoppedError as e:
         log.info("%s", e)

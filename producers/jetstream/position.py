@@ -158,7 +158,9 @@ class JetstreamPosition:
         self._restored_at = -1
         self._legacy: frozenset[bytes] = frozenset()
         self._legacy_at = -1
-        self._last: tuple[Event | None, int] = (None, 0)
+        # The event check() saw last and its identity, for advance() to reuse.
+        self._last_event: Event | None = None
+        self._last_fp = 0
 
     # ------------------------------------------------------------------ connections
 
@@ -231,12 +233,20 @@ class JetstreamPosition:
         instance's clock. The source calls it once per event; :meth:`advance` follows if delivered."""
         fp = identity(event)
         c = event.cursor
-        dup = self._held(fp) or (bool(self._legacy) and self._legacy_seen(event))
+        dup = (fp in self._current or (bool(self._sealed) and self._held(fp))
+               or (bool(self._legacy) and self._legacy_seen(event)))
         clock = self.clock
+        instance = self.instance
         late = (not dup and clock is not None and c < clock - self.lateness
-                and (self.instance is None or self.instance == self._connected))
-        self._observe(c)
-        self._last = (event, fp)
+                and (instance is None or instance == self._connected))
+        if clock is not None and instance is not None and instance == self._connected:
+            if c > clock:  # _observe's common case, inline: once per event
+                self.clock = c
+                self._elapsed += c - clock
+        else:
+            self._observe(c)
+        self._last_event = event
+        self._last_fp = fp
         if dup:
             return DUPLICATE
         if late:
@@ -249,11 +259,11 @@ class JetstreamPosition:
         c = event.cursor
         if self.max_cursor is None or c > self.max_cursor:
             self.max_cursor = c
-        last, fp = self._last
-        self._last = (None, 0)
-        if last is not event:  # not checked first (a caller of the Position protocol only)
+        fp = self._last_fp
+        if self._last_event is not event:  # not checked first (a caller of the Position protocol only)
             fp = identity(event)
             self._observe(c)
+        self._last_event = None
         current = self._current
         if fp not in current:
             current.add(fp)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from runtime import __version__
 from runtime.errors import BackfillError, ConfigError, FatalError, FencedError, HandleResolutionError
 from runtime.process.logs import configure
-from runtime.process.memory import start_heap_trimmer
+from runtime.process.memory import start_heap_trimmer, tune_gc
 from runtime.process.options import redacted_namespace
 from runtime.process.plugins import COMMANDS, declared
 
@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if hasattr(ns, "metrics_port") else logging.DEBUG
     log.log(level, "backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
     start_heap_trimmer(getattr(ns, "heap_trim_interval", 0.0))
+    if argv is None and hasattr(ns, "heap_trim_interval"):
+        # A service process started from its command line (not a caller's own process, such as a
+        # test's): its loop runs with the cyclic GC tuned.
+        tune_gc()
     try:
         code: int = ns._main(ns)
         return code

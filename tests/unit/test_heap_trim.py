@@ -1,12 +1,17 @@
-"""The heap trimmer: a daemon thread calling the trim every interval, nothing where it cannot."""
+"""The heap trimmer: a daemon thread calling the trim every interval, nothing where it cannot; and the
+cyclic GC a service process runs with."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from runtime.process.memory import HeapTrimmer, _libc_trim, start_heap_trimmer
+from runtime.process.memory import GC_THRESHOLD, HeapTrimmer, _libc_trim, start_heap_trimmer
 from runtime.process.options import OBSERVABILITY_OPTIONS, ObservabilitySettings
 
 
@@ -69,3 +74,35 @@ def test_the_option_reaches_the_settings() -> None:
     assert any(o.dest == "heap_trim_interval" and o.env == "BACKFILL_HEAP_TRIM_INTERVAL"
                for o in OBSERVABILITY_OPTIONS)
     assert ObservabilitySettings().heap_trim_interval == 5.0
+
+
+_GC_PROBE = """
+import gc, sys
+from runtime.commands import cli
+before = gc.get_threshold()[0]
+in_process = cli.main(["consume", "postgres"])  # a caller's own process (a test's): left as it is
+kept = (gc.get_threshold()[0], gc.get_freeze_count())
+sys.argv = ["backfill", "consume", "postgres"]
+from_command_line = cli.main()
+print(before, in_process, *kept, from_command_line, gc.get_threshold()[0], gc.get_freeze_count() > 0)
+"""
+
+
+def test_a_service_started_from_its_command_line_tunes_the_gc() -> None:
+    # Each call stops at once (no database: exit status 2), after the process is set up. In a child
+    # process: tuning the GC of the test process would change every test after this one.
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    out = subprocess.run([sys.executable, "-c", _GC_PROBE], capture_output=True, text=True, env=env, timeout=120,
+                         check=True, cwd=Path(__file__).resolve().parents[2])
+    before, in_process, kept_threshold, kept_frozen, from_command_line, threshold, frozen = out.stdout.split()
+    assert (in_process, from_command_line) == ("2", "2")
+    assert (kept_threshold, kept_frozen) == (before, "0")
+    assert (int(threshold), frozen) == (GC_THRESHOLD, "True")
+
+
+def test_tune_gc_freezes_the_start_up_heap_and_raises_the_threshold() -> None:
+    code = ("import gc; from runtime.process.memory import tune_gc; tune_gc(); "
+            "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == [str(GC_THRESHOLD), "True"]
