@@ -1063,4 +1063,4 @@ if __name__ == "__main__":
 
     from runtime.commands.cli import main as cli_main
 
-    sys.exit(cli_main(["consume", "queue", *sys.argv[1:]]))
+    sys.exit(cli_main(["consume", "queue", *sys.argv[1:]], own_process=True))

@@ -4,4 +4,4 @@ import sys
 
 from runtime.commands.cli import main as cli_main
 
-sys.exit(cli_main(["consume", "postgres", *sys.argv[1:]]))
+sys.exit(cli_main(["consume", "postgres", *sys.argv[1:]], own_process=True))

@@ -4,4 +4,4 @@ import sys
 
 from runtime.commands.cli import main
 
-sys.exit(main(["jetstream", *sys.argv[1:]]))
+sys.exit(main(["jetstream", *sys.argv[1:]], own_process=True))

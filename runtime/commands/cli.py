@@ -47,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``backfill`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+def main(argv: Sequence[str] | None = None, *, own_process: bool | None = None) -> int:
+    """Run ``backfill`` with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    ``own_process``: the process is this command's own (started from its command line), so a
+    service sets the process up for its loop (the cyclic GC); default: when ``argv`` is None. A
+    caller running a command inside its own process (a test) passes ``argv`` and is left as it is.
+    """
     if not faulthandler.is_enabled():
         # A crash in native code (librdkafka, zstd, SQLite, the C extensions) prints every thread's
         # Python stack to stderr before the process dies, instead of only an exit status of -11.
@@ -66,10 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.INFO if hasattr(ns, "metrics_port") else logging.DEBUG
     log.log(level, "backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
     start_heap_trimmer(getattr(ns, "heap_trim_interval", 0.0))
-    if argv is None and hasattr(ns, "heap_trim_interval"):
-        # A service process started from its command line (not a caller's own process, such as a
-        # test's): its loop runs with the cyclic GC tuned.
-        tune_gc()
+    if (argv is None if own_process is None else own_process) and hasattr(ns, "heap_trim_interval"):
+        tune_gc()  # a service in its own process: its loop runs with the cyclic GC tuned
     try:
         code: int = ns._main(ns)
         return code

@@ -82,20 +82,24 @@ from runtime.commands import cli
 before = gc.get_threshold()[0]
 in_process = cli.main(["consume", "postgres"])  # a caller's own process (a test's): left as it is
 kept = (gc.get_threshold()[0], gc.get_freeze_count())
-sys.argv = ["backfill", "consume", "postgres"]
-from_command_line = cli.main()
-print(before, in_process, *kept, from_command_line, gc.get_threshold()[0], gc.get_freeze_count() > 0)
+if sys.argv[1] == "command-line":  # the backfill console script, python -m runtime
+    sys.argv = ["backfill", "consume", "postgres"]
+    own = cli.main()
+else:  # python -m consumers.postgres and the other modules' own __main__
+    own = cli.main(["consume", "postgres"], own_process=True)
+print(before, in_process, *kept, own, gc.get_threshold()[0], gc.get_freeze_count() > 0)
 """
 
 
-def test_a_service_started_from_its_command_line_tunes_the_gc() -> None:
+@pytest.mark.parametrize("started", ["command-line", "module-main"])
+def test_a_service_in_its_own_process_tunes_the_gc(started: str) -> None:
     # Each call stops at once (no database: exit status 2), after the process is set up. In a child
     # process: tuning the GC of the test process would change every test after this one.
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    out = subprocess.run([sys.executable, "-c", _GC_PROBE], capture_output=True, text=True, env=env, timeout=120,
-                         check=True, cwd=Path(__file__).resolve().parents[2])
-    before, in_process, kept_threshold, kept_frozen, from_command_line, threshold, frozen = out.stdout.split()
-    assert (in_process, from_command_line) == ("2", "2")
+    out = subprocess.run([sys.executable, "-c", _GC_PROBE, started], capture_output=True, text=True, env=env,
+                         timeout=120, check=True, cwd=Path(__file__).resolve().parents[2])
+    before, in_process, kept_threshold, kept_frozen, own, threshold, frozen = out.stdout.split()
+    assert (in_process, own) == ("2", "2")
     assert (kept_threshold, kept_frozen) == (before, "0")
     assert (int(threshold), frozen) == (GC_THRESHOLD, "True")
 
