@@ -74,8 +74,9 @@ def test_a_purge_and_an_older_record_of_the_same_did_from_two_replicas(pg_url: s
         assert not errors, errors
         # A: an older post of the removed account, from the posts topic
         older = run(lambda: write(replica_a, [post("3k000", "a0", rkey="a0", cursor=5)], 2, group="ga"))
-        # A either commits at once (the race) or waits for B's lock on A's actor row
-        _until("replica A to commit or wait", lambda: not older.is_alive() or _waiting_on_lock(pg_url, "actors"))
+        # A either commits at once (the race) or waits for B's exclusive lock on A's DID bucket
+        _until("replica A to commit or wait",
+               lambda: not older.is_alive() or _waiting_on_lock(pg_url, "pg_advisory_xact_lock"))
         holder.rollback()  # B goes on and commits
     purge.join(30)
     older.join(30)
