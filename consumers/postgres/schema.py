@@ -190,6 +190,12 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     PRIMARY KEY (did, source, cursor, time_us)
 )""",
     )),
+    # Purge mode reads the removal times of each batch's DIDs (thousands) among the removed actors
+    # only: with a million actors and no such index the lookup was a parallel scan of the table,
+    # 44 ms a batch; with it, 4 ms.
+    Migration(5, "a partial index of the removed actors (purge mode's removal-time lookup)", (
+        "CREATE INDEX IF NOT EXISTS actors_removed ON {s}.actors (did) WHERE removed_time_us IS NOT NULL",
+    )),
 )
 
 #: The schema version this code writes.

@@ -226,6 +226,10 @@ def _columns(cols: Iterable[tuple[str, str]]) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(name) for name, _ in cols)
 
 
+#: First key of the advisory lock that orders the job positions' writes (ASCII "atbc"; the
+#: second is the schema's, as the migrations' lock, whose first key differs).
+PROGRESS_LOCK_CLASS: Final = 0x61746263
+
 #: Purge mode: the DID buckets of the advisory locks a batch transaction takes (at most this many
 #: locks each). PostgreSQL's lock table holds max_locks_per_transaction (64 by default) times
 #: max_connections locks in all: 64 per transaction keeps every connection within its share.
@@ -396,6 +400,14 @@ class Statements:
             "ON CONFLICT (service, topic, partition) DO UPDATE SET cursor = EXCLUDED.cursor, "
             "last_event_time = EXCLUDED.last_event_time, updated_at = now() "
             "WHERE j.cursor < EXCLUDED.cursor").format(s=s)
+        # A job's low watermark (firehose_cursor) is the minimum over its partitions' rows, which
+        # other replicas' transactions update at the same time: each transaction takes this lock
+        # before it writes its partitions' positions, so the minimum it computes sees every committed
+        # position (else of two replicas committing together the later would store a minimum without
+        # the earlier's position). It is held from there to the commit: the batches' rows are written
+        # concurrently, only their last statements and commits in turn.
+        self.lock_progress = sql.SQL("SELECT pg_advisory_xact_lock({c}, {k})").format(
+            c=sql.Literal(PROGRESS_LOCK_CLASS), k=sql.Literal(lock_key(schema)))
         self.cursor = sql.SQL(
             "INSERT INTO {s}.firehose_cursor AS f (service, cursor, last_event_time, updated_at) "
             "SELECT j.service, min(j.cursor)::text, (array_agg(j.last_event_time ORDER BY j.cursor))[1], "
@@ -662,6 +674,7 @@ class Writer:
                                      [offsets[tp].offset for tp in tps], [offsets[tp].origin.cluster_id for tp in tps],
                                      [offsets[tp].origin.topic_id for tp in tps]))
         if p.progress is not None:
+            cur.execute(st.lock_progress)  # see Statements.lock_progress
             cur.execute(st.partitions, p.progress)
             cur.execute(st.cursor, (sorted(set(p.progress[0])),))
         return result

@@ -1,5 +1,7 @@
-"""Issue 17 #1: an account purge and an older record of the same DID, written by two replicas
-(the account topic and a collection topic) at the same time, never leave the record behind.
+"""Two replicas' transactions at the same time. Issue 17 #1: an account purge and an older record of
+the same DID, written by two replicas (the account topic and a collection topic), never leave the
+record behind. And a job's low watermark, the minimum of its partitions' positions that both
+replicas update, is the true minimum once both committed.
 
 Replica B's purge transaction is held open just before its commit (a third connection holds the
 row lock B's offsets need); replica A then writes an older post of the removed account. Under READ
@@ -85,3 +87,56 @@ def test_a_purge_and_an_older_record_of_the_same_did_from_two_replicas(pg_url: s
     assert query(pg_url, "SELECT removed_time_us FROM actors WHERE did = %s", schema, A) == [(50,)]
     replica_a.close()
     replica_b.close()
+
+
+def test_two_replicas_committing_together_store_the_true_low_watermark(pg_url: str, schema: str) -> None:
+    # A job's low watermark (firehose_cursor) is the minimum of its partitions' positions, which two
+    # replicas update in transactions that overlap. Replica B is held just before it stores the
+    # watermark (a third connection holds its row), replica A then commits its own partition's
+    # position: without an order between them each computes the minimum without the other's
+    # uncommitted position, and the job keeps a watermark below every partition's.
+    replica_a = sink_for(pg_url, schema)
+    replica_b = sink_for(pg_url, schema)
+    write(replica_a, [post("3k001", "a1", rkey="a1", cursor=10)], 0, group="ga", topic="t.a")
+    write(replica_b, [post("3k001", "b1", rkey="b1", cursor=10)], 0, group="gb", topic="t.b")
+    assert query(pg_url, "SELECT cursor FROM firehose_cursor WHERE service = 'j1'", schema) == [("10",)]
+    errors: list[BaseException] = []
+
+    def run(fn: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                errors.append(e)
+        thread = threading.Thread(target=target)
+        thread.start()
+        return thread
+
+    with psycopg.connect(pg_url) as holder:
+        holder.execute(sql.SQL("SELECT 1 FROM {}.firehose_cursor WHERE service = 'j1' FOR UPDATE").format(
+            sql.Identifier(schema)))
+        later_b = run(lambda: write(replica_b, [post("3k002", "b2", rkey="b2", cursor=50)], 1, group="gb",
+                                    topic="t.b"))
+        _until("replica B to wait before its watermark", lambda: _waiting_on_lock(pg_url, "firehose_cursor") or errors)
+        later_a = run(lambda: write(replica_a, [post("3k002", "a2", rkey="a2", cursor=40)], 1, group="ga",
+                                    topic="t.a"))
+        # A either waits for B (the order) or computes its minimum beside B's open transaction
+        _until("replica A to wait", lambda: _waiting_on_lock(pg_url, "pg_advisory_xact_lock")
+               or _count_waiting(pg_url, "firehose_cursor") >= 2 or errors)
+        holder.rollback()
+    later_b.join(30)
+    later_a.join(30)
+    assert not errors, errors
+    positions = query(pg_url, "SELECT topic, cursor FROM job_partitions WHERE service = 'j1' ORDER BY topic", schema)
+    assert positions == [("t.a", 40), ("t.b", 50)]
+    assert query(pg_url, "SELECT cursor FROM firehose_cursor WHERE service = 'j1'", schema) == [("40",)]
+    replica_a.close()
+    replica_b.close()
+
+
+def _count_waiting(pg_url: str, statement: str) -> int:
+    """How many sessions of this database wait for a lock in a statement on ``statement``."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock' AND query LIKE %s", (f"%{statement}%",)).fetchone()
+    return int(row[0]) if row else 0
