@@ -28,12 +28,29 @@ pytestmark = pytest.mark.integration
 PURGE = TransformOptions(removal_statuses=frozenset({"deleted"}))
 
 
-def _waiting_on_lock(pg_url: str, statement: str) -> bool:
-    """Whether a session of this database waits for a lock in a statement on ``statement``."""
+def _count_waiting(pg_url: str, statement: str) -> int:
+    """How many sessions of this database wait for a lock in a statement on ``statement``."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                            "AND wait_event_type = 'Lock' AND query LIKE %s", (f"%{statement}%",)).fetchone()
-    return bool(row and row[0])
+    return int(row[0]) if row else 0
+
+
+def _waiting_on_lock(pg_url: str, statement: str) -> bool:
+    """Whether a session of this database waits for a lock in a statement on ``statement``."""
+    return _count_waiting(pg_url, statement) > 0
+
+
+def _started(errors: list[BaseException], fn: Any) -> threading.Thread:
+    """A started thread running ``fn``; what it raises goes to ``errors``."""
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:
+            errors.append(e)
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread
 
 
 def _until(what: str, predicate: Any, timeout: float = 20.0) -> None:
@@ -57,25 +74,15 @@ def test_a_purge_and_an_older_record_of_the_same_did_from_two_replicas(pg_url: s
                         time_us=50, job="j1")
     errors: list[BaseException] = []
 
-    def run(fn: Any) -> threading.Thread:
-        def target() -> None:
-            try:
-                fn()
-            except BaseException as e:
-                errors.append(e)
-        thread = threading.Thread(target=target)
-        thread.start()
-        return thread
-
     with psycopg.connect(pg_url) as holder:
         holder.execute(sql.SQL("SELECT 1 FROM {}.kafka_offsets WHERE group_id = 'gb' FOR UPDATE").format(
             sql.Identifier(schema)))
         # B: the purge of A's account, held open just before its offsets (and commit)
-        purge = run(lambda: write(replica_b, [gone], 1, group="gb", topic="t.account"))
+        purge = _started(errors, lambda: write(replica_b, [gone], 1, group="gb", topic="t.account"))
         _until("replica B to hold its purge open", lambda: _waiting_on_lock(pg_url, "kafka_offsets") or errors)
         assert not errors, errors
         # A: an older post of the removed account, from the posts topic
-        older = run(lambda: write(replica_a, [post("3k000", "a0", rkey="a0", cursor=5)], 2, group="ga"))
+        older = _started(errors, lambda: write(replica_a, [post("3k000", "a0", rkey="a0", cursor=5)], 2, group="ga"))
         # A either commits at once (the race) or waits for B's exclusive lock on A's DID bucket
         _until("replica A to commit or wait",
                lambda: not older.is_alive() or _waiting_on_lock(pg_url, "pg_advisory_xact_lock"))
@@ -102,23 +109,13 @@ def test_two_replicas_committing_together_store_the_true_low_watermark(pg_url: s
     assert query(pg_url, "SELECT cursor FROM firehose_cursor WHERE service = 'j1'", schema) == [("10",)]
     errors: list[BaseException] = []
 
-    def run(fn: Any) -> threading.Thread:
-        def target() -> None:
-            try:
-                fn()
-            except BaseException as e:
-                errors.append(e)
-        thread = threading.Thread(target=target)
-        thread.start()
-        return thread
-
     with psycopg.connect(pg_url) as holder:
         holder.execute(sql.SQL("SELECT 1 FROM {}.firehose_cursor WHERE service = 'j1' FOR UPDATE").format(
             sql.Identifier(schema)))
-        later_b = run(lambda: write(replica_b, [post("3k002", "b2", rkey="b2", cursor=50)], 1, group="gb",
+        later_b = _started(errors, lambda: write(replica_b, [post("3k002", "b2", rkey="b2", cursor=50)], 1, group="gb",
                                     topic="t.b"))
         _until("replica B to wait before its watermark", lambda: _waiting_on_lock(pg_url, "firehose_cursor") or errors)
-        later_a = run(lambda: write(replica_a, [post("3k002", "a2", rkey="a2", cursor=40)], 1, group="ga",
+        later_a = _started(errors, lambda: write(replica_a, [post("3k002", "a2", rkey="a2", cursor=40)], 1, group="ga",
                                     topic="t.a"))
         # A either waits for B (the order) or computes its minimum beside B's open transaction
         _until("replica A to wait", lambda: _waiting_on_lock(pg_url, "pg_advisory_xact_lock")
@@ -133,10 +130,3 @@ def test_two_replicas_committing_together_store_the_true_low_watermark(pg_url: s
     replica_a.close()
     replica_b.close()
 
-
-def _count_waiting(pg_url: str, statement: str) -> int:
-    """How many sessions of this database wait for a lock in a statement on ``statement``."""
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                           "AND wait_event_type = 'Lock' AND query LIKE %s", (f"%{statement}%",)).fetchone()
-    return int(row[0]) if row else 0
