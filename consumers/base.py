@@ -608,9 +608,7 @@ class GroupConsumer:
                 return
             if all(positions[tp] >= end for tp, end in ends.items() if tp in positions):
                 return
-            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=POLL_TIMEOUT))
-            if self._fatal is not None:
-                raise self._fatal
+            self._consume_some()
             if len(self._pending) >= self.opts.batch_size:
                 self._flush()
 
@@ -808,10 +806,16 @@ class GroupConsumer:
             if self.clock() >= deadline:
                 log.info("offsets not committed to Kafka at exit (informational; the sink has them)")
                 return
-            self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=POLL_TIMEOUT))
-            if self._fatal is not None:
-                raise self._fatal
+            self._consume_some()
             self._flush()
+
+    def _consume_some(self) -> None:
+        """Read and handle what arrives within ``POLL_TIMEOUT`` (outside the main loop: draining to
+        the ends, committing at exit); a fatal error of the handling raises.
+        """
+        self._handle_all(self._consumer.consume(num_messages=min(self.opts.batch_size, 5000), timeout=POLL_TIMEOUT))
+        if self._fatal is not None:
+            raise self._fatal
 
     def _handle_all(self, msgs: list[Message]) -> None:
         try:

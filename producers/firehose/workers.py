@@ -86,7 +86,7 @@ from runtime.kafka.broker import resolve_bootstrap
 from runtime.kafka.checkpoint import FINISHED, STOPPED, JobState, load_jobs
 from runtime.kafka.settings import KafkaSettings
 from runtime.process.logs import configure
-from runtime.process.memory import start_heap_trimmer, tune_gc
+from runtime.process.memory import set_up_service
 from runtime.process.metrics import Health, Metrics, MetricsServer
 from runtime.process.progress import print_statistics
 from runtime.process.signals import handle_stop_signals
@@ -269,8 +269,7 @@ def worker_main(settings: FirehoseSettings, servers: str, index: int, count: int
                 end_us: int | None) -> None:
     """Entry point of worker process ``index`` (spawned; exits 1 when the job failed)."""
     configure(settings.obs.log_level, settings.obs.log_format)
-    start_heap_trimmer(settings.obs.heap_trim_interval)
-    tune_gc()
+    set_up_service(settings.obs.heap_trim_interval)
     kafka = settings.kafka.with_bootstrap(servers)
     try:
         result = asyncio.run(_worker_async(settings, kafka, index, count, conn, end_us))

@@ -129,11 +129,10 @@ def _part_main(settings: JetstreamSettings, conn: Connection) -> None:
     """A part's process: run the job, send back its statistics and final offsets."""
     from producers.jetstream.app import run  # noqa: PLC0415 - the app imports this module
     from runtime.process.logs import configure  # noqa: PLC0415
-    from runtime.process.memory import start_heap_trimmer, tune_gc  # noqa: PLC0415
+    from runtime.process.memory import set_up_service  # noqa: PLC0415
 
     configure(settings.obs.log_level, settings.obs.log_format)
-    start_heap_trimmer(settings.obs.heap_trim_interval)
-    tune_gc()
+    set_up_service(settings.obs.heap_trim_interval)
     try:
         result = run(settings, print_table=False)
         conn.send(("ok", result.statistics, result.state.offsets))

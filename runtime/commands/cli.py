@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from runtime import __version__
 from runtime.errors import BackfillError, ConfigError, FatalError, FencedError, HandleResolutionError
 from runtime.process.logs import configure
-from runtime.process.memory import start_heap_trimmer, tune_gc
+from runtime.process.memory import set_up_service
 from runtime.process.options import redacted_namespace
 from runtime.process.plugins import COMMANDS, declared
 
@@ -70,9 +70,9 @@ def main(argv: Sequence[str] | None = None, *, own_process: bool | None = None) 
     # its settings; a tool a user reads in a terminal (status, inspect, demo) keeps them for DEBUG.
     level = logging.INFO if hasattr(ns, "metrics_port") else logging.DEBUG
     log.log(level, "backfill %s %s: settings %s", __version__, command, redacted_namespace(ns))
-    start_heap_trimmer(getattr(ns, "heap_trim_interval", 0.0))
-    if (argv is None if own_process is None else own_process) and hasattr(ns, "heap_trim_interval"):
-        tune_gc()  # a service in its own process: its loop runs with the cyclic GC tuned
+    own = argv is None if own_process is None else own_process
+    # a service in its own process runs its loop with the cyclic GC tuned
+    set_up_service(getattr(ns, "heap_trim_interval", 0.0), tune=own and hasattr(ns, "heap_trim_interval"))
     try:
         code: int = ns._main(ns)
         return code

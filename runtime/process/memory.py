@@ -116,3 +116,12 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 50, 50)
+
+
+def set_up_service(heap_trim_interval: float, *, tune: bool = True) -> HeapTrimmer | None:
+    """What a service process does for its memory at start: the heap trimmer every
+    ``heap_trim_interval`` seconds (0: none) and, when ``tune``, :func:`tune_gc`."""
+    trimmer = start_heap_trimmer(heap_trim_interval)
+    if tune:
+        tune_gc()
+    return trimmer
