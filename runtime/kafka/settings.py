@@ -77,7 +77,7 @@ TRANSACTION_TIMEOUT_MS: Final = 60000
 PRODUCER_QUEUE_MESSAGES: Final = 100_000
 PRODUCER_QUEUE_KBYTES: Final = 32 * 1024
 #: The consumers' largest fetch response (librdkafka's ``fetch.max.bytes``, default 50 MB).
-CONSUMER_FETCH_MAX_BYTES: Final = 8 * 1024 * 1024
+CONSUMER_FETCH_MAX_BYTES: Final = 2 * 1024 * 1024
 
 
 def parse_kafka_config(items: Sequence[str] | None) -> dict[str, str]:
@@ -238,10 +238,14 @@ class KafkaSettings:
         conf.update(self.extra)  # the operator's settings over these defaults
         conf.update(overrides)
         if "fetch.max.bytes" not in conf:
-            # A fetch response stays allocated while any message of it is in the local queue or in
-            # the sink's batch: 50 MB responses (the default) kept a PostgreSQL consumer at 270 MB
-            # RSS on a backlog, 8 MiB at 210 MB with the same rows per second (issue 16). librdkafka
-            # refuses a fetch.max.bytes under message.max.bytes: an operator's larger one raises it.
+            # librdkafka's memory grows with its fetch responses, not with the queue bounds above:
+            # on a backlog of firehose and repository records (bench/bench_memory.py) a PostgreSQL
+            # consumer peaked at 298 MB RSS with 8 MiB responses, 239 with 4, 206 with 2 and 199
+            # with 1 (the queue bounds at a quarter changed nothing); on a Jetstream backlog 50 MB
+            # responses (the default) held 270 MB. 2 MiB wrote as many rows per second as 8
+            # (bench/bench_postgres.py: 0.97 and 1.01 of the baseline, within the runs' spread).
+            # librdkafka refuses a fetch.max.bytes under message.max.bytes: an operator's larger one
+            # raises it.
             conf["fetch.max.bytes"] = max(CONSUMER_FETCH_MAX_BYTES, int(conf.get("message.max.bytes", 0)))
         if conf["group.protocol"] == "consumer":
             for key, broker_side in CLASSIC_ONLY.items():
