@@ -27,7 +27,6 @@ the block. No sockets, no clock, no Kafka.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -94,7 +93,6 @@ _OPERATION: Final = {KIND_CREATE: Operation.CREATE.value, KIND_UPDATE: Operation
 _MARKER_TYPE: Final = {KIND_IDENTITY: "#identity", KIND_ACCOUNT: "#account", KIND_SYNC: "#sync"}
 #: Kinds about a whole DID: they pass every collection filter.
 _DID_LEVEL: Final = frozenset(_MARKER_TYPE)
-_DAG_CBOR_SHA256: Final = b"\x01\x71\x12\x20"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,11 +289,11 @@ def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, veri
     kind_name, did_level = KIND_NAMES.get, _DID_LEVEL
     verdicts: dict[str, bool] = {}
     fast = native.NATIVE
-    record_form = None if fast is None or verify_cid else fast.record_form
-    sha256 = hashlib.sha256
+    # the payload's own CID, hashed once (record_form would hash it again to check a given one)
+    payload_form = None if fast is None or verify_cid else fast.payload_form
     operation = _OPERATION.get
     good_collections: set[str] = set()  # checked once per block: a block holds a handful of collections
-    delete, max_time, source, prefix = KIND_DELETE, MAX_TIME_US, SOURCE, _DAG_CBOR_SHA256
+    delete, max_time, source = KIND_DELETE, MAX_TIME_US, SOURCE
     for seq, witnessed, indexed, kind, collection, did, rkey, rev, payload in zip(
             block.seq, block.witnessed_at, block.indexed_at, block.kind, block.collection, block.did, block.rkey,
             block.rev, block.payload, strict=True):
@@ -318,10 +316,10 @@ def decode_block_rows(block: Block, *, job: str = "", flt: RowFilter = ALL, veri
         op = operation(kind)
         t = indexed or witnessed
         # the fast path: a well-formed create/update whose record the native code takes
-        if (op is not None and kind != delete and record_form is not None and 0 < len(payload) <= max_record_bytes
+        if (op is not None and kind != delete and payload_form is not None and 0 < len(payload) <= max_record_bytes
                 and 0 <= t <= max_time and rkey and did[:4] == "did:"
                 and (collection in good_collections or _good_collection(collection, good_collections))):
-            formed = record_form(payload, prefix + sha256(payload).digest(), max_depth)
+            formed = payload_form(payload, max_depth)
             if formed.__class__ is tuple:
                 cid, record, text = formed
                 append(RecordEvent(did, collection, rkey, op, rev or None, cid, record, source, seq, t, job, text,

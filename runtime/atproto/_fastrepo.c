@@ -14,6 +14,8 @@
  *   car_index(data, verify, max_blocks) -> (header bytes, {cid bytes: block bytes}) | None
  *   mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid bytes)] | int | None
  *   record_form(block, cid, max_depth) -> (cid str, JSON-form dict, JSON bytes | None) | False | None
+ *   payload_form(block, max_depth) -> record_form of the block under its own dag-cbor CID | None
+ *   split_column(data, lengths_at, n, width, values_at, text) -> (list, end) | None  (a v2 block column)
  *   cid_str(cid bytes) -> str | None
  *   mst_invert(root, lookup, ops, verify) -> root cid bytes | None
  *   commit_event(blocks, commit, ops, invert) -> (did, rev, unsigned, sig, inverted root | None) | None
@@ -718,29 +720,19 @@ static PyObject *json_item(const uint8_t *d, Py_ssize_t end, Py_ssize_t *pos, in
     }
 }
 
-static PyObject *record_form(PyObject *self, PyObject *args) {
-    Py_buffer block, cid;
-    int max_depth;
-    if (!PyArg_ParseTuple(args, "y*y*i", &block, &cid, &max_depth)) return NULL;
+/* The JSON form of a record block d[0:len) whose CID (CID_LEN bytes, digest checked) is cid. */
+static PyObject *form_of(const uint8_t *d, Py_ssize_t len, const uint8_t *cid, int max_depth) {
     PyObject *result = NULL, *record = NULL, *text = NULL, *json = NULL;
     jbuf_t j = {NULL, 0, 0, 1};
-    const uint8_t *d = block.buf;
     Py_ssize_t pos = 0;
-    if (cid.len != CID_LEN || !fast_cid(cid.buf)) goto bail;
-    int matches = digest_matches(d, block.len, cid.buf);
-    if (matches < 0) goto bail;
-    if (!matches) {
-        result = Py_NewRef(Py_False);
-        goto done;
-    }
-    if (block.len == 0 || d[0] >> 5 != 5) goto bail; /* a record is a map */
-    record = json_item(d, block.len, &pos, 0, max_depth, &j);
+    if (len == 0 || d[0] >> 5 != 5) goto bail; /* a record is a map */
+    record = json_item(d, len, &pos, 0, max_depth, &j);
     if (record == NULL) {
         if (PyErr_Occurred()) goto done;
         goto bail;
     }
-    if (pos != block.len) goto bail;
-    text = cid_string(cid.buf);
+    if (pos != len) goto bail;
+    text = cid_string(cid);
     if (text == NULL) goto done;
     json = j.ok ? PyBytes_FromStringAndSize(j.buf, (Py_ssize_t)j.len) : Py_NewRef(Py_None);
     if (json == NULL) goto done;
@@ -753,8 +745,35 @@ done:
     Py_XDECREF(record);
     Py_XDECREF(text);
     Py_XDECREF(json);
+    return result;
+}
+
+static PyObject *record_form(PyObject *self, PyObject *args) {
+    Py_buffer block, cid;
+    int max_depth;
+    if (!PyArg_ParseTuple(args, "y*y*i", &block, &cid, &max_depth)) return NULL;
+    PyObject *result;
+    int matches;
+    if (cid.len != CID_LEN || !fast_cid(cid.buf) || (matches = digest_matches(block.buf, block.len, cid.buf)) < 0)
+        result = Py_NewRef(Py_None);
+    else if (!matches)
+        result = Py_NewRef(Py_False);
+    else
+        result = form_of(block.buf, block.len, cid.buf, max_depth);
     PyBuffer_Release(&block);
     PyBuffer_Release(&cid);
+    return result;
+}
+
+/* record_form of a dag-cbor block whose CID is its own (CIDv1, dag-cbor, sha2-256): hashed once. */
+static PyObject *payload_form(PyObject *self, PyObject *args) {
+    Py_buffer block;
+    int max_depth;
+    if (!PyArg_ParseTuple(args, "y*i", &block, &max_depth)) return NULL;
+    uint8_t cid[CID_LEN] = {0x01, 0x71, 0x12, 0x20};
+    PyObject *result = sha256(block.buf, (size_t)block.len, cid + 4)
+                           ? form_of(block.buf, block.len, cid, max_depth) : Py_NewRef(Py_None);
+    PyBuffer_Release(&block);
     return result;
 }
 
@@ -1694,6 +1713,69 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------------------------- split_column */
+
+/* One variable-length column of a Jetstream v2 block: n little-endian unsigned lengths of `width`
+ * bytes (1, 2 or 4) at data[lengths_at:], their values concatenated at data[values_at:]. Returns
+ * (list of str (text: each value UTF-8) or bytes, offset just past the values), or None when the
+ * column overruns data or a text value is not UTF-8 (the Python path names the error). */
+static PyObject *split_column(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    Py_ssize_t lengths_at, n, values_at;
+    int width, text;
+    if (!PyArg_ParseTuple(args, "y*nnini", &data, &lengths_at, &n, &width, &values_at, &text)) return NULL;
+    PyObject *list = NULL, *result = NULL;
+    const uint8_t *d = data.buf;
+    Py_ssize_t size = data.len;
+    if (n < 0 || lengths_at < 0 || values_at < 0 || lengths_at > size || (width != 1 && width != 2 && width != 4) ||
+        n > (size - lengths_at) / width || values_at > size)
+        goto bail;
+    list = PyList_New(n);
+    if (list == NULL) goto done;
+    const uint8_t *lens = d + lengths_at;
+    Py_ssize_t p = values_at;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *l = lens + i * width;
+        Py_ssize_t len = width == 1 ? l[0] : width == 2 ? (Py_ssize_t)(l[0] | l[1] << 8)
+                                                        : (Py_ssize_t)((uint32_t)l[0] | (uint32_t)l[1] << 8 |
+                                                                       (uint32_t)l[2] << 16 | (uint32_t)l[3] << 24);
+        if (len > size - p) goto bail;
+        PyObject *item;
+        if (!text) {
+            item = PyBytes_FromStringAndSize((const char *)d + p, len);
+        } else {
+            int ascii = 1;
+            for (Py_ssize_t k = 0; k < len; k++) {
+                if (d[p + k] & 0x80) {
+                    ascii = 0;
+                    break;
+                }
+            }
+            if (ascii) {
+                item = PyUnicode_New(len, 127);
+                if (item != NULL) memcpy(PyUnicode_DATA(item), d + p, (size_t)len);
+            } else {
+                item = PyUnicode_DecodeUTF8((const char *)d + p, len, "strict");
+                if (item == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    PyErr_Clear();
+                    goto bail;
+                }
+            }
+        }
+        if (item == NULL) goto done;
+        PyList_SET_ITEM(list, i, item);
+        p += len;
+    }
+    result = Py_BuildValue("(On)", list, p);
+    goto done;
+bail:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(list);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 static PyObject *cid_str(PyObject *self, PyObject *arg) {
     if (!PyBytes_Check(arg)) {
         PyErr_SetString(PyExc_TypeError, "bytes expected");
@@ -1793,6 +1875,10 @@ static PyMethodDef methods[] = {
     {"mst_walk", mst_walk, METH_VARARGS,
      "mst_walk(root, lookup, verify, max_layer, limit) -> [(key, cid)] | count | None"},
     {"record_form", record_form, METH_VARARGS, "record_form(block, cid, max_depth) -> (cid str, dict, JSON bytes | None) | False | None"},
+    {"payload_form", payload_form, METH_VARARGS,
+     "payload_form(block, max_depth) -> (cid str, dict, JSON bytes | None) | None: its own dag-cbor CID"},
+    {"split_column", split_column, METH_VARARGS,
+     "split_column(data, lengths_at, n, width, values_at, text) -> (values, end) | None"},
     {"cid_str", cid_str, METH_O, "cid_str(cid bytes) -> str | None"},
     {"mst_invert", mst_invert, METH_VARARGS,
      "mst_invert(root, lookup, [(action, path, cid | None, prev | None)], verify) -> root cid | None"},

@@ -29,6 +29,16 @@ class Native(Protocol):
         """``(CID string, JSON form, its orjson text or None)``; False when the block does not match
         ``cid``; or None."""
 
+    def payload_form(self, block: bytes, max_depth: int, /) -> tuple[str, dict[str, object], bytes | None] | None:
+        """:meth:`record_form` of ``block`` under its own CID (CIDv1, dag-cbor, sha2-256), hashed once;
+        or None."""
+
+    def split_column(self, data: bytes, lengths_at: int, n: int, width: int, values_at: int, text: bool,
+                     /) -> tuple[list[str] | list[bytes], int] | None:
+        """One variable-length column of a Jetstream v2 block (``n`` little-endian lengths of
+        ``width`` bytes at ``lengths_at``, the values from ``values_at``): the values (UTF-8 strings
+        when ``text``) and the offset past them, or None."""
+
     def cid_str(self, cid: bytes, /) -> str | None:
         """The base32 string of a binary CID, or None."""
 

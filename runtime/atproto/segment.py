@@ -40,12 +40,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import accumulate, islice, pairwise
-from typing import IO, ClassVar, Final, Literal, NamedTuple
+from typing import IO, Any, ClassVar, Final, Literal, NamedTuple
 
 import xxhash
 import zstandard
 
+from runtime.atproto import native
 from runtime.atproto.errors import AtprotoFormatError
+from runtime.atproto.native import Native
 
 __all__ = [
     "BLOCK_INDEX_ENTRY_SIZE",
@@ -484,6 +486,31 @@ def _strings(blob: bytes, lengths: list[int], what: str) -> list[str]:
     return [text[a:b] for a, b in pairwise(offsets)]
 
 
+#: A block's variable-length columns: collection, did, rkey, rev, payload.
+Columns = tuple[list[str], list[str], list[str], list[str], list[bytes]]
+#: The variable-length columns in block order: the width of a row's length, and whether the values
+#: are text (collection, did, rkey, rev) or bytes (payload).
+_VARIABLE_COLUMNS: Final = ((1, True), (2, True), (1, True), (1, True), (4, False))
+
+
+def _split_native(fast: Native, body: bytes, p: int, n: int) -> Columns | None:
+    """The variable-length columns of a block whose length columns begin at ``p``, through the
+    native path; None when it bails (a column overruns the block, a string is not UTF-8, bytes are
+    left over): the Python path then decides, and names the error."""
+    at = p + sum(width for width, _ in _VARIABLE_COLUMNS) * n  # the values follow the lengths
+    out: list[list[Any]] = []
+    for width, text in _VARIABLE_COLUMNS:
+        got = fast.split_column(body, p, n, width, at, text)
+        if got is None:
+            return None
+        values, at = got
+        out.append(values)
+        p += width * n
+    if at != len(body):
+        return None
+    return out[0], out[1], out[2], out[3], out[4]
+
+
 def parse_block(body: bytes) -> Block:
     """Parse a decompressed block into its columns.
 
@@ -517,6 +544,11 @@ def parse_block(body: bytes) -> Block:
     if min(kinds) < KIND_CREATE or max(kinds) > _MAX_KIND:
         bad = next(k for k in kinds if not KIND_CREATE <= k <= _MAX_KIND)
         raise UnknownKindError(f"row kind {bad} is not 1-{_MAX_KIND}")
+    fast = native.NATIVE
+    if fast is not None:
+        columns = _split_native(fast, body, p, n)
+        if columns is not None:
+            return Block(seq, witnessed, indexed, kinds, *columns)
     coll_len = list(body[p:p + n])
     p += n
     did_len = _ints(view[p:p + 2 * n], "H", n)

@@ -328,6 +328,29 @@ def test_record_form_checks_the_cid_and_the_depth() -> None:
     assert NATIVE.cid_str(b"\x00") is None
 
 
+@needs_native
+def test_payload_form_is_record_form_under_the_blocks_own_cid() -> None:
+    """The archive's path (a row's CID is its payload's): hashed once, the same answer as record_form
+    with the CID computed in Python, for well-formed, mutated, too deep and non-map blocks."""
+    assert NATIVE is not None
+    rng = random.Random(13)
+    blocks = _random_records(rng, 500, 5)
+    for source in list(blocks):
+        b = bytearray(source)
+        b[rng.randrange(len(b))] = rng.randrange(256)
+        blocks.append(bytes(b))
+    deep: Any = 1
+    for _ in range(80):
+        deep = [deep]
+    blocks += [encode({"d": deep}, max_depth=200), b"\x01", b""]
+    formed = 0
+    for block in blocks:
+        got = NATIVE.payload_form(block, 64)
+        assert got == NATIVE.record_form(block, CID.for_dag_cbor(block).raw, 64), block.hex()
+        formed += got is not None
+    assert 500 <= formed < len(blocks)
+
+
 # --------------------------------------------------------------------------------- whole decoder
 
 

@@ -12,6 +12,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runtime.atproto import native
 from runtime.atproto.cid import CID
 from runtime.atproto.errors import AtprotoFormatError
 from runtime.atproto.segment import (
@@ -25,6 +26,7 @@ from runtime.atproto.segment import (
     KIND_UPDATE,
     MAX_BLOCK_EVENTS,
     ActiveSegmentError,
+    Block,
     BlockChecksumError,
     BlockDecompressError,
     BlockFormatError,
@@ -396,6 +398,41 @@ def test_every_truncation_is_a_typed_error() -> None:
         except SegmentError:
             continue
         assert seg.verify() != []  # past the header checks, verification names what is missing
+
+
+def _parse_both(body: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object]:
+    """parse_block of ``body`` through the native column split and through Python alone: the block,
+    or the type and message of the error."""
+    def parse() -> object:
+        try:
+            return parse_block(body)
+        except SegmentError as e:
+            return type(e), str(e)
+
+    fast = parse()
+    with monkeypatch.context() as m:
+        m.setattr(native, "NATIVE", None)
+        return fast, parse()
+
+
+@pytest.mark.skipif(native.NATIVE is None, reason="the native extension is not built")
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(rows=_rows(), flips=st.lists(st.tuples(st.integers(0, 10**5), st.integers(1, 255)), max_size=3),
+       cut=st.integers(0, 8), tail=st.binary(max_size=2))
+def test_native_column_split_parses_as_python_does(rows: list[Row], flips: list[tuple[int, int]], cut: int,
+                                                   tail: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole blocks (non-ASCII text, empty values), blocks with flipped bytes (lengths overrunning
+    the block, invalid UTF-8), truncated ones and ones with bytes left over: the same block or the
+    same error."""
+    body = bytearray(encode_block(rows))
+    for pos, mask in flips:
+        body[pos % len(body)] ^= mask
+    body = body[:len(body) - cut] if cut < len(body) else body
+    fast, python = _parse_both(bytes(body) + tail, monkeypatch)
+    assert fast == python
+    if not flips and not cut and not tail:
+        assert isinstance(fast, Block) and list(fast.rows()) == rows
 
 
 @settings(max_examples=300, deadline=None)
