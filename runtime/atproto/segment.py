@@ -25,6 +25,10 @@ The DID blooms are ``github.com/jcalabro/gloom`` v0.1.0 filters (its ``MarshalBi
 and, through k prime partitions, the bits), sized for 0.1 % false positives: the writer builds them
 bit for bit as the Go code does. Its zstd frames are valid but not byte-identical to the Go encoder's.
 
+A block's variable columns are split natively when the extension is built
+(:mod:`runtime.atproto.native`, ``split_column``); it bails on anything unusual and the Python split
+here decides and names the error.
+
 Everything is bounded: block counts, event counts and the decompressed size of a block are capped
 before anything is allocated from them, and every error is a :class:`SegmentError`.
 """
