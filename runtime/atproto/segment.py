@@ -495,13 +495,15 @@ Columns = tuple[list[str], list[str], list[str], list[str], list[bytes]]
 #: The variable-length columns in block order: the width of a row's length, and whether the values
 #: are text (collection, did, rkey, rev) or bytes (payload).
 _VARIABLE_COLUMNS: Final = ((1, True), (2, True), (1, True), (1, True), (4, False))
+#: Bytes of a row's lengths of those columns (the values follow every length column).
+_LENGTH_BYTES_PER_ROW: Final = sum(width for width, _ in _VARIABLE_COLUMNS)
 
 
 def _split_native(fast: Native, body: bytes, p: int, n: int) -> Columns | None:
     """The variable-length columns of a block whose length columns begin at ``p``, through the
     native path; None when it bails (a column overruns the block, a string is not UTF-8, bytes are
     left over): the Python path then decides, and names the error."""
-    at = p + sum(width for width, _ in _VARIABLE_COLUMNS) * n  # the values follow the lengths
+    at = p + _LENGTH_BYTES_PER_ROW * n
     out: list[list[Any]] = []
     for width, text in _VARIABLE_COLUMNS:
         got = fast.split_column(body, p, n, width, at, text)
