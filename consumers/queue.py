@@ -70,7 +70,6 @@ Seed API::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import sqlite3
@@ -86,6 +85,7 @@ from consumers.base import TP, Consumed, ConsumerOptions, GroupConsumer, group_n
 from consumers.cli import add_consumer_arguments, consumer_settings, run_consumer
 from consumers.options import account_removal_options, removal_statuses, resync_purge
 from runtime.contract.codec import AvroCodec
+from runtime.contract.keyhash import key_digest
 from runtime.contract.order import asof_us, is_delete, removes, status_time_us, supersedes, sync_removal_us
 from runtime.contract.records import (
     AccountEvent,
@@ -602,7 +602,7 @@ class _Pending:
 
 
 def _fold_key(event: RecordEvent) -> bytes:
-    return hashlib.blake2b(f"{event.did}\x00{event.collection}\x00{event.rkey}".encode(), digest_size=16).digest()
+    return key_digest(f"{event.did}\x00{event.collection}\x00{event.rkey}", 16)
 
 
 #: Keys per ``IN (...)`` list of the fold's reads (well under SQLite's limit on parameters).
@@ -813,7 +813,7 @@ class QueueSink:
         queues = (route,) if isinstance(route, str) else route
         # The event's identity, the same through any replay: a Jetstream event served again by
         # another instance (another time_us) is the same item.
-        key = hashlib.blake2b(event_key(event).encode(), digest_size=16).digest()
+        key = key_digest(event_key(event), 16)
         meta = fold_metadata(event, self._removal_statuses, self._resync_purge)
         version: tuple[bytes, str, str, bool, int] | None = None
         removal: tuple[str, int] | None = None

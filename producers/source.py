@@ -9,7 +9,6 @@ reconnect never re-delivers, and never skips) and serialises into the job checkp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection
 
+from runtime.contract.keyhash import key_digest
 from runtime.contract.records import JETSTREAM_SOURCES, Event, IdentityEvent, RecordEvent, event_key
 from runtime.contract.records import Source as Origin
 
@@ -88,7 +88,7 @@ class Source(Protocol):
 
 def fingerprint(event: Event) -> bytes:
     """8 bytes identifying ``event`` across replays (and across processes: it is checkpointed)."""
-    return hashlib.blake2b(event_key(event).encode(), digest_size=8).digest()
+    return key_digest(event_key(event), 8)
 
 
 def _identity(event: Event) -> tuple[Any, ...]:
@@ -110,7 +110,7 @@ def _identity(event: Event) -> tuple[Any, ...]:
 
 def _fingerprint_of(identity: tuple[Any, ...]) -> bytes:
     """:func:`fingerprint` of the event whose :func:`_identity` this is."""
-    return hashlib.blake2b("|".join(map(str, identity)).encode(), digest_size=8).digest()
+    return key_digest("|".join(map(str, identity)), 8)
 
 
 @dataclass

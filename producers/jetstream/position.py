@@ -41,13 +41,13 @@ Bounds (ARCHITECTURE: every piece of state is bounded):
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import sys
 from array import array
 from collections import deque
 from typing import Any, Final
 
+from runtime.contract.keyhash import key_digest, key_hash64
 from runtime.contract.records import Event, IdentityEvent, RecordEvent, event_key
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ _BIG_ENDIAN: Final = sys.byteorder == "big"
 
 def identity(event: Event) -> int:
     """The event's identity: 64 bits of blake2b over its clock-independent ``event_key``."""
-    return int.from_bytes(hashlib.blake2b(event_key(event).encode(), digest_size=8).digest(), "little")
+    return key_hash64(event_key(event))
 
 
 def _legacy_fingerprint(event: Event) -> bytes:
@@ -88,7 +88,7 @@ def _legacy_fingerprint(event: Event) -> bytes:
     else:
         kind = "identity" if isinstance(event, IdentityEvent) else "account"
         key = f"{event.source}|{event.did}|{kind}|{event.seq}|{event.time_us}"
-    return hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return key_digest(key, 8)
 
 
 def _pack(ids: list[int]) -> str:

@@ -14,6 +14,12 @@
  *   opt_utf8(out, b, null_index)   union of null and such a string
  *   long(out, v)                   Avro long
  *
+ * And one writer of a whole record value, returned as bytes (see the parts writer below):
+ *
+ *   compile_parts(fields, count, cls)        the program of a record schema (avrowrite.parts_program)
+ *   encode_parts(program, header, e, u, t)   header + the record whose fields come from e's
+ *                                            attributes, u (UTF-8) and t
+ *
  * And one reader, the twin of runtime/contract/avroread.py's compiled decoders:
  *
  *   decode(program, data)          the datum of a record schema, as a dict
@@ -27,6 +33,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <structmember.h>
 
 /* varint(zigzag(v)) into buf (at most 10 bytes); returns its length. */
 static int zigzag(int64_t v, uint8_t *buf) {
@@ -150,6 +157,357 @@ static PyObject *w_long(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int hn = zigzag((int64_t)x, head);
     if (append(args[0], head, hn, NULL, 0) < 0) return NULL;
     Py_RETURN_NONE;
+}
+
+
+/* ------------------------------------------------------------------ the parts writer */
+
+/* encode_parts(program, header, e, u, t): a whole record value as bytes, header first, its fields
+ * taken from three places (runtime/contract/avrowrite.py's compile_parts_encoder says which): the
+ * attributes of e, u (a string already encoded as UTF-8), and the tuple t in schema order.
+ * `program` is compile_parts(fields, count, cls) of avrowrite.parts_program's fields: a tuple of
+ * (source, ref, kind, arg) with source P_ATTR (ref: the attribute name), P_UTF8 or P_ITEM (ref: the
+ * index in t), count the length t must have, and cls the class whose slots are read directly (an
+ * e of another class is read by attribute lookup). The bytes are those of the compiled Python
+ * parts encoder; a value that does not fit raises TypeError, ValueError, KeyError, IndexError or
+ * AttributeError as that encoder does, so the codec's fallback explains it. */
+
+enum { P_ATTR = 0, P_UTF8 = 1, P_ITEM = 2 };
+enum { K_STRING = 0, K_OPT_STRING = 1, K_LONG = 2, K_OPT_LONG = 3, K_INT = 4, K_OPT_INT = 5, K_BOOL = 6,
+       K_ENUM = 7, K_STRING_ARRAY = 8, K_UTF8 = 9, K_OPT_UTF8 = 10 };
+
+typedef struct {
+    char *p;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+    char local[1024];
+} Buf;
+
+static int buf_reserve(Buf *b, Py_ssize_t more) {
+    if (b->len + more <= b->cap) return 0;
+    Py_ssize_t cap = b->cap;
+    while (cap < b->len + more) {
+        if (cap > PY_SSIZE_T_MAX / 2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        cap *= 2;
+    }
+    char *p;
+    if (b->p == b->local) {
+        p = PyMem_Malloc((size_t)cap);
+        if (p != NULL) memcpy(p, b->local, (size_t)b->len);
+    } else {
+        p = PyMem_Realloc(b->p, (size_t)cap);
+    }
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = p;
+    b->cap = cap;
+    return 0;
+}
+
+static int buf_put(Buf *b, const void *data, Py_ssize_t n) {
+    if (buf_reserve(b, n) < 0) return -1;
+    if (n) memcpy(b->p + b->len, data, (size_t)n);
+    b->len += n;
+    return 0;
+}
+
+static int buf_byte(Buf *b, uint8_t v) { return buf_put(b, &v, 1); }
+
+static int buf_zigzag(Buf *b, int64_t v) {
+    uint8_t head[10];
+    return buf_put(b, head, zigzag(v, head));
+}
+
+/* An Avro string of n bytes (length, then the bytes). */
+static int buf_string(Buf *b, const char *data, Py_ssize_t n) {
+    if (buf_zigzag(b, (int64_t)n) < 0) return -1;
+    return buf_put(b, data, n);
+}
+
+static int put_str_value(Buf *b, PyObject *v) {
+    if (!PyUnicode_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    Py_ssize_t n;
+    const char *data = PyUnicode_AsUTF8AndSize(v, &n);
+    if (data == NULL) return -1;
+    return buf_string(b, data, n);
+}
+
+static int put_long_value(Buf *b, PyObject *v, int bits) {
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "expected int, got %.100s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (overflow || (bits == 32 && (x < INT32_MIN || x > INT32_MAX))) {
+        PyErr_Format(PyExc_ValueError, "%R does not fit an Avro %s", v, bits == 32 ? "int" : "long");
+        return -1;
+    }
+    return buf_zigzag(b, (int64_t)x);
+}
+
+static int put_utf8_value(Buf *b, PyObject *v) {
+    if (!PyBytes_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "expected bytes, got %.100s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    return buf_string(b, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+}
+
+/* A program compiled for the calls: its fields as C values, and for attributes that are slots of
+ * the event class, where the slot is (read directly when the event is of exactly that class). */
+typedef struct {
+    int source;
+    int kind;
+    int null_index;
+    Py_ssize_t index;  /* P_ITEM */
+    Py_ssize_t offset; /* P_ATTR: the slot's offset in an instance of cls, or -1 */
+    PyObject *name;    /* P_ATTR */
+    PyObject *arg;     /* K_ENUM: symbol -> index */
+} Field;
+
+typedef struct {
+    Py_ssize_t nfields;
+    Py_ssize_t count;
+    PyTypeObject *cls;
+    Field fields[];
+} Program;
+
+static const char *PROGRAM = "avrowire.parts_program";
+
+static void program_free(PyObject *capsule) {
+    Program *prog = PyCapsule_GetPointer(capsule, PROGRAM);
+    if (prog == NULL) return;
+    for (Py_ssize_t i = 0; i < prog->nfields; i++) {
+        Py_XDECREF(prog->fields[i].name);
+        Py_XDECREF(prog->fields[i].arg);
+    }
+    Py_XDECREF(prog->cls);
+    PyMem_Free(prog);
+}
+
+/* The offset of slot `name` of cls (-1 when it is not a plain object slot). */
+static Py_ssize_t slot_offset(PyTypeObject *cls, PyObject *name) {
+    PyObject *descr = PyDict_GetItemWithError(cls->tp_dict, name); /* borrowed */
+    if (descr == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    if (!Py_IS_TYPE(descr, &PyMemberDescr_Type)) return -1;
+    PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+#ifdef Py_T_OBJECT_EX
+    if (member->type != Py_T_OBJECT_EX) return -1;
+#else
+    if (member->type != T_OBJECT_EX) return -1;
+#endif
+    return member->offset;
+}
+
+/* compile_parts(fields, count, cls): the program encode_parts runs (see the parts writer above);
+ * cls (or None) is the class whose instances' slots are read directly. */
+static PyObject *w_compile_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_args(nargs, 3, "compile_parts") < 0) return NULL;
+    PyObject *fields = args[0], *cls = args[2];
+    if (!PyTuple_Check(fields)) {
+        PyErr_SetString(PyExc_TypeError, "fields must be a tuple");
+        return NULL;
+    }
+    if (cls != Py_None && !PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "cls must be a class or None");
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    Program *prog = PyMem_Calloc(1, sizeof(Program) + (size_t)n * sizeof(Field));
+    if (prog == NULL) return PyErr_NoMemory();
+    prog->count = count;
+    PyObject *capsule = PyCapsule_New(prog, PROGRAM, program_free);
+    if (capsule == NULL) {
+        PyMem_Free(prog);
+        return NULL;
+    }
+    if (cls != Py_None) {
+        Py_INCREF(cls);
+        prog->cls = (PyTypeObject *)cls;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PyTuple_GET_ITEM(fields, i);
+        Field *out = &prog->fields[i];
+        prog->nfields = i + 1;
+        out->offset = -1;
+        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 4) {
+            PyErr_SetString(PyExc_ValueError, "a program field is (source, ref, kind, arg)");
+            goto fail;
+        }
+        long source = PyLong_AsLong(PyTuple_GET_ITEM(f, 0));
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(f, 2));
+        if ((source == -1 || kind == -1) && PyErr_Occurred()) goto fail;
+        if (source < P_ATTR || source > P_ITEM || kind < K_STRING || kind > K_OPT_UTF8) {
+            PyErr_Format(PyExc_ValueError, "unknown field source %ld or kind %ld", source, kind);
+            goto fail;
+        }
+        out->source = (int)source;
+        out->kind = (int)kind;
+        PyObject *ref = PyTuple_GET_ITEM(f, 1), *arg = PyTuple_GET_ITEM(f, 3);
+        if (source == P_ATTR) {
+            if (!PyUnicode_Check(ref)) {
+                PyErr_SetString(PyExc_TypeError, "an attribute name must be a str");
+                goto fail;
+            }
+            Py_INCREF(ref);
+            out->name = ref;
+            if (prog->cls != NULL) out->offset = slot_offset(prog->cls, ref);
+        } else if (source == P_ITEM) {
+            out->index = PyLong_AsSsize_t(ref);
+            if (out->index == -1 && PyErr_Occurred()) goto fail;
+            if (out->index < 0 || out->index >= count) {
+                PyErr_SetString(PyExc_ValueError, "a value index beyond the count");
+                goto fail;
+            }
+        }
+        if (kind == K_OPT_STRING || kind == K_OPT_LONG || kind == K_OPT_INT || kind == K_OPT_UTF8) {
+            long null_index = PyLong_AsLong(arg);
+            if (null_index == -1 && PyErr_Occurred()) goto fail;
+            if (null_index != 0 && null_index != 1) {
+                PyErr_SetString(PyExc_ValueError, "null_index must be 0 or 1");
+                goto fail;
+            }
+            out->null_index = (int)null_index;
+        } else if (kind == K_ENUM) {
+            if (!PyDict_Check(arg)) {
+                PyErr_SetString(PyExc_TypeError, "an enum's symbols must be a dict");
+                goto fail;
+            }
+            Py_INCREF(arg);
+            out->arg = arg;
+        }
+    }
+    return capsule;
+fail:
+    Py_DECREF(capsule);
+    return NULL;
+}
+
+static int put_value(Buf *b, PyObject *v, const Field *f);
+
+static int put_optional(Buf *b, PyObject *v, const Field *f, int inner) {
+    if (v == Py_None) return buf_byte(b, (uint8_t)(f->null_index << 1));
+    if (buf_byte(b, (uint8_t)((1 - f->null_index) << 1)) < 0) return -1;
+    switch (inner) {
+    case K_STRING: return put_str_value(b, v);
+    case K_LONG: return put_long_value(b, v, 64);
+    case K_INT: return put_long_value(b, v, 32);
+    default: return put_utf8_value(b, v);
+    }
+}
+
+static int put_value(Buf *b, PyObject *v, const Field *f) {
+    switch (f->kind) {
+    case K_STRING: return put_str_value(b, v);
+    case K_LONG: return put_long_value(b, v, 64);
+    case K_INT: return put_long_value(b, v, 32);
+    case K_UTF8: return put_utf8_value(b, v);
+    case K_OPT_STRING: return put_optional(b, v, f, K_STRING);
+    case K_OPT_LONG: return put_optional(b, v, f, K_LONG);
+    case K_OPT_INT: return put_optional(b, v, f, K_INT);
+    case K_OPT_UTF8: return put_optional(b, v, f, K_UTF8);
+    case K_BOOL:
+        if (v == Py_True) return buf_byte(b, 1);
+        if (v == Py_False) return buf_byte(b, 0);
+        PyErr_Format(PyExc_TypeError, "expected bool, got %.100s", Py_TYPE(v)->tp_name);
+        return -1;
+    case K_ENUM: {
+        PyObject *index = PyDict_GetItemWithError(f->arg, v); /* borrowed */
+        if (index == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetObject(PyExc_KeyError, v);
+            return -1;
+        }
+        return put_long_value(b, index, 64);
+    }
+    case K_STRING_ARRAY: {
+        if (!PyList_Check(v) && !PyTuple_Check(v)) {
+            PyErr_Format(PyExc_TypeError, "expected a list, got %.100s", Py_TYPE(v)->tp_name);
+            return -1;
+        }
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        if (n) {
+            if (buf_zigzag(b, (int64_t)n) < 0) return -1;
+            for (Py_ssize_t i = 0; i < n; i++) {
+                if (put_str_value(b, PySequence_Fast_GET_ITEM(v, i)) < 0) return -1;
+            }
+        }
+        return buf_byte(b, 0);
+    }
+    default:
+        PyErr_Format(PyExc_ValueError, "unknown field kind %d", f->kind);
+        return -1;
+    }
+}
+
+static PyObject *w_encode_parts(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (check_args(nargs, 5, "encode_parts") < 0) return NULL;
+    Program *prog = PyCapsule_GetPointer(args[0], PROGRAM);
+    if (prog == NULL) return NULL;
+    PyObject *header = args[1], *e = args[2], *u = args[3], *t = args[4];
+    if (!PyBytes_Check(header)) {
+        PyErr_SetString(PyExc_TypeError, "header must be bytes");
+        return NULL;
+    }
+    if (!PyTuple_Check(t)) {
+        PyErr_Format(PyExc_TypeError, "values must be a tuple, got %.100s", Py_TYPE(t)->tp_name);
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(t) != prog->count) {
+        PyErr_Format(PyExc_IndexError, "%zd values expected", prog->count);
+        return NULL;
+    }
+    int direct = prog->cls != NULL && Py_IS_TYPE(e, prog->cls);
+    Buf b;
+    b.p = b.local;
+    b.len = 0;
+    b.cap = (Py_ssize_t)sizeof b.local;
+    PyObject *result = NULL;
+    if (buf_put(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header)) < 0) goto done;
+    for (Py_ssize_t i = 0; i < prog->nfields; i++) {
+        const Field *f = &prog->fields[i];
+        int rc;
+        if (f->source == P_ATTR) {
+            if (direct && f->offset >= 0) {
+                PyObject *v = *(PyObject **)((char *)e + f->offset); /* borrowed from the slot */
+                if (v == NULL) {
+                    PyErr_SetObject(PyExc_AttributeError, f->name);
+                    goto done;
+                }
+                Py_INCREF(v);
+                rc = put_value(&b, v, f);
+                Py_DECREF(v);
+            } else {
+                PyObject *v = PyObject_GetAttr(e, f->name);
+                if (v == NULL) goto done;
+                rc = put_value(&b, v, f);
+                Py_DECREF(v);
+            }
+        } else if (f->source == P_UTF8) {
+            rc = put_value(&b, u, f);
+        } else {
+            rc = put_value(&b, PyTuple_GET_ITEM(t, f->index), f); /* a tuple: its items stay */
+        }
+        if (rc < 0) goto done;
+    }
+    result = PyBytes_FromStringAndSize(b.p, b.len);
+done:
+    if (b.p != b.local) PyMem_Free(b.p);
+    return result;
 }
 
 
@@ -414,6 +772,10 @@ static PyMethodDef methods[] = {
     {"opt_utf8", (PyCFunction)(void (*)(void))w_opt_utf8, METH_FASTCALL,
      "opt_utf8(out, b, null_index): a union of null and a string given as UTF-8"},
     {"long", (PyCFunction)(void (*)(void))w_long, METH_FASTCALL, "long(out, v): an Avro long"},
+    {"compile_parts", (PyCFunction)(void (*)(void))w_compile_parts, METH_FASTCALL,
+     "compile_parts(fields, count, cls): the program of encode_parts, from avrowrite.parts_program's fields"},
+    {"encode_parts", (PyCFunction)(void (*)(void))w_encode_parts, METH_FASTCALL,
+     "encode_parts(program, header, e, u, t): header and a record value, by a program of compile_parts"},
     {"decode", (PyCFunction)(void (*)(void))r_decode, METH_FASTCALL,
      "decode(program, data): the datum the bytes hold, read by a program of avroread.native_program"},
     {"set_corrupt_error", r_set_corrupt_error, METH_O,

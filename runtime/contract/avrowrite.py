@@ -21,6 +21,7 @@ for any other schema, and the codec falls back to fastavro for it.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Final
 
@@ -363,6 +364,77 @@ def compile_parts_encoder(parsed: Any, attrs: Collection[str], utf8_field: str) 
     encoder: PartsEncoder = gen.build("def encode(e, u, t, out):\n" + "\n".join(gen.lines) + "\n",
                                       f"parts encoder {parsed.get('name')}", "encode")
     return encoder
+
+
+#: Where a field of a parts program comes from, and how it is written (``_avrowire.c``'s P_* and K_*).
+_P_ATTR, _P_UTF8, _P_ITEM = 0, 1, 2
+_K_STRING, _K_OPT_STRING, _K_LONG, _K_OPT_LONG, _K_INT, _K_OPT_INT, _K_BOOL, _K_ENUM, _K_STRING_ARRAY, \
+    _K_UTF8, _K_OPT_UTF8 = range(11)
+_PLAIN: Final = {"string": _K_STRING, "long": _K_LONG, "int": _K_INT, "boolean": _K_BOOL}
+_OPTIONAL: Final = {"string": _K_OPT_STRING, "long": _K_OPT_LONG, "int": _K_OPT_INT}
+
+#: The program of ``_avrowire.encode_parts`` (made by ``_avrowire.compile_parts``; opaque here).
+PartsProgram = Any
+
+
+def _kind(schema: Any, utf8: bool) -> tuple[int, Any]:
+    """The native writer's kind (and its argument) for a field schema.
+
+    Raises:
+        UnsupportedSchemaError: a type the native writer does not handle.
+    """
+    if isinstance(schema, list):
+        null_index = null_union(schema)
+        inner = schema[1 - null_index]
+        if utf8 and inner == "string":
+            return _K_OPT_UTF8, null_index
+        if isinstance(inner, str) and inner in _OPTIONAL and not utf8:
+            return _OPTIONAL[inner], null_index
+        raise UnsupportedSchemaError(f"union with {inner!r}")
+    if utf8:
+        if schema == "string":
+            return _K_UTF8, None
+        raise UnsupportedSchemaError(f"UTF-8 field of type {schema!r}")
+    if isinstance(schema, str) and schema in _PLAIN:
+        return _PLAIN[schema], None
+    if isinstance(schema, dict) and not schema.get("logicalType"):
+        if schema.get("type") == "enum":
+            return _K_ENUM, {sym: i for i, sym in enumerate(schema["symbols"])}
+        if schema.get("type") == "array" and schema.get("items") == "string":
+            return _K_STRING_ARRAY, None
+    raise UnsupportedSchemaError(f"type {schema!r}")
+
+
+def parts_program(parsed: Any, attrs: Collection[str], utf8_field: str, cls: type | None = None) -> PartsProgram:
+    """The program of ``_avrowire.encode_parts`` for what :func:`compile_parts_encoder` compiles
+    (same fields, same sources, same bytes), or None when the native writer lacks a field's type
+    or the extension is not built (the compiled encoder then does it all).
+
+    ``encode_parts(program, header, e, u, t)`` returns ``header`` followed by the value as bytes.
+    ``cls``: the class of the ``e`` it is mostly given (its slots are then read directly).
+    """
+    if WIRE is None or not hasattr(WIRE, "encode_parts"):
+        return None
+    if not isinstance(parsed, dict) or parsed.get("type") != "record":
+        return None
+    schema = resolve_named(parsed, {})
+    if utf8_field not in {f["name"] for f in schema["fields"]}:
+        return None
+    fields: list[tuple[int, Any, int, Any]] = []
+    index = 0
+    try:
+        for f in schema["fields"]:
+            name = f["name"]
+            if name in attrs:
+                fields.append((_P_ATTR, sys.intern(name), *_kind(f["type"], False)))
+            elif name == utf8_field:
+                fields.append((_P_UTF8, None, *_kind(f["type"], True)))
+            else:
+                fields.append((_P_ITEM, index, *_kind(f["type"], False)))
+                index += 1
+    except UnsupportedSchemaError:
+        return None
+    return WIRE.compile_parts(tuple(fields), index, cls)
 
 
 def compile_encoder(parsed: Any) -> Encoder | None:

@@ -38,7 +38,16 @@ import fastavro.schema
 
 import schemas
 from runtime.contract.avroread import DECODE_ERRORS, Decoder, compile_decoder
-from runtime.contract.avrowrite import ENCODE_ERRORS, Encoder, PartsEncoder, compile_encoder, compile_parts_encoder
+from runtime.contract.avrowrite import (
+    ENCODE_ERRORS,
+    WIRE,
+    Encoder,
+    PartsEncoder,
+    PartsProgram,
+    compile_encoder,
+    compile_parts_encoder,
+    parts_program,
+)
 from runtime.contract.records import Event, RecordEvent
 from runtime.contract.topics import schema_name_for, schema_name_for_collection
 from runtime.contract.typed import ENVELOPE, ENVELOPE_HEAD, datum_for, record_datum, record_parts
@@ -132,6 +141,9 @@ class ShippedSchema:
     #: For a record-event schema: the encoder taking the event, its record's JSON and its typed
     #: values (:func:`runtime.contract.typed.record_parts`) without a datum dict.
     parts_encoder: PartsEncoder | None = None
+    #: The same encoder as a program of the native writer (``_avrowire.encode_parts``), which
+    #: returns the whole value in one call; None without the extension.
+    parts_program: PartsProgram | None = None
     #: Its earlier versions (:data:`CHANGES`), newest first: single-object values name them too.
     earlier: tuple[EarlierSchema, ...] = ()
 
@@ -152,6 +164,8 @@ def _load_shipped() -> dict[str, ShippedSchema]:
                                   canonical=canonical, encoder=compile_encoder(parsed),
                                   decoder=compile_decoder(parsed),
                                   parts_encoder=compile_parts_encoder(parsed, ENVELOPE, "record_json")
+                                  if _is_record_event_schema(parsed) else None,
+                                  parts_program=parts_program(parsed, ENVELOPE, "record_json", RecordEvent)
                                   if _is_record_event_schema(parsed) else None,
                                   earlier=tuple(earlier))
     return out
@@ -200,6 +214,9 @@ class AvroCodec:
         self._encoders: dict[tuple[str, str], Callable[[dict[str, Any]], bytes]] = {}
         self._by_id: dict[int, tuple[ShippedSchema, Any, bool]] = {}
         self._buf = io.BytesIO()
+        #: Record events encoded by the native writer when the extension is built (tests turn it
+        #: off to compare with the compiled Python encoder).
+        self.native_parts = True
 
     @classmethod
     def from_config(cls, registry_conf: dict[str, Any] | None) -> AvroCodec:
@@ -278,9 +295,23 @@ class AvroCodec:
             KeyError: no such shipped schema.
         """
         header = self._header(schema_name, topic)
-        parts = self._shipped[schema_name].parts_encoder
+        shipped_schema = self._shipped[schema_name]
+        parts = shipped_schema.parts_encoder
         if parts is None:
             raise KeyError(f"schema {schema_name} is not a record-event schema")
+        program = shipped_schema.parts_program
+        if program is not None and self.native_parts:
+            write = WIRE.encode_parts
+
+            def encode_native(event: RecordEvent) -> bytes:
+                record_json, values = record_parts(event)
+                try:
+                    value: bytes = write(program, header, event, record_json, values)
+                    return value
+                except ENCODE_ERRORS:
+                    return self.encode(schema_name, topic, record_datum(event))
+
+            return encode_native
 
         def encode(event: RecordEvent) -> bytes:
             record_json, values = record_parts(event)

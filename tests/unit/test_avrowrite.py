@@ -7,10 +7,13 @@ import dataclasses
 import io
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import fastavro
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import schemas
 from producers.jetstream.decode import decode_event
@@ -317,3 +320,98 @@ def test_a_time_that_is_not_a_long_is_left_to_fastavro() -> None:
         AvroCodec().encode_event(event, "t")
     with pytest.raises(ENCODE_ERRORS):
         AvroCodec().encode_event(dataclasses.replace(event, witnessed_at=None, source="jetstream3"), "t")
+
+
+# ---------------------------------------------------------------- the native parts writer
+
+_ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                       st.text(max_size=6), st.binary(max_size=6), st.floats(allow_nan=False),
+                       st.lists(st.text(max_size=4), max_size=3), st.tuples(st.text(max_size=3)),
+                       st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3),
+                       st.sampled_from(["create", "update", "delete", "jetstream", "repo", "\ud800"]))
+_LONGS = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+def _valid(schema: Any) -> st.SearchStrategy[Any]:
+    """Values of a field schema (of the types the record-event schemas use)."""
+    if isinstance(schema, list):
+        return st.one_of(st.none(), _valid(next(b for b in schema if b != "null")))
+    if schema == "string":
+        return st.text(max_size=6)
+    if schema == "long":
+        return _LONGS
+    if isinstance(schema, dict) and schema.get("type") == "enum":
+        return st.sampled_from(schema["symbols"])
+    if isinstance(schema, dict) and schema.get("type") == "array":
+        return st.lists(st.text(max_size=4), max_size=3)
+    raise AssertionError(f"no strategy for {schema!r}")
+
+
+def _python_parts(name: str) -> Any:
+    encoder = compile_parts_encoder(shipped()[name].parsed, ENVELOPE, "record_json")
+    assert encoder is not None
+    return encoder
+
+
+@given(data=st.data(), name=st.sampled_from(sorted({schema_name_for_collection(c) for c in TYPED_COLLECTIONS}
+                                                   | {"generic"})))
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_native_parts_writer_writes_what_the_compiled_one_does(wire: str, data: st.DataObject,
+                                                                  name: str) -> None:
+    """Valid envelopes, record JSON and typed values, or with one thing wrong: the same bytes, or both refuse."""
+    if wire != "native":
+        return
+    program = shipped()[name].parts_program
+    assert program is not None
+    fields = avrowrite.resolve_named(shipped()[name].parsed, {})["fields"]
+    env = {f["name"]: data.draw(_valid(f["type"]), label=f["name"]) for f in fields if f["name"] in ENVELOPE}
+    typed = [data.draw(_valid(f["type"]), label=f["name"]) for f in fields
+             if f["name"] not in ENVELOPE and f["name"] != "record_json"]
+    utf8: Any = data.draw(st.one_of(st.none(), st.binary(max_size=8)), label="utf8")
+    wrong = data.draw(st.sampled_from(["nothing", "nothing", "envelope", "value", "utf8", "count"]), label="wrong")
+    if wrong == "envelope":
+        env[data.draw(st.sampled_from(sorted(env)), label="field")] = data.draw(_ANY_VALUE, label="bad")
+    elif wrong == "value" and typed:
+        typed[data.draw(st.integers(0, len(typed) - 1), label="index")] = data.draw(_ANY_VALUE, label="bad")
+    elif wrong == "utf8":
+        utf8 = data.draw(_ANY_VALUE, label="bad utf8")
+    elif wrong == "count":
+        typed = typed[:-1] if typed and data.draw(st.booleans(), label="fewer") else [*typed, "extra"]
+    # a RecordEvent (its slots read directly) or another object with the same attributes (looked up)
+    event: Any = (RecordEvent(record=None, **env) if data.draw(st.booleans(), label="slots")
+                  else SimpleNamespace(**env))
+    values = tuple(typed)
+    header = b"\xc3\x01" + bytes(8)
+    expected: bytes | None
+    try:
+        out = bytearray(header)
+        _python_parts(name)(event, utf8, values, out)
+        expected = bytes(out)
+    except ENCODE_ERRORS:
+        expected = None  # refused: the codec's fallback explains it, whichever error was raised
+    got: bytes | None
+    try:
+        got = avrowrite.WIRE.encode_parts(program, header, event, utf8, values)
+    except ENCODE_ERRORS:
+        got = None
+    assert got == expected
+    if wrong == "nothing":
+        assert got is not None
+
+
+def test_a_parts_program_is_refused_when_it_is_not_one(wire: str) -> None:
+    w = avrowrite.WIRE
+    if w is None:
+        return
+    for fields, count in [((("x",),), 0), (((0, 5, 0, None),), 0), (((2, 3, 0, None),), 2), (((9, 0, 0, None),), 1),
+                          (((0, "a", 99, None),), 0), (((2, 0, 1, 7),), 1), (((0, "a", 7, None),), 0)]:
+        with pytest.raises((TypeError, ValueError)):
+            w.compile_parts(fields, count, None)
+    program = w.compile_parts(((2, 0, 0, None),), 1, None)
+    with pytest.raises((TypeError, ValueError)):
+        w.encode_parts(("not", "a program"), b"", None, None, ("a",))
+    with pytest.raises(TypeError):
+        w.encode_parts(program, b"", None, None, ["a"])  # values come as a tuple
+    assert w.encode_parts(program, b"h", None, None, ("ab",)) == b"h\x04ab"
+    # a string longer than the writer's first buffer
+    assert w.encode_parts(program, b"", None, None, ("é" * 3000,)) == zz_long(6000) + "é".encode() * 3000
