@@ -233,8 +233,14 @@ class JetstreamPosition:
         instance's clock. The source calls it once per event; :meth:`advance` follows if delivered."""
         fp = identity(event)
         c = event.cursor
-        dup = (fp in self._current or (bool(self._sealed) and self._held(fp))
-               or (bool(self._legacy) and self._legacy_seen(event)))
+        dup = fp in self._current
+        if not dup:
+            for _, ids in self._sealed:  # _held, unrolled: once per event
+                if fp in ids:
+                    dup = True
+                    break
+            else:
+                dup = bool(self._legacy) and self._legacy_seen(event)
         clock = self.clock
         instance = self.instance
         late = (not dup and clock is not None and c < clock - self.lateness
@@ -271,15 +277,17 @@ class JetstreamPosition:
         clock = self.clock if self.clock is not None else c
         window = self._window
         floor = clock - self.lateness
-        cap = self.window_identities
-        if len(window) == cap and window[0][0] >= floor and not self._window_full_logged:
-            self._window_full_logged = True
-            log.warning("more than %d events within the allowed lateness (%.1f s of time_us): checkpoints "
-                        "keep the newest %d identities, so a resume may produce older ones of that window "
-                        "again (the sinks de-duplicate them)", cap, self.lateness / 1e6, cap)
+        # The window drops what falls below the floor lazily: when full (here) and when read
+        # (snapshot); the floor only rises, so what it holds above the floor is the same.
+        if len(window) == self.window_identities:
+            self._prune_window(floor)
+            if len(window) == self.window_identities and not self._window_full_logged:
+                self._window_full_logged = True
+                cap = self.window_identities
+                log.warning("more than %d events within the allowed lateness (%.1f s of time_us): checkpoints "
+                            "keep the newest %d identities, so a resume may produce older ones of that window "
+                            "again (the sinks de-duplicate them)", cap, self.lateness / 1e6, cap)
         window.append((c, fp))
-        while window and window[0][0] < floor:
-            window.popleft()
         if self._restored and self._restored_at < floor:
             self._restored = []
         if self._legacy and self._legacy_at < floor:
@@ -287,6 +295,12 @@ class JetstreamPosition:
         if (self._elapsed - self._current_start >= self._width or len(current) >= self._bucket_cap
                 or self._count > self.max_identities):
             self._rotate()
+
+    def _prune_window(self, floor: int) -> None:
+        """Drop the window's identities whose cursor is below ``floor``."""
+        window = self._window
+        while window and window[0][0] < floor:
+            window.popleft()
 
     def _rotate(self) -> None:
         """Seal the filling set, and forget the sets older than the hold (or over the cap)."""
@@ -310,6 +324,8 @@ class JetstreamPosition:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON state: the cursors, the instance, and identities as base64 8-byte hashes."""
+        if self.clock is not None:
+            self._prune_window(self.clock - self.lateness)
         window = {fp for _, fp in self._window}
         for fp in reversed(self._restored):  # the restored window's newest first, within the cap
             if len(window) >= self.window_identities:
