@@ -31,7 +31,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, PayloadTooBig
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI, PayloadTooBig
 
 from producers.jetstream.decode import Decompressor, decode_message
 from producers.jetstream.position import DUPLICATE, FAILOVER_REWIND_US, LATE, JetstreamPosition
@@ -286,8 +286,17 @@ class JetstreamSource(WebsocketHolder):
                     clock = self._clock
                     self._last_message = clock()
                     watchdog = asyncio.ensure_future(self._watchdog(ws)) if self.opts.stall_timeout or end else None
+                    # Without compression, text frames arrive as bytes (orjson checks their UTF-8 itself,
+                    # and invalid UTF-8 is then a dead letter, not a broken connection); with it, text and
+                    # binary frames stay apart (only binary frames are compressed).
+                    decode = None if decompressor is not None else False
+                    recv = ws.recv
                     try:
-                        async for raw in ws:
+                        while True:
+                            try:
+                                raw = await recv(decode)
+                            except ConnectionClosedOK:
+                                break  # what ``async for`` over the connection does
                             self._last_message = clock()
                             self.messages += 1
                             try:
