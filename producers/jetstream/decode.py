@@ -11,7 +11,7 @@ from typing import Any, Final
 import orjson
 import zstandard
 
-from runtime.contract.nsid import is_collection
+from runtime.contract.nsid import is_collection, valid_collections
 from runtime.contract.records import AccountEvent, Event, IdentityEvent, Operation, RecordEvent, Source
 from runtime.contract.typed import MAX_TIME_US
 from runtime.errors import DecodeError, InvalidRecordError
@@ -23,6 +23,22 @@ _DELETE: Final = Operation.DELETE.value
 MAX_DECOMPRESSED: Final = 16 * 1024 * 1024
 #: Integers travel as Avro longs (signed 64-bit).
 _LONG_END: Final = 1 << 63
+
+
+def _load_fast() -> Any:
+    """``_fastevent.commit`` configured with this module's rules, or None when it is not built."""
+    try:
+        import producers.jetstream._fastevent as fast  # noqa: PLC0415 - an optional C module
+    except ImportError:  # pragma: no cover - built by every install that has a C compiler
+        return None
+    fast.configure(orjson.loads, RecordEvent, valid_collections(), MAX_TIME_US, _JETSTREAM)
+    return fast.commit
+
+
+#: The native decoder of plain commit messages (``_fastevent.c``): the event, or None for anything
+#: it leaves to :func:`decode_event` (which gives the same event or the precise error). None when
+#: the extension is not built; tests set it to None to compare.
+FAST: Any = _load_fast()
 
 
 class Decompressor:
@@ -153,7 +169,12 @@ def decode_message(data: bytes | str, *, job: str = "", decompressor: Decompress
         DecodeError: malformed JSON, decompression failure, unknown kind.
         InvalidRecordError: well-formed JSON of the wrong shape.
     """
-    if isinstance(data, (bytes, bytearray, memoryview)) and decompressor is not None:
+    if decompressor is None:
+        if FAST is not None:
+            event: Event | None = FAST(data, job)
+            if event is not None:
+                return event
+    elif isinstance(data, (bytes, bytearray, memoryview)):
         data = decompressor.decompress(bytes(data))
     try:
         obj = orjson.loads(data)

@@ -20,6 +20,12 @@ MAX_NSID_LEN: Final = 317
 _valid_collections: set[str] = set()
 
 
+def valid_collections() -> set[str]:
+    """The collection names :func:`is_collection` found valid so far (at most 4,096): the set itself,
+    for native decoders to read (never to change)."""
+    return _valid_collections
+
+
 def is_collection(name: object) -> bool:
     """Whether ``name`` is a syntactically valid collection NSID (``app.bsky.feed.post``).
 

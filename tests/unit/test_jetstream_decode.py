@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from producers.jetstream import decode as dmod
 from producers.jetstream.decode import Decompressor, decode_event, decode_message
+from runtime.contract.nsid import is_collection
 from runtime.contract.records import AccountEvent, IdentityEvent, RecordEvent, to_jetstream_json
-from runtime.errors import DecodeError, InvalidRecordError
+from runtime.contract.typed import MAX_TIME_US
+from runtime.errors import DecodeError, DropError, InvalidRecordError
 from runtime.simulator.jetstream import synthetic_events, train_dictionary
+from tests.native import missing_extension
 
 LIKE = {
     "did": "did:plc:abc", "time_us": 1725911162329308, "kind": "commit",
@@ -184,3 +191,71 @@ def test_fuzz_a_frame_declaring_a_huge_size_is_oversize() -> None:
     with pytest.raises(DecodeError) as info:
         decode_message(header + b"\x01\x00\x00", decompressor=dec)
     assert info.value.reason == "oversize"
+
+
+# ---------------------------------------------------------------- the native commit decoder
+
+_ODD = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.text(max_size=5),
+                 st.lists(st.integers(-5, 5), max_size=2),
+                 st.dictionaries(st.text(max_size=3), st.integers(-5, 5), max_size=2),
+                 st.sampled_from(["commit", "identity", "account", "create", "update", "delete", "app.bsky.feed.like",
+                                  "com.example.new", "not an nsid", "x" * 400, "did:plc:abc"]))
+_FIELDS = [("did",), ("time_us",), ("kind",), ("commit",), ("commit", "operation"), ("commit", "collection"),
+           ("commit", "rkey"), ("commit", "rev"), ("commit", "record"), ("commit", "cid")]
+
+
+def _outcome(raw: bytes, job: str) -> object:
+    try:
+        event = decode_message(raw, job=job)
+    except DropError as e:
+        return (type(e), e.reason, str(e))
+    assert isinstance(event, (RecordEvent, IdentityEvent, AccountEvent))
+    return (type(event), event, getattr(event, "record_json", None), event.source, event.job)
+
+
+@given(data=st.data())
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_the_native_decoder_gives_what_the_python_one_gives(data: st.DataObject,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain commits, and commits with fields removed or of other types (or JSON cut short): the same
+    event or the same error with the native decoder and without it."""
+    if dmod.FAST is None:
+        missing_extension("producers/jetstream/_fastevent.c")
+    message: dict[str, Any] = orjson.loads(orjson.dumps(data.draw(st.sampled_from(_SAMPLES), label="sample")))
+    for _ in range(data.draw(st.integers(0, 3), label="changes")):
+        path = data.draw(st.sampled_from(_FIELDS), label="field")
+        holder: Any = message
+        for part in path[:-1]:
+            holder = holder.get(part) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict):
+            continue
+        if data.draw(st.booleans(), label="remove"):
+            holder.pop(path[-1], None)
+        elif path[-1] == "time_us":
+            holder["time_us"] = data.draw(st.sampled_from([-1, 0, MAX_TIME_US, MAX_TIME_US + 1, 2**63, 2**64 - 1,
+                                                           True]))
+        else:
+            holder[path[-1]] = data.draw(_ODD, label="value")
+    raw = orjson.dumps(message)
+    if data.draw(st.booleans(), label="cut"):
+        raw = raw[: data.draw(st.integers(0, len(raw)), label="at")]
+    job = data.draw(st.sampled_from(["", "j"]), label="job")
+    messages = (raw, raw.decode(errors="replace"))  # a binary frame, a text frame
+    native = [_outcome(m, job) for m in messages]
+    with monkeypatch.context() as m:
+        m.setattr(dmod, "FAST", None)
+        assert [_outcome(m, job) for m in messages] == native
+
+
+def test_the_native_decoder_decodes_plain_commits() -> None:
+    if dmod.FAST is None:
+        missing_extension("producers/jetstream/_fastevent.c")
+    is_collection("app.bsky.feed.like")
+    event = dmod.FAST(orjson.dumps(LIKE), "j")
+    assert event == decode_event(LIKE, job="j") and type(event) is RecordEvent
+    assert dmod.FAST(orjson.dumps({**LIKE, "kind": "identity"}), "j") is None  # left to the Python code
+    assert dmod.FAST(b"{", "j") is None
+
+
+_SAMPLES = [LIKE, *(e for e in (orjson.loads(m.text) for m in synthetic_events(60, seed=3))
+                   if e.get("kind") == "commit")]
