@@ -5,24 +5,63 @@
  * code only speeds up, never decides: anything unusual (another kind, a subclass, a collection not
  * yet known to be an NSID, malformed JSON, a time out of range) is None.
  *
- *   configure(loads, cls, collections, max_time_us, source)
+ *   configure(loads, cls, collections, max_time_us, source, slots)
  *       loads: orjson.loads; cls: RecordEvent (called with decode_event's positional arguments);
  *       collections: the set of collection names already checked as NSIDs (read, never changed);
- *       max_time_us: the largest time_us a sink can store; source: the events' source ("jetstream")
+ *       max_time_us: the largest time_us a sink can store; source: the events' source ("jetstream");
+ *       slots: None, or cls's slot names when cls is a plain slotted class whose first 11 slots are
+ *       those arguments and whose others are None by default: the event is then made by filling
+ *       its slots, as its generated __init__ does, without running it
  *   commit(data, job)   the RecordEvent of the message data (str or bytes), or None
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
+#include <structmember.h>
+
+#define ARGS 11
+#define MAX_SLOTS 32
 
 static PyObject *loads = NULL, *event_cls = NULL, *collections = NULL, *source = NULL;
 static long long max_time_us = 0;
+static Py_ssize_t slot_offsets[MAX_SLOTS];
+static Py_ssize_t nslots = 0; /* 0: call the class */
 static PyObject *s_kind, *s_commit, *s_did, *s_time_us, *s_operation, *s_collection, *s_rkey, *s_rev, *s_record,
     *s_cid, *s_create, *s_update, *s_delete;
 
+/* The offset of cls's object slot `name`, or -1 with an error set. */
+static Py_ssize_t slot_offset(PyTypeObject *cls, PyObject *name) {
+    PyObject *descr = PyDict_GetItemWithError(cls->tp_dict, name); /* borrowed */
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+#ifdef Py_T_OBJECT_EX
+        if (member->type == Py_T_OBJECT_EX && !(member->flags & Py_READONLY)) return member->offset;
+#else
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY)) return member->offset;
+#endif
+    }
+    if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "%R is not an object slot", name);
+    return -1;
+}
+
 static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "configure(loads, cls, collections, max_time_us, source)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "configure(loads, cls, collections, max_time_us, source, slots)");
         return NULL;
+    }
+    PyObject *slots = args[5];
+    Py_ssize_t offsets[MAX_SLOTS], n = 0;
+    if (slots != Py_None) {
+        if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) < ARGS || PyTuple_GET_SIZE(slots) > MAX_SLOTS ||
+            !PyType_Check(args[1])) {
+            PyErr_SetString(PyExc_ValueError, "slots: a tuple of 11 to 32 slot names of the class");
+            return NULL;
+        }
+        n = PyTuple_GET_SIZE(slots);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            offsets[i] = slot_offset((PyTypeObject *)args[1], PyTuple_GET_ITEM(slots, i));
+            if (offsets[i] < 0) return NULL;
+        }
     }
     if (!PyCallable_Check(args[0]) || !PyType_Check(args[1]) || !PyAnySet_Check(args[2]) ||
         !PyUnicode_Check(args[4])) {
@@ -40,6 +79,8 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_INCREF(args[4]);
     Py_XSETREF(source, args[4]);
     max_time_us = limit;
+    memcpy(slot_offsets, offsets, sizeof offsets);
+    nslots = n;
     Py_RETURN_NONE;
 }
 
@@ -86,8 +127,17 @@ static PyObject *decode(PyObject *obj, PyObject *job) {
         if (record == NULL || cid == NULL) goto none;
     }
     /* decode_event's call: RecordEvent(did, collection, rkey, op, rev, cid, record, src, time_us, time_us, job) */
-    PyObject *args[11] = {did, collection, rkey, op, rev, cid, record, source, time_us, time_us, job};
-    return PyObject_Vectorcall(event_cls, args, 11, NULL);
+    PyObject *args[ARGS] = {did, collection, rkey, op, rev, cid, record, source, time_us, time_us, job};
+    if (nslots == 0) return PyObject_Vectorcall(event_cls, args, ARGS, NULL);
+    PyTypeObject *cls = (PyTypeObject *)event_cls;
+    PyObject *event = cls->tp_alloc(cls, 0);
+    if (event == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < nslots; i++) {
+        PyObject *v = i < ARGS ? args[i] : Py_None;
+        Py_INCREF(v);
+        *(PyObject **)((char *)event + slot_offsets[i]) = v;
+    }
+    return event;
 none:
     PyErr_Clear();
     Py_RETURN_NONE;

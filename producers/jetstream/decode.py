@@ -6,6 +6,7 @@ Jetstream's dictionary; :class:`Decompressor` undoes that.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Final
 
 import orjson
@@ -31,8 +32,26 @@ def _load_fast() -> Any:
         import producers.jetstream._fastevent as fast  # noqa: PLC0415 - an optional C module
     except ImportError:  # pragma: no cover - built by every install that has a C compiler
         return None
-    fast.configure(orjson.loads, RecordEvent, valid_collections(), MAX_TIME_US, _JETSTREAM)
+    fast.configure(orjson.loads, RecordEvent, valid_collections(), MAX_TIME_US, _JETSTREAM, _slots_filled())
     return fast.commit
+
+
+#: The RecordEvent fields decode_event passes by position (in this order); the others keep their defaults.
+_POSITIONAL: Final = ("did", "collection", "rkey", "operation", "rev", "cid", "record", "source", "cursor",
+                      "time_us", "job")
+
+
+def _slots_filled() -> tuple[str, ...] | None:
+    """RecordEvent's slots when the native decoder may fill them itself (what its generated __init__
+    does for decode_event's call): a plain slotted dataclass whose first fields are decode_event's
+    arguments and whose others default to None. None otherwise: the decoder then calls the class."""
+    fields = dataclasses.fields(RecordEvent)
+    names = tuple(f.name for f in fields)
+    if (getattr(RecordEvent, "__slots__", None) != names or names[:len(_POSITIONAL)] != _POSITIONAL
+            or hasattr(RecordEvent, "__post_init__") or RecordEvent.__mro__ != (RecordEvent, object)
+            or any(f.default is not None for f in fields[len(_POSITIONAL):])):
+        return None
+    return names
 
 
 #: The native decoder of plain commit messages (``_fastevent.c``): the event, or None for anything

@@ -259,3 +259,18 @@ def test_the_native_decoder_decodes_plain_commits() -> None:
 
 _SAMPLES = [LIKE, *(e for e in (orjson.loads(m.text) for m in synthetic_events(60, seed=3))
                    if e.get("kind") == "commit")]
+
+
+def test_the_native_decoder_fills_record_events_as_their_init_does() -> None:
+    if dmod.FAST is None:
+        missing_extension("producers/jetstream/_fastevent.c")
+    assert dmod._slots_filled() is not None  # RecordEvent is a plain slotted dataclass: no __init__ call
+    is_collection("app.bsky.feed.like")
+    event = dmod.FAST(orjson.dumps(LIKE), "j")
+    assert type(event) is RecordEvent
+    assert {f: getattr(event, f) for f in RecordEvent.__slots__} == {
+        f: getattr(decode_event(LIKE, job="j"), f) for f in RecordEvent.__slots__}
+    import producers.jetstream._fastevent as fast
+    with pytest.raises(ValueError):  # not a slot: refused before anything changes
+        fast.configure(orjson.loads, RecordEvent, set(), MAX_TIME_US, "jetstream", ("nope",) * 11)
+    assert dmod.FAST(orjson.dumps(LIKE), "j") == event
