@@ -33,6 +33,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidURI, PayloadTooBig
 
+from producers.jetstream import decode as _decode
 from producers.jetstream.decode import Decompressor, decode_message
 from producers.jetstream.position import DUPLICATE, FAILOVER_REWIND_US, LATE, JetstreamPosition
 from producers.source import Drop, End, Skip, SourceItem, WebsocketHolder
@@ -290,6 +291,7 @@ class JetstreamSource(WebsocketHolder):
                     # and invalid UTF-8 is then a dead letter, not a broken connection); with it, text and
                     # binary frames stay apart (only binary frames are compressed).
                     decode = None if decompressor is not None else False
+                    fast = _decode.FAST if decompressor is None else None
                     recv = ws.recv
                     try:
                         while True:
@@ -299,8 +301,11 @@ class JetstreamSource(WebsocketHolder):
                                 break  # what ``async for`` over the connection does
                             self._last_message = clock()
                             self.messages += 1
+                            # decode_message's native first step, called here (once per event)
+                            event = fast(raw, job) if fast is not None else None
                             try:
-                                event = decode_message(raw, job=job, decompressor=decompressor)
+                                if event is None:
+                                    event = decode_message(raw, job=job, decompressor=decompressor)
                             except DropError as e:
                                 yield Drop(e.reason, e.detail, raw if isinstance(raw, bytes) else raw.encode(), origin)
                                 continue
