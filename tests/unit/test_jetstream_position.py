@@ -299,3 +299,16 @@ def test_a_dense_lateness_window_keeps_the_checkpoint_within_a_kafka_message(
     assert all(back.check(e) == DUPLICATE for e in events[-WINDOW_IDENTITIES:])
     # ... the older ones of the window may come again (the sinks de-duplicate), never skipped
     assert back.check(events[0]) != DUPLICATE
+
+
+@given(source=st.sampled_from(["jetstream", "jetstream2", "firehose", "repo"]),
+       did=st.text(max_size=12), collection=st.text(max_size=12), rkey=st.text(max_size=8),
+       rev=st.one_of(st.none(), st.just(""), st.text(max_size=8)), time_us=st.integers(0, 2**62))
+@settings(max_examples=300, deadline=None)
+def test_the_identity_is_the_blake2b_of_the_event_key(source: str, did: str, collection: str, rkey: str,
+                                                      rev: str | None, time_us: int) -> None:
+    """identity()'s inline common case keys exactly as event_key does (checkpoints hold these hashes)."""
+    event = RecordEvent(did=did, collection=collection, rkey=rkey, operation="create", rev=rev, cid="c",
+                        record={}, source=source, cursor=time_us, time_us=time_us)
+    key = event_key(event).encode()
+    assert identity(event) == int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
