@@ -606,6 +606,10 @@ class JobRunner:
                     # A failure of the ticker is raised above (it stopped the loop), not a second time here.
                     with contextlib.suppress(asyncio.CancelledError, *((Exception,) if self._failure else ())):
                         await ticker
+            # What was held while a checkpoint committed goes out now, to be delivered while the
+            # source closes (a websocket's closing handshake can take its whole close timeout),
+            # instead of after it, in the final checkpoint's flush.
+            self._finish_checkpoint()
         finally:
             closer = getattr(source, "aclose", None)
             if closer is not None:
