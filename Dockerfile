@@ -34,7 +34,7 @@ COPY producers ./producers
 COPY consumers ./consumers
 # A regular (non-editable) install: the image needs no source tree at run time.
 RUN /opt/venv/bin/pip install . \
- && /opt/venv/bin/python -c "import runtime.atproto._fastrepo, runtime.contract._avrowire, runtime.contract._keyhash" \
+ && /opt/venv/bin/python -c "import runtime.atproto._fastrepo, runtime.contract._avrowire, runtime.contract._keyhash, producers.jetstream._fastevent" \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE}

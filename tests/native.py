@@ -1,5 +1,5 @@
 """The optional C extensions (``runtime/atproto/_fastrepo.c``, ``runtime/contract/_avrowire.c``,
-``runtime/contract/_keyhash.c``) in tests.
+``runtime/contract/_keyhash.c``, ``producers/jetstream/_fastevent.c``) in tests.
 
 ``pip install`` builds them where a C compiler (and, for ``_fastrepo``, OpenSSL's headers) is
 present, and leaves them out elsewhere: the pure-Python path then runs alone. A test of the native
