@@ -80,13 +80,18 @@ static int null_index_arg(PyObject *arg) {
     return (int)i;
 }
 
-static int write_str(PyObject *out, PyObject *s, int branch) {
+/* The UTF-8 of str s (n bytes), or NULL with TypeError (not a str) or UnicodeEncodeError set. */
+static const char *utf8_of(PyObject *s, Py_ssize_t *n) {
     if (!PyUnicode_Check(s)) {
         PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(s)->tp_name);
-        return -1;
+        return NULL;
     }
+    return PyUnicode_AsUTF8AndSize(s, n);
+}
+
+static int write_str(PyObject *out, PyObject *s, int branch) {
     Py_ssize_t n;
-    const char *data = PyUnicode_AsUTF8AndSize(s, &n);
+    const char *data = utf8_of(s, &n);
     if (data == NULL) return -1;
     return put_string(out, branch, data, n);
 }
@@ -230,12 +235,8 @@ static int buf_string(Buf *b, const char *data, Py_ssize_t n) {
 }
 
 static int put_str_value(Buf *b, PyObject *v) {
-    if (!PyUnicode_Check(v)) {
-        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(v)->tp_name);
-        return -1;
-    }
     Py_ssize_t n;
-    const char *data = PyUnicode_AsUTF8AndSize(v, &n);
+    const char *data = utf8_of(v, &n);
     if (data == NULL) return -1;
     return buf_string(b, data, n);
 }
