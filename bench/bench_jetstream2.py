@@ -35,6 +35,8 @@ outside (wall time, and CPU time from ``getrusage(RUSAGE_CHILDREN)`` deltas, sta
 * SDK: the same HTTP fetch, then (c) on the fetched bytes.
 
 Ratios are the medians of each repeat's own ratios (a repeat measures all of them back to back).
+With a broker the run started, each path's broker CPU time (``/proc``, per row) is printed too: on a
+two-core machine the broker shares the cores with the producer, so its work per row bounds the wall rate.
 Targets (issue 14): end to end >= 0.5 of bare, >= 3x the SDK's reader.
 
     python bench/bench_jetstream2.py [--rows N] [--repeats K] [--quick] [--cpu | --e2e]
@@ -362,6 +364,7 @@ class Figure:
         self.wall: list[float] = []
         self.cpu: list[float] = []
         self.inner: list[float] = []  # rows/s of the child's own measured span (start-up excluded)
+        self.broker: list[float] = []  # the broker's CPU seconds during the run (a broker this run started)
 
     def add(self, rows: int, wall: float, cpu: float, inner: float | None) -> tuple[float, float]:
         self.wall.append(rows / wall)
@@ -405,7 +408,7 @@ def run_baseline(kind: str, url: str, bootstrap: str) -> tuple[float, float, dic
 
 def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
     """The end-to-end section: simulator + Kafka + the producer process, against the baselines."""
-    from bench.brokers import broker, describe  # noqa: PLC0415
+    from bench.brokers import broker, broker_cpu_seconds, describe  # noqa: PLC0415
     from runtime.contract.timeparse import us_to_iso  # noqa: PLC0415
     from runtime.simulator.jetstream2 import build_simulator  # noqa: PLC0415
 
@@ -413,6 +416,9 @@ def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
     # one unsealed row after the archive: the producer's -e (just past the last sealed row) ends on it
     sim = build_simulator(seed=11, accounts=2000, events=ns.rows, tail=1, rows_per_segment=ns.per_segment,
                           rows_per_block=E2E_BLOCK_ROWS, start_us=E2E_START_US)
+    # a live frame carries the row's display time only: an imported (older) one would not show that the
+    # unsealed row is past -e, and the producer would wait --end-idle seconds for the next
+    sim.rows[-1] = sim.rows[-1]._replace(indexed_at=0)
     sealed = [r for s in sim.archive.segments for r in s.rows]
     total = len(sealed)
     expected = total  # every row is an event: records, identity, account and #sync (SyncEvent) alike
@@ -439,6 +445,7 @@ def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
             for rep in range(repeats):
                 now: dict[str, tuple[float, float]] = {}
                 for p in paths:
+                    b0 = broker_cpu_seconds()
                     if p.startswith("ours"):
                         wall, cpu, stats = run_ours(sim.url, bootstrap, end_iso, patterns, 2 if p == "ours2" else None)
                         got = int(stats["events_produced"])
@@ -452,6 +459,10 @@ def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
                             raise RuntimeError(f"{p} read {out['rows']:,} rows, expected {total:,}")
                         now[p] = figs[p].add(total, wall, cpu, out["wall"])
                         extra = f"own span {out['wall']:.1f}s, {out['cpu']:.1f} CPU-s"
+                    b1 = broker_cpu_seconds()
+                    if b0 is not None and b1 is not None:
+                        figs[p].broker.append(b1 - b0)
+                        extra += f"; broker {b1 - b0:.1f} CPU-s"
                     print(f"  run {rep + 1} {labels[p]:<36} {now[p][0]:>9,.0f} rows/s wall "
                           f"{now[p][1]:>9,.0f} rows/CPU-s   ({wall:.1f}s wall, {cpu:.1f} CPU-s; {extra})", flush=True)
                 for o in [p for p in paths if p.startswith("ours")]:
@@ -463,11 +474,13 @@ def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
     med = statistics.median
     print(f"\nEnd to end, {total:,} rows, median of {repeats} (rows/s of wall time from the process's start "
           f"to its exit; rows per CPU-second of the process and its threads; start-up included)", flush=True)
-    print(f"  {'path':<36} {'rows/s wall':>12} {'rows/CPU-s':>12} {'rows/s excl. start-up':>22}")
+    print(f"  {'path':<36} {'rows/s wall':>12} {'rows/CPU-s':>12} {'rows/s excl. start-up':>22} "
+          f"{'broker us/row':>14}")
     for p in paths:
         f = figs[p]
         inner = f"{med(f.inner):>22,.0f}" if f.inner else f"{'-':>22}"
-        print(f"  {f.label:<36} {med(f.wall):>12,.0f} {med(f.cpu):>12,.0f} {inner}")
+        brk = f"{med(f.broker) / total * 1e6:>14.1f}" if f.broker else f"{'-':>14}"
+        print(f"  {f.label:<36} {med(f.wall):>12,.0f} {med(f.cpu):>12,.0f} {inner} {brk}")
     targets = {"bare": (0.5, ">= 0.5"), "sdk": (3.0, ">= 3x")}
     names = {"bare": "bare", "produce": "bare+produce", "sdk": "SDK"}
     print(f"  {'ratio (median of the runs ratios)':<36} {'wall':>12} {'CPU':>12}   target (issue 14)")

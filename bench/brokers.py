@@ -25,6 +25,9 @@ if str(ROOT) not in sys.path:
 from runtime.kafka.broker import start_embedded_broker  # noqa: E402
 from tests.kafka.cluster import KafkaCluster, kafka_version  # noqa: E402
 
+#: Process ids of the broker processes this module started (none for an existing cluster).
+_PIDS: list[int] = []
+
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """``--broker`` and ``--bootstrap-servers``."""
@@ -51,15 +54,35 @@ def broker(ns: argparse.Namespace) -> Iterator[str]:
         return
     if ns.broker == "tansu":
         tansu = start_embedded_broker()
+        _PIDS[:] = [tansu.process.pid]
         try:
             yield tansu.bootstrap
         finally:
             tansu.stop()
+            _PIDS.clear()
         return
     with tempfile.TemporaryDirectory(prefix="bench-kafka-") as tmp:
         cluster = KafkaCluster(Path(tmp), nodes=1, heap_mb=1024)
         cluster.start()
+        _PIDS[:] = [n.process.pid for n in cluster.members if n.process is not None]
         try:
             yield cluster.bootstrap
         finally:
             cluster.stop(grace=5)
+            _PIDS.clear()
+
+
+def broker_cpu_seconds() -> float | None:
+    """CPU seconds (user + system) used so far by the broker processes :func:`broker` started; None for an
+    existing cluster (or where ``/proc`` is not there)."""
+    if not _PIDS:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in _PIDS:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total

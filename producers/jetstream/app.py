@@ -483,7 +483,8 @@ def _run(settings: JetstreamSettings, kafka: KafkaSettings, dids: list[str], dic
                               end_seq=settings.end_seq,
                               verify=settings.verify, job=settings.job,
                               api_key=settings.api_key.get() if settings.api_key else None,
-                              compress=settings.compress, max_message_size=settings.max_message_size)
+                              compress=settings.compress, max_message_size=settings.max_message_size,
+                              lateness_us=settings.lateness_us, end_idle=settings.end_idle)
         source = ReplaySource(ropts, position, metrics=metrics)
         source.on_reconnect = lambda: metrics.reconnects.inc("jetstream2")
         return source

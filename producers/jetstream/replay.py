@@ -12,7 +12,10 @@ The flow (``../shared/JETSTREAM-V2.md``, "History then live")::
 Every row comes out in seq order, history and live, so the position is one number per instance
 (:mod:`producers.jetstream.replaypos`). ``-s`` is a witnessed time turned into a seq through
 ``listSegments``; rows witnessed before it are skipped exactly. ``-e`` (a time) ends the replay at the
-first row witnessed at or after it (witnessed times grow with seq, so nothing later can be older).
+first row witnessed at or after it (witnessed times grow with seq, so nothing later can be older). A
+live frame carries only the row's display ``time``: its ``witnessed_at``, or an older imported
+``indexed_at`` (the instance's server gives no other); the live tail compares that, and ends once the
+wall clock is past the end and no row came for ``end_idle`` seconds, as v1's stream does.
 
 A block that cannot be decoded is fetched once more by ``getBlock``; if it is still bad it becomes one
 dead letter (its rows are not emitted) and the replay goes on. A ``#sync`` row is a
@@ -25,6 +28,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,13 +66,18 @@ class ReplayOptions:
         instance: the instance's base URL (http(s) or ws(s)).
         collections, dids, kinds: the exact filter (empty: everything).
         end_us: stop at the first row witnessed at or after this time (None: no end; the live tail
-            follows the history).
+            follows the history). A live frame carries only the row's display ``time`` (its
+            ``witnessed_at``, or an imported older ``indexed_at``), so the live tail compares that.
         end_seq: stop after this seq (inclusive; rows above it are not delivered).
         live: follow the history with the live tail (when no ``end_us`` has been reached).
         verify: check each segment's checksum and recompute each record's CID from its payload.
         job: the job name carried by every event.
         api_key: the bearer key of the hosted service.
         compress: ask the live tail for dictionary-compressed frames.
+        lateness_us: how far past ``end_us`` the wall clock must be before the idle end below.
+        end_idle: with ``end_us`` passed by the wall clock (plus ``lateness_us``), end the live tail
+            after this many seconds without a row (0 = never): a sparse filter, or a row whose imported
+            time hid that it was past the end, may leave nothing more to come.
     """
 
     instance: str
@@ -83,6 +92,8 @@ class ReplayOptions:
     api_key: str | None = None
     compress: bool = False
     max_message_size: int = 0
+    lateness_us: int = 1_000_000
+    end_idle: float = 10.0
 
 
 @dataclass
@@ -111,13 +122,19 @@ class ReplaySource:
         position: where to continue (see :meth:`ReplayPosition.restore`).
         client: the archive client (made from ``opts`` when None; closed by :meth:`aclose` only then).
         live_factory: builds the live tail client (tests inject one); default :class:`LiveTail`.
+        clock, wall: monotonic and wall-clock seconds (injected for tests).
     """
 
     name = "jetstream2"
 
     def __init__(self, opts: ReplayOptions, position: ReplayPosition, *, client: ArchiveClient | None = None,
-                 live_factory: Callable[..., LiveTail] | None = None, metrics: Metrics | None = None) -> None:
+                 live_factory: Callable[..., LiveTail] | None = None, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.opts = opts
+        self._clock = clock
+        self._wall = wall
+        self._last_live = 0.0  # clock() at the last live row
+        self._idle_end = False
         self._position = position
         self._metrics = metrics
         self._own_client = client is None
@@ -432,8 +449,11 @@ class ReplaySource:
             dictionary=await self._dictionary() if opts.compress else None,
             refetch_dictionary=self._refetch_dictionary if opts.compress else None,
             on_reconnect=self.on_reconnect)
+        watch = asyncio.ensure_future(self._idle_watch(live)) if opts.end_us is not None and opts.end_idle else None
+        self._last_live = self._clock()
         try:
             async for item in live.rows(self._covered):
+                self._last_live = self._clock()
                 if isinstance(item, (Drop, Skip, End)):
                     past = getattr(item, "seq", -1)
                     if opts.end_seq is not None and isinstance(item, Skip) and past > opts.end_seq:
@@ -451,9 +471,28 @@ class ReplaySource:
                 self.stats.live_rows += 1
                 yield event
         finally:
+            if watch is not None:
+                watch.cancel()
             self._live = None
             with contextlib.suppress(Exception):
                 await live.aclose()
+        if self._idle_end:
+            log.info("no live row for %.0f s and the wall clock is past the end: done", opts.end_idle)
+            raise _EndReachedError
+
+    async def _idle_watch(self, live: LiveTail) -> None:
+        """Close the live tail once the wall clock is past the end (by the lateness) and no row came for
+        ``end_idle`` seconds; :meth:`_tail` then ends."""
+        opts = self.opts
+        assert opts.end_us is not None
+        hard_end = opts.end_us + opts.lateness_us
+        tick = max(0.05, opts.end_idle / 4)
+        while True:
+            await asyncio.sleep(tick)
+            if self._clock() - self._last_live >= opts.end_idle and self._wall() * 1e6 >= hard_end:
+                self._idle_end = True
+                await live.aclose()
+                return
 
     async def _dictionary(self) -> tuple[int, bytes]:
         return await self.client.get_dictionary()

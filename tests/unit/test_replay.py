@@ -259,3 +259,44 @@ def test_a_resume_before_anything_was_delivered_still_starts_at_the_start_time(s
     resumed = ReplayPosition.restore(first.snapshot(), sim.url)
     events, _ = _collect(_source(sim, resumed))
     assert events == _expected(sim, start_us=start, through=sim.sealed_tip)
+
+
+@pytest.mark.timeout(30)
+def test_an_end_time_past_the_last_live_row_ends_when_the_tail_goes_quiet(sim: Jetstream2Simulator) -> None:
+    """-e after every row the instance has (the wall clock past it): every row is delivered, then the live
+    tail ends after ``end_idle`` seconds without a row, as v1's does (a sparse filter, or a row whose
+    imported time hid that it was past the end, may leave nothing more to come)."""
+    end_us = sim.rows[-1].witnessed_at + 1
+    source = _source(sim, ReplayPosition(sim.url, start_after=800), end_us=end_us, live=True, end_idle=0.2)
+    events, other = _collect(source)
+    assert events == _expected(sim, after=800)
+    assert events[-1][0] == sim.rows[-1].seq and source.stats.live_rows > 0
+    assert isinstance(other[-1], End) and other[-1].reason == "end_cursor_reached"
+
+
+def test_the_live_tail_waits_while_the_wall_clock_has_not_passed_the_end(sim: Jetstream2Simulator) -> None:
+    """The same end, but the wall clock still before it (by less than the lateness): the tail keeps waiting
+    for rows, however long it is quiet."""
+    end_us = sim.rows[-1].witnessed_at + 1
+    opts = ReplayOptions(instance=sim.url, end_us=end_us, live=True, end_idle=0.05, lateness_us=1_000_000)
+    source = ReplaySource(opts, ReplayPosition(sim.url, start_after=800), wall=lambda: end_us / 1e6 + 0.5)
+    seen: list[int] = []
+
+    async def go() -> None:
+        gen = source.items()
+        try:
+            async for item in gen:
+                if not isinstance(item, (Drop, Skip, End)):
+                    seen.append(item.cursor)
+                else:
+                    assert not isinstance(item, End), item
+        finally:
+            await gen.aclose()
+            await source.aclose()
+
+    async def bounded() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(go(), 1.0)
+
+    asyncio.run(bounded())
+    assert seen and seen[-1] == sim.rows[-1].seq
