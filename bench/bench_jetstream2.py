@@ -27,7 +27,8 @@ outside (wall time, and CPU time from ``getrusage(RUSAGE_CHILDREN)`` deltas, sta
 
 * ours: ``python -m producers.jetstream --protocol v2`` over the whole archive (``--cursor 1``, ``-e`` one
   microsecond after the last sealed row's ``witnessed_at``: the unsealed row ends it), every collection,
-  no consumer, topics created first (as ``bench_jetstream.py`` does); ``--workers 2`` too when the
+  no consumer, topics created first (as ``bench_jetstream.py`` does) and the broker given
+  ``TOPIC_SETTLE_S`` to create their partitions; ``--workers 2`` too when the
   producer has that flag;
 * bare: ``getSegment`` of every segment over HTTP (httpx, one request each) + zstd + column parse;
 * bare + produce: the same, then each row's raw payload produced to one topic keyed by DID with a plain
@@ -248,6 +249,10 @@ def cpu_part(ns: argparse.Namespace) -> None:
 E2E_START_US = 1_750_000_000_000_000
 E2E_BLOCK_ROWS = 4096
 XRPC_PREFIX = "/xrpc/network.bsky.jetstream."
+#: Seconds to wait after creating a run's topics: the broker answers at once but creates the partitions
+#: in the next second (about 0.6-0.9 CPU-s for the 13 collection topics of 6 partitions each, measured
+#: with /proc; idle it uses about 0.05 CPU-s a second), which would otherwise run beside the path timed.
+TOPIC_SETTLE_S = 1.0
 _STAT = re.compile(r"^\W*(events_produced|records_produced|messages_received|total_time)\W+([\d][\d,.]*)", re.MULTILINE)
 
 
@@ -381,6 +386,7 @@ def run_ours(url: str, bootstrap: str, end_iso: str, patterns: list[str],
 
     prefix = f"e2e{uuid.uuid4().hex[:8]}"
     create_topics(bootstrap, prefix)
+    time.sleep(TOPIC_SETTLE_S)
     cmd = [sys.executable, "-m", "producers.jetstream", "--protocol", "v2", "--instance", url, "--cursor", "1",
            "-e", end_iso, *[a for c in patterns for a in ("-c", c)], "-n", "0", "--consumer", "none",
            "--bootstrap-servers", bootstrap, "--topic-prefix", prefix, "--job", f"bench-{prefix}",
@@ -401,6 +407,7 @@ def run_baseline(kind: str, url: str, bootstrap: str) -> tuple[float, float, dic
         from runtime.kafka.clients import admin, ensure_topics  # noqa: PLC0415
 
         ensure_topics(admin({"bootstrap.servers": bootstrap}), [topic], partitions=6, replication=1)
+        time.sleep(TOPIC_SETTLE_S)
     wall, cpu, out = timed_child([sys.executable, str(Path(__file__).resolve()), "--child", kind, "--url", url,
                                   "--bootstrap-servers", bootstrap, "--topic", topic])
     return wall, cpu, json.loads(out.strip().splitlines()[-1])
