@@ -133,7 +133,8 @@ class ReplaySource:
         self.opts = opts
         self._clock = clock
         self._wall = wall
-        self._last_live = 0.0  # clock() at the last live row
+        self._last_live = 0.0  # clock() when the live tail last began waiting for a row
+        self._waiting = False  # the live tail is waiting for the server (not held by the job)
         self._idle_end = False
         self._position = position
         self._metrics = metrics
@@ -451,25 +452,31 @@ class ReplaySource:
             on_reconnect=self.on_reconnect)
         watch = asyncio.ensure_future(self._idle_watch(live)) if opts.end_us is not None and opts.end_idle else None
         self._last_live = self._clock()
+        self._waiting = True
         try:
             async for item in live.rows(self._covered):
-                self._last_live = self._clock()
-                if isinstance(item, (Drop, Skip, End)):
-                    past = getattr(item, "seq", -1)
-                    if opts.end_seq is not None and isinstance(item, Skip) and past > opts.end_seq:
-                        raise _EndReachedError  # a filtered row past the end seq: nothing wanted can follow
-                    yield item
-                    continue
-                seq, event = item.seq, item.item
-                if seq <= self._covered:
-                    continue
-                if opts.end_seq is not None and seq > opts.end_seq:
-                    raise _EndReachedError
-                if opts.end_us is not None and _witnessed(event) >= opts.end_us:
-                    raise _EndReachedError
-                self._covered = seq
-                self.stats.live_rows += 1
-                yield event
+                # idle only counts while waiting for the server: not while the job holds this generator
+                self._waiting = False
+                try:
+                    if isinstance(item, (Drop, Skip, End)):
+                        past = getattr(item, "seq", -1)
+                        if opts.end_seq is not None and isinstance(item, Skip) and past > opts.end_seq:
+                            raise _EndReachedError  # a filtered row past the end seq: nothing wanted can follow
+                        yield item
+                        continue
+                    seq, event = item.seq, item.item
+                    if seq <= self._covered:
+                        continue
+                    if opts.end_seq is not None and seq > opts.end_seq:
+                        raise _EndReachedError
+                    if opts.end_us is not None and _witnessed(event) >= opts.end_us:
+                        raise _EndReachedError
+                    self._covered = seq
+                    self.stats.live_rows += 1
+                    yield event
+                finally:
+                    self._last_live = self._clock()
+                    self._waiting = True
         finally:
             if watch is not None:
                 watch.cancel()
@@ -487,12 +494,16 @@ class ReplaySource:
         assert opts.end_us is not None
         hard_end = opts.end_us + opts.lateness_us
         tick = max(0.05, opts.end_idle / 4)
+        armed = False  # idle at the last tick too: rows a blocked event loop left unread came in between
         while True:
             await asyncio.sleep(tick)
-            if self._clock() - self._last_live >= opts.end_idle and self._wall() * 1e6 >= hard_end:
+            idle = (self._waiting and self._clock() - self._last_live >= opts.end_idle
+                    and self._wall() * 1e6 >= hard_end)
+            if idle and armed:
                 self._idle_end = True
                 await live.aclose()
                 return
+            armed = idle
 
     async def _dictionary(self) -> tuple[int, bytes]:
         return await self.client.get_dictionary()

@@ -15,6 +15,7 @@ from producers.jetstream.archive import RowFilter, decode_row
 from producers.jetstream.replay import BLOCKS_AHEAD, ReplayOptions, ReplaySource
 from producers.jetstream.replaypos import ReplayPosition
 from producers.jetstream.v2client import ArchiveClient, PlanPage
+from producers.jetstream.v2live import LiveRow
 from producers.source import Drop, End, Skip
 from runtime.errors import CursorRegressionError, SourceError
 from runtime.process.metrics import Metrics
@@ -300,3 +301,53 @@ def test_the_live_tail_waits_while_the_wall_clock_has_not_passed_the_end(sim: Je
 
     asyncio.run(bounded())
     assert seen and seen[-1] == sim.rows[-1].seq
+
+
+@pytest.mark.timeout(30)
+def test_idleness_counts_only_while_waiting_for_the_server_not_while_the_job_holds_a_row(
+        sim: Jetstream2Simulator) -> None:
+    """The job takes longer than ``end_idle`` over one row (a slow commit, back-pressure) while the server
+    has not sent the next rows yet: the tail is not closed under it, and every row comes."""
+    tail = [r for r in sim.rows if r.seq > sim.sealed_tip][:5]
+
+    class SlowTail:
+        """A live tail whose server sends a row 50 ms after the job asked for the next one."""
+
+        def __init__(self, *_: Any, **__: Any) -> None:
+            self.closed = False
+
+        async def rows(self, after: int) -> Any:
+            for row in tail:
+                await asyncio.sleep(0.05)
+                if self.closed:
+                    return
+                yield LiveRow(row.seq, decode_row(row))
+            while not self.closed:  # then quiet, as a live server is, until closed
+                await asyncio.sleep(0.01)
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    end_us = tail[-1].witnessed_at + 1
+    opts = ReplayOptions(instance=sim.url, end_us=end_us, live=True, end_idle=0.1)
+    source = ReplaySource(opts, ReplayPosition(sim.url, start_after=sim.sealed_tip), live_factory=SlowTail)
+    seen: list[int] = []
+    ends: list[End] = []
+
+    async def go() -> None:
+        gen = source.items()
+        try:
+            async for item in gen:
+                if isinstance(item, End):
+                    ends.append(item)
+                elif not isinstance(item, (Drop, Skip)):
+                    if not seen:
+                        await asyncio.sleep(0.6)  # six times end_idle, holding the generator
+                    seen.append(item.cursor)
+        finally:
+            await gen.aclose()
+            await source.aclose()
+
+    asyncio.run(go())
+    assert seen == [r.seq for r in tail]
+    assert len(ends) == 1 and ends[0].reason == "end_cursor_reached"
