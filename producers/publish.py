@@ -63,6 +63,8 @@ REDO_MAX_BYTES: Final = 64 * 2**20
 #: Seconds a checkpoint goes on flushing, committing and redoing its transaction while the brokers
 #: are away before it fails.
 COMMIT_PATIENCE: Final = 300.0
+#: Seconds an abort may take when it is asked only to learn a fatal error the client lost.
+ABORT_PATIENCE: Final = 10.0
 #: Error codes by which Kafka tells a transactional producer that a newer instance with its
 #: transactional id took over: librdkafka's fatal ``_FENCED``, the broker's ``PRODUCER_FENCED``, and
 #: ``INVALID_PRODUCER_EPOCH`` in the delivery reports of the fenced instance's last messages.
@@ -424,9 +426,34 @@ class Publisher:
             yield
         except Exception as e:
             err = kafka_error_of(e)
+            if err is None and isinstance(e, SystemError):
+                err = self._lost_error()
             if err is None:
                 raise
             raise self.meaning(err, doing, error) from e
+
+    def _lost_error(self) -> KafkaError | None:
+        """The Kafka error behind a producer call that returned NULL with no exception set.
+
+        confluent-kafka can lose the fatal error its error callback raised inside a long ``flush()``
+        (the call goes on polling, and another callback clears it): the call then fails with a bare
+        SystemError. The producer still knows: the next ``poll()`` may raise the error, and in a
+        transaction ``abort_transaction()`` raises the fatal one (fenced, say). Aborting is safe here:
+        the caller stops, and a resume redoes the open transaction from the last checkpoint.
+        """
+        producer = self.producer
+        if producer is None:
+            return None
+        if self.fatal is not None:
+            return self.fatal
+        try:
+            producer.poll(0)
+            if self.transactional and self.in_txn:
+                producer.abort_transaction(ABORT_PATIENCE)
+                self.in_txn = False
+        except Exception as e:  # noqa: BLE001 - only the KafkaError it carries matters
+            return kafka_error_of(e)
+        return KafkaError(KafkaError._FAIL, "the Kafka client failed without saying why", fatal=True)
 
     def resolve(self, err: KafkaError) -> KafkaError:
         """``err`` made precise (see :func:`resolve_fatal`), noting the producer's fatal error."""
