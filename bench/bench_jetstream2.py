@@ -36,6 +36,8 @@ outside (wall time, and CPU time from ``getrusage(RUSAGE_CHILDREN)`` deltas, sta
 * SDK: the same HTTP fetch, then (c) on the fetched bytes.
 
 Ratios are the medians of each repeat's own ratios (a repeat measures all of them back to back).
+Before the repeats, ``--warmup`` untimed runs (default 2) of the producer and of bare + produce warm a
+broker the run started: a fresh broker's JIT compiler otherwise takes most of its CPU in the first runs.
 With a broker the run started, each path's broker CPU time (``/proc``, per row) is printed too: on a
 two-core machine the broker shares the cores with the producer, so its work per row bounds the wall rate.
 Targets (issue 14): end to end >= 0.5 of bare, >= 3x the SDK's reader.
@@ -449,6 +451,14 @@ def e2e_part(ns: argparse.Namespace, repeats: int) -> None:
     ratios: dict[str, list[float]] = {}
     try:
         with broker(ns) as bootstrap:
+            for w in range(ns.warmup):
+                # untimed: a broker the run started compiles its hot paths in the first runs (its JIT
+                # compiler threads took 1.8, 1.45 and 0.93 CPU-s in three successive producer runs)
+                t = time.perf_counter()
+                run_ours(sim.url, bootstrap, end_iso, patterns, None)
+                run_baseline("produce", sim.url, bootstrap)
+                print(f"  warm-up {w + 1}: the producer and bare + produce once each, untimed "
+                      f"({time.perf_counter() - t:.1f}s)", flush=True)
             for rep in range(repeats):
                 now: dict[str, tuple[float, float]] = {}
                 for p in paths:
@@ -513,6 +523,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per figure, the median is reported (default 5 for the CPU part, 3 end to end)")
     parser.add_argument("--quick", action="store_true", help="20,000 rows; 3 repeats (CPU part), 1 (end to end)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed end-to-end runs first, to warm the broker's JVM (default 2; 0 with "
+                             "--bootstrap-servers)")
     parser.add_argument("--skip-sdk", action="store_true", help="leave out (c) and the SDK end to end")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--cpu", action="store_true", help="the CPU part only")
@@ -527,6 +540,8 @@ def main() -> int:
     if ns.quick:
         ns.rows = 20_000
     e2e_repeats = ns.repeats or (1 if ns.quick else 3)
+    if ns.warmup is None:
+        ns.warmup = 0 if ns.bootstrap_servers or ns.quick else 2
     ns.repeats = ns.repeats or (3 if ns.quick else 5)
     if not ns.e2e:
         cpu_part(ns)
