@@ -437,23 +437,23 @@ class Publisher:
 
         confluent-kafka can lose the fatal error its error callback raised inside a long ``flush()``
         (the call goes on polling, and another callback clears it): the call then fails with a bare
-        SystemError. The producer still knows: the next ``poll()`` may raise the error, and in a
-        transaction ``abort_transaction()`` raises the fatal one (fenced, say). Aborting is safe here:
-        the caller stops, and a resume redoes the open transaction from the last checkpoint.
+        SystemError. The producer still knows. In a transaction, ``abort_transaction()`` raises the fatal
+        error (fenced, say); aborting is safe here: the caller stops, and a resume redoes the open
+        transaction from the last checkpoint. Otherwise the error is ``_FATAL``, which :meth:`resolve`
+        makes precise with the next ``poll()``.
         """
         producer = self.producer
         if producer is None:
             return None
-        if self.fatal is not None:
-            return self.fatal
-        try:
-            producer.poll(0)
-            if self.transactional and self.in_txn:
+        if self.fatal is None and self.transactional and self.in_txn:
+            try:
                 producer.abort_transaction(ABORT_PATIENCE)
                 self.in_txn = False
-        except Exception as e:  # noqa: BLE001 - only the KafkaError it carries matters
-            return kafka_error_of(e)
-        return KafkaError(KafkaError._FAIL, "the Kafka client failed without saying why", fatal=True)
+            except Exception as e:  # noqa: BLE001 - only the KafkaError it carries matters
+                err = kafka_error_of(e)
+                if err is not None:
+                    return err
+        return KafkaError(KafkaError._FATAL, "the Kafka client failed without saying why")
 
     def resolve(self, err: KafkaError) -> KafkaError:
         """``err`` made precise (see :func:`resolve_fatal`), noting the producer's fatal error."""
